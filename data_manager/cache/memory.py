@@ -1,0 +1,817 @@
+"""L1: the in-process memory cache of the latest market data.
+
+One :class:`MemoryCache` per router (so per process) holds:
+
+* the latest :class:`~data_manager.models.TickData` per ``(symbol, source)`` and per symbol
+  across sources,
+* the latest :class:`~data_manager.models.OrderFlowMetrics` with the same two keys,
+* a ring of the latest ``ring_size`` :class:`~data_manager.models.CandleData` per
+  ``(symbol, timeframe, source)``, oldest to newest.
+
+Every read is a dictionary lookup and a clock read: no I/O, no awaits, no copies beyond the
+list slice handed to the caller. Writes are compare-and-set on the event timestamp, so the
+order in which writes and pub/sub messages arrive never lets an older value replace a newer
+one (see :meth:`MemoryCache.put_tick` for the tie rule).
+
+Bounds: at most ``max_entries`` entries in total (a tick, an order-flow value or a whole
+candle ring each count as one), evicted least recently used first (reads and writes both
+count as a use), and a TTL per data type measured from the last write on the process's
+monotonic clock. Expired entries are misses and are removed when next touched.
+
+The cache is **not thread-safe**: it is meant to be used from the event-loop thread of the
+router that owns it, where no method can be interrupted by another. Symbols are expected in
+canonical form (:func:`~data_manager.models.normalize_symbol`); the router normalises them
+before they get here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from bisect import bisect_left
+from collections import OrderedDict
+from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
+from typing import TYPE_CHECKING, Final, Generic, TypeAlias, TypeVar
+
+from data_manager.clock import Clock, SystemClock
+from data_manager.errors import ConfigurationError, ValidationError
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+__all__ = ["MemoryCache", "MemoryCacheStats"]
+
+_V = TypeVar("_V", TickData, OrderFlowMetrics)
+
+#: Latest-value key: the bare symbol for "any source", ``(symbol, source)`` otherwise. A str
+#: never equals a tuple, so both live in one dict; the bare str also hashes for free (its hash
+#: is cached), which makes the most common read, ``get_tick(symbol)``, the cheapest.
+_LatestKey: TypeAlias = str | tuple[str, str]
+_RingKey: TypeAlias = tuple[str, str, str]  # (symbol, timeframe, source)
+
+#: Rough per-entry cost of an OrderedDict slot (hash table entry, index and linked-list node)
+#: on 64-bit CPython; only used for the byte estimate.
+_ODICT_SLOT_BYTES: Final = 104
+
+_candle_ts: Final = attrgetter("timestamp")
+
+#: Keys sampled by stats() to estimate how many latest-value entries own their model.
+_SAMPLE: Final = 256
+
+
+class _Latest(Generic[_V]):
+    """A latest-value entry; mutated in place on update so a write allocates nothing."""
+
+    __slots__ = ("stored_at", "ts", "used", "value")
+
+    def __init__(self, value: _V, now: float) -> None:
+        self.value: _V = value
+        self.ts: int = value.timestamp
+        self.stored_at = now  # monotonic time of the last accepted write: TTL and age
+        self.used = now  # monotonic time of the last read or write: cross-type LRU order
+
+
+class _Ring:
+    """A ring of candles for one (symbol, timeframe, source), sorted by bucket start.
+
+    A list rather than a deque: the hot read is a tail slice, which a list does in one
+    memcpy and a deque cannot do at all; trimming the head of a ring of a few hundred
+    pointers is a negligible memmove.
+    """
+
+    __slots__ = ("complete", "items", "stored_at", "used")
+
+    def __init__(self, now: float) -> None:
+        self.items: list[CandleData] = []
+        # True when the tier below had nothing older than items[0] (it returned fewer rows
+        # than asked), so a read asking for more than the ring holds is still a full answer.
+        self.complete = False
+        self.stored_at = now
+        self.used = now
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryCacheStats:
+    """A snapshot of the L1 counters.
+
+    Hits and misses count ``get_*`` calls; ``stale_writes`` counts writes refused by the
+    compare-and-set (an older or closed-protected value); ``bytes_estimate`` is an estimate
+    (see :meth:`MemoryCache.stats`).
+    """
+
+    tick_entries: int
+    order_flow_entries: int
+    candle_rings: int
+    candles: int
+    max_entries: int
+    tick_hits: int
+    tick_misses: int
+    order_flow_hits: int
+    order_flow_misses: int
+    candle_hits: int
+    candle_misses: int
+    stale_writes: int
+    evictions: int
+    expirations: int
+    clears: int
+    bytes_estimate: int
+
+    @property
+    def entries(self) -> int:
+        """Entries counted against ``max_entries``."""
+        return self.tick_entries + self.order_flow_entries + self.candle_rings
+
+    @property
+    def hits(self) -> int:
+        """Hits across all data types."""
+        return self.tick_hits + self.order_flow_hits + self.candle_hits
+
+    @property
+    def misses(self) -> int:
+        """Misses across all data types."""
+        return self.tick_misses + self.order_flow_misses + self.candle_misses
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over reads, 0.0 before the first read."""
+        reads = self.hits + self.misses
+        return self.hits / reads if reads else 0.0
+
+
+def _check_config(
+    max_entries: int, tick_ttl: float, candle_ttl: float, order_flow_ttl: float, ring_size: int
+) -> None:
+    if max_entries < 1:
+        msg = f"L1 max_entries must be >= 1, got {max_entries}"
+        raise ConfigurationError(msg)
+    if ring_size < 1:
+        msg = f"L1 ring_size must be >= 1, got {ring_size}"
+        raise ConfigurationError(msg)
+    for name, ttl in (
+        ("tick_ttl", tick_ttl),
+        ("candle_ttl", candle_ttl),
+        ("order_flow_ttl", order_flow_ttl),
+    ):
+        # math.inf is allowed (never expires); NaN fails both comparisons and is refused.
+        if not ttl > 0:
+            msg = f"L1 {name} must be > 0 seconds, got {ttl}"
+            raise ConfigurationError(msg)
+
+
+def _tie_wins(new: TickData | OrderFlowMetrics, old: TickData | OrderFlowMetrics) -> bool:
+    """Decide a write whose timestamp equals the cached one.
+
+    Two ticks of the same feed in the same millisecond are ordered by ``seq`` when both
+    carry one; otherwise the later arrival wins, which is also what an idempotent replay
+    of the cached value does (it only refreshes the TTL).
+    """
+    if (
+        isinstance(new, TickData)
+        and isinstance(old, TickData)
+        and new.seq is not None
+        and old.seq is not None
+        and new.source == old.source
+    ):
+        return new.seq >= old.seq
+    return True
+
+
+def _model_bytes(value: object) -> int:
+    """Approximate deep size of a pydantic model: object, its ``__dict__`` and field values."""
+    size = sys.getsizeof(value)
+    fields = getattr(value, "__dict__", None)
+    if isinstance(fields, dict):
+        size += sys.getsizeof(fields)
+        # None is a shared singleton (most optional fields are None); do not count it.
+        size += sum(sys.getsizeof(v) for v in fields.values() if v is not None)
+    fields_set = getattr(value, "__pydantic_fields_set__", None)
+    if fields_set is not None:
+        size += sys.getsizeof(fields_set)
+    return size
+
+
+class MemoryCache:
+    """Bounded, TTL'd, compare-and-set cache of the latest ticks, order flow and candles.
+
+    All methods are synchronous and do no I/O. Not thread-safe (see the module docstring).
+
+    Args:
+        max_entries: Upper bound on entries (ticks + order-flow values + candle rings).
+        tick_ttl: Seconds a tick is served after its last write.
+        candle_ttl: Seconds a candle ring is served after its last write.
+        order_flow_ttl: Seconds an order-flow value is served after its last write.
+        ring_size: Candles kept per (symbol, timeframe, source).
+        clock: Source of monotonic time; the system clock by default.
+
+    Raises:
+        ConfigurationError: A bound below 1 or a TTL that is not > 0.
+    """
+
+    __slots__ = (
+        "_candle_hits",
+        "_candle_misses",
+        "_candle_ttl",
+        "_clears",
+        "_evictions",
+        "_expirations",
+        "_flow_hits",
+        "_flow_misses",
+        "_flow_ttl",
+        "_flows",
+        "_max_entries",
+        "_now",
+        "_ring_index",
+        "_ring_size",
+        "_rings",
+        "_sizes",
+        "_stale_writes",
+        "_tick_hits",
+        "_tick_misses",
+        "_tick_ttl",
+        "_ticks",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        tick_ttl: float,
+        candle_ttl: float,
+        order_flow_ttl: float,
+        ring_size: int,
+        clock: Clock | None = None,
+    ) -> None:
+        _check_config(max_entries, tick_ttl, candle_ttl, order_flow_ttl, ring_size)
+        self._max_entries = max_entries
+        self._tick_ttl = tick_ttl
+        self._candle_ttl = candle_ttl
+        self._flow_ttl = order_flow_ttl
+        self._ring_size = ring_size
+        # SystemClock.monotonic is time.monotonic behind a Python frame; binding the C
+        # function directly saves that frame on every read.
+        self._now: Callable[[], float] = (
+            time.monotonic if clock is None or type(clock) is SystemClock else clock.monotonic
+        )
+        # One OrderedDict per type keeps every entry statically typed (no casts on the hot
+        # path); each is in LRU order, so the global LRU entry is the least recently used of
+        # the three heads, compared by their ``used`` stamps.
+        self._ticks: OrderedDict[_LatestKey, _Latest[TickData]] = OrderedDict()
+        self._flows: OrderedDict[_LatestKey, _Latest[OrderFlowMetrics]] = OrderedDict()
+        self._rings: OrderedDict[_RingKey, _Ring] = OrderedDict()
+        # (symbol, timeframe) -> {source: ring}: answers candle_sources() without a scan.
+        self._ring_index: dict[tuple[str, str], dict[str, _Ring]] = {}
+        # Per-entry byte costs, measured once on the first stats() that sees each type.
+        self._sizes: dict[str, int] = {}
+        self._tick_hits = self._tick_misses = 0
+        self._flow_hits = self._flow_misses = 0
+        self._candle_hits = self._candle_misses = 0
+        self._stale_writes = self._evictions = self._expirations = self._clears = 0
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def max_entries(self) -> int:
+        """Upper bound on entries."""
+        return self._max_entries
+
+    @property
+    def ring_size(self) -> int:
+        """Candles kept per (symbol, timeframe, source)."""
+        return self._ring_size
+
+    @property
+    def tick_ttl(self) -> float:
+        """Tick TTL in seconds."""
+        return self._tick_ttl
+
+    @property
+    def candle_ttl(self) -> float:
+        """Candle-ring TTL in seconds."""
+        return self._candle_ttl
+
+    @property
+    def order_flow_ttl(self) -> float:
+        """Order-flow TTL in seconds."""
+        return self._flow_ttl
+
+    def configure(
+        self,
+        *,
+        max_entries: int | None = None,
+        tick_ttl: float | None = None,
+        candle_ttl: float | None = None,
+        order_flow_ttl: float | None = None,
+        ring_size: int | None = None,
+    ) -> None:
+        """Change bounds and TTLs at runtime (strategy hot reload); ``None`` keeps a value.
+
+        New TTLs apply at once to entries already cached (expiry is computed at read time
+        from the write time). A smaller ``max_entries`` evicts least recently used entries; a
+        smaller ``ring_size`` trims every ring's oldest candles. The change is validated as a
+        whole before anything is applied.
+
+        Raises:
+            ConfigurationError: A bound below 1 or a TTL that is not > 0.
+        """
+        new_max = self._max_entries if max_entries is None else max_entries
+        new_ring = self._ring_size if ring_size is None else ring_size
+        new_tick = self._tick_ttl if tick_ttl is None else tick_ttl
+        new_candle = self._candle_ttl if candle_ttl is None else candle_ttl
+        new_flow = self._flow_ttl if order_flow_ttl is None else order_flow_ttl
+        _check_config(new_max, new_tick, new_candle, new_flow, new_ring)
+        self._tick_ttl, self._candle_ttl, self._flow_ttl = new_tick, new_candle, new_flow
+        if new_ring < self._ring_size:
+            for ring in self._rings.values():
+                if len(ring.items) > new_ring:
+                    del ring.items[: len(ring.items) - new_ring]
+                    ring.complete = False  # older candles now exist outside the ring
+        self._ring_size = new_ring
+        self._max_entries = new_max
+        self._evict_excess()
+
+    # ------------------------------------------------------------------ ticks
+
+    def put_tick(self, tick: TickData) -> bool:
+        """Store a tick if it is not older than the cached one (compare-and-set).
+
+        The ``(symbol, source)`` entry and the symbol's any-source entry are each updated
+        under the same rule: a newer timestamp wins; an equal timestamp wins too (the later
+        arrival is kept) unless both ticks come from the same source, both carry ``seq`` and
+        the new ``seq`` is lower. An expired entry still guards against older writes until it
+        is removed.
+
+        Returns:
+            True if the ``(symbol, source)`` entry now holds ``tick``.
+        """
+        now = self._now()
+        stored = self._put_latest(self._ticks, (tick.symbol, tick.source), tick, now)
+        self._put_latest(self._ticks, tick.symbol, tick, now)
+        return stored
+
+    def get_tick(self, symbol: str, source: str | None = None) -> TickData | None:
+        """Return the latest tick of ``symbol`` (from ``source``, or from any source).
+
+        Returns:
+            The tick, or None on a miss or when the entry has outlived ``tick_ttl``.
+        """
+        key: _LatestKey = symbol if source is None else (symbol, source)
+        entry = self._ticks.get(key)
+        if entry is not None:
+            now = self._now()
+            if now - entry.stored_at < self._tick_ttl:
+                entry.used = now
+                self._ticks.move_to_end(key)
+                self._tick_hits += 1
+                return entry.value
+            del self._ticks[key]
+            self._expirations += 1
+        self._tick_misses += 1
+        return None
+
+    def get_tick_with_age(
+        self, symbol: str, source: str | None = None
+    ) -> tuple[TickData, float] | None:
+        """Like :meth:`get_tick`, with the seconds since the value was written to this cache."""
+        key: _LatestKey = symbol if source is None else (symbol, source)
+        entry = self._ticks.get(key)
+        if entry is not None:
+            now = self._now()
+            age = now - entry.stored_at
+            if age < self._tick_ttl:
+                entry.used = now
+                self._ticks.move_to_end(key)
+                self._tick_hits += 1
+                return entry.value, age
+            del self._ticks[key]
+            self._expirations += 1
+        self._tick_misses += 1
+        return None
+
+    # ------------------------------------------------------------------ order flow
+
+    def put_order_flow(self, metrics: OrderFlowMetrics) -> bool:
+        """Store order-flow metrics if not older than the cached ones (compare-and-set).
+
+        Same rule as :meth:`put_tick`; equal timestamps: the later arrival wins.
+
+        Returns:
+            True if the ``(symbol, source)`` entry now holds ``metrics``.
+        """
+        now = self._now()
+        stored = self._put_latest(self._flows, (metrics.symbol, metrics.source), metrics, now)
+        self._put_latest(self._flows, metrics.symbol, metrics, now)
+        return stored
+
+    def get_order_flow(self, symbol: str, source: str | None = None) -> OrderFlowMetrics | None:
+        """Return the latest order-flow metrics of ``symbol``, or None (miss or expired)."""
+        key: _LatestKey = symbol if source is None else (symbol, source)
+        entry = self._flows.get(key)
+        if entry is not None:
+            now = self._now()
+            if now - entry.stored_at < self._flow_ttl:
+                entry.used = now
+                self._flows.move_to_end(key)
+                self._flow_hits += 1
+                return entry.value
+            del self._flows[key]
+            self._expirations += 1
+        self._flow_misses += 1
+        return None
+
+    def get_order_flow_with_age(
+        self, symbol: str, source: str | None = None
+    ) -> tuple[OrderFlowMetrics, float] | None:
+        """Like :meth:`get_order_flow`, with the seconds since the value was written here."""
+        key: _LatestKey = symbol if source is None else (symbol, source)
+        entry = self._flows.get(key)
+        if entry is not None:
+            now = self._now()
+            age = now - entry.stored_at
+            if age < self._flow_ttl:
+                entry.used = now
+                self._flows.move_to_end(key)
+                self._flow_hits += 1
+                return entry.value, age
+            del self._flows[key]
+            self._expirations += 1
+        self._flow_misses += 1
+        return None
+
+    # ------------------------------------------------------------------ candles
+
+    def put_candle(self, candle: CandleData) -> bool:
+        """Upsert one candle into its ring by bucket start.
+
+        * same bucket: replaces the cached candle, except that a closed candle is never
+          replaced by a forming one (``is_closed=False``);
+        * newer bucket: appended (the oldest is dropped past ``ring_size``);
+        * older bucket inside the ring's span: inserted in order;
+        * older than the ring's oldest: ignored, unless the ring is complete and not full
+          (then it is the new oldest) — otherwise the ring would show a gap the database
+          does not have.
+
+        An expired ring is discarded first: the candle starts a new ring.
+
+        Returns:
+            True if the ring now holds ``candle``.
+        """
+        now = self._now()
+        key = (candle.symbol, candle.timeframe, candle.source)
+        ring = self._rings.get(key)
+        if ring is not None and now - ring.stored_at >= self._candle_ttl:
+            self._expire_ring(key)
+            ring = None
+        if ring is None:
+            ring = self._new_ring(key, now)
+            ring.items.append(candle)
+            self._evict_excess(ring)
+            return True
+        items = ring.items
+        ts = candle.timestamp
+        # items is never empty: rings are created with a candle and never emptied in place.
+        last = items[-1]
+        if ts > last.timestamp:
+            items.append(candle)
+            if len(items) > self._ring_size:
+                del items[0]
+                ring.complete = False
+        elif ts == last.timestamp:
+            if last.is_closed and not candle.is_closed:
+                self._stale_writes += 1
+                return False
+            items[-1] = candle
+        else:
+            pos = bisect_left(items, ts, key=_candle_ts)
+            if pos == 0 and ts < items[0].timestamp:
+                if not ring.complete or len(items) >= self._ring_size:
+                    self._stale_writes += 1
+                    return False
+                items.insert(0, candle)
+            elif items[pos].timestamp == ts:
+                if items[pos].is_closed and not candle.is_closed:
+                    self._stale_writes += 1
+                    return False
+                items[pos] = candle
+            else:
+                items.insert(pos, candle)
+        ring.stored_at = ring.used = now
+        self._rings.move_to_end(key)
+        return True
+
+    def put_candles(self, candles: Iterable[CandleData], *, complete: bool) -> int:
+        """Backfill a ring with candles read from a lower tier (L2 or the database).
+
+        Candles the ring already holds win over the backfill for the same bucket (the ring
+        is fed by live writes, which are at least as fresh), except that a closed candle
+        replaces a forming one. An expired ring is discarded first.
+
+        Args:
+            candles: Candles of one (symbol, timeframe, source), in any order.
+            complete: The tier below has no candles older than these (it returned fewer
+                than asked). A complete ring serves any ``limit`` with what it holds.
+
+        Returns:
+            How many of ``candles`` the ring holds afterwards.
+
+        Raises:
+            ValidationError: ``candles`` mix several (symbol, timeframe, source) keys.
+        """
+        batch = list(candles)
+        if not batch:
+            return 0
+        first = batch[0]
+        key = (first.symbol, first.timeframe, first.source)
+        merged: dict[int, CandleData] = {}
+        for candle in batch:
+            if (candle.symbol, candle.timeframe, candle.source) != key:
+                msg = f"put_candles got candles of {key} and of {candle.symbol!r}/"
+                msg += f"{candle.timeframe}/{candle.source!r}; pass one series at a time"
+                raise ValidationError(msg)
+            merged[candle.timestamp] = candle
+        now = self._now()
+        ring = self._rings.get(key)
+        if ring is not None and now - ring.stored_at >= self._candle_ttl:
+            self._expire_ring(key)
+            ring = None
+        created = ring is None
+        if ring is None:
+            ring = self._new_ring(key, now)
+            backfill_is_oldest = True
+        else:
+            backfill_is_oldest = not ring.items or min(merged) <= ring.items[0].timestamp
+            for cached in ring.items:
+                incoming = merged.get(cached.timestamp)
+                if incoming is None or cached.is_closed or not incoming.is_closed:
+                    merged[cached.timestamp] = cached
+        items = [merged[ts] for ts in sorted(merged)]
+        # Completeness follows whichever side supplied the oldest candle.
+        ring.complete = complete if backfill_is_oldest else ring.complete
+        if len(items) > self._ring_size:
+            del items[: len(items) - self._ring_size]
+            ring.complete = False
+        ring.items = items
+        ring.stored_at = ring.used = now
+        if not created:
+            self._rings.move_to_end(key)
+        self._evict_excess(ring)
+        ids = {id(c) for c in batch}
+        return sum(1 for c in items if id(c) in ids)
+
+    def get_candles(
+        self, symbol: str, timeframe: str, limit: int, source: str
+    ) -> list[CandleData] | None:
+        """Return the last ``limit`` candles, oldest to newest, or None on a miss.
+
+        A ring holding fewer than ``limit`` candles is a miss unless it is complete: a short
+        list would hide older candles the database has. So is an expired ring. A ``limit``
+        of 0 or less returns an empty list for a live ring.
+
+        Returns:
+            A new list (the caller may keep or mutate it), or None.
+        """
+        key = (symbol, timeframe, source)
+        ring = self._rings.get(key)
+        if ring is not None:
+            now = self._now()
+            if now - ring.stored_at < self._candle_ttl:
+                items = ring.items
+                start = len(items) - limit
+                if start >= 0 or ring.complete:
+                    ring.used = now
+                    self._rings.move_to_end(key)
+                    self._candle_hits += 1
+                    return items[start:] if start > 0 else items[:]
+            else:
+                self._drop_ring(key)
+                self._expirations += 1
+        self._candle_misses += 1
+        return None
+
+    def get_candles_with_age(
+        self, symbol: str, timeframe: str, limit: int, source: str
+    ) -> tuple[list[CandleData], float] | None:
+        """Like :meth:`get_candles`, with the seconds since the ring was last written here."""
+        key = (symbol, timeframe, source)
+        ring = self._rings.get(key)
+        if ring is not None:
+            now = self._now()
+            age = now - ring.stored_at
+            if age < self._candle_ttl:
+                items = ring.items
+                start = len(items) - limit
+                if start >= 0 or ring.complete:
+                    ring.used = now
+                    self._rings.move_to_end(key)
+                    self._candle_hits += 1
+                    return (items[start:] if start > 0 else items[:]), age
+            else:
+                self._drop_ring(key)
+                self._expirations += 1
+        self._candle_misses += 1
+        return None
+
+    def candle_sources(self, symbol: str, timeframe: str) -> list[str]:
+        """Sources with a live (unexpired) ring for ``(symbol, timeframe)``.
+
+        Ordered by the ring's last write, most recent first, so the router can prefer the
+        source that is currently streaming. Does not count as a read (no hit/miss, no LRU
+        move).
+        """
+        rings = self._ring_index.get((symbol, timeframe))
+        if rings is None:
+            return []
+        now = self._now()
+        ttl = self._candle_ttl
+        if len(rings) == 1:  # the usual case: one feed per series
+            for source, ring in rings.items():
+                if now - ring.stored_at < ttl:
+                    return [source]
+        live = [
+            (ring.stored_at, source) for source, ring in rings.items() if now - ring.stored_at < ttl
+        ]
+        if len(live) < len(rings):
+            expired = [source for source, ring in rings.items() if now - ring.stored_at >= ttl]
+            for source in expired:
+                self._drop_ring((symbol, timeframe, source))
+            self._expirations += len(expired)
+        # Newest write first; equal stamps (a coarse clock) fall back to the source name.
+        live.sort(reverse=True)
+        return [source for _, source in live]
+
+    # ------------------------------------------------------------------ maintenance
+
+    def clear(self) -> None:
+        """Drop every entry (e.g. when the pub/sub subscription is lost); counters stay."""
+        self._ticks.clear()
+        self._flows.clear()
+        self._rings.clear()
+        self._ring_index.clear()
+        self._clears += 1
+
+    def invalidate_symbol(self, symbol: str) -> int:
+        """Drop every entry of ``symbol`` (all sources, timeframes and types).
+
+        Scans the entries once, so it costs O(entries); it is not meant for a hot path.
+
+        Returns:
+            The number of entries dropped.
+        """
+        dropped = 0
+        for latest in (self._ticks, self._flows):
+            doomed = [k for k in latest if k == symbol or (type(k) is tuple and k[0] == symbol)]
+            for k in doomed:
+                del latest[k]
+            dropped += len(doomed)
+        ring_keys = [k for k in self._rings if k[0] == symbol]
+        for rk in ring_keys:
+            self._drop_ring(rk)
+        return dropped + len(ring_keys)
+
+    def __len__(self) -> int:
+        """Entries counted against ``max_entries``."""
+        return len(self._ticks) + len(self._flows) + len(self._rings)
+
+    def stats(self) -> MemoryCacheStats:
+        """Return the counters and an estimate of the memory held.
+
+        The byte estimate multiplies entry counts by per-entry costs measured once per
+        cache, on the first entry of each type seen by ``stats()``: ``sys.getsizeof`` of the
+        key, the entry object, the model with its ``__dict__``, fields set and non-None
+        field values, plus a fixed OrderedDict slot cost. A model shared by the any-source
+        and a per-source entry is counted once (the share of per-source keys is sampled from
+        the first 256 keys). Short strings that CPython shares between models (source,
+        timeframe) are counted for each, so it errs ~15 % high. Cost: O(candle rings).
+        """
+        candles = sum(len(ring.items) for ring in self._rings.values())
+        return MemoryCacheStats(
+            tick_entries=len(self._ticks),
+            order_flow_entries=len(self._flows),
+            candle_rings=len(self._rings),
+            candles=candles,
+            max_entries=self._max_entries,
+            tick_hits=self._tick_hits,
+            tick_misses=self._tick_misses,
+            order_flow_hits=self._flow_hits,
+            order_flow_misses=self._flow_misses,
+            candle_hits=self._candle_hits,
+            candle_misses=self._candle_misses,
+            stale_writes=self._stale_writes,
+            evictions=self._evictions,
+            expirations=self._expirations,
+            clears=self._clears,
+            bytes_estimate=self._estimate_bytes(candles),
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _put_latest(
+        self,
+        entries: OrderedDict[_LatestKey, _Latest[_V]],
+        key: _LatestKey,
+        value: _V,
+        now: float,
+    ) -> bool:
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = _Latest(value, now)
+            self._evict_excess(entry)
+            return True
+        ts = value.timestamp
+        if ts < entry.ts or (ts == entry.ts and not _tie_wins(value, entry.value)):
+            self._stale_writes += 1
+            return False
+        entry.value = value
+        entry.ts = ts
+        entry.stored_at = entry.used = now
+        entries.move_to_end(key)
+        return True
+
+    def _new_ring(self, key: _RingKey, now: float) -> _Ring:
+        ring = _Ring(now)
+        self._rings[key] = ring
+        symbol, timeframe, source = key
+        self._ring_index.setdefault((symbol, timeframe), {})[source] = ring
+        return ring
+
+    def _expire_ring(self, key: _RingKey) -> None:
+        # A write to an expired ring starts a new one: the old candles are as stale as the
+        # TTL says, and reviving them with a fresh write time would serve them again.
+        self._drop_ring(key)
+        self._expirations += 1
+
+    def _drop_ring(self, key: _RingKey) -> None:
+        del self._rings[key]
+        symbol, timeframe, source = key
+        index_key = (symbol, timeframe)
+        sources = self._ring_index[index_key]
+        del sources[source]
+        if not sources:
+            del self._ring_index[index_key]
+
+    def _evict_excess(self, keep: object = None) -> None:
+        """Evict least recently used entries until the bound holds.
+
+        Each dict is in LRU order, so the global LRU entry is the head with the smallest
+        ``used`` stamp. ``keep`` (the entry just written) is never chosen: on a coarse
+        monotonic clock (Windows ticks every ~16 ms) stamps tie, and evicting the value being
+        stored would turn a write into a no-op. Other ties go to ticks, then order flow, then
+        rings.
+        """
+        ticks, flows, rings = self._ticks, self._flows, self._rings
+        excess = len(ticks) + len(flows) + len(rings) - self._max_entries
+        while excess > 0:
+            victim: (
+                OrderedDict[_LatestKey, _Latest[TickData]]
+                | OrderedDict[_LatestKey, _Latest[OrderFlowMetrics]]
+                | OrderedDict[_RingKey, _Ring]
+                | None
+            ) = None
+            victim_used = 0.0
+            for entries in (ticks, flows, rings):
+                for head in entries.values():
+                    if head is not keep and (victim is None or head.used < victim_used):
+                        victim, victim_used = entries, head.used
+                    break
+            if victim is rings:
+                self._drop_ring(next(iter(rings)))
+            elif victim is not None:
+                victim.popitem(last=False)
+            else:  # only ``keep`` is left, which max_entries >= 1 always allows
+                return
+            self._evictions += 1
+            excess -= 1
+
+    def _estimate_bytes(self, candles: int) -> int:
+        sizes = self._sizes
+        for kind, latest in (("tick", self._ticks), ("flow", self._flows)):
+            if kind not in sizes:
+                for key, entry in latest.items():
+                    # Structure measured on a per-source entry's shape: (symbol, source) key.
+                    sizes[kind] = _model_bytes(entry.value)
+                    sizes[kind + "_slot"] = (
+                        sys.getsizeof((key, key)) + sys.getsizeof(entry) + _ODICT_SLOT_BYTES
+                    )
+                    break
+        if "candle" not in sizes:
+            for rkey, ring in self._rings.items():
+                sizes["candle"] = _model_bytes(ring.items[0]) + 8  # + its list slot
+                sizes["ring"] = (
+                    sys.getsizeof(rkey)
+                    + sys.getsizeof(ring)
+                    + sys.getsizeof([])
+                    + _ODICT_SLOT_BYTES
+                    + 200  # its slot in the (symbol, timeframe) -> sources index
+                )
+                break
+        total = len(self._rings) * sizes.get("ring", 0) + candles * sizes.get("candle", 0)
+        for kind, latest in (("tick", self._ticks), ("flow", self._flows)):
+            if latest:
+                # An any-source entry shares its model with a per-source entry; count models
+                # for the per-source share only, estimated from a sample of the keys.
+                sample = list(islice(latest, _SAMPLE))
+                own = sum(1 for k in sample if type(k) is tuple) / len(sample)
+                total += len(latest) * (sizes[kind + "_slot"] + round(own * sizes[kind]))
+        return total

@@ -1,0 +1,1189 @@
+"""The write path: a write-behind batcher with retries, a circuit breaker and the journal.
+
+Three write modes, each with its guarantee:
+
+* ``buffered`` (write-behind): :meth:`IngestPipeline.submit` puts the item in a bounded
+  in-memory queue and returns. One writer task stores batches: when ``batch_size`` items are
+  queued, or the oldest has waited ``flush_interval`` seconds, or someone calls
+  :meth:`~IngestPipeline.flush`. Under load a batch is whatever queued up while the previous
+  one was being written (group commit), capped by ``max_batch``. A process crash loses what
+  was still queued; nothing else.
+* ``journal``: the call returns once the item is appended to the local :class:`Journal` and
+  fsync'd (one sync shared by every concurrent caller); it is then queued like a buffered
+  item. Neither ``kill -9`` nor a power loss loses an acknowledged item: the next router to
+  start replays the journal.
+* ``sync``: the call returns after the database committed it, retrying transient errors;
+  it raises :class:`CircuitBreakerOpenError` while the breaker is open and
+  :class:`RetryExhaustedError` (chained to the last error) when retries run out.
+
+Failures. Transient database errors (``errors.TRANSIENT_ERRORS``) are retried with tenacity
+(bounded attempts, capped jittered exponential backoff). Every attempt reports to the
+:class:`CircuitBreaker`. A batch that still cannot be stored is appended to the journal and
+dropped from memory, and the pipeline enters *backlog mode*: while the journal holds
+records the database has not seen, new batches are appended to the journal too, and the
+writer replays the journal to the database in LSN order (a half-open probe first, when the
+breaker is open). When the replay catches up, batches go straight to the database again.
+Routing everything through the journal while it has a backlog keeps one global order (what
+was accepted first is stored first), so an older version of a forming candle can never
+overwrite a newer one; the cost is an extra sequential write while recovering. Without a
+journal a failing batch stays in memory and the full queue pushes back on producers.
+
+Orphans. At start, and every ``orphan_scan_interval`` seconds, the pipeline looks for
+journals of dead instances in the same folder (their lock is free), takes their lock and
+puts them in the backlog ahead of its own journal. :meth:`start` does not wait for the
+replay; :meth:`flush` does.
+
+Data the database refuses (``QueryExecutionError``/``ValidationError`` for a batch) must not
+wedge the queue: the batch is split in halves until the refused items are isolated, the rest
+is stored, and each refused item is counted, logged and appended to the dead-letter file
+(``<journal root>/dead-letter/<instance>.jsonl``), never dropped silently.
+
+Correctness rests on the storage's idempotent writes: an item may be written twice (a batch
+retried after a commit whose answer was lost, a journal replayed after a crash), never lost
+once acknowledged, and never stored twice as two rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from data_manager.breaker import BreakerState, CircuitBreaker
+from data_manager.clock import Clock, SystemClock
+from data_manager.errors import (
+    TRANSIENT_ERRORS,
+    BackpressureTimeoutError,
+    CircuitBreakerOpenError,
+    ConfigurationError,
+    QueryExecutionError,
+    QueryTimeoutError,
+    RetryExhaustedError,
+    RouterClosedError,
+    ValidationError,
+)
+from data_manager.journal import (
+    DEAD_LETTER_DIR,
+    DeadLetterFile,
+    IngestItem,
+    Journal,
+    JournalError,
+    JournalLockedError,
+    decode_item,
+    encode_item,
+    find_orphans,
+)
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+    from pathlib import Path
+
+    from data_manager.settings import WriteMode
+    from data_manager.storage.base import Storage
+
+__all__ = ["IngestItem", "IngestPipeline", "IngestStats", "PipelineState"]
+
+logger = logging.getLogger(__name__)
+
+#: A queued entry: a buffered item, or ``(item, lsn)`` for one already in the journal.
+_Entry: TypeAlias = "IngestItem | tuple[IngestItem, int]"
+_ITEM_TYPES: Final = frozenset({TickData, CandleData, OrderFlowMetrics})
+# Errors that say "this data is refused", as opposed to "the database is not answering".
+_REFUSED: Final = (QueryExecutionError, ValidationError)
+_DECODE_SLICE: Final = 500  # records decoded between two yields to the event loop
+
+
+class PipelineState(enum.Enum):
+    """Lifecycle of an :class:`IngestPipeline`."""
+
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+_UNSET: Final = _Unset.UNSET
+
+
+class _StoreFailed(Exception):
+    """A batch could not be stored now (transient failure, open breaker, or a bug)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestStats:
+    """A snapshot of the write path's counters (no I/O to take it).
+
+    Attributes:
+        queue_depth: Items in memory waiting for the writer (plus the batch in hand).
+        queue_capacity: ``max_queue``.
+        accepted: Items accepted by :meth:`IngestPipeline.submit` since start (all modes).
+        stored: Items the database confirmed (direct, replayed and sync).
+        batches: Batches written to the database (replay chunks included).
+        batch_items: Items in those batches (``batch_items / batches`` is the mean size).
+        last_batch_size, max_batch_size: Of those batches.
+        flush_seconds_total, last_flush_seconds, max_flush_seconds: Wall time spent
+            writing batches (retries included).
+        retries: Storage attempts retried after a transient error.
+        store_failures: Batches that could not be stored (then journaled or held).
+        breaker_state: ``closed``, ``open`` or ``half_open``.
+        journal_records, journal_bytes: Records not yet stored and bytes on disk, over
+            this instance's journal and the adopted ones.
+        journal_fsyncs: Syncs of this instance's journal (group commits).
+        spilled: Items appended to the journal because the database could not take them.
+        replayed: Items stored from a journal.
+        backlog_journals: Journals waiting to be replayed (0 in normal operation).
+        orphans_adopted: Journals of dead instances taken over.
+        dead_lettered: Items the database refused, kept in the dead-letter file.
+        backpressure_waits: Submits that found the queue full and waited.
+        backpressure_timeouts: Submits that gave up with BackpressureTimeoutError.
+        lost_on_close: Items that could not be stored nor journaled at close (only
+            possible without a journal; logged as an error).
+        writer_errors: Unexpected errors in the writer task (logged with traceback).
+    """
+
+    queue_depth: int
+    queue_capacity: int
+    accepted: int
+    stored: int
+    batches: int
+    batch_items: int
+    last_batch_size: int
+    max_batch_size: int
+    flush_seconds_total: float
+    last_flush_seconds: float
+    max_flush_seconds: float
+    retries: int
+    store_failures: int
+    breaker_state: str
+    journal_records: int
+    journal_bytes: int
+    journal_fsyncs: int
+    spilled: int
+    replayed: int
+    backlog_journals: int
+    orphans_adopted: int
+    dead_lettered: int
+    backpressure_waits: int
+    backpressure_timeouts: int
+    lost_on_close: int
+    writer_errors: int
+
+
+class IngestPipeline:
+    """Write-behind batcher, retries, circuit breaker and journal in front of a Storage.
+
+    Args:
+        storage: Where items end up; its writes must be idempotent.
+        journal: This instance's journal (opened by :meth:`start` if needed); ``None``
+            disables ``journal`` mode, spilling and orphan adoption.
+        batch_size: Flush when this many items are queued.
+        flush_interval: ...or when the oldest queued item is this many seconds old.
+        max_batch: Upper bound of one group commit.
+        max_queue: Queue bound; a submit beyond it waits (back-pressure).
+        put_timeout: Seconds a submit waits on a full queue before raising
+            :class:`BackpressureTimeoutError`; ``None`` waits for ever, ``0`` never waits.
+        retry_attempts: Storage attempts per batch (first try included).
+        retry_initial: First backoff in seconds (doubling after each failure).
+        retry_max_backoff: Backoff cap in seconds.
+        retry_jitter: Random extra backoff, up to this many seconds; default
+            ``retry_initial``. Tests pass zeros for all three.
+        breaker: The database's circuit breaker (shared with whoever else calls it).
+        clock: Time source for the flush interval and the breaker wait.
+        replay_batch: Records per replay chunk.
+        dead_letter_path: Where refused items go; default
+            ``<journal root>/dead-letter/<instance>.jsonl`` (``None`` without a journal:
+            refused items are then only logged, in full, at error level).
+        orphan_scan_interval: Seconds between scans for dead instances' journals; ``None``
+            scans only at start.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        journal: Journal | None = None,
+        batch_size: int = 100,
+        flush_interval: float = 1.0,
+        max_batch: int = 50_000,
+        max_queue: int = 100_000,
+        put_timeout: float | None = None,
+        retry_attempts: int = 5,
+        retry_initial: float = 0.05,
+        retry_max_backoff: float = 2.0,
+        retry_jitter: float | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Clock | None = None,
+        replay_batch: int = 5_000,
+        dead_letter_path: Path | None = None,
+        orphan_scan_interval: float | None = 60.0,
+    ) -> None:
+        self._storage = storage
+        self._journal = journal
+        self._clock: Clock = clock or SystemClock()
+        self._breaker = breaker or CircuitBreaker("database", clock=self._clock)
+        self._replay_batch = max(1, replay_batch)
+        self._orphan_scan_interval = orphan_scan_interval
+        if dead_letter_path is None and journal is not None:
+            dead_letter_path = journal.root / DEAD_LETTER_DIR / f"{journal.instance_id}.jsonl"
+        self._dead_letters = DeadLetterFile(dead_letter_path) if dead_letter_path else None
+        self._wake = asyncio.Event()
+        self._space: asyncio.Future[None] | None = None
+        # Set (and checked) by configure() below.
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._put_timeout = put_timeout
+        self._retry_attempts = retry_attempts
+        self._retry_initial = retry_initial
+        self._retry_max_backoff = retry_max_backoff
+        self._retry_jitter = retry_jitter
+        self.configure(
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            put_timeout=put_timeout,
+            retry_attempts=retry_attempts,
+            retry_initial=retry_initial,
+            retry_max_backoff=retry_max_backoff,
+            retry_jitter=retry_jitter,
+        )
+        self._writers: dict[type[Any], Callable[[Any], Awaitable[int]]] = {
+            TickData: storage.write_ticks,
+            CandleData: storage.write_candles,
+            OrderFlowMetrics: storage.write_order_flow,
+        }
+        self._state = PipelineState.NEW
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._oldest = 0.0  # monotonic time the oldest queued item arrived (lower bound)
+        self._held: list[_Entry] | None = None  # the batch the writer is placing
+        self._reserved = 0  # queue slots promised to journal-mode appends in flight
+        self._backlog: list[Journal] = []  # journals to replay, in order
+        self._retry_at = 0.0  # no storage attempt before this (monotonic)
+        self._spill_retry_at = 0.0  # no journal append before this (after a disk error)
+        self._next_scan: float | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._writer_idle = False
+        self._spill: asyncio.Future[int] | None = None  # the journal append of _held
+        self._space_waiters = 0
+        self._progress: asyncio.Future[None] | None = None
+        self._flush_target = 0
+        # Counters (see IngestStats).
+        self._enqueued = 0
+        self._taken = 0
+        self._placed = 0
+        self._accepted = 0
+        self._stored = 0
+        self._batches = 0
+        self._batch_items = 0
+        self._last_batch = 0
+        self._max_batch_seen = 0
+        self._flush_total = 0.0
+        self._flush_last = 0.0
+        self._flush_max = 0.0
+        self._retries = 0
+        self._store_failures = 0
+        self._spilled = 0
+        self._replayed = 0
+        self._orphans_adopted = 0
+        self._dead_lettered = 0
+        self._bp_waits = 0
+        self._bp_timeouts = 0
+        self._lost = 0
+        self._writer_errors = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"IngestPipeline(state={self._state.value}, queued={len(self._queue)}, "
+            f"backlog={len(self._backlog)})"
+        )
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def state(self) -> PipelineState:
+        """Where the pipeline is in its lifecycle."""
+        return self._state
+
+    @property
+    def journal(self) -> Journal | None:
+        """This instance's journal, if any."""
+        return self._journal
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The database circuit breaker."""
+        return self._breaker
+
+    def configure(
+        self,
+        *,
+        batch_size: int | _Unset = _UNSET,
+        flush_interval: float | _Unset = _UNSET,
+        max_batch: int | _Unset = _UNSET,
+        max_queue: int | _Unset = _UNSET,
+        put_timeout: float | _Unset | None = _UNSET,
+        retry_attempts: int | _Unset = _UNSET,
+        retry_initial: float | _Unset = _UNSET,
+        retry_max_backoff: float | _Unset = _UNSET,
+        retry_jitter: float | _Unset | None = _UNSET,
+    ) -> None:
+        """Change batching, back-pressure or retry settings while running (hot reload).
+
+        Only the arguments given change. A smaller ``max_queue`` applies to new submits;
+        what is already queued stays.
+
+        Raises:
+            ConfigurationError: A value is out of range; nothing is changed then.
+        """
+        new = {
+            "batch_size": self._batch_size if batch_size is _UNSET else batch_size,
+            "flush_interval": (
+                self._flush_interval if flush_interval is _UNSET else flush_interval
+            ),
+            "max_batch": self._max_batch if max_batch is _UNSET else max_batch,
+            "max_queue": self._max_queue if max_queue is _UNSET else max_queue,
+            "retry_attempts": (
+                self._retry_attempts if retry_attempts is _UNSET else retry_attempts
+            ),
+            "retry_initial": self._retry_initial if retry_initial is _UNSET else retry_initial,
+            "retry_max_backoff": (
+                self._retry_max_backoff if retry_max_backoff is _UNSET else retry_max_backoff
+            ),
+        }
+        timeout = self._put_timeout if put_timeout is _UNSET else put_timeout
+        jitter = self._retry_jitter if retry_jitter is _UNSET else retry_jitter
+        problems = [
+            f"{name} must be >= 1"
+            for name in ("batch_size", "max_batch", "max_queue", "retry_attempts")
+            if new[name] < 1
+        ]
+        problems += [
+            f"{name} must be >= 0"
+            for name in ("flush_interval", "retry_initial", "retry_max_backoff")
+            if new[name] < 0
+        ]
+        if new["batch_size"] > new["max_batch"]:
+            problems.append("batch_size must not exceed max_batch")
+        if timeout is not None and timeout < 0:
+            problems.append("put_timeout must be >= 0 or None")
+        if jitter is not None and jitter < 0:
+            problems.append("retry_jitter must be >= 0 or None")
+        if problems:
+            msg = "invalid write-path settings: " + "; ".join(problems)
+            raise ConfigurationError(msg)
+        self._batch_size = int(new["batch_size"])
+        self._flush_interval = float(new["flush_interval"])
+        self._max_batch = int(new["max_batch"])
+        self._max_queue = int(new["max_queue"])
+        self._retry_attempts = int(new["retry_attempts"])
+        self._retry_initial = float(new["retry_initial"])
+        self._retry_max_backoff = float(new["retry_max_backoff"])
+        self._put_timeout = timeout
+        self._retry_jitter = jitter
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the writer re-check its triggers now.
+
+        Needed only after moving an injected clock (tests); cheap otherwise.
+        """
+        self._wake.set()
+        self._release_space()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the journal, adopt dead instances' journals, start the writer.
+
+        The replay of what was found runs in the background; :meth:`flush` waits for it.
+
+        Raises:
+            JournalLockedError: Another live process holds this instance's journal.
+            JournalError: The journal folder cannot be used.
+            RouterClosedError: The pipeline was started before.
+        """
+        if self._state is not PipelineState.NEW:
+            msg = f"{self!r} cannot be started twice"
+            raise RouterClosedError(msg)
+        journal = self._journal
+        if journal is not None:
+            if not journal.is_open:
+                await journal.open()
+            if journal.pending_records:
+                # Leftovers of an earlier run under the same instance id.
+                self._backlog.append(journal)
+            await self.adopt_orphans()
+            if self._orphan_scan_interval is not None:
+                self._next_scan = self._clock.monotonic() + self._orphan_scan_interval
+        self._state = PipelineState.RUNNING
+        self._writer = asyncio.create_task(self._run(), name="data_manager-ingest-writer")
+
+    async def adopt_orphans(self) -> int:
+        """Take over the journals of dead instances in the journal folder.
+
+        Returns:
+            How many journals were adopted (they are replayed in the background).
+        """
+        own = self._journal
+        if own is None or self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
+            return 0
+        exclude = {own.instance_id} | {j.instance_id for j in self._backlog}
+        paths = await asyncio.to_thread(find_orphans, own.root, exclude=exclude)
+        adopted = 0
+        for path in paths:
+            orphan = Journal(path.parent, instance_id=path.name, segment_bytes=own.segment_bytes)
+            try:
+                await orphan.open(create=False)
+            except JournalLockedError:
+                continue  # alive after all, or another router was quicker
+            except JournalError:
+                logger.exception("cannot adopt the journal %s; leaving it", path)
+                continue
+            if orphan.pending_records == 0:
+                await orphan.close()  # nothing to replay: removes it
+                continue
+            logger.warning(
+                "adopting the journal of dead instance %s: %d records to replay",
+                orphan.instance_id,
+                orphan.pending_records,
+            )
+            # Older data first: ahead of our own backlog, if we have one.
+            at = self._backlog.index(own) if own in self._backlog else len(self._backlog)
+            self._backlog.insert(at, orphan)
+            adopted += 1
+        self._orphans_adopted += adopted
+        if adopted:
+            self.wake()
+        return adopted
+
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - router API
+        """Return once everything accepted before this call is stored in the database.
+
+        This includes journals being replayed (adopted ones too). While the database is
+        down this waits for it to come back.
+
+        Args:
+            timeout: Give up after this many seconds; ``None`` waits for ever.
+
+        Raises:
+            QueryTimeoutError: ``timeout`` passed first (nothing is lost; the work goes on).
+            RouterClosedError: The pipeline was never started.
+        """
+        if self._state is PipelineState.NEW:
+            msg = "the write pipeline has not been started"
+            raise RouterClosedError(msg)
+        done = self._flush_condition()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait_progress(done)
+        except TimeoutError:
+            msg = (
+                f"flush did not finish within {timeout:g}s: {len(self._queue)} queued, "
+                f"{self._journal_records()} in the journal, circuit "
+                f"{self._breaker.state.value}"
+            )
+            raise QueryTimeoutError(msg, timeout_seconds=timeout) from None
+
+    async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - router API
+        """Stop accepting, store what is queued, journal what cannot be stored.
+
+        Waits (up to ``timeout``) for everything to be stored. With a journal it stops
+        waiting as soon as the database is known to be down (breaker open); whatever is
+        not stored then is appended to the journal before this returns, and the journal is
+        left for the next router to replay. Without a journal it waits the full
+        ``timeout`` (``None``: until stored), then logs and counts what it had to drop.
+        """
+        if self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
+            return
+        if self._state is PipelineState.NEW:
+            self._state = PipelineState.CLOSED
+            if self._journal is not None and self._journal.is_open:
+                await self._journal.close()
+            return
+        self._state = PipelineState.CLOSING
+        self._release_space()
+        done = self._flush_condition()
+        journal = self._journal
+
+        def finished() -> bool:
+            return done() or (journal is not None and self._breaker.state is BreakerState.OPEN)
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait_progress(finished)
+        except TimeoutError:
+            logger.warning("write path: close() gave up flushing after %ss", timeout)
+        except Exception:
+            logger.exception("write path: flush at close failed")
+        await self._stop_writer()
+        await self._journal_leftovers()
+        for backlog in self._backlog:
+            if backlog is not journal:
+                await backlog.close()  # unlocked: the next router adopts what is left
+        self._backlog.clear()
+        if journal is not None:
+            await journal.close()
+        self._state = PipelineState.CLOSED
+        self._notify_progress()
+
+    async def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        if self._journal is not None:
+            # Appends already requested finish (and queue their items) before we look.
+            await self._journal.wait_idle()
+
+    async def _journal_leftovers(self) -> None:
+        held = self._held or []
+        spill = self._spill
+        if spill is not None and spill.done() and not spill.cancelled() and not spill.exception():
+            held = []  # the writer was stopped after journaling it, before it noted so
+        leftovers = held + list(self._queue)
+        self._held = None
+        self._queue.clear()
+        fresh = [e for e in leftovers if type(e) is not tuple]
+        if not fresh:
+            return
+        journal = self._journal
+        if journal is not None and journal.is_open:
+            try:
+                await journal.append(fresh)  # type: ignore[arg-type]
+            except JournalError:
+                logger.exception(
+                    "write path: %d items could neither be stored nor journaled", len(fresh)
+                )
+            else:
+                self._spilled += len(fresh)
+                logger.warning(
+                    "write path: %d items not stored at close are in the journal %s",
+                    len(fresh),
+                    journal.path,
+                )
+                return
+        self._lost += len(fresh)
+        logger.error(
+            "write path: %d items could not be stored before close and there is no "
+            "journal to keep them; they are lost",
+            len(fresh),
+        )
+
+    # ------------------------------------------------------------------ submit
+
+    async def submit(self, item: IngestItem, *, mode: WriteMode = "buffered") -> None:
+        """Accept one item under ``mode`` (see the module docstring for guarantees).
+
+        Raises:
+            ValidationError: ``item`` is not a TickData, CandleData or OrderFlowMetrics,
+                or ``mode`` is unknown.
+            RouterClosedError: The pipeline is not running.
+            BackpressureTimeoutError: The queue stayed full past ``put_timeout``.
+            ConfigurationError: ``journal`` mode without a journal.
+            JournalError: ``journal`` mode and the append or sync failed.
+            CircuitBreakerOpenError, RetryExhaustedError, QueryExecutionError: ``sync``
+                mode only.
+        """
+        if mode == "buffered":
+            # The hot path: no await unless the queue is full.
+            if (
+                self._state is PipelineState.RUNNING
+                and type(item) in _ITEM_TYPES
+                and len(self._queue) + self._reserved < self._max_queue
+                and not self._space_waiters
+            ):
+                self._enqueue(item)
+                self._accepted += 1
+                return
+            self._check_submit(item)
+            await self._wait_for_space()
+            self._enqueue(item)
+            self._accepted += 1
+        elif mode == "journal":
+            await self._submit_journaled(item)
+        elif mode == "sync":
+            self._check_submit(item)
+            await self._write_now(item)
+        else:
+            msg = f"unknown write mode {mode!r}; expected buffered, journal or sync"
+            raise ValidationError(msg)
+
+    def submit_nowait(self, item: IngestItem) -> None:
+        """Queue ``item`` (buffered) without ever waiting, even past ``max_queue``.
+
+        For items derived synchronously from another one (candles aggregated from a tick):
+        the caller then applies back-pressure with its own :meth:`submit`, so the overshoot
+        is bounded by what one item derives.
+
+        Raises:
+            ValidationError: Unsupported item type.
+            RouterClosedError: The pipeline is not running.
+        """
+        self._check_submit(item)
+        self._enqueue(item)
+        self._accepted += 1
+
+    def _check_submit(self, item: object) -> None:
+        if self._state is not PipelineState.RUNNING:
+            msg = f"the write pipeline is {self._state.value}"
+            raise RouterClosedError(msg)
+        if type(item) not in _ITEM_TYPES:
+            msg = (
+                f"cannot store a {type(item).__name__}; expected TickData, CandleData or "
+                "OrderFlowMetrics"
+            )
+            raise ValidationError(msg)
+
+    def _enqueue(self, entry: _Entry) -> None:
+        queue = self._queue
+        if not queue:
+            self._oldest = self._clock.monotonic()
+            queue.append(entry)
+            if self._writer_idle:
+                self._wake.set()  # start the interval timer
+        else:
+            queue.append(entry)
+            if self._writer_idle and len(queue) >= self._batch_size:
+                self._wake.set()
+        self._enqueued += 1
+
+    async def _wait_for_space(self) -> None:
+        """Wait until one more item fits (back-pressure)."""
+        timeout = self._put_timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        self._space_waiters += 1
+        self._bp_waits += 1
+        try:
+            while len(self._queue) + self._reserved >= self._max_queue:
+                if self._state is not PipelineState.RUNNING:
+                    msg = f"the write pipeline is {self._state.value}"
+                    raise RouterClosedError(msg)
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise self._backpressure_timeout(timeout)
+                if self._space is None:
+                    self._space = loop.create_future()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(self._space)
+                except TimeoutError:
+                    raise self._backpressure_timeout(timeout) from None
+            if self._state is not PipelineState.RUNNING:
+                msg = f"the write pipeline is {self._state.value}"
+                raise RouterClosedError(msg)
+        finally:
+            self._space_waiters -= 1
+
+    def _backpressure_timeout(self, timeout: float | None) -> BackpressureTimeoutError:
+        self._bp_timeouts += 1
+        msg = (
+            f"the write queue stayed full ({len(self._queue)}/{self._max_queue}) for "
+            f"{timeout}s; the database is slow or down (circuit {self._breaker.state.value})"
+        )
+        return BackpressureTimeoutError(msg)
+
+    def _release_space(self) -> None:
+        space, self._space = self._space, None
+        if space is not None and not space.done():
+            space.set_result(None)
+
+    async def _submit_journaled(self, item: IngestItem) -> None:
+        journal = self._journal
+        if journal is None:
+            msg = "journal write mode needs a journal directory"
+            raise ConfigurationError(msg)
+        self._check_submit(item)
+        if len(self._queue) + self._reserved >= self._max_queue or self._space_waiters:
+            await self._wait_for_space()
+        self._reserved += 1
+        try:
+            await journal.append((item,), on_durable=self._on_durable)
+        except asyncio.CancelledError:
+            raise  # the append goes on; _on_durable releases the slot
+        except BaseException:
+            self._reserved -= 1  # _on_durable will not run for a failed append
+            raise
+        self._accepted += 1
+
+    def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
+        """Journal callback: the items are on disk; queue them (in LSN order)."""
+        self._reserved -= len(items)
+        own = self._journal
+        if self._backlog and own is not None:
+            # Backlog mode: the replay will read them from the journal.
+            if own not in self._backlog:
+                self._backlog.append(own)
+            self.wake()
+            return
+        for offset, item in enumerate(items):
+            self._enqueue((item, first_lsn + offset))
+
+    # ------------------------------------------------------------------ sync writes
+
+    async def _write_now(self, item: IngestItem) -> None:
+        started = time.perf_counter()
+        await self._write_with_retry(type(item), [item])
+        self._stored += 1
+        self._accepted += 1
+        self._record_batch(1, time.perf_counter() - started)
+
+    async def _write_with_retry(self, kind: type[Any], items: list[Any]) -> None:
+        """One storage call per attempt, through the breaker, retrying transient errors.
+
+        Raises:
+            CircuitBreakerOpenError: The breaker refused an attempt.
+            RetryExhaustedError: Transient errors through every attempt (chained).
+            QueryExecutionError, ValidationError: The database refused the data.
+        """
+        write = self._writers[kind]
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._retry_attempts),
+            wait=_backoff(
+                self._retry_initial,
+                self._retry_max_backoff,
+                self._retry_initial if self._retry_jitter is None else self._retry_jitter,
+            ),
+            retry=retry_if_exception_type(TRANSIENT_ERRORS),
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(write, items)
+        except TRANSIENT_ERRORS as exc:
+            msg = (
+                f"storing {len(items)} {kind.__name__} failed after "
+                f"{self._retry_attempts} attempts: {exc}"
+            )
+            raise RetryExhaustedError(msg) from exc
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self._retries += 1
+
+    async def _attempt(self, write: Callable[[Any], Awaitable[int]], items: list[Any]) -> None:
+        breaker = self._breaker
+        if not breaker.allow():
+            msg = f"circuit {breaker.name} is open; not calling the database"
+            raise CircuitBreakerOpenError(msg)
+        try:
+            await write(items)
+        except _REFUSED:
+            breaker.record_success()  # it answered: the database is up, the data is bad
+            raise
+        except BaseException:
+            # Transient errors, bugs and cancellation all release a half-open probe.
+            breaker.record_failure()
+            raise
+        breaker.record_success()
+
+    # ------------------------------------------------------------------ the writer
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._wait_for_work()
+                now = self._clock.monotonic()
+                if self._held is None and self._batch_due(now):
+                    self._held = self._take_batch()
+                if self._held is not None and now >= self._held_ready_at():
+                    await self._place_held()
+                if (
+                    self._backlog
+                    and self._held is None
+                    and self._clock.monotonic() >= self._retry_at
+                    and self._breaker.state is not BreakerState.OPEN
+                ):
+                    await self._replay_step()
+                if self._next_scan is not None and self._clock.monotonic() >= self._next_scan:
+                    assert self._orphan_scan_interval is not None
+                    self._next_scan = self._clock.monotonic() + self._orphan_scan_interval
+                    await self.adopt_orphans()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug, not a database failure (those are handled below): keep the data
+                # where it is, say so loudly, and try again a little later.
+                self._writer_errors += 1
+                logger.exception("write path: unexpected error in the writer; retrying")
+                await asyncio.sleep(max(self._retry_max_backoff, 0.05))
+            finally:
+                self._notify_progress()
+
+    def _batch_due(self, now: float) -> bool:
+        n = len(self._queue)
+        return bool(n) and (
+            n >= self._batch_size
+            or self._flush_target > self._taken
+            or self._state is not PipelineState.RUNNING
+            or now - self._oldest >= self._flush_interval
+        )
+
+    def _next_wakeup(self, now: float) -> float | None:
+        """0 when there is work now, else seconds until there may be (None: no timer)."""
+        waits: list[float] = []
+        if self._held is not None:
+            ready = self._held_ready_at()
+            if now >= ready:
+                return 0.0
+            waits.append(ready - now)
+        else:
+            if self._batch_due(now):
+                return 0.0
+            if self._queue:
+                waits.append(self._oldest + self._flush_interval - now)
+            if self._backlog:
+                if now >= self._retry_at:
+                    if self._breaker.state is not BreakerState.OPEN:
+                        return 0.0
+                    # Opened by someone else since; look again in a while.
+                    self._retry_at = now + max(self._breaker.reset_timeout, 0.001)
+                waits.append(self._retry_at - now)
+        if self._next_scan is not None:
+            if now >= self._next_scan:
+                return 0.0
+            waits.append(self._next_scan - now)
+        return min(waits) if waits else None
+
+    async def _wait_for_work(self) -> None:
+        while True:
+            delay = self._next_wakeup(self._clock.monotonic())
+            if delay == 0.0:
+                return
+            self._wake.clear()
+            self._writer_idle = True
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self._writer_idle = False
+
+    def _can_spill(self) -> bool:
+        return self._journal is not None and self._journal.is_open
+
+    def _held_ready_at(self) -> float:
+        """When the batch in hand can next be placed: stored, or else journaled."""
+        if self._can_spill():
+            return self._spill_retry_at
+        return self._retry_at
+
+    def _take_batch(self) -> list[_Entry]:
+        queue = self._queue
+        n = min(len(queue), self._max_batch)
+        batch = [queue.popleft() for _ in range(n)]
+        self._taken += n
+        # What is left (only past max_batch) keeps the old _oldest: flushed promptly.
+        self._release_space()
+        return batch
+
+    async def _place_held(self) -> None:
+        """Store the batch in hand, or journal it, or keep it (no journal, database down)."""
+        batch = self._held
+        assert batch is not None
+        own = self._journal
+        if (
+            not self._backlog
+            and self._breaker.state is not BreakerState.OPEN
+            and self._clock.monotonic() >= self._retry_at
+        ):
+            stored_lsn = own.stored_lsn if own is not None else 0
+            items: list[IngestItem] = []
+            top_lsn = 0
+            for entry in batch:
+                if type(entry) is tuple:
+                    item, lsn = entry
+                    if lsn <= stored_lsn:
+                        continue  # the replay stored it already
+                    top_lsn = lsn
+                    items.append(item)
+                else:
+                    items.append(entry)  # type: ignore[arg-type]
+            try:
+                await self._store_batch(items)
+            except _StoreFailed:
+                pass
+            else:
+                if top_lsn and own is not None:
+                    await own.mark_stored(top_lsn)
+                self._held = None
+                self._placed += len(batch)
+                return
+        if own is not None and own.is_open:
+            fresh = [e for e in batch if type(e) is not tuple]
+            if fresh:
+                # Shielded so that close() can tell whether a cancelled writer got it written.
+                self._spill = asyncio.ensure_future(own.append(fresh))  # type: ignore[arg-type]
+                try:
+                    await asyncio.shield(self._spill)
+                except JournalError:
+                    self._spill = None
+                    logger.exception("write path: cannot journal a batch; holding it in memory")
+                    self._spill_retry_at = self._clock.monotonic() + max(
+                        self._breaker.reset_timeout, 0.1
+                    )
+                    return
+                self._spill = None
+            self._spilled += len(fresh)
+            if own not in self._backlog:
+                logger.warning(
+                    "write path: database unavailable; batches go to the journal %s", own.path
+                )
+                self._backlog.append(own)
+            self._held = None
+            self._placed += len(batch)
+            return
+        # No journal: keep the batch and try again when the breaker lets a probe through.
+        self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
+
+    async def _store_batch(self, items: list[IngestItem]) -> None:
+        """Store a mixed batch, isolating refused items.
+
+        Raises:
+            _StoreFailed: Some of it could not be stored now (retry later, as a whole).
+        """
+        if not items:
+            return
+        started = time.perf_counter()
+        try:
+            for kind, group in _group(items):
+                await self._store_isolating(kind, group)
+        except (RetryExhaustedError, CircuitBreakerOpenError) as exc:
+            self._store_failures += 1
+            self._retry_at = self._clock.monotonic() + self._breaker_wait()
+            logger.warning("write path: batch of %d not stored: %s", len(items), exc)
+            raise _StoreFailed from exc
+        except Exception as exc:
+            # Not a database answer but a bug: back off as if the breaker had opened, so
+            # the writer does not spin on it.
+            self._store_failures += 1
+            self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.1)
+            logger.exception("write path: unexpected storage error for a batch of %d", len(items))
+            raise _StoreFailed from exc
+        self._stored += len(items)
+        self._record_batch(len(items), time.perf_counter() - started)
+
+    def _breaker_wait(self) -> float:
+        if self._breaker.state is BreakerState.OPEN:
+            return max(self._breaker.reset_timeout, 0.001)
+        return 0.0
+
+    async def _store_isolating(self, kind: type[Any], items: list[Any]) -> None:
+        """Write ``items``; on a refusal, split until the refused ones are alone."""
+        try:
+            await self._write_with_retry(kind, items)
+        except _REFUSED as exc:
+            if len(items) == 1:
+                await self._dead_letter(encode_item(items[0]), exc)
+                return
+            mid = len(items) // 2
+            await self._store_isolating(kind, items[:mid])
+            await self._store_isolating(kind, items[mid:])
+
+    async def _dead_letter(self, payload: bytes, exc: BaseException) -> None:
+        self._dead_lettered += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._dead_letters is None:
+            logger.error("write path: refused item (no dead-letter file): %r (%s)", payload, reason)
+            return
+        logger.error(
+            "write path: the database refused an item; kept in %s: %s",
+            self._dead_letters.path,
+            reason,
+        )
+        try:
+            await self._dead_letters.write([(payload, reason)], time_ms=self._clock.time_ms())
+        except JournalError:
+            logger.exception("write path: refused item could not be kept: %r", payload)
+
+    async def _replay_step(self) -> None:
+        """Store the next chunk of the oldest journal in the backlog."""
+        journal = self._backlog[0]
+        if journal.stored_lsn >= journal.last_lsn:
+            await self._finish_backlog(journal)
+            return
+        chunk = await journal.read(journal.stored_lsn, max_records=self._replay_batch)
+        items: list[IngestItem] = []
+        for start in range(0, len(chunk.records), _DECODE_SLICE):
+            for _, payload in chunk.records[start : start + _DECODE_SLICE]:
+                try:
+                    items.append(decode_item(payload))
+                except ValidationError as exc:
+                    await self._dead_letter(payload, exc)
+            await asyncio.sleep(0)  # decoding is CPU work: let producers in between
+        try:
+            await self._store_batch(items)
+        except _StoreFailed:
+            return
+        await journal.mark_stored(chunk.end_lsn)
+        self._replayed += len(items)
+        if journal.stored_lsn >= journal.last_lsn:
+            await self._finish_backlog(journal)
+
+    async def _finish_backlog(self, journal: Journal) -> None:
+        if journal in self._backlog:
+            self._backlog.remove(journal)
+        if journal is self._journal:
+            logger.info("write path: journal replay caught up; writing to the database again")
+            return
+        logger.info("write path: journal of %s fully replayed; removing it", journal.instance_id)
+        await journal.close()
+
+    # ------------------------------------------------------------------ progress & stats
+
+    def _record_batch(self, size: int, seconds: float) -> None:
+        self._batches += 1
+        self._batch_items += size
+        self._last_batch = size
+        self._max_batch_seen = max(self._max_batch_seen, size)
+        self._flush_total += seconds
+        self._flush_last = seconds
+        self._flush_max = max(self._flush_max, seconds)
+
+    def _notify_progress(self) -> None:
+        progress, self._progress = self._progress, None
+        if progress is not None and not progress.done():
+            progress.set_result(None)
+
+    def _flush_condition(self) -> Callable[[], bool]:
+        """Snapshot what "everything accepted so far" means; return its test.
+
+        Two phases: first every item queued before the call is placed (stored, refused or
+        journaled); then every journal record written up to that moment is stored, which
+        covers the batches journaled on the way.
+        """
+        target = self._enqueued
+        own = self._journal
+        others = [j for j in self._backlog if j is not own]
+        self._flush_target = max(self._flush_target, target)
+        self.wake()
+        lsn_target: int | None = None
+
+        def done() -> bool:
+            nonlocal lsn_target
+            if lsn_target is None:
+                if self._placed < target:
+                    return False
+                lsn_target = own.last_lsn if own is not None else 0
+            return (own is None or not own.is_open or own.stored_lsn >= lsn_target) and not any(
+                j in self._backlog for j in others
+            )
+
+        return done
+
+    async def _wait_progress(self, done: Callable[[], bool]) -> None:
+        while not done():
+            writer = self._writer
+            if writer is None or writer.done():
+                msg = "the write pipeline's writer is not running"
+                raise RouterClosedError(msg)
+            if self._progress is None:
+                self._progress = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._progress)
+
+    def _journal_records(self) -> int:
+        journals = list(self._backlog)
+        if self._journal is not None and self._journal not in journals:
+            journals.append(self._journal)
+        return sum(j.pending_records for j in journals)
+
+    def stats(self) -> IngestStats:
+        """Current counters (cheap; no I/O)."""
+        own = self._journal
+        journals = list(self._backlog)
+        if own is not None and own not in journals:
+            journals.append(own)
+        return IngestStats(
+            queue_depth=len(self._queue) + len(self._held or ()),
+            queue_capacity=self._max_queue,
+            accepted=self._accepted,
+            stored=self._stored,
+            batches=self._batches,
+            batch_items=self._batch_items,
+            last_batch_size=self._last_batch,
+            max_batch_size=self._max_batch_seen,
+            flush_seconds_total=self._flush_total,
+            last_flush_seconds=self._flush_last,
+            max_flush_seconds=self._flush_max,
+            retries=self._retries,
+            store_failures=self._store_failures,
+            breaker_state=self._breaker.state.value,
+            journal_records=sum(j.pending_records for j in journals),
+            journal_bytes=sum(j.size_bytes for j in journals),
+            journal_fsyncs=own.stats().fsyncs if own is not None else 0,
+            spilled=self._spilled,
+            replayed=self._replayed,
+            backlog_journals=len(self._backlog),
+            orphans_adopted=self._orphans_adopted,
+            dead_lettered=self._dead_lettered,
+            backpressure_waits=self._bp_waits,
+            backpressure_timeouts=self._bp_timeouts,
+            lost_on_close=self._lost,
+            writer_errors=self._writer_errors,
+        )
+
+
+def _backoff(initial: float, cap: float, jitter: float) -> wait_exponential_jitter:
+    """``initial * 2**n`` plus up to ``jitter`` random seconds, capped at ``cap``."""
+    try:
+        return wait_exponential_jitter(multiplier=initial, max=cap, jitter=jitter)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:  # tenacity < 9.1 calls it ``initial`` (9.1+ deprecates that name)
+        return wait_exponential_jitter(initial=initial, max=cap, jitter=jitter)
+
+
+def _group(items: list[IngestItem]) -> list[tuple[type[Any], list[Any]]]:
+    """Split a mixed batch by kind (ticks, candles, order flow), keeping order.
+
+    Candles and order-flow rows are upserts: within one batch only the last version of a key
+    matters (and a forming candle never replaces a closed one, as in storage), so earlier
+    versions are dropped here rather than sent; it also keeps one statement from touching
+    the same row twice.
+    """
+    ticks: list[TickData] = []
+    candles: dict[tuple[str, str, str, int], CandleData] = {}
+    flows: dict[tuple[str, str, int, int], OrderFlowMetrics] = {}
+    for item in items:
+        cls = type(item)
+        if cls is TickData:
+            ticks.append(item)  # type: ignore[arg-type]
+        elif cls is CandleData:
+            candle: CandleData = item  # type: ignore[assignment]
+            key = (candle.symbol, candle.timeframe, candle.source, candle.timestamp)
+            seen = candles.get(key)
+            if seen is None or candle.is_closed or not seen.is_closed:
+                candles[key] = candle
+        else:
+            flow: OrderFlowMetrics = item  # type: ignore[assignment]
+            flows[(flow.symbol, flow.source, flow.timestamp, flow.window_ms)] = flow
+    out: list[tuple[type[Any], list[Any]]] = []
+    if ticks:
+        out.append((TickData, ticks))
+    if candles:
+        out.append((CandleData, list(candles.values())))
+    if flows:
+        out.append((OrderFlowMetrics, list(flows.values())))
+    return out

@@ -1,0 +1,1097 @@
+"""A local, append-only journal: the write path's durable backup.
+
+One :class:`Journal` belongs to one router instance and lives in ``<root>/<instance_id>/``,
+locked with ``flock`` for as long as the instance runs. It holds what the database has not
+stored yet: items submitted in ``journal`` mode (acknowledged only once they are fsync'd here)
+and batches set aside while the database is down. When an instance dies, its lock is released
+by the kernel; the next router to start (or a running one that scans) finds the folder with
+:func:`find_orphans`, opens it (taking the lock) and replays it.
+
+On disk::
+
+    <root>/<instance_id>/lock                  flock'd by the owner; holds "pid host"
+    <root>/<instance_id>/checkpoint            last stored LSN (a hint: losing it only
+                                               means replaying more, and writes are idempotent)
+    <root>/<instance_id>/<first LSN>.seg       segments: 8-byte magic, then records
+    <root>/<instance_id>/<seg>.corrupt-<off>   a damaged tail, moved aside (never deleted)
+    <root>/dead-letter/<instance_id>.jsonl     items the database refused (kept for people)
+
+A record is ``<u32 length><u32 crc32(length bytes + payload)><payload>``; the payload is one
+kind byte (``t`` tick, ``c`` candle, ``o`` order flow) followed by the model's JSON (derived
+fields and ``None`` values left out), so another language can read it. Records are numbered by
+a log sequence number (LSN), consecutive within a segment; a segment's file name is its first
+LSN. Decoding re-validates the model: what comes back from disk is untrusted input.
+
+Durability: :meth:`Journal.append` returns after the bytes are written and ``fdatasync``'d
+(plus an ``fsync`` of the folder when a segment file is created). Concurrent appenders share
+one sync: whoever arrives while a sync runs joins the next one (group commit), and the write
+and sync run in a worker thread so the event loop never blocks. A crash mid-write leaves a
+torn tail; opening the journal detects it (length or CRC check), moves the damaged bytes to a
+``.corrupt-<offset>`` file beside the segment, logs it and carries on after the last good
+record. A torn record was never acknowledged, because acknowledgement waits for the sync.
+
+The journal must sit on a local file system: ``flock`` over NFS is not dependable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import re
+import secrets
+import socket
+import struct
+import threading
+import weakref
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import orjson
+
+from data_manager.errors import DataManagerError, ValidationError
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Iterator, Sequence
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows uses the filelock package instead
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "DeadLetterFile",
+    "IngestItem",
+    "Journal",
+    "JournalBatch",
+    "JournalError",
+    "JournalLockedError",
+    "JournalStats",
+    "decode_item",
+    "encode_item",
+    "find_orphans",
+    "new_instance_id",
+]
+
+logger = logging.getLogger(__name__)
+
+IngestItem: TypeAlias = TickData | CandleData | OrderFlowMetrics
+
+#: Segment size after which appends go to a new file.
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+#: Upper bound of one record; a larger length field is treated as corruption.
+MAX_RECORD_BYTES: Final = 16 * 1024 * 1024
+MAGIC: Final = b"DMJRNL\x00\x01"  # format version 1
+LOCK_NAME: Final = "lock"
+CHECKPOINT_NAME: Final = "checkpoint"
+SEGMENT_SUFFIX: Final = ".seg"
+DEAD_LETTER_DIR: Final = "dead-letter"
+_TMP_PREFIX: Final = ".tmp-"
+_HEADER: Final = struct.Struct("<II")
+_LENGTH: Final = struct.Struct("<I")
+_READ_CHUNK: Final = 4 * 1024 * 1024
+_INSTANCE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SEGMENT_NAME: Final = re.compile(r"^(\d{20})\.seg$")
+
+_KIND_OF: Final[dict[type[Any], bytes]] = {
+    TickData: b"t",
+    CandleData: b"c",
+    OrderFlowMetrics: b"o",
+}
+_TYPE_OF: Final[dict[int, type[IngestItem]]] = {
+    ord("t"): TickData,
+    ord("c"): CandleData,
+    ord("o"): OrderFlowMetrics,
+}
+_KIND_NAME: Final = {ord("t"): "tick", ord("c"): "candle", ord("o"): "order_flow"}
+# Derived fields are recomputed on load; writing them would only cost bytes.
+_EXCLUDE: Final[dict[type[Any], set[str] | None]] = {
+    TickData: {"mid", "spread"},
+    CandleData: None,
+    OrderFlowMetrics: None,
+}
+
+
+class JournalError(DataManagerError):
+    """The local journal could not be written, read or opened."""
+
+
+class JournalLockedError(JournalError):
+    """Another live process holds this journal's lock."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+def encode_item(item: IngestItem) -> bytes:
+    """Return the journal payload of ``item``: a kind byte, then the model's JSON.
+
+    Raises:
+        ValidationError: ``item`` is not a TickData, CandleData or OrderFlowMetrics.
+    """
+    cls = type(item)
+    kind = _KIND_OF.get(cls)
+    if kind is None:
+        msg = f"cannot journal a {cls.__name__}; expected TickData, CandleData or OrderFlowMetrics"
+        raise ValidationError(msg)
+    body: bytes = cls.__pydantic_serializer__.to_json(
+        item, exclude=_EXCLUDE[cls], exclude_none=True
+    )
+    return kind + body
+
+
+def decode_item(payload: bytes) -> IngestItem:
+    """Rebuild a model from a journal payload, validating it again.
+
+    Raises:
+        ValidationError: Unknown kind byte or data the model refuses.
+    """
+    cls = _TYPE_OF.get(payload[0]) if payload else None
+    if cls is None:
+        msg = f"journal record has unknown kind {payload[:1]!r}"
+        raise ValidationError(msg)
+    return cls.model_validate_json(payload[1:])
+
+
+def kind_name(payload: bytes) -> str:
+    """``"tick"``, ``"candle"``, ``"order_flow"`` or ``"unknown"`` for a payload."""
+    return _KIND_NAME.get(payload[0], "unknown") if payload else "unknown"
+
+
+def _frame(payload: bytes) -> bytes:
+    length = _LENGTH.pack(len(payload))
+    return _HEADER.pack(len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+
+def _parse(
+    buf: bytes | memoryview, pos: int, end: int
+) -> tuple[list[bytes], int, str | None, bool]:
+    """Parse whole records in ``buf[pos:end]``.
+
+    Returns:
+        (payloads, position after the last whole record, problem, short) where ``problem``
+        describes a corrupt record (bad length or CRC) and ``short`` says the buffer ended
+        inside a record (torn, or simply not read yet).
+    """
+    out: list[bytes] = []
+    header = _HEADER.size
+    while pos < end:
+        if end - pos < header:
+            return out, pos, None, True
+        length, crc = _HEADER.unpack_from(buf, pos)
+        if length == 0 or length > MAX_RECORD_BYTES:
+            return out, pos, f"invalid record length {length}", False
+        stop = pos + header + length
+        if stop > end:
+            return out, pos, None, True
+        payload = bytes(buf[pos + header : stop])
+        if zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length))) != crc:
+            return out, pos, "CRC mismatch", False
+        out.append(payload)
+        pos = stop
+    return out, pos, None, False
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a file creation, rename or deletion in ``path`` durable."""
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened on Windows
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync(fd: int) -> None:
+    # fdatasync also flushes the size change an append makes; it skips mtime.
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # pragma: no cover - macOS/Windows
+        os.fsync(fd)
+
+
+class _FileLock:
+    """An exclusive, non-blocking lock on a file that dies with its process.
+
+    ``flock`` on POSIX: the kernel drops it when the owner exits, however it exits, which is
+    exactly the "owner is dead" signal orphan detection needs. The ``filelock`` package
+    elsewhere.
+    """
+
+    __slots__ = ("_fallback", "fd", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self._fallback: Any = None
+
+    def try_acquire(self, *, create: bool = True) -> bool:
+        if fcntl is None:  # pragma: no cover - Windows
+            import filelock
+
+            lock = filelock.FileLock(str(self.path), thread_local=False)
+            try:
+                lock.acquire(blocking=False)
+            except filelock.Timeout:
+                return False
+            self._fallback = lock
+            return True
+        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return True
+
+    def write_owner(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fallback is not None:  # pragma: no cover - Windows
+            self._fallback.release()
+            self._fallback = None
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing the last descriptor drops the flock
+
+    def forget(self) -> None:
+        """Close the descriptor inherited by a forked child without unlocking the parent.
+
+        ``flock`` locks belong to the open file description shared with the parent; an
+        explicit unlock would release the parent's lock, a plain close does not.
+        """
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def _lock_is_free(lock_path: Path) -> bool:
+    lock = _FileLock(lock_path)
+    if not lock.try_acquire(create=False):
+        return False
+    lock.release()
+    return True
+
+
+def new_instance_id() -> str:
+    """A fresh instance id: ``<host>-<pid>-<random>``, safe as a folder name."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def find_orphans(directory: Path | str, *, exclude: Collection[str] = ()) -> list[Path]:
+    """Return the instance folders under ``directory`` whose owner is dead, oldest first.
+
+    A folder counts when it holds a lock file that can be locked without waiting (the
+    kernel released it when its owner exited). The probe lock is dropped again at once;
+    :meth:`Journal.open` takes it for real and fails if another router was quicker.
+    Leftovers of an interrupted folder creation (``.tmp-*``) whose lock is free are removed.
+    Blocking file I/O: call it with ``asyncio.to_thread`` from async code.
+
+    Args:
+        directory: The journal root (``settings.journal_dir``).
+        exclude: Instance ids to skip (the caller's own).
+    """
+    root = Path(directory)
+    found: list[tuple[float, Path]] = []
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        name = entry.name
+        if not entry.is_dir() or name in exclude or name == DEAD_LETTER_DIR:
+            continue
+        lock_path = entry / LOCK_NAME
+        if name.startswith(_TMP_PREFIX):
+            # A folder whose creation was interrupted before any record was written.
+            if lock_path.exists() and _lock_is_free(lock_path):
+                _remove_tree(entry, expect_empty_journal=True)
+            continue
+        if name.startswith(".") or not lock_path.exists():
+            continue
+        try:
+            if not _lock_is_free(lock_path):
+                continue
+        except FileNotFoundError:  # removed by its adopter in the meantime
+            continue
+        segments = list(entry.glob(f"*{SEGMENT_SUFFIX}"))
+        try:
+            age = min((s.stat().st_mtime for s in segments), default=lock_path.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+        found.append((age, entry))
+    found.sort()
+    return [path for _, path in found]
+
+
+def _remove_tree(path: Path, *, expect_empty_journal: bool) -> None:
+    """Remove a journal folder made only of files this module writes."""
+    for child in path.iterdir():
+        if expect_empty_journal and child.name.endswith(SEGMENT_SUFFIX):
+            return  # not what we expected: leave it for a person to look at
+    for child in path.iterdir():
+        if child.is_file():
+            child.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+# --------------------------------------------------------------------------- journal
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_lsn: int
+    path: Path
+    records: int
+    size: int  # bytes known to be whole and durable, magic included
+
+    @property
+    def last_lsn(self) -> int:
+        return self.first_lsn + self.records - 1
+
+
+@dataclass(frozen=True, slots=True)
+class JournalBatch:
+    """What one :meth:`Journal.read` returned.
+
+    Attributes:
+        records: ``(lsn, payload)`` pairs in LSN order; decode with :func:`decode_item`.
+        end_lsn: Every LSN up to this one has been returned or was unreadable (and moved
+            aside); pass it to :meth:`Journal.mark_stored` once the records are stored.
+    """
+
+    records: list[tuple[int, bytes]]
+    end_lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """Counters of one journal."""
+
+    pending_records: int
+    size_bytes: int
+    segments: int
+    last_lsn: int
+    stored_lsn: int
+    appends: int
+    records_appended: int
+    fsyncs: int
+    problems: int
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Pending:
+    payloads: list[bytes]
+    items: Sequence[IngestItem]
+    on_durable: Callable[[int, Sequence[IngestItem]], None] | None
+    future: asyncio.Future[int]
+
+
+_open_journals: weakref.WeakSet[Journal] | None = None
+
+
+def _register_for_fork(journal: Journal) -> None:
+    """Make forked children close (not unlock) inherited journal descriptors."""
+    global _open_journals
+    if _open_journals is None:
+        _open_journals = weakref.WeakSet()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forget_after_fork)
+    _open_journals.add(journal)
+
+
+def _forget_after_fork() -> None:
+    for journal in list(_open_journals or ()):
+        journal._forget_after_fork()
+
+
+class Journal:
+    """The append-only journal of one router instance.
+
+    Args:
+        directory: The journal root shared by every instance on this machine.
+        instance_id: This instance's folder name (letters, digits, ``.``, ``_``, ``-``).
+        segment_bytes: Size after which a new segment file is started.
+        checkpoint_every: Write the checkpoint file after this many records were stored
+            (it is also written when a segment is deleted and on close).
+
+    Raises:
+        ValidationError: An unusable ``instance_id`` or ``segment_bytes``.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        instance_id: str,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        checkpoint_every: int = 10_000,
+    ) -> None:
+        if not _INSTANCE_ID.match(instance_id) or instance_id == DEAD_LETTER_DIR:
+            msg = f"journal instance id {instance_id!r} is not a usable folder name"
+            raise ValidationError(msg)
+        if segment_bytes < 1024:
+            msg = f"segment_bytes must be at least 1024, got {segment_bytes}"
+            raise ValidationError(msg)
+        self.root = Path(directory)
+        self.instance_id = instance_id
+        self.path = self.root / instance_id
+        self.segment_bytes = segment_bytes
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.problems: list[str] = []
+        self._state = _State.NEW
+        self._lock = _FileLock(self.path / LOCK_NAME)
+        self._io = threading.Lock()  # guards _segments against the worker threads
+        self._segments: list[_Segment] = []
+        self._active_fd: int | None = None
+        self._next_lsn = 1
+        self._stored_lsn = 0
+        self._checkpointed = 0
+        self._pending: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._read_cursor: tuple[int, int, int] | None = None  # (segment, offset, next lsn)
+        self._appends = 0
+        self._records_appended = 0
+        self._fsyncs = 0
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.path)!r}, state={self._state.value})"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def is_open(self) -> bool:
+        """True between :meth:`open` and :meth:`close`."""
+        return self._state is _State.OPEN
+
+    @property
+    def last_lsn(self) -> int:
+        """LSN of the newest durable record (0 when there has been none)."""
+        return self._next_lsn - 1
+
+    @property
+    def stored_lsn(self) -> int:
+        """Every record up to this LSN is stored in the database (or dead-lettered)."""
+        return self._stored_lsn
+
+    @property
+    def pending_records(self) -> int:
+        """Durable records not yet marked stored."""
+        return max(0, self.last_lsn - self._stored_lsn)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes held in segment files."""
+        with self._io:
+            return sum(s.size for s in self._segments)
+
+    def stats(self) -> JournalStats:
+        """Counters for health and metrics (no I/O)."""
+        with self._io:
+            size = sum(s.size for s in self._segments)
+            count = len(self._segments)
+        return JournalStats(
+            pending_records=self.pending_records,
+            size_bytes=size,
+            segments=count,
+            last_lsn=self.last_lsn,
+            stored_lsn=self._stored_lsn,
+            appends=self._appends,
+            records_appended=self._records_appended,
+            fsyncs=self._fsyncs,
+            problems=len(self.problems),
+        )
+
+    # ------------------------------------------------------------------ open / close
+
+    async def open(self, *, create: bool = True) -> None:
+        """Create or take over the instance folder, lock it and scan what it holds.
+
+        Args:
+            create: Create the folder when it does not exist (``False`` when adopting an
+                orphan: one that vanished was finished by another router).
+
+        Raises:
+            JournalLockedError: Another live process holds the lock (or, with
+                ``create=False``, the folder is gone).
+            JournalError: The folder cannot be created or read.
+        """
+        if self._state is not _State.NEW:
+            msg = f"{self!r} was already opened"
+            raise JournalError(msg)
+        try:
+            await asyncio.to_thread(self._open_sync, create)
+        except OSError as exc:
+            msg = f"cannot open the journal at {self.path}: {exc}"
+            raise JournalError(msg) from exc
+        self._state = _State.OPEN
+        _register_for_fork(self)
+
+    def _open_sync(self, create: bool) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if not self.path.exists():
+                if not create:
+                    break
+                self._create_locked()
+                if self._lock.fd is not None or self._lock._fallback is not None:
+                    break
+            try:
+                if not self._lock.try_acquire():
+                    msg = f"journal {self.path} is held by another running process"
+                    raise JournalLockedError(msg)
+                break
+            except FileNotFoundError:
+                continue  # removed by its adopter between our checks
+        if self._lock.fd is None and self._lock._fallback is None:
+            msg = f"journal {self.path} no longer exists"
+            raise JournalLockedError(msg)
+        try:
+            self._lock.write_owner()
+            self._load()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _create_locked(self) -> None:
+        # Create under a temporary name, lock, then rename: a folder is never visible under
+        # its final name without its owner's lock, so nobody mistakes it for an orphan.
+        tmp = self.root / f"{_TMP_PREFIX}{self.instance_id}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        lock = _FileLock(tmp / LOCK_NAME)
+        if not lock.try_acquire():  # pragma: no cover - nobody else knows the name
+            msg = f"cannot lock fresh journal folder {tmp}"
+            raise JournalError(msg)
+        try:
+            os.rename(tmp, self.path)
+        except OSError:
+            lock.release()
+            _remove_tree(tmp, expect_empty_journal=True)
+            if self.path.exists():
+                return  # created concurrently; the caller locks the existing one
+            raise
+        _fsync_dir(self.root)
+        lock.path = self.path / LOCK_NAME
+        self._lock = lock
+
+    def _load(self) -> None:
+        checkpoint = self._read_checkpoint()
+        segments: list[_Segment] = []
+        for path in sorted(self.path.iterdir()):
+            match = _SEGMENT_NAME.match(path.name)
+            if match is None:
+                continue
+            segment = self._scan_segment(path, int(match.group(1)))
+            if segment is not None:
+                segments.append(segment)
+        last = max((s.last_lsn for s in segments if s.records), default=0)
+        self._next_lsn = max(last, checkpoint) + 1
+        self._stored_lsn = min(checkpoint, self._next_lsn - 1)
+        self._checkpointed = self._stored_lsn
+        keep: list[_Segment] = []
+        for segment in segments:
+            if segment.records == 0 or segment.last_lsn <= self._stored_lsn:
+                segment.path.unlink(missing_ok=True)
+            else:
+                keep.append(segment)
+        if len(keep) != len(segments):
+            _fsync_dir(self.path)
+        self._segments = keep
+        if self.pending_records:
+            logger.info(
+                "journal %s holds %d records to replay (%d bytes)",
+                self.path,
+                self.pending_records,
+                sum(s.size for s in keep),
+            )
+
+    def _read_checkpoint(self) -> int:
+        path = self.path / CHECKPOINT_NAME
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError):
+            logger.warning("journal checkpoint %s unreadable; replaying everything", path)
+            return 0
+        if not text.isdigit():
+            logger.warning("journal checkpoint %s is damaged; replaying everything", path)
+            return 0
+        return int(text)
+
+    def _scan_segment(self, path: Path, first_lsn: int) -> _Segment | None:
+        data = path.read_bytes()
+        if len(data) < len(MAGIC):
+            # Created, then the process died before the magic reached the disk.
+            path.unlink(missing_ok=True)
+            return None
+        if data[: len(MAGIC)] != MAGIC:
+            aside = path.with_name(f"{path.name}.corrupt-0")
+            os.rename(path, aside)
+            self._problem(f"{path}: unknown segment format; moved to {aside.name}")
+            return None
+        payloads, pos, problem, short = _parse(data, len(MAGIC), len(data))
+        if pos < len(data):
+            reason = problem or ("torn record" if short else "trailing bytes")
+            self._quarantine_tail(path, data, pos, reason)
+        return _Segment(first_lsn=first_lsn, path=path, records=len(payloads), size=pos)
+
+    def _quarantine_tail(self, path: Path, data: bytes, pos: int, reason: str) -> None:
+        aside = path.with_name(f"{path.name}.corrupt-{pos}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data[pos:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, pos)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.path)
+        self._problem(
+            f"{path}: {reason} at byte {pos}; {len(data) - pos} bytes moved to {aside.name}"
+        )
+
+    def _problem(self, text: str) -> None:
+        self.problems.append(text)
+        logger.error("journal: %s", text)
+
+    async def wait_idle(self) -> None:
+        """Wait until every append already requested is durable (or failed)."""
+        while self._committer is not None:
+            await asyncio.shield(self._committer)
+
+    async def close(self) -> None:
+        """Finish pending appends, release the lock; remove the folder when fully stored.
+
+        A journal with records still to store stays on disk, unlocked, so the next router
+        to start adopts it.
+        """
+        if self._state is not _State.OPEN:
+            self._state = _State.CLOSED
+            return
+        await self.wait_idle()
+        self._state = _State.CLOSED
+        await asyncio.to_thread(self._close_sync)
+        if _open_journals is not None:
+            _open_journals.discard(self)
+
+    def _close_sync(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+        try:
+            if self.pending_records == 0:
+                self._remove_all()
+            else:
+                self._write_checkpoint()
+                logger.warning(
+                    "journal %s closed with %d records not yet stored; the next router to "
+                    "start will replay them",
+                    self.path,
+                    self.pending_records,
+                )
+        finally:
+            self._lock.release()
+
+    def _remove_all(self) -> None:
+        with self._io:
+            segments, self._segments = self._segments, []
+        for segment in segments:
+            segment.path.unlink(missing_ok=True)
+        (self.path / CHECKPOINT_NAME).unlink(missing_ok=True)
+        leftovers = [p for p in self.path.iterdir() if p.name != LOCK_NAME]
+        if leftovers:  # quarantined tails: keep the folder (and the evidence)
+            _fsync_dir(self.path)
+            return
+        # Unlink the lock file while still holding it, so a prober sees a vanished folder.
+        (self.path / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+        _fsync_dir(self.root)
+
+    def _forget_after_fork(self) -> None:
+        self._lock.forget()
+        if self._active_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._active_fd)
+            self._active_fd = None
+        self._state = _State.CLOSED
+        self._committer = None
+        self._pending = []
+
+    # ------------------------------------------------------------------ append
+
+    async def append(
+        self,
+        items: Sequence[IngestItem],
+        *,
+        on_durable: Callable[[int, Sequence[IngestItem]], None] | None = None,
+    ) -> int:
+        """Append ``items`` and return the LSN of the last one once it is durable.
+
+        Concurrent callers share one write and one sync. If the caller is cancelled the
+        append still completes.
+
+        Args:
+            items: Models to journal, in order.
+            on_durable: Called as ``on_durable(first_lsn, items)`` right after the sync, in
+                LSN order across callers and before any caller resumes; it must not raise.
+
+        Raises:
+            ValidationError: An item is not a supported model.
+            JournalError: The journal is not open, or the write or sync failed (nothing of
+                this group was kept).
+        """
+        if self._state is not _State.OPEN:
+            msg = f"{self!r} is not open"
+            raise JournalError(msg)
+        payloads = [encode_item(item) for item in items]
+        if not payloads:
+            return self.last_lsn
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(payloads, items, on_durable, future))
+        if self._committer is None:
+            self._committer = asyncio.create_task(
+                self._commit_loop(), name=f"journal-commit-{self.instance_id}"
+            )
+        # Shielded: a cancelled caller must not cancel the group it joined.
+        return await asyncio.shield(future)
+
+    async def _commit_loop(self) -> None:
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                payloads = [p for entry in group for p in entry.payloads]
+                try:
+                    first = await asyncio.to_thread(self._write_sync, payloads)
+                except asyncio.CancelledError:
+                    self._fail(group, JournalError(f"{self!r}: append cancelled"))
+                    raise
+                except JournalError as exc:
+                    self._fail(group, exc)
+                    continue
+                except Exception as exc:
+                    logger.exception("journal %s: unexpected append failure", self.path)
+                    self._fail(group, JournalError(f"cannot append to {self.path}: {exc!r}"))
+                    continue
+                lsn = first
+                for entry in group:
+                    count = len(entry.payloads)
+                    if entry.on_durable is not None:
+                        try:
+                            entry.on_durable(lsn, entry.items)
+                        except Exception:
+                            logger.exception("journal %s: on_durable callback failed", self.path)
+                    if not entry.future.done():
+                        entry.future.set_result(lsn + count - 1)
+                    lsn += count
+        finally:
+            self._committer = None
+
+    @staticmethod
+    def _fail(group: list[_Pending], exc: JournalError) -> None:
+        for entry in group:
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+
+    def _write_sync(self, payloads: list[bytes]) -> int:
+        """Write and sync one group (worker thread); return its first LSN."""
+        buf = b"".join([_frame(p) for p in payloads])
+        try:
+            segment = self._active_segment()
+        except OSError as exc:
+            msg = f"cannot create a journal segment in {self.path}: {exc}"
+            raise JournalError(msg) from exc
+        assert self._active_fd is not None
+        fd = self._active_fd
+        try:
+            view = memoryview(buf)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            _sync(fd)
+        except OSError as exc:
+            self._undo_write(fd, segment)
+            msg = f"cannot write the journal {segment.path}: {exc}"
+            raise JournalError(msg) from exc
+        first = self._next_lsn
+        with self._io:
+            segment.records += len(payloads)
+            segment.size += len(buf)
+            self._next_lsn = first + len(payloads)
+        self._appends += 1
+        self._records_appended += len(payloads)
+        self._fsyncs += 1
+        return first
+
+    def _undo_write(self, fd: int, segment: _Segment) -> None:
+        # Cut off whatever part of the failed group reached the file, so the next group
+        # starts on a record boundary. If even that fails the segment is abandoned.
+        try:
+            os.ftruncate(fd, segment.size)
+            _sync(fd)
+        except OSError:
+            logger.exception("journal %s: cannot truncate a failed write", segment.path)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._active_fd = None
+
+    def _active_segment(self) -> _Segment:
+        with self._io:
+            current = self._segments[-1] if self._segments else None
+        if (
+            current is not None
+            and self._active_fd is not None
+            and current.size < self.segment_bytes
+            and current.first_lsn + current.records == self._next_lsn
+        ):
+            return current
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+        path = self.path / f"{self._next_lsn:020d}{SEGMENT_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, MAGIC)
+            _sync(fd)
+            _fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        segment = _Segment(first_lsn=self._next_lsn, path=path, records=0, size=len(MAGIC))
+        with self._io:
+            self._segments.append(segment)
+        self._active_fd = fd
+        return segment
+
+    # ------------------------------------------------------------------ read / checkpoint
+
+    async def read(
+        self, after_lsn: int, *, max_records: int = 5_000, max_bytes: int = 8 * 1024 * 1024
+    ) -> JournalBatch:
+        """Read durable records with an LSN above ``after_lsn``, oldest first.
+
+        Raises:
+            JournalError: A segment could not be read.
+        """
+        try:
+            return await asyncio.to_thread(self._read_sync, after_lsn, max_records, max_bytes)
+        except OSError as exc:
+            msg = f"cannot read the journal {self.path}: {exc}"
+            raise JournalError(msg) from exc
+
+    def _read_sync(self, after_lsn: int, max_records: int, max_bytes: int) -> JournalBatch:
+        want = after_lsn + 1
+        with self._io:
+            segments = [
+                _Segment(s.first_lsn, s.path, s.records, s.size)
+                for s in self._segments
+                if s.records and s.last_lsn >= want
+            ]
+        records: list[tuple[int, bytes]] = []
+        end_lsn = after_lsn
+        size = 0
+        for segment in segments:
+            if len(records) >= max_records or size >= max_bytes:
+                break
+            cursor = self._read_cursor
+            if cursor is not None and cursor[0] == segment.first_lsn and cursor[2] <= want:
+                offset, lsn = cursor[1], cursor[2]
+            else:
+                offset, lsn = len(MAGIC), segment.first_lsn
+            with open(segment.path, "rb") as fh:
+                while (
+                    lsn <= segment.last_lsn
+                    and offset < segment.size
+                    and len(records) < max_records
+                    and size < max_bytes
+                ):
+                    payloads, problem = self._read_chunk(fh, offset, segment.size)
+                    if not payloads:
+                        self._skip_damaged(segment, offset, lsn, problem)
+                        end_lsn = max(end_lsn, segment.last_lsn)
+                        lsn, offset = segment.last_lsn + 1, segment.size
+                        break
+                    for payload in payloads:
+                        offset += _HEADER.size + len(payload)
+                        if lsn >= want:
+                            records.append((lsn, payload))
+                            size += len(payload)
+                            end_lsn = lsn
+                        lsn += 1
+                        if len(records) >= max_records or size >= max_bytes:
+                            break
+            self._read_cursor = (segment.first_lsn, offset, lsn)
+            want = max(want, lsn)
+        return JournalBatch(records=records, end_lsn=end_lsn)
+
+    @staticmethod
+    def _read_chunk(fh: Any, offset: int, limit: int) -> tuple[list[bytes], str]:
+        """Read whole records from ``offset`` (at most a chunk, at least one record)."""
+        fh.seek(offset)
+        chunk = fh.read(min(_READ_CHUNK, limit - offset))
+        payloads, _, problem, short = _parse(chunk, 0, len(chunk))
+        if not payloads and short and len(chunk) >= _LENGTH.size:
+            # One record larger than a chunk: read exactly that record.
+            (length,) = _LENGTH.unpack_from(chunk, 0)
+            if offset + _HEADER.size + length <= limit:
+                fh.seek(offset)
+                chunk = fh.read(_HEADER.size + length)
+                payloads, _, problem, short = _parse(chunk, 0, len(chunk))
+        return payloads, problem or ("torn record" if short else "unreadable record")
+
+    def _skip_damaged(self, segment: _Segment, offset: int, lsn: int, problem: str) -> None:
+        # Bytes that passed the scan at open (or were written by us) no longer parse: the
+        # disk changed under us. Keep a copy for a person, then move past the damage.
+        aside = segment.path.with_name(f"{segment.path.name}.corrupt-{offset}")
+        with open(segment.path, "rb") as src:
+            src.seek(offset)
+            data = src.read(segment.size - offset)
+        aside.write_bytes(data)
+        self._problem(
+            f"{segment.path}: {problem} at byte {offset} while replaying; records "
+            f"{lsn}..{segment.last_lsn} ({len(data)} bytes) copied to {aside.name} and skipped"
+        )
+
+    async def mark_stored(self, lsn: int) -> None:
+        """Record that every record up to ``lsn`` is stored; delete segments wholly below.
+
+        Raises:
+            JournalError: A segment could not be deleted.
+        """
+        lsn = min(lsn, self.last_lsn)
+        if lsn <= self._stored_lsn:
+            return
+        self._stored_lsn = lsn
+        with self._io:
+            dead = [s for s in self._segments[:-1] if s.last_lsn <= lsn]
+        if dead or lsn - self._checkpointed >= self.checkpoint_every:
+            try:
+                await asyncio.to_thread(self._checkpoint_and_delete, dead)
+            except OSError as exc:
+                msg = f"cannot update the journal {self.path}: {exc}"
+                raise JournalError(msg) from exc
+
+    def _checkpoint_and_delete(self, dead: list[_Segment]) -> None:
+        # Checkpoint first: a crash in between then replays less, never skips anything.
+        self._write_checkpoint()
+        if not dead:
+            return
+        with self._io:
+            self._segments = [s for s in self._segments if s not in dead]
+        for segment in dead:
+            segment.path.unlink(missing_ok=True)
+        _fsync_dir(self.path)
+
+    def _write_checkpoint(self) -> None:
+        stored = self._stored_lsn
+        tmp = self.path / f"{CHECKPOINT_NAME}.tmp"
+        tmp.write_text(f"{stored}\n", encoding="ascii")
+        os.replace(tmp, self.path / CHECKPOINT_NAME)
+        self._checkpointed = stored
+
+    def replay(self) -> Iterator[tuple[int, IngestItem]]:
+        """Yield every record not yet marked stored, decoded, oldest first.
+
+        Blocking file I/O, for tools and tests; the pipeline uses :meth:`read`. Damage found
+        on :meth:`open` is listed in :attr:`problems`; reading stops cleanly at it.
+
+        Raises:
+            ValidationError: A record holds data the model refuses.
+        """
+        after = self._stored_lsn
+        while True:
+            batch = self._read_sync(after, 1_000, 8 * 1024 * 1024)
+            for lsn, payload in batch.records:
+                yield lsn, decode_item(payload)
+            if batch.end_lsn <= after:
+                return
+            after = batch.end_lsn
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+class DeadLetterFile:
+    """Items the database refused for good, appended as JSON lines and fsync'd.
+
+    Each line is ``{"time_ms", "kind", "reason", "data"}`` where ``data`` is the model's
+    JSON, or ``"raw"`` (latin-1 text) when the bytes could not be parsed. Nothing removes
+    the file: a person decides what to do with its lines.
+    """
+
+    __slots__ = ("count", "path")
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.count = 0
+
+    async def write(self, entries: Sequence[tuple[bytes, str]], *, time_ms: int) -> None:
+        """Append ``(payload, reason)`` pairs.
+
+        Raises:
+            JournalError: The file could not be written.
+        """
+        lines = [self._line(payload, reason, time_ms) for payload, reason in entries]
+        try:
+            await asyncio.to_thread(self._append, b"".join(lines))
+        except OSError as exc:
+            msg = f"cannot write the dead-letter file {self.path}: {exc}"
+            raise JournalError(msg) from exc
+        self.count += len(entries)
+
+    @staticmethod
+    def _line(payload: bytes, reason: str, time_ms: int) -> bytes:
+        record: dict[str, object] = {
+            "time_ms": time_ms,
+            "kind": kind_name(payload),
+            "reason": reason,
+        }
+        try:
+            record["data"] = orjson.loads(payload[1:])
+        except orjson.JSONDecodeError:
+            record["raw"] = payload.decode("latin-1")
+        return orjson.dumps(record) + b"\n"
+
+    def _append(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.path.parent)

@@ -1,0 +1,1261 @@
+"""``DataRouter``: the one entry point to market data.
+
+The router orchestrates and owns lifecycle; SQL lives in ``storage/``, serialisation and
+eviction in ``cache/``, batching and the journal in ``ingest``/``journal``, routing rules in
+``strategy``. It validates nothing twice: models are validated when they are built.
+
+Read path: L1 (in-process) → the strategy's route (``dragonfly_cache`` = L2, ``timescale`` =
+the configured database) → the answer backfills the tiers above it. Concurrent misses for
+one key share one backend read (single-flight).
+
+Write path: L1 and the L2/pub-sub fast path first (so every router sees the update within
+about a millisecond), then the database in the write mode asked for (``sync``, ``buffered``
+or ``journal``; see the README for each mode's guarantee).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import os
+import uuid
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from data_manager.aggregation import CandleAggregator, bucket_bounds
+from data_manager.breaker import CircuitBreaker
+from data_manager.cache.memory import MemoryCache
+from data_manager.cache.singleflight import SingleFlight
+from data_manager.clock import Clock, SystemClock
+from data_manager.errors import (
+    CacheError,
+    DatabaseConnectionError,
+    DataManagerError,
+    RouterClosedError,
+    ValidationError,
+)
+from data_manager.health import (
+    CacheHealth,
+    DatabaseHealth,
+    HealthCheckResponse,
+    PoolHealth,
+    StrategyHealth,
+    TierStats,
+    WritePathHealth,
+    overall_status,
+)
+from data_manager.ingest import IngestPipeline
+from data_manager.journal import Journal
+from data_manager.models import (
+    TIMEFRAMES,
+    CandleData,
+    OrderFlowMetrics,
+    TickData,
+    normalize_symbol,
+    stamp_received,
+    timeframe_ms,
+    to_epoch_ms,
+)
+from data_manager.processors import ProcessorRegistry, TickProcessor
+from data_manager.settings import DataManagerSettings, WriteMode
+from data_manager.storage.base import Storage
+from data_manager.strategy import RoutingStrategy, StrategyWatcher
+
+if TYPE_CHECKING:
+    from data_manager.cache.bus import CacheBus
+    from data_manager.cache.redis import RedisCache
+
+__all__ = ["USE_DEFAULT", "DataRouter", "RouterState", "StalenessReport"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TIMESCALE: Final = "timescale"
+L2_CACHE: Final = "dragonfly_cache"
+
+
+class _UseDefault(enum.Enum):
+    USE_DEFAULT = "USE_DEFAULT"
+
+
+#: Marker for "use the configured default" in per-call overrides (distinct from ``None``).
+USE_DEFAULT: Final = _UseDefault.USE_DEFAULT
+
+
+class RouterState(enum.Enum):
+    """Lifecycle of a router."""
+
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# ----------------------------------------------------------------------------- fork safety
+# A child process must not reuse the parent's sockets. Instead of calling os.getpid() on
+# every request, a fork bumps a generation counter that each router compares (one int read).
+_fork_generation = 0
+_live_routers: weakref.WeakSet[DataRouter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@functools.lru_cache(maxsize=8192)
+def _symbol(raw: str) -> str:
+    """Cached :func:`normalize_symbol` (the hot paths see the same few symbols)."""
+    return normalize_symbol(raw)
+
+
+def _norm(raw: str) -> str:
+    if type(raw) is not str:
+        return normalize_symbol(raw)  # raises ValidationError with a clear message
+    return _symbol(raw)
+
+
+class StalenessReport(dict[str, bool]):
+    """Seed 000's ``{"tick": bool, "candle": bool, "order_flow": bool}``; True means stale."""
+
+    @property
+    def tick(self) -> bool:
+        """The latest tick is older than its staleness TTL, or there is none."""
+        return self["tick"]
+
+    @property
+    def candle(self) -> bool:
+        """The latest candle's bucket ended longer ago than its TTL, or there is none."""
+        return self["candle"]
+
+    @property
+    def order_flow(self) -> bool:
+        """The latest order-flow metrics are older than their TTL, or there are none."""
+        return self["order_flow"]
+
+
+class CacheManager:
+    """``router.cache``: the cache tiers and their statistics (seed 004's support call)."""
+
+    def __init__(self, router: DataRouter) -> None:
+        self._router = router
+
+    @property
+    def l1(self) -> MemoryCache:
+        """The in-process tier."""
+        return self._router._l1
+
+    @property
+    def l2(self) -> RedisCache | None:
+        """The Redis-protocol tier, or None when not configured."""
+        return self._router._l2
+
+    async def get_stats(self) -> CacheHealth:
+        """Hits, misses and hit rate per tier, L1 size, and the L2 connection state."""
+        return await self._router._cache_health(probe=False)
+
+
+class PoolManager:
+    """``router.pool_manager``: connection pools (seed 004's support call)."""
+
+    def __init__(self, router: DataRouter) -> None:
+        self._router = router
+
+    async def health_check_all(self) -> dict[str, PoolHealth]:
+        """Usage of every connection pool, keyed by backend name."""
+        return self._router._pool_health()
+
+
+class _TierCounters:
+    __slots__ = ("db_reads", "l1_hits", "l1_misses", "l2_errors", "l2_hits", "l2_misses")
+
+    def __init__(self) -> None:
+        self.l1_hits = 0
+        self.l1_misses = 0
+        self.l2_hits = 0
+        self.l2_misses = 0
+        self.l2_errors = 0
+        self.db_reads = 0
+
+
+class DataRouter:
+    """The single entry point to market data.
+
+    Args:
+        settings: Configuration; when omitted it is read from the environment and the
+            static JSON files (see :class:`DataManagerSettings`).
+        clock: Time source (tests inject :class:`data_manager.clock.ManualClock`).
+        strategy: A fixed routing strategy; when omitted it is loaded from the strategy file
+            and hot-reloaded while the router runs.
+
+    Use it as ``async with DataRouter() as router: ...`` or call :meth:`initialize` and
+    :meth:`close` yourself. A closed router refuses use with :class:`RouterClosedError`.
+    """
+
+    def __init__(
+        self,
+        settings: DataManagerSettings | None = None,
+        *,
+        clock: Clock | None = None,
+        strategy: RoutingStrategy | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else DataManagerSettings()
+        self._clock: Clock = clock or SystemClock()
+        self._state = RouterState.UNOPENED
+        self._fork_gen = _fork_generation
+        self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._watcher = StrategyWatcher(
+            self.settings.resolved_strategy_file,
+            poll_seconds=self.settings.strategy_poll_seconds,
+            fixed=strategy,
+            required=self.settings.strategy_file is not None,
+        )
+        strat = self._watcher.current
+        self._l1 = MemoryCache(
+            max_entries=strat.cache.l1_max_entries,
+            tick_ttl=strat.cache.l1_tick_ttl_seconds,
+            candle_ttl=strat.cache.l1_candle_ttl_seconds,
+            order_flow_ttl=strat.cache.l1_order_flow_ttl_seconds,
+            ring_size=strat.cache.candle_ring_size,
+            clock=self._clock,
+        )
+        self._l1_enabled = True  # False while the pub/sub subscription is lost
+        self._l2: RedisCache | None = None
+        self._bus: CacheBus | None = None
+        self._storage: Storage | None = None
+        self._ingest: IngestPipeline | None = None
+        self._aggregator = self._build_aggregator(strat)
+        # Forming candles are upserted once per maintenance pass (and on flush), not once
+        # per tick: only the newest state of each forming bucket needs to reach the database.
+        self._forming_dirty: dict[tuple[str, str, str], CandleData] = {}
+        self._agg_restored: set[tuple[str, str]] = set()
+        self._processors = ProcessorRegistry()
+        self._has_processors = False
+        self._flight: SingleFlight = SingleFlight()
+        self._counters = _TierCounters()
+        self._default_candle_source: dict[tuple[str, str], str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._warned_no_l2 = False
+        self.cache = CacheManager(self)
+        self.pool_manager = PoolManager(self)
+        _live_routers.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> DataRouter:
+        await self.initialize()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def state(self) -> RouterState:
+        """Where the router is in its lifecycle."""
+        return self._state
+
+    @property
+    def storage(self) -> Storage:
+        """The database backend (PostgreSQL/TimescaleDB or the embedded SQLite)."""
+        self._require_open()
+        assert self._storage is not None
+        return self._storage
+
+    async def initialize(self) -> None:
+        """Connect, create or migrate the schema, start background tasks.
+
+        Connecting is retried (exponential backoff with jitter) until
+        ``settings.init_deadline_seconds`` have passed.
+
+        Raises:
+            DatabaseConnectionError: The database stayed unreachable past the deadline.
+            ConfigurationError: The schema is newer than this SDK, or the strategy is invalid.
+            RouterClosedError: The router was closed before.
+        """
+        if self._state is RouterState.OPEN:
+            return
+        if self._state is RouterState.CLOSED:
+            msg = "this DataRouter was closed; create a new one"
+            raise RouterClosedError(msg)
+        storage = self._build_storage()
+        try:
+            await self._connect_with_deadline(storage)
+            info = await storage.create_schema()
+            logger.info(
+                "storage ready: %s (schema v%d%s)",
+                storage.target,
+                info.version,
+                ", timescaledb" if info.timescaledb else "",
+            )
+            self._storage = storage
+            await self._watcher.start(watch=self.settings.watch_strategy)
+            self._watcher.add_listener(self._on_strategy_swap)
+            await self._start_l2()
+            self._ingest = self._build_ingest(storage)
+            await self._ingest.start()
+            self._spawn(self._maintenance_loop())
+        except BaseException:
+            await self._teardown()
+            raise
+        self._state = RouterState.OPEN
+
+    async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - API
+        """Flush what is queued and release every connection.
+
+        Args:
+            timeout: Seconds to wait for the flush; what is not stored by then (or cannot
+                be, because the database is down) stays in the journal and is replayed by
+                the next router that starts.
+        """
+        if self._state is RouterState.CLOSED:
+            return
+        was_open = self._state is RouterState.OPEN
+        self._state = RouterState.CLOSED
+        try:
+            if was_open and self._ingest is not None:
+                self._submit_forming()
+                await self._ingest.close(timeout)
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        self._background.clear()
+        closers: list[Callable[[], Coroutine[Any, Any, None]]] = [self._watcher.aclose]
+        if self._bus is not None:
+            closers.append(self._bus.aclose)
+        if self._l2 is not None:
+            closers.append(self._l2.aclose)
+        if self._storage is not None:
+            closers.append(self._storage.close)
+        for close in closers:
+            try:
+                await close()
+            except DataManagerError:
+                logger.warning("error while closing %s", close, exc_info=True)
+        self._bus = None
+        self._l2 = None
+        self._storage = None
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, "_state", None) is RouterState.OPEN:
+            _warn(
+                f"unclosed DataRouter {self.instance_id}; call `await router.close()` "
+                "or use `async with DataRouter() as router:`",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    def _require_open(self) -> None:
+        if self._state is not RouterState.OPEN:
+            if self._state is RouterState.CLOSED:
+                msg = "DataRouter is closed; create a new one"
+            else:
+                msg = "DataRouter is not initialised; call `await router.initialize()` first"
+            raise RouterClosedError(msg)
+
+    async def _ready(self) -> None:
+        """Check state, and rebuild connections once after a fork (cheap otherwise)."""
+        if self._state is not RouterState.OPEN:
+            self._require_open()
+        if self._fork_gen != _fork_generation:
+            await self._reset_after_fork()
+
+    async def _reset_after_fork(self) -> None:
+        """Drop the parent's connections (without closing them) and open our own."""
+        self._fork_gen = _fork_generation
+        logger.info("fork detected in router %s; reconnecting", self.instance_id)
+        self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._background.clear()
+        if self._bus is not None:
+            self._bus.reset_after_fork()
+        if self._l2 is not None:
+            self._l2.reset_after_fork()
+        self._bus = None
+        self._l2 = None
+        self._l1.clear()
+        self._flight = SingleFlight()
+        storage = self._build_storage()
+        if self._storage is not None:
+            self._storage.reset_after_fork()  # type: ignore[attr-defined]
+        await self._connect_with_deadline(storage)
+        self._storage = storage
+        self._watcher.reset_after_fork()
+        await self._start_l2()
+        self._ingest = self._build_ingest(storage)
+        await self._ingest.start()
+
+    # ------------------------------------------------------------------ construction
+
+    def _build_storage(self) -> Storage:
+        pg = self.settings.postgres
+        if pg.configured:
+            from data_manager.storage.postgres import PostgresStorage
+
+            return PostgresStorage(pg)
+        from data_manager.storage.sqlite import SQLiteStorage
+
+        logger.info(
+            "no PostgreSQL host configured; using the embedded SQLite store at %s",
+            self.settings.sqlite_path,
+        )
+        return SQLiteStorage(self.settings.sqlite_path)
+
+    async def _connect_with_deadline(self, storage: Storage) -> None:
+        deadline = self.settings.init_deadline_seconds
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(DatabaseConnectionError),
+                stop=stop_after_delay(deadline),
+                wait=wait_exponential_jitter(initial=0.1, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    await storage.connect()
+        except DatabaseConnectionError as exc:
+            msg = f"cannot connect to {storage.target} within {deadline:g}s: {exc}"
+            raise DatabaseConnectionError(msg) from exc
+
+    def _build_aggregator(
+        self, strat: RoutingStrategy, previous: CandleAggregator | None = None
+    ) -> CandleAggregator | None:
+        agg = strat.aggregation
+        if not agg.enabled or not agg.timeframes:
+            return None
+        aggregator = CandleAggregator(
+            timeframes=list(agg.timeframes),
+            price=agg.price,
+            late_policy=agg.late_policy,
+            daily_close=agg.daily_close,
+        )
+        if previous is not None:
+            # A strategy reload must not lose the buckets that are forming right now.
+            aggregator.restore(previous.forming())
+        return aggregator
+
+    def _build_ingest(self, storage: Storage) -> IngestPipeline:
+        batch = self._watcher.current.batch
+        journal = Journal(self.settings.journal_dir, instance_id=self.instance_id)
+        return IngestPipeline(
+            storage,
+            journal=journal,
+            batch_size=batch.size,
+            flush_interval=batch.flush_interval_seconds,
+            max_batch=batch.max_batch,
+            max_queue=batch.max_queue,
+            put_timeout=batch.put_timeout_seconds,
+            breaker=CircuitBreaker("database", clock=self._clock),
+            clock=self._clock,
+        )
+
+    async def _start_l2(self) -> None:
+        cfg = self.settings.dragonfly
+        if not cfg.configured:
+            logger.info("no DRAGONFLY_HOST configured; running without the L2 cache")
+            return
+        from data_manager.cache.bus import CacheBus
+        from data_manager.cache.redis import RedisCache
+
+        strat = self._watcher.current
+        l2 = RedisCache.from_settings(
+            cfg,
+            tick_ttl=strat.cache.tick_ttl_seconds,
+            candle_ttl=strat.cache.candle_ttl_seconds,
+            order_flow_ttl=strat.cache.order_flow_ttl_seconds,
+            ring_size=strat.cache.candle_ring_size,
+            clock=self._clock,
+        )
+        try:
+            await l2.connect()
+        except CacheError:
+            # The cache is optional: start without it; its breaker lets it back in later.
+            logger.warning("L2 cache %s unreachable at start; reads use the database", cfg.target)
+        bus = CacheBus(l2, origin=self.instance_id)
+        await bus.start(
+            on_items=self._apply_remote,
+            on_lost=self._on_subscription_lost,
+            on_restored=self._on_subscription_restored,
+        )
+        self._l2 = l2
+        self._bus = bus
+
+    # ------------------------------------------------------------------ strategy
+
+    def _on_strategy_swap(self, old: RoutingStrategy, new: RoutingStrategy) -> None:
+        c = new.cache
+        self._l1.configure(
+            max_entries=c.l1_max_entries,
+            tick_ttl=c.l1_tick_ttl_seconds,
+            candle_ttl=c.l1_candle_ttl_seconds,
+            order_flow_ttl=c.l1_order_flow_ttl_seconds,
+            ring_size=c.candle_ring_size,
+        )
+        if self._ingest is not None:
+            b = new.batch
+            self._ingest.configure(
+                batch_size=b.size,
+                flush_interval=b.flush_interval_seconds,
+                max_batch=b.max_batch,
+                put_timeout=b.put_timeout_seconds,
+            )
+        if old.aggregation != new.aggregation:
+            self._aggregator = self._build_aggregator(new, previous=self._aggregator)
+
+    @property
+    def strategy(self) -> RoutingStrategy:
+        """The routing strategy in force (hot-reloaded)."""
+        return self._watcher.current
+
+    # ------------------------------------------------------------------ coherence
+
+    def _apply_remote(self, items: Sequence[TickData | CandleData | OrderFlowMetrics]) -> None:
+        l1 = self._l1
+        for item in items:
+            if type(item) is TickData:
+                l1.put_tick(item)
+            elif type(item) is CandleData:
+                l1.put_candle(item)
+            else:
+                l1.put_order_flow(item)  # type: ignore[arg-type]
+
+    def _on_subscription_lost(self) -> None:
+        # Without the bus we cannot know what other routers wrote: stop trusting L1.
+        self._l1_enabled = False
+        self._l1.clear()
+        logger.warning("cache subscription lost; L1 cleared and bypassed until resubscribed")
+
+    def _on_subscription_restored(self) -> None:
+        self._l1.clear()
+        self._l1_enabled = True
+        logger.info("cache subscription restored; L1 in use again")
+
+    # ------------------------------------------------------------------ writes
+
+    def _resolve_mode(self, mode: WriteMode | _UseDefault) -> WriteMode:
+        if mode is USE_DEFAULT:
+            return self.settings.write_mode
+        if mode not in ("buffered", "journal", "sync"):
+            msg = f"unknown write mode {mode!r}; expected buffered, journal or sync"
+            raise ValidationError(msg)
+        return mode
+
+    def _publish(
+        self, route: Sequence[str], item: TickData | CandleData | OrderFlowMetrics
+    ) -> None:
+        if self._bus is not None and L2_CACHE in route:
+            self._bus.publish(item)
+
+    async def save_tick(
+        self, tick: TickData, *, mode: WriteMode | _UseDefault = USE_DEFAULT
+    ) -> None:
+        """Accept a tick: L1, the L2/pub-sub fast path, aggregation, then the database.
+
+        Args:
+            tick: A validated :class:`TickData`.
+            mode: ``sync`` (return after commit), ``buffered`` (return once queued) or
+                ``journal`` (return once fsync'd to the local journal); default from settings.
+
+        Raises:
+            ValidationError: ``tick`` is not a TickData.
+            DatabaseConnectionError, RetryExhaustedError, CircuitBreakerOpenError: only in
+                ``sync`` mode (other modes hand failures to the journal).
+            BackpressureTimeoutError: The queue stayed full past ``put_timeout_seconds``.
+        """
+        await self._ready()
+        if type(tick) is not TickData:
+            msg = f"save_tick expects TickData, got {type(tick).__name__}"
+            raise ValidationError(msg)
+        write_mode = self._resolve_mode(mode)
+        tick = stamp_received(tick, self._clock.time_ms())
+        route = self._watcher.current.routing.save_tick
+        self._l1.put_tick(tick)
+        self._publish(route, tick)
+        if self._aggregator is not None:
+            if (tick.symbol, tick.source) not in self._agg_restored:
+                await self._restore_forming(tick.symbol, tick.source)
+            self._feed_aggregator(tick, route)
+        if self._has_processors:
+            self._processors.process(tick)
+        assert self._ingest is not None
+        await self._ingest.submit(tick, mode=write_mode)
+
+    def _feed_aggregator(self, tick: TickData, route: Sequence[str]) -> None:
+        assert self._aggregator is not None
+        assert self._ingest is not None
+        if tick.symbol in self._watcher.current.aggregation.disabled_symbols:
+            return
+        dirty = self._forming_dirty
+        for candle in self._aggregator.update(tick):
+            self._l1.put_candle(candle)
+            self._publish(route, candle)
+            key = (candle.symbol, candle.source, candle.timeframe)
+            if candle.is_closed:
+                dirty.pop(key, None)
+                self._ingest.submit_nowait(candle)
+            else:
+                dirty[key] = candle
+
+    async def _restore_forming(self, symbol: str, source: str) -> None:
+        """Continue the buckets a previous router of this (symbol, source) left forming."""
+        self._agg_restored.add((symbol, source))
+        aggregator = self._aggregator
+        if aggregator is None:
+            return
+        agg_source = f"{aggregator.source_prefix}{source}"
+        forming: list[CandleData] = []
+        for tf in aggregator.timeframes:
+            rows = await self.storage.latest_candles(symbol, tf, 1, source=agg_source)
+            if rows and not rows[-1].is_closed:
+                forming.append(rows[-1])
+        if forming:
+            restored = aggregator.restore(forming)
+            logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
+
+    def _submit_forming(self) -> None:
+        if not self._forming_dirty or self._ingest is None:
+            return
+        dirty = list(self._forming_dirty.values())
+        self._forming_dirty.clear()
+        for candle in dirty:
+            self._ingest.submit_nowait(candle)
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._watcher.current.batch.flush_interval_seconds)
+            try:
+                await self.run_maintenance()
+            except DataManagerError:
+                logger.warning("maintenance pass failed", exc_info=True)
+
+    async def run_maintenance(self) -> None:
+        """One pass of the router's timer: close idle buckets, queue forming candles,
+        rebuild buckets hit by late ticks.
+
+        The router runs this every ``batch.flush_interval_seconds``; tests with a manual
+        clock call it directly instead of waiting.
+        """
+        self._require_open()
+        aggregator = self._aggregator
+        if aggregator is not None:
+            agg = self._watcher.current.aggregation
+            grace_ms = round(agg.idle_close_grace_seconds * 1000)
+            route = self._watcher.current.routing.save_tick
+            for candle in aggregator.close_idle(self._clock.time_ms(), grace_ms):
+                self._forming_dirty.pop((candle.symbol, candle.source, candle.timeframe), None)
+                self._l1.put_candle(candle)
+                self._publish(route, candle)
+                assert self._ingest is not None
+                self._ingest.submit_nowait(candle)
+            self._submit_forming()
+            requests = aggregator.drain_rebuilds()
+            if requests:
+                await self._rebuild_late(aggregator, requests, agg.daily_close)
+        else:
+            self._submit_forming()
+
+    async def _rebuild_late(
+        self, aggregator: CandleAggregator, requests: Sequence[Any], daily_close: Any
+    ) -> None:
+        assert self._ingest is not None
+        await self._ingest.flush()  # the late ticks themselves must be stored first
+        for req in requests:
+            start, end = bucket_bounds(req.bucket_start, req.timeframe, daily_close=daily_close)
+            ticks = await self.storage.ticks_range(req.symbol, start, end, source=req.source)
+            candle = aggregator.rebuild(req, ticks)
+            if candle is not None:
+                self._l1.put_candle(candle)
+                self._ingest.submit_nowait(candle)
+
+    # ------------------------------------------------------------------ processors
+
+    def register_processor(self, processor: TickProcessor) -> None:
+        """Call ``processor.on_tick`` with every saved tick of its symbols.
+
+        Processors run synchronously on the save path and must be cheap; a failing one is
+        counted and logged (rate-limited), never blocks storage, and shows in health.
+        """
+        self._processors.register(processor)
+        self._has_processors = True
+
+    def unregister_processor(self, name: str) -> None:
+        """Stop calling the processor registered under ``name``."""
+        self._processors.unregister(name)
+        self._has_processors = bool(self._processors.names)
+
+    @property
+    def processors(self) -> ProcessorRegistry:
+        """The real-time processor registry (seed 003's branch B)."""
+        return self._processors
+
+    async def save_candle(
+        self, candle: CandleData, *, mode: WriteMode | _UseDefault = USE_DEFAULT
+    ) -> None:
+        """Accept a candle (upserted on (symbol, timeframe, source, bucket start)).
+
+        Raises:
+            ValidationError: ``candle`` is not a CandleData.
+        """
+        await self._ready()
+        if type(candle) is not CandleData:
+            msg = f"save_candle expects CandleData, got {type(candle).__name__}"
+            raise ValidationError(msg)
+        write_mode = self._resolve_mode(mode)
+        route = self._watcher.current.routing.save_candle
+        self._l1.put_candle(candle)
+        self._publish(route, candle)
+        assert self._ingest is not None
+        await self._ingest.submit(candle, mode=write_mode)
+
+    async def save_order_flow(
+        self, metrics: OrderFlowMetrics, *, mode: WriteMode | _UseDefault = USE_DEFAULT
+    ) -> None:
+        """Accept order-flow metrics.
+
+        Raises:
+            ValidationError: ``metrics`` is not an OrderFlowMetrics.
+        """
+        await self._ready()
+        if type(metrics) is not OrderFlowMetrics:
+            msg = f"save_order_flow expects OrderFlowMetrics, got {type(metrics).__name__}"
+            raise ValidationError(msg)
+        write_mode = self._resolve_mode(mode)
+        route = self._watcher.current.routing.save_order_flow
+        self._l1.put_order_flow(metrics)
+        self._publish(route, metrics)
+        assert self._ingest is not None
+        await self._ingest.submit(metrics, mode=write_mode)
+
+    async def save_ticks(self, ticks: Iterable[TickData]) -> int:
+        """Bulk-store ticks synchronously (COPY on PostgreSQL); idempotent.
+
+        Bulk imports bypass the live aggregator and the pub/sub fast path; the newest tick
+        of each symbol still updates the caches (compare-and-set).
+
+        Returns:
+            How many rows were new.
+        """
+        await self._ready()
+        batch = self._check_all(ticks, TickData)
+        if not batch:
+            return 0
+        stored = await self.storage.write_ticks(batch)
+        newest: dict[str, TickData] = {}
+        for tick in batch:
+            cur = newest.get(tick.symbol)
+            if cur is None or tick.timestamp >= cur.timestamp:
+                newest[tick.symbol] = tick
+        for tick in newest.values():
+            self._l1.put_tick(tick)
+        return stored
+
+    async def save_candles_bulk(self, candles: Iterable[CandleData]) -> int:
+        """Bulk-upsert candles synchronously (COPY into staging on PostgreSQL).
+
+        Returns:
+            How many rows were inserted or updated.
+        """
+        await self._ready()
+        batch = self._check_all(candles, CandleData)
+        if not batch:
+            return 0
+        stored = await self.storage.write_candles(batch)
+        for candle in batch:
+            self._l1.put_candle(candle)
+        return stored
+
+    @staticmethod
+    def _check_all(items: Iterable[Any], cls: type[T]) -> list[T]:
+        batch = list(items)
+        for i, item in enumerate(batch):
+            if type(item) is not cls:
+                msg = f"item {i} is {type(item).__name__}, expected {cls.__name__}"
+                raise ValidationError(msg)
+        return batch
+
+    async def flush(self) -> None:
+        """Return once everything accepted before this call is stored in the database."""
+        await self._ready()
+        assert self._ingest is not None
+        self._submit_forming()
+        await self._ingest.flush()
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_latest_tick(self, symbol: str, *, source: str | None = None) -> TickData | None:
+        """Newest tick of ``symbol`` (from ``source``, or any source): L1, then the route.
+
+        Returns:
+            The tick, or None when no tier has one.
+        """
+        if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
+            await self._ready()
+        sym = _norm(symbol)
+        if self._l1_enabled:
+            hit = self._l1.get_tick(sym, source)
+            if hit is not None:
+                self._counters.l1_hits += 1
+                return hit
+        self._counters.l1_misses += 1
+        return await self._flight.do(
+            ("tick", sym, source), lambda: self._load_latest_tick(sym, source)
+        )
+
+    async def _load_latest_tick(self, symbol: str, source: str | None) -> TickData | None:
+        route = self._watcher.current.routing.get_latest_tick
+        l2_skipped = False
+        for backend in route:
+            if backend == L2_CACHE:
+                if self._l2 is None:
+                    self._warn_no_l2()
+                    continue
+                try:
+                    tick = await self._l2.get_tick(symbol, source)
+                except CacheError:
+                    self._counters.l2_errors += 1
+                    l2_skipped = True
+                    continue
+                if tick is not None:
+                    self._counters.l2_hits += 1
+                    if self._l1_enabled:
+                        self._l1.put_tick(tick)
+                    return tick
+                self._counters.l2_misses += 1
+            elif backend == TIMESCALE:
+                self._counters.db_reads += 1
+                tick = await self.storage.latest_tick(symbol, source=source)
+                if tick is not None:
+                    if self._l1_enabled:
+                        self._l1.put_tick(tick)
+                    if self._l2 is not None and L2_CACHE in route and not l2_skipped:
+                        self._spawn(self._l2.put_ticks([tick]))
+                return tick
+        return None
+
+    async def get_latest_candles(
+        self,
+        symbol: str,
+        timeframe: str,
+        limit: int = 100,
+        *,
+        source: str | None = None,
+    ) -> list[CandleData]:
+        """The newest ``limit`` candles, oldest → newest.
+
+        Without ``source`` the candles come from the strategy's preferred sources, else
+        from the source with the newest data.
+
+        Raises:
+            ValidationError: Unknown timeframe or a non-positive limit.
+        """
+        if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
+            await self._ready()
+        sym = _norm(symbol)
+        if timeframe not in TIMEFRAMES:
+            timeframe_ms(timeframe)  # raises a clear ValidationError
+        if type(limit) is not int or limit < 1:
+            msg = f"limit must be a positive int, got {limit!r}"
+            raise ValidationError(msg)
+        src = source if source is not None else self._default_candle_source.get((sym, timeframe))
+        if src is not None and self._l1_enabled:
+            hit = self._l1.get_candles(sym, timeframe, limit, src)
+            if hit is not None:
+                self._counters.l1_hits += 1
+                return hit
+        self._counters.l1_misses += 1
+        return await self._flight.do(
+            ("candles", sym, timeframe, limit, source),
+            lambda: self._load_latest_candles(sym, timeframe, limit, source),
+        )
+
+    async def _load_latest_candles(
+        self, symbol: str, timeframe: str, limit: int, source: str | None
+    ) -> list[CandleData]:
+        strat = self._watcher.current
+        route = strat.routing.get_latest_candles
+        preferred = strat.sources.candle_preference
+        l2_skipped = False
+        for backend in route:
+            if backend == L2_CACHE:
+                if self._l2 is None:
+                    self._warn_no_l2()
+                    continue
+                known = source or self._default_candle_source.get((symbol, timeframe))
+                if known is None:
+                    continue  # L2 is keyed by source; resolving "any source" needs the DB
+                try:
+                    got = await self._l2.get_candles(symbol, timeframe, limit, known)
+                except CacheError:
+                    self._counters.l2_errors += 1
+                    l2_skipped = True
+                    continue
+                if got is not None:
+                    self._counters.l2_hits += 1
+                    if self._l1_enabled:
+                        self._l1.put_candles(got, complete=len(got) < limit)
+                    return got
+                self._counters.l2_misses += 1
+            elif backend == TIMESCALE:
+                self._counters.db_reads += 1
+                rows = await self.storage.latest_candles(
+                    symbol, timeframe, limit, source=source, preferred_sources=preferred
+                )
+                if rows:
+                    if source is None:
+                        self._default_candle_source[(symbol, timeframe)] = rows[-1].source
+                    complete = len(rows) < limit
+                    if self._l1_enabled:
+                        self._l1.put_candles(rows, complete=complete)
+                    if self._l2 is not None and L2_CACHE in route and not l2_skipped:
+                        self._spawn(self._l2.put_candles(rows, complete=complete))
+                return rows
+        return []
+
+    async def get_latest_order_flow(
+        self, symbol: str, *, source: str | None = None
+    ) -> OrderFlowMetrics | None:
+        """Newest order-flow metrics of ``symbol``: L1, then the route."""
+        await self._ready()
+        sym = _norm(symbol)
+        if self._l1_enabled:
+            hit = self._l1.get_order_flow(sym, source)
+            if hit is not None:
+                self._counters.l1_hits += 1
+                return hit
+        self._counters.l1_misses += 1
+        return await self._flight.do(
+            ("of", sym, source), lambda: self._load_latest_order_flow(sym, source)
+        )
+
+    async def _load_latest_order_flow(
+        self, symbol: str, source: str | None
+    ) -> OrderFlowMetrics | None:
+        route = self._watcher.current.routing.get_latest_order_flow
+        for backend in route:
+            if backend == L2_CACHE:
+                if self._l2 is None:
+                    self._warn_no_l2()
+                    continue
+                try:
+                    got = await self._l2.get_order_flow(symbol, source)
+                except CacheError:
+                    self._counters.l2_errors += 1
+                    continue
+                if got is not None:
+                    self._counters.l2_hits += 1
+                    if self._l1_enabled:
+                        self._l1.put_order_flow(got)
+                    return got
+                self._counters.l2_misses += 1
+            elif backend == TIMESCALE:
+                self._counters.db_reads += 1
+                got = await self.storage.latest_order_flow(symbol, source=source)
+                if got is not None and self._l1_enabled:
+                    self._l1.put_order_flow(got)
+                return got
+        return None
+
+    async def get_ticks(
+        self,
+        symbol: str,
+        start: int | datetime,
+        end: int | datetime,
+        *,
+        source: str | None = None,
+        limit: int | None = None,
+    ) -> list[TickData]:
+        """Ticks with ``start <= timestamp < end`` (Unix ms or aware datetimes), oldest first.
+
+        Raises:
+            ValidationError: Naive datetimes, or ``end`` before ``start``.
+        """
+        await self._ready()
+        sym = _norm(symbol)
+        start_ms, end_ms = self._interval(start, end)
+        return await self.storage.ticks_range(sym, start_ms, end_ms, source=source, limit=limit)
+
+    async def get_candles(
+        self,
+        symbol: str,
+        timeframe: str,
+        start: int | datetime,
+        end: int | datetime,
+        *,
+        source: str | None = None,
+    ) -> list[CandleData]:
+        """Candles whose bucket starts in ``[start, end)``, oldest first.
+
+        Raises:
+            ValidationError: Unknown timeframe, naive datetimes, or ``end`` before ``start``.
+        """
+        await self._ready()
+        sym = _norm(symbol)
+        timeframe_ms(timeframe)
+        start_ms, end_ms = self._interval(start, end)
+        return await self.storage.candles_range(
+            sym,
+            timeframe,
+            start_ms,
+            end_ms,
+            source=source,
+            preferred_sources=self._watcher.current.sources.candle_preference,
+        )
+
+    async def iter_ticks(
+        self,
+        symbol: str,
+        start: int | datetime,
+        end: int | datetime,
+        *,
+        source: str | None = None,
+        batch_size: int = 10_000,
+    ) -> AsyncIterator[TickData]:
+        """Stream ticks in ``[start, end)`` oldest first without holding them all in memory."""
+        await self._ready()
+        sym = _norm(symbol)
+        start_ms, end_ms = self._interval(start, end)
+        async for tick in self.storage.iter_ticks(
+            sym, start_ms, end_ms, source=source, batch_size=batch_size
+        ):
+            yield tick
+
+    @staticmethod
+    def _interval(start: int | datetime, end: int | datetime) -> tuple[int, int]:
+        start_ms = to_epoch_ms(start, field="start")
+        end_ms = to_epoch_ms(end, field="end")
+        if end_ms < start_ms:
+            msg = f"end ({end_ms}) is before start ({start_ms})"
+            raise ValidationError(msg)
+        return start_ms, end_ms
+
+    # ------------------------------------------------------------------ seed 000 extras
+
+    async def check_staleness(
+        self, symbol: str, *, timeframe: str = "1m", source: str | None = None
+    ) -> StalenessReport:
+        """Seed 000's staleness check: True where now − event time exceeds the TTL.
+
+        A candle's event time is its bucket end; missing data counts as stale. TTLs come
+        from the strategy's ``staleness`` section (per-timeframe overrides for candles).
+        """
+        await self._ready()
+        sym = _norm(symbol)
+        ttl = self._watcher.current.staleness
+        now = self._clock.time_ms()
+        tick = await self.get_latest_tick(sym, source=source)
+        candles = await self.get_latest_candles(sym, timeframe, 1, source=source)
+        flow = await self.get_latest_order_flow(sym, source=source)
+        candle_ttl = ttl.candle_seconds_for(timeframe)
+        return StalenessReport(
+            tick=tick is None or now - tick.timestamp > ttl.tick_seconds * 1000,
+            candle=not candles or now - candles[-1].bucket_end > candle_ttl * 1000,
+            order_flow=flow is None or now - flow.timestamp > ttl.order_flow_seconds * 1000,
+        )
+
+    async def warm_start(
+        self, symbols: Sequence[str], timeframes: Sequence[str], limit: int = 100
+    ) -> int:
+        """Load the latest ticks and candles of ``symbols`` from the database into L2 and L1.
+
+        Returns:
+            How many items were loaded.
+        """
+        await self._ready()
+        syms = [_norm(s) for s in symbols]
+        for tf in timeframes:
+            timeframe_ms(tf)
+        storage: Any = self.storage
+        ticks = await storage.latest_ticks(syms)
+        keys = [(s, tf) for s in syms for tf in timeframes]
+        candles: dict[tuple[str, str], list[CandleData]] = await storage.latest_candles_many(
+            keys, limit
+        )
+        loaded = 0
+        for tick in ticks.values():
+            self._l1.put_tick(tick)
+            loaded += 1
+        for (sym, tf), rows in candles.items():
+            if rows:
+                self._default_candle_source[(sym, tf)] = rows[-1].source
+                self._l1.put_candles(rows, complete=len(rows) < limit)
+                loaded += len(rows)
+        if self._l2 is not None:
+            try:
+                await self._l2.put_ticks(list(ticks.values()))
+                for rows in candles.values():
+                    if rows:
+                        await self._l2.put_candles(rows, complete=len(rows) < limit)
+            except CacheError:
+                logger.warning("warm start could not fill L2", exc_info=True)
+        return loaded
+
+    # ------------------------------------------------------------------ health
+
+    async def health_check(self) -> HealthCheckResponse:
+        """Report every backend, cache tier, pool, breaker, queue and the strategy.
+
+        Never blocks past ``settings.health_timeout_seconds``, even when a backend hangs.
+        """
+        self._require_open()
+        timeout = self.settings.health_timeout_seconds
+        storage = self.storage
+        try:
+            async with asyncio.timeout(timeout):
+                db = await storage.ping()
+        except TimeoutError:
+            db_health = DatabaseHealth(
+                kind=storage.kind,
+                target=storage.target,
+                reachable=False,
+                error=f"no answer within {timeout:g}s",
+                embedded=storage.kind == "sqlite",
+            )
+        else:
+            db_health = DatabaseHealth(
+                kind=db.kind,
+                target=storage.target,
+                reachable=db.reachable,
+                latency_ms=db.latency_ms,
+                version=db.version,
+                timescaledb=db.timescaledb,
+                timescaledb_version=db.timescaledb_version,
+                embedded=storage.kind == "sqlite",
+                error=db.error,
+            )
+        databases = {storage.kind: db_health}
+        cache = await self._cache_health(probe=True)
+        write_path = self._write_path_health()
+        strategy = StrategyHealth(
+            file=str(self._watcher.path) if self._watcher.path else None,
+            version=self._watcher.version,
+            content_hash=self._watcher.content_hash,
+            last_error=self._watcher.last_error,
+            reloads=self._watcher.reload_count,
+        )
+        status, reason = overall_status(databases, cache, write_path, strategy)
+        return HealthCheckResponse(
+            status=status,
+            reason=reason,
+            checked_at_ms=self._clock.time_ms(),
+            databases=databases,
+            cache=cache,
+            connection_pools=self._pool_health(),
+            write_path=write_path,
+            strategy=strategy,
+        )
+
+    def _pool_health(self) -> dict[str, PoolHealth]:
+        if self._storage is None:
+            return {}
+        pool = self._storage.pool_status()
+        return {
+            self._storage.kind: PoolHealth(
+                size=pool.size,
+                in_use=pool.in_use,
+                idle=pool.idle,
+                waiting=pool.waiting,
+                max_size=pool.max_size,
+            )
+        }
+
+    def _write_path_health(self) -> WritePathHealth:
+        if self._ingest is None:
+            return WritePathHealth(default_mode=self.settings.write_mode)
+        stats = self._ingest.stats()
+        return WritePathHealth(
+            default_mode=self.settings.write_mode,
+            queue_depth=stats.queue_depth,
+            journal_records=stats.journal_records,
+            journal_bytes=stats.journal_bytes,
+            circuit=stats.breaker_state,
+        )
+
+    async def _cache_health(self, *, probe: bool) -> CacheHealth:
+        c = self._counters
+        l1_stats = self._l1.stats()
+        l1 = TierStats(hits=c.l1_hits, misses=c.l1_misses, hit_rate=_rate(c.l1_hits, c.l1_misses))
+        l2 = TierStats(
+            hits=c.l2_hits,
+            misses=c.l2_misses,
+            hit_rate=_rate(c.l2_hits, c.l2_misses),
+            errors=c.l2_errors,
+        )
+        reachable: bool | None = None
+        latency: float | None = None
+        version: str | None = None
+        circuit: str | None = None
+        if self._l2 is not None:
+            circuit = self._l2.breaker_state
+            if probe:
+                try:
+                    async with asyncio.timeout(self.settings.health_timeout_seconds):
+                        latency = await self._l2.ping()
+                        version = await self._l2.info_version()
+                    reachable = True
+                except (CacheError, TimeoutError):
+                    reachable = False
+            else:
+                reachable = circuit == "closed"
+        subscription = None
+        if self._bus is not None:
+            subscription = "connected" if self._l1_enabled else "lost"
+        return CacheHealth(
+            l1=l1,
+            l2=l2,
+            l2_configured=self.settings.dragonfly.configured,
+            l2_reachable=reachable,
+            l2_latency_ms=latency,
+            l2_target=self.settings.dragonfly.target
+            if self.settings.dragonfly.configured
+            else None,
+            l2_version=version,
+            l2_circuit=circuit,
+            l1_entries=l1_stats.entries,
+            l1_bytes_estimate=l1_stats.bytes_estimate,
+            subscription=subscription,
+            details={"db_reads": c.db_reads, "singleflight_shared": self._flight.shared},
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._counters.l2_errors += 1
+            logger.debug("background cache fill failed", exc_info=task.exception())
+
+    def _warn_no_l2(self) -> None:
+        if not self._warned_no_l2:
+            self._warned_no_l2 = True
+            logger.warning(
+                "the routing strategy names %r but no L2 cache is configured; skipping it",
+                L2_CACHE,
+            )
+
+
+def _rate(hits: int, misses: int) -> float | None:
+    total = hits + misses
+    return None if total == 0 else hits / total

@@ -1,0 +1,398 @@
+"""Configuration: :class:`DataManagerSettings`, read once at the edge (the router's construction).
+
+Precedence, highest first:
+
+1. an explicit settings object / keyword arguments (``DataManagerSettings(postgres=...)``);
+2. ``DATA_MANAGER_*`` environment variables (nested with ``__``, e.g.
+   ``DATA_MANAGER_POSTGRES__HOST``);
+3. the static JSON files ``static/postgresql.json`` and ``static/dragonflydb.json`` in the
+   configuration folder: literal values, or ``"ENV:NAME"`` references resolved from the
+   environment (an unset ``NAME`` falls back to the file named by ``NAME_FILE``, else the
+   value is treated as absent);
+4. the defaults in this module.
+
+The configuration folder is ``DATA_MANAGER_CONFIG_DIR``, else ``./config`` when it exists,
+else the defaults shipped inside the package, so an installed SDK works from any directory.
+
+A backend is configured when its resolved host is non-empty. Passwords are ``SecretStr``
+and never appear in ``repr``, logs, errors or health output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from data_manager.errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "DataManagerSettings",
+    "DragonflySettings",
+    "PostgresSettings",
+    "WriteMode",
+    "resolve_config_dir",
+]
+
+WriteMode = Literal["buffered", "journal", "sync"]
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+#: Embedded SQLite file used when no PostgreSQL host is configured.
+DEFAULT_SQLITE_PATH: Final = ".data_manager/data_manager.sqlite3"
+_PACKAGE_DEFAULTS: Final = Path(__file__).parent / "_defaults"
+_STATIC_FILES: Final = {"postgres": "postgresql.json", "dragonfly": "dragonflydb.json"}
+
+
+def resolve_config_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Return the configuration folder: explicit > ``DATA_MANAGER_CONFIG_DIR`` > ``./config``
+    (when it exists) > the defaults shipped in the package."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get("DATA_MANAGER_CONFIG_DIR")
+    if from_env:
+        return Path(from_env)
+    local = Path.cwd() / "config"
+    if (local / "static").is_dir() or (local / "hot_reload").is_dir():
+        return local
+    return _PACKAGE_DEFAULTS
+
+
+def _read_secret_file(path: str | os.PathLike[str], *, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        msg = f"cannot read {what} from {os.fspath(path)!r}: {exc.strerror}"
+        raise ConfigurationError(msg) from exc
+
+
+class _Backend(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("url"):
+            return data
+        raw = data["url"]
+        url = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
+        parts = urlsplit(url)
+        parsed: dict[str, Any] = {}
+        if parts.hostname:
+            parsed["host"] = parts.hostname
+        if parts.port:
+            parsed["port"] = parts.port
+        if parts.username:
+            parsed[cls._url_user_field()] = unquote(parts.username)
+        if parts.password:
+            parsed["password"] = unquote(parts.password)
+        path = parts.path.lstrip("/")
+        if path:
+            parsed[cls._url_path_field()] = path
+        if parts.scheme in ("rediss",):
+            parsed["ssl"] = True
+        # What the URL says wins over fields merged in from lower-precedence sources.
+        return {**{k: v for k, v in data.items() if k != "url"}, **parsed, "url": raw}
+
+    @classmethod
+    def _url_user_field(cls) -> str:
+        return "user"
+
+    @classmethod
+    def _url_path_field(cls) -> str:
+        return "database"
+
+    @property
+    def configured(self) -> bool:
+        """True when a host is set."""
+        return bool(getattr(self, "host", ""))
+
+
+class PostgresSettings(_Backend):
+    """PostgreSQL/TimescaleDB connection. Empty ``host`` means "use the embedded SQLite"."""
+
+    url: SecretStr | None = Field(default=None, description="postgresql://user:pw@host:port/db")
+    host: str = ""
+    port: int = Field(default=5432, ge=1, le=65535)
+    database: str | None = None
+    user: str = "postgres"
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    sslmode: SslMode | None = None
+    db_schema: str = Field(
+        default="public",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="PostgreSQL schema (namespace) that holds the SDK's tables.",
+    )
+    pool_min: int = Field(default=5, ge=0, description="Connections kept open (pool_size).")
+    pool_max: int = Field(default=20, ge=1, description="Upper bound of open connections.")
+    pool_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for a free one.")
+    connect_timeout: float = Field(default=5.0, gt=0)
+    statement_timeout: float = Field(default=30.0, gt=0, description="Server-side, seconds.")
+    application_name: str = "data_manager"
+
+    @model_validator(mode="after")
+    def _check(self) -> PostgresSettings:
+        if self.pool_max < self.pool_min:
+            msg = f"postgres pool max ({self.pool_max}) is below pool min ({self.pool_min})"
+            raise ValueError(msg)
+        return self
+
+    def resolved_password(self) -> str | None:
+        """The password, from ``password`` or ``password_file``; never logged."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return _read_secret_file(self.password_file, what="the PostgreSQL password")
+        return None
+
+    @property
+    def target(self) -> str:
+        """``host:port/database`` for messages; never contains the password."""
+        return f"postgresql {self.host}:{self.port}/{self.database}"
+
+
+class DragonflySettings(_Backend):
+    """The L2 cache and pub/sub bus: DragonflyDB in production, any Redis-protocol server."""
+
+    url: SecretStr | None = Field(default=None, description="redis://user:pw@host:port/db")
+    host: str = ""
+    port: int = Field(default=6379, ge=1, le=65535)
+    db: int = Field(default=0, ge=0)
+    username: str | None = Field(default=None, description="Redis 6+ ACL user name.")
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    ssl: bool = False
+    ssl_ca_certs: Path | None = None
+    key_prefix: str = Field(default="dm", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
+    pool_max: int = Field(default=50, ge=1)
+    socket_timeout: float = Field(default=0.5, gt=0)
+    connect_timeout: float = Field(default=1.0, gt=0)
+
+    @classmethod
+    def _url_user_field(cls) -> str:
+        return "username"
+
+    @classmethod
+    def _url_path_field(cls) -> str:
+        return "db"
+
+    def resolved_password(self) -> str | None:
+        """The password, from ``password`` or ``password_file``; never logged."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return _read_secret_file(self.password_file, what="the cache password")
+        return None
+
+    @property
+    def target(self) -> str:
+        """``host:port/db`` for messages; never contains the password."""
+        return f"redis {self.host}:{self.port}/{self.db}"
+
+
+class DataManagerSettings(BaseSettings):
+    """Everything the router needs to start. See the module docstring for precedence."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DATA_MANAGER_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    dragonfly: DragonflySettings = Field(default_factory=DragonflySettings)
+    sqlite_path: str = Field(
+        default=DEFAULT_SQLITE_PATH,
+        description="Embedded SQLite file used when no PostgreSQL host is set; ':memory:' "
+        "gives an in-process database.",
+    )
+    config_dir: Path | None = None
+    strategy_file: Path | None = Field(
+        default=None,
+        description="Routing strategy file; default <config_dir>/hot_reload/"
+        "data_manager_strategy.py.",
+    )
+    write_mode: WriteMode = "sync"
+    journal_dir: Path = Path(".data_manager/journal")
+    init_deadline_seconds: float = Field(
+        default=30.0, ge=0, description="How long initialize() keeps retrying to connect."
+    )
+    health_timeout_seconds: float = Field(default=2.0, gt=0)
+    strategy_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often the strategy file is checked for edits."
+    )
+    watch_strategy: bool = True
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except PydanticValidationError as exc:
+            raise ConfigurationError(_format_settings_error(exc)) from exc
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, StaticJsonSource(settings_cls, init_settings))
+
+    @model_validator(mode="after")
+    def _require_when_configured(self) -> DataManagerSettings:
+        if self.postgres.configured and not self.postgres.database:
+            ref = _static_env_ref(self.config_dir, "postgres", ("connection", "database"))
+            names = " or ".join(n for n in (ref, "DATA_MANAGER_POSTGRES__DATABASE") if n)
+            msg = f"PostgreSQL host {self.postgres.host!r} is set but no database is: set {names}"
+            raise ConfigurationError(msg)
+        return self
+
+    @property
+    def resolved_config_dir(self) -> Path:
+        """The configuration folder in force."""
+        return resolve_config_dir(self.config_dir)
+
+    @property
+    def resolved_strategy_file(self) -> Path:
+        """The routing strategy file in force."""
+        if self.strategy_file is not None:
+            return self.strategy_file
+        return self.resolved_config_dir / "hot_reload" / "data_manager_strategy.py"
+
+
+def _format_settings_error(exc: PydanticValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "invalid data_manager configuration: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- static JSON
+
+# Seed 004 layout -> settings field. Unknown keys are reported, never silently ignored.
+_POSTGRES_LAYOUT: Final[dict[tuple[str, str], str]] = {
+    ("connection", "host"): "host",
+    ("connection", "port"): "port",
+    ("connection", "database"): "database",
+    ("connection", "user"): "user",
+    ("connection", "password"): "password",
+    ("connection", "password_file"): "password_file",
+    ("connection", "sslmode"): "sslmode",
+    ("connection", "schema"): "db_schema",
+    ("connection", "application_name"): "application_name",
+    ("pool", "min"): "pool_min",
+    ("pool", "max"): "pool_max",
+    ("pool", "timeout_seconds"): "pool_timeout",
+    ("timeouts", "connect_seconds"): "connect_timeout",
+    ("timeouts", "statement_seconds"): "statement_timeout",
+}
+_DRAGONFLY_LAYOUT: Final[dict[tuple[str, str], str]] = {
+    ("connection", "host"): "host",
+    ("connection", "port"): "port",
+    ("connection", "db"): "db",
+    ("connection", "username"): "username",
+    ("connection", "password"): "password",
+    ("connection", "password_file"): "password_file",
+    ("connection", "ssl"): "ssl",
+    ("connection", "ssl_ca_certs"): "ssl_ca_certs",
+    ("cache", "key_prefix"): "key_prefix",
+    ("pool", "max"): "pool_max",
+    ("timeouts", "socket_seconds"): "socket_timeout",
+    ("timeouts", "connect_seconds"): "connect_timeout",
+}
+_LAYOUTS: Final = {"postgres": _POSTGRES_LAYOUT, "dragonfly": _DRAGONFLY_LAYOUT}
+
+
+def _resolve_env_value(value: Any) -> tuple[bool, Any]:
+    """Resolve ``"ENV:NAME"``: (found, value). Unset NAME falls back to ``NAME_FILE``."""
+    if not (isinstance(value, str) and value.startswith("ENV:")):
+        return True, value
+    name = value[4:].strip()
+    env_value = os.environ.get(name)
+    if env_value not in (None, ""):
+        return True, env_value
+    file_path = os.environ.get(f"{name}_FILE")
+    if file_path:
+        return True, _read_secret_file(file_path, what=name)
+    return False, None
+
+
+def _load_static(config_dir: Path, section: str) -> dict[str, Any]:
+    path = config_dir / "static" / _STATIC_FILES[section]
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        msg = f"cannot read {path}: {exc}"
+        raise ConfigurationError(msg) from exc
+    if not isinstance(raw, dict):
+        msg = f"{path} must hold a JSON object"
+        raise ConfigurationError(msg)
+    layout = _LAYOUTS[section]
+    out: dict[str, Any] = {}
+    for group, body in raw.items():
+        if group.startswith("_"):  # "_comment" and the like
+            continue
+        if not isinstance(body, dict):
+            msg = f"{path}: {group!r} must be an object"
+            raise ConfigurationError(msg)
+        for key, value in body.items():
+            field = layout.get((group, key))
+            if field is None:
+                msg = f"{path}: unknown setting {group}.{key}"
+                raise ConfigurationError(msg)
+            found, resolved = _resolve_env_value(value)
+            if found and resolved not in (None, ""):
+                out[field] = resolved
+    return out
+
+
+def _static_env_ref(config_dir: Path | None, section: str, key: tuple[str, str]) -> str | None:
+    """The ``ENV:`` name the static file uses for ``key``, for error messages."""
+    path = resolve_config_dir(config_dir) / "static" / _STATIC_FILES[section]
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        value = raw[key[0]][key[1]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value[4:] if isinstance(value, str) and value.startswith("ENV:") else None
+
+
+class StaticJsonSource(PydanticBaseSettingsSource):
+    """Reads ``static/postgresql.json`` and ``static/dragonflydb.json`` (seed 004 format)."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource
+    ) -> None:
+        super().__init__(settings_cls)
+        self._init_settings = init_settings
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        explicit = self._init_settings().get("config_dir")
+        config_dir = resolve_config_dir(explicit)
+        data: dict[str, Any] = {}
+        for section in _STATIC_FILES:
+            values = _load_static(config_dir, section)
+            if values:
+                data[section] = values
+        return data

@@ -1,0 +1,1 @@
+"""Storage backends: PostgreSQL/TimescaleDB and the embedded SQLite default."""

@@ -1,0 +1,220 @@
+"""The storage interface the router depends on, and what every backend shares.
+
+Keys (see ``docs/DECISIONS.md``):
+
+* **tick**: ``(symbol, source, ts, content_key)`` where ``content_key`` is a signed 64-bit
+  BLAKE2b digest of the tick's content (bid, ask, bid/ask size, last price/size, volume,
+  aggressor, seq). A replayed tick hits the same key and is skipped; two different quotes in
+  the same millisecond have different keys and are both kept.
+* **candle**: ``(symbol, timeframe, source, ts)`` (ts = bucket start); writes upsert, except
+  that a forming candle (``is_closed=False``) never overwrites a closed one.
+* **order flow**: ``(symbol, source, ts, window_ms)``; writes upsert.
+
+Timestamps cross this interface as Unix ms; each backend stores them its own way.
+Ranges are half-open: ``start_ms <= ts < end_ms``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import Final, Literal, Protocol
+
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BackendHealth",
+    "DataKind",
+    "PoolStatus",
+    "SchemaInfo",
+    "Storage",
+    "tick_content_key",
+]
+
+#: Version of the table layout this SDK writes. A database with a newer one is refused.
+SCHEMA_VERSION: Final = 1
+
+DataKind = Literal["ticks", "candles", "order_flow"]
+
+_NONE: Final = float("nan")  # stands for "no value" inside the packed content
+_CONTENT: Final = struct.Struct("<7dq1s")
+_AGGRESSOR: Final = {None: b"-", "buy": b"b", "sell": b"s"}
+
+
+def tick_content_key(tick: TickData) -> int:
+    """Return the signed 64-bit content digest that makes tick writes idempotent."""
+
+    def f(value: float | None) -> float:
+        return _NONE if value is None else float(value)
+
+    packed = _CONTENT.pack(
+        tick.bid,
+        tick.ask,
+        f(tick.bid_size),
+        f(tick.ask_size),
+        f(tick.last_price),
+        f(tick.last_size),
+        f(tick.volume),
+        -1 if tick.seq is None else tick.seq,
+        _AGGRESSOR[tick.aggressor],
+    )
+    return int.from_bytes(blake2b(packed, digest_size=8).digest(), "little", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaInfo:
+    """What ``create_schema`` found or did."""
+
+    version: int
+    created: bool
+    migrated_from: int | None
+    timescaledb: bool
+    timescaledb_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """Connection pool usage."""
+
+    size: int
+    in_use: int
+    idle: int
+    waiting: int
+    max_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    """One backend's answer to a health probe."""
+
+    name: str
+    kind: str
+    reachable: bool
+    latency_ms: float | None = None
+    version: str | None = None
+    timescaledb: bool = False
+    timescaledb_version: str | None = None
+    error: str | None = None
+    details: dict[str, object] = field(default_factory=dict)
+
+
+class Storage(Protocol):
+    """A durable store of ticks, candles and order flow.
+
+    Every method translates driver errors into the SDK's tree (``errors.map_database_errors``).
+    Writes are idempotent under the keys in the module docstring; bulk writes use the
+    backend's fastest path (COPY into a staging table on PostgreSQL).
+    """
+
+    @property
+    def kind(self) -> str:
+        """``"postgresql"`` or ``"sqlite"``."""
+        ...
+
+    @property
+    def target(self) -> str:
+        """Where it points, for messages (never contains a password)."""
+        ...
+
+    async def connect(self) -> None:
+        """Open the pool and check one connection. Raises ``DatabaseConnectionError``."""
+        ...
+
+    async def create_schema(self) -> SchemaInfo:
+        """Create or migrate the tables idempotently; refuse a newer schema."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection."""
+        ...
+
+    async def ping(self) -> BackendHealth:
+        """Round-trip a trivial query and report reachability, latency and version."""
+        ...
+
+    def pool_status(self) -> PoolStatus:
+        """Current pool usage (no I/O)."""
+        ...
+
+    async def write_ticks(self, ticks: Sequence[TickData]) -> int:
+        """Store ticks idempotently in one transaction; return how many rows were new."""
+        ...
+
+    async def write_candles(self, candles: Sequence[CandleData]) -> int:
+        """Upsert candles in one transaction; return how many rows changed."""
+        ...
+
+    async def write_order_flow(self, metrics: Sequence[OrderFlowMetrics]) -> int:
+        """Upsert order-flow rows in one transaction; return how many rows changed."""
+        ...
+
+    async def latest_tick(self, symbol: str, *, source: str | None = None) -> TickData | None:
+        """Newest tick of ``symbol`` (from ``source``, or any source)."""
+        ...
+
+    async def latest_ticks(self, symbols: Sequence[str]) -> dict[str, TickData]:
+        """Newest tick of each symbol, any source, in one round trip where possible."""
+        ...
+
+    async def latest_candles(
+        self,
+        symbol: str,
+        timeframe: str,
+        limit: int,
+        *,
+        source: str | None = None,
+        preferred_sources: Sequence[str] = (),
+    ) -> list[CandleData]:
+        """The newest ``limit`` candles, returned oldest to newest.
+
+        Without ``source``: the first of ``preferred_sources`` that has candles for
+        (symbol, timeframe), else the source whose newest candle is newest.
+        """
+        ...
+
+    async def ticks_range(
+        self,
+        symbol: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        source: str | None = None,
+        limit: int | None = None,
+    ) -> list[TickData]:
+        """Ticks with ``start_ms <= ts < end_ms``, oldest first."""
+        ...
+
+    async def candles_range(
+        self,
+        symbol: str,
+        timeframe: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        source: str | None = None,
+        preferred_sources: Sequence[str] = (),
+    ) -> list[CandleData]:
+        """Candles with ``start_ms <= ts < end_ms``, oldest first (source chosen as in
+        :meth:`latest_candles`)."""
+        ...
+
+    async def latest_order_flow(
+        self, symbol: str, *, source: str | None = None
+    ) -> OrderFlowMetrics | None:
+        """Newest order-flow metrics of ``symbol``."""
+        ...
+
+    def iter_ticks(
+        self,
+        symbol: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        source: str | None = None,
+        batch_size: int = 10_000,
+    ) -> AsyncIterator[TickData]:
+        """Stream ticks in ``[start_ms, end_ms)`` oldest first with a server-side cursor."""
+        ...

@@ -1,0 +1,637 @@
+"""The write-behind batcher: triggers, group commit, back-pressure, failures, replay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pytest
+
+from data_manager.breaker import BreakerState, CircuitBreaker
+from data_manager.clock import ManualClock
+from data_manager.errors import (
+    BackpressureTimeoutError,
+    CircuitBreakerOpenError,
+    ConfigurationError,
+    DatabaseConnectionError,
+    QueryExecutionError,
+    QueryTimeoutError,
+    RetryExhaustedError,
+    RouterClosedError,
+    ValidationError,
+)
+from data_manager.ingest import IngestPipeline, PipelineState
+from data_manager.journal import DEAD_LETTER_DIR, Journal
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+from data_manager.storage.base import tick_content_key
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+T0 = 1_727_996_400_000
+
+
+def tick(seq: int, *, symbol: str = "EUR/USD") -> TickData:
+    return TickData(
+        symbol=symbol, timestamp=T0 + seq, bid=1.1, ask=1.1002, source="test", seq=seq
+    )
+
+
+def candle(minute: int, close: float, *, is_closed: bool = True) -> CandleData:
+    return CandleData(
+        symbol="EUR/USD",
+        timeframe="1m",
+        timestamp=T0 + minute * 60_000,
+        open=1.0,
+        high=2.0,
+        low=0.5,
+        close=close,
+        source="test",
+        is_closed=is_closed,
+    )
+
+
+def flow(window: int) -> OrderFlowMetrics:
+    return OrderFlowMetrics(symbol="EUR/USD", timestamp=T0, window_ms=window, ofi=1.0)
+
+
+class FakeStorage:
+    """An idempotent in-memory store that can be told to fail, refuse or stall."""
+
+    kind = "fake"
+    target = "fake"
+
+    def __init__(self) -> None:
+        self.ticks: dict[tuple[str, str, int, int], TickData] = {}
+        self.candles: dict[tuple[str, str, str, int], CandleData] = {}
+        self.flows: dict[tuple[str, str, int, int], OrderFlowMetrics] = {}
+        self.calls: list[tuple[str, list[Any]]] = []  # successful writes, in order
+        self.attempts = 0
+        self.down = False  # every call raises DatabaseConnectionError
+        self.fail_next = 0  # that many calls raise DatabaseConnectionError
+        self.refuse: Callable[[Any], bool] = lambda item: False
+        self.gate: asyncio.Event | None = None  # when set up, writes wait for it
+        self.entered = asyncio.Event()  # set when a write reaches the gate
+        self._changed = asyncio.Event()
+
+    async def _enter(self, items: Sequence[Any]) -> None:
+        self.attempts += 1
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
+        if self.down:
+            raise DatabaseConnectionError("fake database is down")
+        if self.fail_next:
+            self.fail_next -= 1
+            raise DatabaseConnectionError("fake transient failure")
+        if any(self.refuse(i) for i in items):
+            raise QueryExecutionError("fake database refused a row")
+
+    def _done(self, kind: str, items: Sequence[Any]) -> None:
+        self.calls.append((kind, list(items)))
+        self._changed.set()
+
+    async def write_ticks(self, ticks: Sequence[TickData]) -> int:
+        await self._enter(ticks)
+        for t in ticks:
+            self.ticks[(t.symbol, t.source, t.timestamp, tick_content_key(t))] = t
+        self._done("ticks", ticks)
+        return len(ticks)
+
+    async def write_candles(self, candles: Sequence[CandleData]) -> int:
+        await self._enter(candles)
+        for c in candles:
+            self.candles[(c.symbol, c.timeframe, c.source, c.timestamp)] = c
+        self._done("candles", candles)
+        return len(candles)
+
+    async def write_order_flow(self, metrics: Sequence[OrderFlowMetrics]) -> int:
+        await self._enter(metrics)
+        for m in metrics:
+            self.flows[(m.symbol, m.source, m.timestamp, m.window_ms)] = m
+        self._done("order_flow", metrics)
+        return len(metrics)
+
+    async def wait_ticks(self, n: int) -> None:
+        """Wait until ``n`` distinct ticks are stored (an event, never a sleep)."""
+        while len(self.ticks) < n:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def stored_seqs(self) -> list[int]:
+        return sorted(t.seq for t in self.ticks.values() if t.seq is not None)
+
+    def call_sizes(self) -> list[int]:
+        return [len(items) for _, items in self.calls]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the event loop until ``condition`` holds (bounded; never a timed sleep)."""
+    for _ in range(200_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+async def settle() -> None:
+    """Let every ready task run (asserting that something did *not* happen)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def storage() -> FakeStorage:
+    return FakeStorage()
+
+
+@pytest.fixture
+def breaker(clock: ManualClock) -> CircuitBreaker:
+    return CircuitBreaker("database", failure_threshold=2, reset_timeout=5.0, clock=clock)
+
+
+@pytest.fixture
+async def make(
+    storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker, tmp_path: Path
+) -> AsyncIterator[Callable[..., Any]]:
+    """Build started pipelines with zero backoff; close them all afterwards."""
+    made: list[IngestPipeline] = []
+
+    async def build(*, journal: bool | str = True, **kwargs: Any) -> IngestPipeline:
+        j = None
+        if journal:
+            name = journal if isinstance(journal, str) else f"inst{len(made)}"
+            j = Journal(tmp_path / "journal", instance_id=name)
+        options: dict[str, Any] = {
+            "batch_size": 10,
+            "flush_interval": 1.0,
+            "max_batch": 1_000,
+            "retry_attempts": 2,
+            "retry_initial": 0.0,
+            "retry_max_backoff": 0.0,
+            "retry_jitter": 0.0,
+            "breaker": breaker,
+            "clock": clock,
+            "orphan_scan_interval": None,
+            **kwargs,
+        }
+        pipeline = IngestPipeline(kwargs.pop("storage", storage), journal=j, **options)
+        await pipeline.start()
+        made.append(pipeline)
+        return pipeline
+
+    yield build
+    for pipeline in made:
+        await pipeline.close(timeout=5)
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+async def test_batch_size_triggers_a_flush(make: Any, storage: FakeStorage) -> None:
+    pipeline = await make()
+    for i in range(9):
+        await pipeline.submit(tick(i))
+    await settle()
+    assert storage.calls == []  # below the batch size, before the interval
+    await pipeline.submit(tick(9))
+    await storage.wait_ticks(10)
+    assert storage.call_sizes() == [10]
+
+
+async def test_flush_interval_triggers_a_flush(
+    make: Any, storage: FakeStorage, clock: ManualClock
+) -> None:
+    pipeline = await make(batch_size=100, flush_interval=1.0)
+    for i in range(3):
+        await pipeline.submit(tick(i))
+    clock.advance(0.9)
+    pipeline.wake()
+    await settle()
+    assert storage.calls == []
+    clock.advance(0.1)
+    pipeline.wake()
+    await storage.wait_ticks(3)
+    assert storage.call_sizes() == [3]
+
+
+async def test_group_commit_takes_what_arrived_during_the_last_write(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=1, max_batch=30)
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(0))
+    await storage.entered.wait()  # the writer is inside the first write
+    for i in range(1, 51):
+        await pipeline.submit(tick(i))
+    storage.gate.set()
+    await pipeline.flush()
+    assert storage.call_sizes() == [1, 30, 20]  # grown to what queued, capped by max_batch
+    assert storage.stored_seqs() == list(range(51))
+    stats = pipeline.stats()
+    assert (stats.batches, stats.max_batch_size, stats.batch_items) == (3, 30, 51)
+
+
+async def test_flush_returns_when_everything_accepted_is_stored(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=1_000, flush_interval=3600)
+    for i in range(25):
+        await pipeline.submit(tick(i))
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(25))
+    assert pipeline.stats().queue_depth == 0
+
+
+async def test_mixed_kinds_are_grouped_per_kind_and_upserts_deduplicated(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=100)
+    await pipeline.submit(tick(1))
+    await pipeline.submit(candle(0, 1.1, is_closed=False))
+    await pipeline.submit(flow(1000))
+    await pipeline.submit(candle(0, 1.2, is_closed=True))
+    await pipeline.submit(candle(0, 1.3, is_closed=False))  # late forming: must not win
+    await pipeline.submit(flow(1000))
+    await pipeline.submit(tick(2))
+    await pipeline.flush()
+    kinds = [(kind, len(items)) for kind, items in storage.calls]
+    assert kinds == [("ticks", 2), ("candles", 1), ("order_flow", 1)]
+    (stored,) = storage.candles.values()
+    assert (stored.close, stored.is_closed) == (1.2, True)
+
+
+# --------------------------------------------------------------------------- back-pressure
+
+
+async def test_full_queue_raises_after_put_timeout(make: Any, storage: FakeStorage) -> None:
+    pipeline = await make(batch_size=1, max_queue=5, put_timeout=0)
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(0))
+    await storage.entered.wait()  # writer holds tick 0; the queue is empty
+    for i in range(1, 6):
+        await pipeline.submit(tick(i))
+    with pytest.raises(BackpressureTimeoutError):
+        await pipeline.submit(tick(6))
+    stats = pipeline.stats()
+    assert (stats.backpressure_timeouts, stats.accepted) == (1, 6)
+    storage.gate.set()
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(6))  # everything accepted, nothing else
+
+
+async def test_full_queue_makes_submit_wait_until_there_is_room(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=1, max_queue=5, put_timeout=None)
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(0))
+    await storage.entered.wait()
+    for i in range(1, 6):
+        await pipeline.submit(tick(i))
+    blocked = asyncio.create_task(pipeline.submit(tick(6)))
+    await settle()
+    assert not blocked.done()
+    assert pipeline.stats().backpressure_waits == 1
+    storage.gate.set()
+    await blocked
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(7))
+
+
+async def test_submit_nowait_never_waits_nor_drops(make: Any, storage: FakeStorage) -> None:
+    pipeline = await make(batch_size=1, max_queue=2)
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(0))
+    await storage.entered.wait()
+    for i in range(1, 5):
+        pipeline.submit_nowait(tick(i))  # past max_queue: derived items are never refused
+    assert pipeline.stats().queue_depth == 5
+    storage.gate.set()
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(5))
+
+
+# --------------------------------------------------------------------------- sync mode
+
+
+async def test_sync_mode_returns_after_commit(make: Any, storage: FakeStorage) -> None:
+    pipeline = await make()
+    await pipeline.submit(tick(1), mode="sync")
+    assert storage.stored_seqs() == [1]
+
+
+async def test_sync_mode_retries_transient_errors(
+    make: Any, storage: FakeStorage, breaker: CircuitBreaker
+) -> None:
+    breaker.failure_threshold = 3
+    pipeline = await make(retry_attempts=3)
+    storage.fail_next = 2
+    await pipeline.submit(tick(1), mode="sync")
+    assert storage.stored_seqs() == [1]
+    assert pipeline.stats().retries == 2
+
+
+async def test_sync_mode_raises_retry_exhausted_chained(
+    make: Any, storage: FakeStorage, breaker: CircuitBreaker
+) -> None:
+    breaker.failure_threshold = 100
+    pipeline = await make(retry_attempts=3)
+    storage.down = True
+    with pytest.raises(RetryExhaustedError) as info:
+        await pipeline.submit(tick(1), mode="sync")
+    assert isinstance(info.value.__cause__, DatabaseConnectionError)
+    assert storage.attempts == 3
+
+
+async def test_sync_mode_raises_when_breaker_is_open(
+    make: Any, storage: FakeStorage, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make()
+    for _ in range(breaker.failure_threshold):
+        breaker.record_failure()
+    with pytest.raises(CircuitBreakerOpenError):
+        await pipeline.submit(tick(1), mode="sync")
+    assert storage.attempts == 0
+
+
+async def test_sync_mode_surfaces_refused_data(make: Any, storage: FakeStorage) -> None:
+    pipeline = await make()
+    storage.refuse = lambda item: True
+    with pytest.raises(QueryExecutionError):
+        await pipeline.submit(tick(1), mode="sync")
+    assert storage.attempts == 1  # a refusal is not retried
+
+
+# --------------------------------------------------------------------------- failures
+
+
+async def test_transient_errors_are_retried_for_batches(
+    make: Any, storage: FakeStorage, breaker: CircuitBreaker
+) -> None:
+    breaker.failure_threshold = 3
+    pipeline = await make(retry_attempts=3)
+    storage.fail_next = 2
+    for i in range(10):
+        await pipeline.submit(tick(i))
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(10))
+    stats = pipeline.stats()
+    assert (stats.retries, stats.spilled, stats.breaker_state) == (2, 0, "closed")
+
+
+async def test_open_breaker_sends_batches_to_the_journal_then_replays_in_order(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make(batch_size=5)
+    storage.down = True
+    for i in range(5):
+        await pipeline.submit(tick(i))
+    # The first batch fails twice (retry_attempts=2 = threshold) and opens the breaker.
+    await until(lambda: pipeline.stats().spilled == 5)
+    assert breaker.state is BreakerState.OPEN
+    attempts = storage.attempts
+    for i in range(5, 23):
+        await pipeline.submit(tick(i))
+    await until(lambda: pipeline.stats().spilled == 23)  # group commit: one more batch
+    stats = pipeline.stats()
+    assert storage.attempts == attempts  # open breaker: the database is left alone
+    assert stats.journal_records == 23 and stats.journal_bytes > 0
+    assert stats.queue_depth == 0  # memory does not pile up
+
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    await pipeline.submit(tick(23))
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(24))
+    written = [t.seq for kind, items in storage.calls for t in items]
+    assert written == list(range(24))  # replayed in order, new writes after
+    stats = pipeline.stats()
+    assert (stats.breaker_state, stats.journal_records, stats.backlog_journals) == (
+        "closed",
+        0,
+        0,
+    )
+    assert stats.replayed == 24
+
+
+async def test_new_writes_continue_while_the_journal_is_replayed(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make(batch_size=5, replay_batch=3)
+    storage.down = True
+    for i in range(10):
+        await pipeline.submit(tick(i))
+    await until(lambda: pipeline.stats().spilled == 10)
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    storage.gate = asyncio.Event()
+    pipeline.wake()
+    await storage.entered.wait()  # the first replay chunk is being written
+    for i in range(10, 30):
+        await pipeline.submit(tick(i))  # accepted while replaying
+    storage.gate.set()
+    await pipeline.flush()
+    written = [t.seq for kind, items in storage.calls for t in items]
+    assert written == list(range(30))
+    assert [len(items) for _, items in storage.calls][:4] == [3, 3, 3, 3]
+
+
+async def test_without_journal_an_open_breaker_keeps_batches_in_memory(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make(journal=False, batch_size=5, max_queue=10, put_timeout=0)
+    storage.down = True
+    for i in range(5):
+        await pipeline.submit(tick(i))
+    await until(lambda: breaker.state is BreakerState.OPEN)
+    for i in range(5, 15):
+        await pipeline.submit(tick(i))
+    with pytest.raises(BackpressureTimeoutError):
+        await pipeline.submit(tick(15))  # full: pushes back, never drops
+    assert pipeline.stats().queue_depth == 15
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(15))
+
+
+async def test_refused_item_is_isolated_and_dead_lettered(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    pipeline = await make(batch_size=20, journal="poison")
+    storage.refuse = lambda item: getattr(item, "seq", None) == 13
+    for i in range(20):
+        await pipeline.submit(tick(i))
+    await pipeline.flush()
+    assert storage.stored_seqs() == [i for i in range(20) if i != 13]
+    stats = pipeline.stats()
+    assert (stats.dead_lettered, stats.breaker_state) == (1, "closed")
+    lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "poison.jsonl").read_bytes().splitlines()
+    (record,) = [orjson.loads(line) for line in lines]
+    assert record["kind"] == "tick"
+    assert record["data"]["seq"] == 13
+    assert "QueryExecutionError" in record["reason"]
+    # The queue is not wedged.
+    await pipeline.submit(tick(100))
+    await pipeline.flush()
+    assert 100 in storage.stored_seqs()
+
+
+# --------------------------------------------------------------------------- journal mode
+
+
+async def test_journal_mode_group_fsync_and_checkpoint(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=1_000)
+    await asyncio.gather(*(pipeline.submit(tick(i), mode="journal") for i in range(64)))
+    journal = pipeline.journal
+    assert journal is not None
+    assert journal.last_lsn == 64
+    assert pipeline.stats().journal_fsyncs < 64  # concurrent callers shared syncs
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(64))
+    assert journal.stored_lsn == 64
+    assert pipeline.stats().journal_records == 0
+
+
+async def test_journal_mode_without_journal_is_a_configuration_error(make: Any) -> None:
+    pipeline = await make(journal=False)
+    with pytest.raises(ConfigurationError):
+        await pipeline.submit(tick(1), mode="journal")
+
+
+async def test_journal_mode_items_survive_a_database_outage(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make(batch_size=4)
+    storage.down = True
+    for i in range(12):
+        await pipeline.submit(tick(i), mode="journal" if i % 2 else "buffered")
+    await until(lambda: pipeline.stats().store_failures >= 1)
+    assert pipeline.stats().backlog_journals == 1
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(12))
+    assert pipeline.journal is not None and pipeline.journal.pending_records == 0
+
+
+# --------------------------------------------------------------------------- close & restart
+
+
+async def test_close_with_database_down_journals_the_rest_for_the_next_start(
+    make: Any, storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    first = await make(batch_size=100, journal="first")
+    storage.down = True
+    for i in range(30):
+        await first.submit(tick(i))
+    await first.close(timeout=10)
+    assert first.state is PipelineState.CLOSED
+    assert (tmp_path / "journal" / "first").is_dir()  # left for the next router
+    assert storage.ticks == {}
+
+    storage.down = False
+    clock.advance(60)
+    second = await make(journal="second")
+    assert second.stats().orphans_adopted == 1
+    await second.flush()
+    assert storage.stored_seqs() == list(range(30))
+    assert not (tmp_path / "journal" / "first").exists()  # replayed, then removed
+
+
+async def test_leftovers_under_the_same_instance_id_are_replayed(
+    make: Any, storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    first = await make(batch_size=100, journal="stable")
+    storage.down = True
+    for i in range(7):
+        await first.submit(tick(i))
+    await first.close(timeout=10)
+    storage.down = False
+    clock.advance(60)
+    again = await make(journal="stable")
+    await again.submit(tick(7))
+    await again.flush()
+    assert storage.stored_seqs() == list(range(8))
+    written = [t.seq for kind, items in storage.calls for t in items]
+    assert written == list(range(8))  # the leftovers first
+
+
+async def test_close_stores_everything_when_the_database_is_up(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    pipeline = await make(batch_size=1_000, flush_interval=3600, journal="clean")
+    for i in range(40):
+        await pipeline.submit(tick(i), mode="journal" if i % 3 == 0 else "buffered")
+    await pipeline.close()
+    assert storage.stored_seqs() == list(range(40))
+    assert not (tmp_path / "journal" / "clean").exists()  # nothing left: folder removed
+    with pytest.raises(RouterClosedError):
+        await pipeline.submit(tick(99))
+
+
+async def test_close_without_journal_counts_what_it_loses(
+    make: Any, storage: FakeStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = await make(journal=False, batch_size=100)
+    storage.down = True
+    for i in range(3):
+        await pipeline.submit(tick(i))
+    await pipeline.close(timeout=0.2)
+    assert pipeline.stats().lost_on_close == 3
+    assert "they are lost" in caplog.text
+
+
+# --------------------------------------------------------------------------- misc
+
+
+async def test_invalid_arguments(make: Any) -> None:
+    pipeline = await make()
+    with pytest.raises(ValidationError):
+        await pipeline.submit(tick(1), mode="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        await pipeline.submit("not a model")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        pipeline.configure(batch_size=0)
+    with pytest.raises(ConfigurationError):
+        IngestPipeline(FakeStorage(), batch_size=10, max_batch=5)  # type: ignore[arg-type]
+
+
+async def test_configure_applies_while_running(make: Any, storage: FakeStorage) -> None:
+    pipeline = await make(batch_size=100)
+    for i in range(3):
+        await pipeline.submit(tick(i))
+    await settle()
+    assert storage.calls == []
+    pipeline.configure(batch_size=3)
+    await storage.wait_ticks(3)
+    assert storage.call_sizes() == [3]
+
+
+async def test_flush_timeout_raises_and_keeps_the_data(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make(batch_size=2)
+    storage.down = True
+    for i in range(4):
+        await pipeline.submit(tick(i))
+    with pytest.raises(QueryTimeoutError):
+        await pipeline.flush(timeout=0.05)
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(4))

@@ -1,0 +1,365 @@
+"""The local journal: records, torn tails, group fsync, segments, locks and orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+import pytest
+
+import data_manager.journal as journal_module
+from data_manager.errors import ValidationError
+from data_manager.journal import (
+    DEAD_LETTER_DIR,
+    MAGIC,
+    DeadLetterFile,
+    Journal,
+    JournalError,
+    JournalLockedError,
+    decode_item,
+    encode_item,
+    find_orphans,
+    new_instance_id,
+)
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+T0 = 1_727_996_400_000
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tick(seq: int) -> TickData:
+    return TickData(
+        symbol="EUR/USD",
+        timestamp=T0 + seq,
+        bid=1.1,
+        ask=1.1002,
+        source="test",
+        seq=seq,
+        bid_size=1.5,
+        aggressor="buy",
+        received_at=T0 + seq + 1,
+    )
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted(path.glob("*.seg"))
+
+
+@pytest.fixture
+async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
+    j = Journal(tmp_path, instance_id="me")
+    await j.open()
+    yield j
+    await j.close()
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_records_round_trip_every_kind() -> None:
+    items = [
+        tick(1),
+        CandleData(
+            symbol="EURUSD",
+            timeframe="5m",
+            timestamp=T0,
+            open=1.0,
+            high=1.2,
+            low=0.9,
+            close=1.1,
+            source="agg",
+            is_closed=False,
+        ),
+        OrderFlowMetrics(symbol="EUR/USD", timestamp=T0, window_ms=1000, toxicity=0.5),
+    ]
+    for item in items:
+        payload = encode_item(item)
+        assert decode_item(payload) == item
+    # Derived fields are not written (they are recomputed).
+    assert b"mid" not in encode_item(items[0])
+
+
+def test_decoding_revalidates_data_from_disk() -> None:
+    payload = encode_item(tick(1))
+    data = orjson.loads(payload[1:])
+    data["ask"] = 1.0  # below the bid
+    with pytest.raises(ValidationError, match="below bid"):
+        decode_item(b"t" + orjson.dumps(data))
+    with pytest.raises(ValidationError, match="unknown kind"):
+        decode_item(b"x{}")
+    with pytest.raises(ValidationError):
+        encode_item("nope")  # type: ignore[arg-type]
+
+
+def test_instance_id_must_be_a_plain_folder_name(tmp_path: Path) -> None:
+    for bad in ("", "../escape", "a/b", DEAD_LETTER_DIR, ".hidden"):
+        with pytest.raises(ValidationError):
+            Journal(tmp_path, instance_id=bad)
+    Journal(tmp_path, instance_id=new_instance_id())
+
+
+# --------------------------------------------------------------------------- append / read
+
+
+async def test_append_then_read_and_replay(journal: Journal) -> None:
+    first = await journal.append([tick(0), tick(1)])
+    second = await journal.append([tick(2)])
+    assert (first, second, journal.last_lsn) == (2, 3, 3)
+    batch = await journal.read(0)
+    assert [lsn for lsn, _ in batch.records] == [1, 2, 3]
+    assert batch.end_lsn == 3
+    assert [decode_item(p) for _, p in batch.records] == [tick(0), tick(1), tick(2)]
+    assert list(journal.replay()) == [(1, tick(0)), (2, tick(1)), (3, tick(2))]
+    part = await journal.read(1, max_records=1)
+    assert [lsn for lsn, _ in part.records] == [2]
+
+
+async def test_concurrent_appends_share_one_fsync(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs = 0
+    real_sync = journal_module._sync
+
+    def counting_sync(fd: int) -> None:
+        nonlocal syncs
+        syncs += 1
+        time.sleep(0.002)  # a realistic sync takes a while: appenders pile up behind it
+        real_sync(fd)
+
+    monkeypatch.setattr(journal_module, "_sync", counting_sync)
+    order: list[int] = []
+
+    def on_durable(first: int, items: Sequence[object]) -> None:
+        order.append(first)
+
+    lsns = await asyncio.gather(
+        *(journal.append([tick(i)], on_durable=on_durable) for i in range(64))
+    )
+    assert sorted(lsns) == list(range(1, 65))
+    assert order == sorted(order)  # callbacks run in LSN order
+    stats = journal.stats()
+    assert stats.fsyncs == syncs - 1  # the segment creation's own sync is not counted
+    assert 1 <= stats.fsyncs < 64
+    assert stats.records_appended == 64
+
+
+async def test_a_failed_write_is_undone_and_the_journal_goes_on(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await journal.append([tick(0)])
+    real_sync = journal_module._sync
+    calls = 0
+
+    def failing_once(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(28, "No space left on device")
+        real_sync(fd)
+
+    monkeypatch.setattr(journal_module, "_sync", failing_once)
+    with pytest.raises(JournalError, match="No space"):
+        await journal.append([tick(1)])
+    assert journal.last_lsn == 1
+    await journal.append([tick(2)])
+    assert [item.seq for _, item in journal.replay()] == [0, 2]  # type: ignore[union-attr]
+
+
+async def test_segments_rotate_and_stored_ones_are_deleted(tmp_path: Path) -> None:
+    j = Journal(tmp_path, instance_id="seg", segment_bytes=2048)
+    await j.open()
+    for i in range(0, 60, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    files = segments(j.path)
+    assert len(files) > 3
+    batch = await j.read(0, max_records=1000)
+    assert [lsn for lsn, _ in batch.records] == list(range(1, 61))
+    await j.mark_stored(30)
+    remaining = segments(j.path)
+    assert len(remaining) < len(files)
+    assert j.pending_records == 30
+    assert (j.path / "checkpoint").read_text().strip() == "30"
+    await j.close()  # pending records: the folder stays
+    assert j.path.is_dir()
+
+    again = Journal(tmp_path, instance_id="seg", segment_bytes=2048)
+    await again.open()
+    assert (again.stored_lsn, again.last_lsn) == (30, 60)
+    assert [lsn for lsn, _ in again.replay()] == list(range(31, 61))
+    await again.append([tick(1000)])
+    assert again.last_lsn == 61
+    await again.mark_stored(61)
+    await again.close()
+    assert not again.path.exists()  # fully stored: removed
+
+
+# --------------------------------------------------------------------------- damage
+
+
+async def test_torn_tail_is_cut_off_and_kept_aside(tmp_path: Path) -> None:
+    j = Journal(tmp_path, instance_id="torn")
+    await j.open()
+    await j.append([tick(0), tick(1), tick(2)])
+    await j.close()
+    (seg,) = segments(j.path)
+    good_size = seg.stat().st_size
+    frame = journal_module._frame(encode_item(tick(3)))
+    with seg.open("ab") as fh:
+        fh.write(frame[: len(frame) // 2])  # a crash in the middle of a write
+
+    again = Journal(tmp_path, instance_id="torn")
+    await again.open()
+    assert [lsn for lsn, _ in again.replay()] == [1, 2, 3]
+    assert len(again.problems) == 1 and "torn record" in again.problems[0]
+    assert seg.stat().st_size == good_size
+    (aside,) = again.path.glob("*.corrupt-*")
+    assert aside.read_bytes() == frame[: len(frame) // 2]
+    await again.append([tick(4)])  # appends go on after the last good record
+    assert [lsn for lsn, _ in again.replay()] == [1, 2, 3, 4]
+    await again.close()
+
+
+async def test_crc_mismatch_stops_the_segment_there(tmp_path: Path) -> None:
+    j = Journal(tmp_path, instance_id="crc")
+    await j.open()
+    await j.append([tick(i) for i in range(5)])
+    await j.close()
+    (seg,) = segments(j.path)
+    data = bytearray(seg.read_bytes())
+    record = len(journal_module._frame(encode_item(tick(0))))
+    data[len(MAGIC) + 2 * record + 20] ^= 0xFF  # damage the third record's payload
+    seg.write_bytes(bytes(data))
+
+    again = Journal(tmp_path, instance_id="crc")
+    await again.open()
+    assert [item.seq for _, item in again.replay()] == [0, 1]  # type: ignore[union-attr]
+    assert "CRC mismatch" in again.problems[0]
+    (aside,) = again.path.glob("*.corrupt-*")
+    assert len(aside.read_bytes()) == 3 * record  # kept for a person, not deleted
+    assert zlib.crc32(aside.read_bytes()) != 0
+    await again.close()
+
+
+async def test_unknown_segment_format_is_moved_aside(tmp_path: Path) -> None:
+    (tmp_path / "fmt").mkdir()
+    (tmp_path / "fmt" / f"{1:020d}.seg").write_bytes(b"NOTMAGIC" + b"x" * 40)
+    again = Journal(tmp_path, instance_id="fmt")
+    await again.open()
+    assert again.pending_records == 0
+    assert "unknown segment format" in again.problems[0]
+    assert list(again.path.glob("*.corrupt-0"))
+    await again.close()
+
+
+# --------------------------------------------------------------------------- locks & orphans
+
+
+async def test_a_held_journal_cannot_be_opened_twice(journal: Journal, tmp_path: Path) -> None:
+    other = Journal(tmp_path, instance_id="me")
+    with pytest.raises(JournalLockedError):
+        await other.open()
+    assert find_orphans(tmp_path) == []  # alive: not an orphan
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from data_manager.journal import Journal
+    from data_manager.models import TickData
+
+    async def main() -> None:
+        j = Journal(sys.argv[1], instance_id="child")
+        await j.open()
+        for i in range(10):
+            await j.append([TickData(symbol="EUR/USD", timestamp=1_727_996_400_000 + i,
+                                     bid=1.1, ask=1.2, source="child", seq=i)])
+        print("ready", flush=True)
+        time.sleep(600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_orphan_of_a_killed_process_is_found_and_adopted(tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.to_thread(child.stdout.readline)
+        assert line.strip() == b"ready"
+        assert find_orphans(tmp_path) == []  # the lock is held while it lives
+        with pytest.raises(JournalLockedError):
+            await Journal(tmp_path, instance_id="child").open(create=False)
+        child.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(child.wait, 30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+    (orphan,) = find_orphans(tmp_path)
+    assert orphan.name == "child"
+    adopted = Journal(tmp_path, instance_id="child")
+    await adopted.open(create=False)
+    assert [item.seq for _, item in adopted.replay()] == list(range(10))  # type: ignore[union-attr]
+    assert find_orphans(tmp_path) == []  # now held by us
+    await adopted.mark_stored(adopted.last_lsn)
+    await adopted.close()
+    assert not orphan.exists()
+    with pytest.raises(JournalLockedError):  # gone: nothing to adopt, nothing recreated
+        await Journal(tmp_path, instance_id="child").open(create=False)
+
+
+async def test_find_orphans_skips_dead_letters_and_cleans_interrupted_creations(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / DEAD_LETTER_DIR).mkdir()
+    interrupted = tmp_path / ".tmp-x-1234"
+    interrupted.mkdir()
+    (interrupted / "lock").write_text("")
+    (tmp_path / "not-a-journal").mkdir()
+    assert find_orphans(tmp_path) == []
+    assert not interrupted.exists()
+    assert find_orphans(tmp_path / "missing") == []
+
+
+async def test_closed_journal_with_records_is_an_orphan_for_the_next_one(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path, instance_id="old")
+    await j.open()
+    await j.append([tick(1)])
+    await j.close()
+    assert find_orphans(tmp_path, exclude={"new"}) == [j.path]
+    assert find_orphans(tmp_path, exclude={"old"}) == []
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+async def test_dead_letter_file_keeps_refused_items(tmp_path: Path) -> None:
+    dead = DeadLetterFile(tmp_path / DEAD_LETTER_DIR / "x.jsonl")
+    await dead.write([(encode_item(tick(7)), "refused"), (b"t{broken", "bad")], time_ms=T0)
+    lines = [orjson.loads(line) for line in dead.path.read_bytes().splitlines()]
+    assert lines[0]["data"]["seq"] == 7 and lines[0]["kind"] == "tick"
+    assert lines[1]["raw"] == "t{broken" and lines[1]["reason"] == "bad"
+    assert dead.count == 2

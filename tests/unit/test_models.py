@@ -1,0 +1,227 @@
+"""Every validation rule of the models, and the symbol normaliser."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from data_manager import CandleData, OrderFlowMetrics, TickData, ValidationError, normalize_symbol
+from data_manager.models import MAX_SYMBOL_LENGTH, stamp_received, to_epoch_ms
+
+TS = 1_727_996_400_000
+
+
+def tick(**over: Any) -> TickData:
+    values: dict[str, Any] = {
+        "symbol": "EUR/USD",
+        "timestamp": TS,
+        "bid": 1.09551,
+        "ask": 1.09553,
+        "source": "polygon",
+    }
+    values.update(over)
+    return TickData(**values)
+
+
+def candle(**over: Any) -> CandleData:
+    values: dict[str, Any] = {
+        "symbol": "EUR/USD",
+        "timeframe": "1m",
+        "timestamp": TS,
+        "open": 1.0850,
+        "high": 1.0855,
+        "low": 1.0848,
+        "close": 1.0852,
+        "volume": 15234,
+        "source": "polygon",
+    }
+    values.update(over)
+    return CandleData(**values)
+
+
+def test_seed_004_tick_example() -> None:
+    t = TickData(
+        symbol="EUR/USD",
+        timestamp=1727996400000,
+        timestamp_ms=1727996400000,
+        bid=1.09551,
+        ask=1.09553,
+        source="polygon",
+    )
+    assert t.timestamp_ms == t.timestamp == 1727996400000
+    assert t.mid == pytest.approx(1.09552)
+    assert t.spread == pytest.approx(0.00002)
+    assert t.event_type == "quote"
+    assert t.model_dump()["mid"] == pytest.approx(1.09552)
+
+
+def test_timestamp_ms_alone_is_the_timestamp() -> None:
+    assert TickData(symbol="EUR/USD", timestamp_ms=TS, bid=1.0, ask=1.1, source="x").timestamp == TS
+
+
+def test_disagreeing_alias_is_an_error() -> None:
+    with pytest.raises(ValidationError, match="disagree"):
+        tick(timestamp_ms=TS + 1)
+
+
+def test_models_are_immutable() -> None:
+    t = tick()
+    with pytest.raises(Exception, match="frozen"):
+        t.bid = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("bid", float("nan"), "finite"),
+        ("ask", float("inf"), "finite"),
+        ("bid", -1.0, "greater than 0"),
+        ("bid", 0.0, "greater than 0"),
+        ("ask", 1.0, "below bid"),
+        ("volume", -1.0, "greater than or equal"),
+        ("bid_size", -5.0, "greater than or equal"),
+        ("ask_size", float("nan"), "finite"),
+        ("last_size", -1.0, "greater than or equal"),
+        ("last_price", 0.0, "greater than 0"),
+        ("aggressor", "both", "buy"),
+        ("seq", -1, "greater than or equal"),
+        ("timestamp", 1_727_996_400, "seconds"),
+        ("timestamp", 1_727_996_400_000_000, "micro- or nanoseconds"),
+        ("timestamp", 1_727_996_400_000_000_000, "micro- or nanoseconds"),
+        ("timestamp", "yesterday", "Unix milliseconds"),
+        ("symbol", "", "empty"),
+        ("symbol", "   ", "empty"),
+        ("symbol", "X" * (MAX_SYMBOL_LENGTH + 1), "longer than"),
+        ("symbol", "EUR\x00USD", "control"),
+        ("symbol", "EUR\nUSD", "control"),
+        ("symbol", "{EUR}/USD", "braces"),
+        ("symbol", 42, "string"),
+        ("source", "", "printable"),
+        ("unknown_field", 1, "Extra inputs"),
+    ],
+)
+def test_tick_rejections(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        tick(**{field: value})
+
+
+def test_validation_error_is_a_data_manager_error_not_pydantic() -> None:
+    import pydantic
+
+    from data_manager import DataManagerError
+
+    with pytest.raises(ValidationError) as info:
+        tick(bid=float("nan"))
+    assert isinstance(info.value, DataManagerError)
+    assert not isinstance(info.value, pydantic.ValidationError)
+
+
+def test_naive_datetime_refused_aware_accepted() -> None:
+    aware = datetime(2024, 10, 3, 23, 0, tzinfo=UTC)
+    assert tick(timestamp=aware).timestamp == TS
+    with pytest.raises(ValidationError, match="naive"):
+        tick(timestamp=datetime(2024, 10, 3, 23, 0))
+    plus2 = datetime(2024, 10, 4, 1, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert to_epoch_ms(plus2) == TS
+
+
+def test_derived_fields_given_are_ignored() -> None:
+    t = tick(mid=999.0, spread=5.0)
+    assert t.mid == pytest.approx(1.09552)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("EUR/USD", "EUR/USD"),
+        ("EUR_USD", "EUR/USD"),
+        ("eur/usd", "EUR/USD"),
+        ("EURUSD", "EUR/USD"),
+        ("eurusd", "EUR/USD"),
+        ("usd-jpy", "USD/JPY"),
+        ("  GBP_USD  ", "GBP/USD"),
+        ("XAUUSD", "XAU/USD"),
+        ("AAPL", "AAPL"),
+        ("AAPLUS", "AAPLUS"),  # six letters but not two currency codes: kept
+        ("ES.c.0", "ES.c.0"),
+        ("  BRK.B ", "BRK.B"),
+        ("BTC-PERP", "BTC-PERP"),
+    ],
+)
+def test_symbol_normaliser(raw: str, expected: str) -> None:
+    assert normalize_symbol(raw) == expected
+    assert tick(symbol=raw).symbol == expected
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"high": 1.0840}, "high .* below low"),
+        ({"open": 1.0860}, "open .* outside"),
+        ({"close": 1.0840}, "close .* outside"),
+        ({"volume": -1}, "greater than or equal"),
+        ({"timeframe": "7m"}, "timeframe"),
+        ({"open": float("nan")}, "finite"),
+        ({"low": 0.0}, "greater than 0"),
+        ({"num_trades": -1}, "greater than or equal"),
+        ({"start_time": TS + 10, "end_time": TS}, "end_time"),
+        ({"timestamp": 1_727_996_400}, "seconds"),
+    ],
+)
+def test_candle_rejections(over: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        candle(**over)
+
+
+def test_candle_seed_example_and_bucket_end() -> None:
+    c = candle(timestamp_ms=TS)
+    assert c.is_closed is True
+    assert c.event_type == "ohlcv"
+    assert c.bucket_end == TS + 60_000
+
+
+def test_order_flow_fields_and_bounds() -> None:
+    m = OrderFlowMetrics(
+        symbol="eur_usd",
+        timestamp=TS,
+        window_ms=60_000,
+        ofi=-1200.0,
+        volume_delta=3.0,
+        buy_volume=5.0,
+        sell_volume=2.0,
+        imbalance=3 / 7,
+        vwap=1.0855,
+        toxicity=0.4,
+        num_trades=7,
+    )
+    assert m.symbol == "EUR/USD"
+    for bad in ({"imbalance": 1.5}, {"toxicity": -0.1}, {"window_ms": 0}, {"buy_volume": -1}):
+        with pytest.raises(ValidationError):
+            OrderFlowMetrics(**{"symbol": "EUR/USD", "timestamp": TS, "window_ms": 1000, **bad})
+
+
+def test_model_validate_and_json_map_errors() -> None:
+    with pytest.raises(ValidationError):
+        TickData.model_validate({"symbol": "EUR/USD"})
+    with pytest.raises(ValidationError):
+        TickData.model_validate_json(b'{"symbol": "EUR/USD", "bid": 1}')
+    good = tick()
+    assert TickData.model_validate_json(good.model_dump_json()) == good
+
+
+def test_model_validate_does_not_mutate_input() -> None:
+    data = {"symbol": "eur_usd", "timestamp_ms": TS, "bid": 1.0, "ask": 1.1, "source": "x"}
+    before = dict(data)
+    TickData.model_validate(data)
+    assert data == before
+
+
+def test_stamp_received_copies_without_touching_the_original() -> None:
+    t = tick()
+    stamped = stamp_received(t, TS + 5)
+    assert stamped.received_at == TS + 5
+    assert t.received_at is None
+    assert stamped.mid == t.mid
+    assert stamped.model_dump(exclude={"received_at"}) == t.model_dump(exclude={"received_at"})

@@ -1,0 +1,165 @@
+"""Configuration precedence, static JSON, ENV references, secrets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_manager import ConfigurationError, DataManagerSettings, PostgresSettings
+
+ENV_NAMES = (
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_DB",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_PASSWORD_FILE",
+    "POSTGRES_SSLMODE",
+    "DRAGONFLY_HOST",
+    "DRAGONFLY_PORT",
+    "DRAGONFLY_USERNAME",
+    "DRAGONFLY_PASSWORD",
+    "DATA_MANAGER_CONFIG_DIR",
+    "DATA_MANAGER_POSTGRES__HOST",
+    "DATA_MANAGER_POSTGRES__PORT",
+    "DATA_MANAGER_POSTGRES__URL",
+    "DATA_MANAGER_SQLITE_PATH",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./config here: the packaged defaults apply
+
+
+def write_static(folder: Path, name: str, body: dict[str, object]) -> Path:
+    static = folder / "static"
+    static.mkdir(parents=True, exist_ok=True)
+    (static / name).write_text(json.dumps(body))
+    return folder
+
+
+def test_nothing_configured_means_embedded_and_no_l2() -> None:
+    s = DataManagerSettings()
+    assert not s.postgres.configured
+    assert not s.dragonfly.configured
+    assert s.sqlite_path.endswith("data_manager.sqlite3")
+
+
+def test_shipped_static_files_read_seed_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_HOST", "db.internal")
+    monkeypatch.setenv("POSTGRES_PORT", "6543")
+    monkeypatch.setenv("POSTGRES_DB", "market")
+    monkeypatch.setenv("POSTGRES_USER", "collector")
+    monkeypatch.setenv("POSTGRES_PASSWORD", "s3cr3t-pw")
+    monkeypatch.setenv("DRAGONFLY_HOST", "cache.internal")
+    monkeypatch.setenv("DRAGONFLY_PASSWORD", "cache-pw")
+    s = DataManagerSettings()
+    assert (s.postgres.host, s.postgres.port, s.postgres.database) == (
+        "db.internal",
+        6543,
+        "market",
+    )
+    assert s.postgres.user == "collector"
+    assert s.postgres.resolved_password() == "s3cr3t-pw"
+    assert (s.postgres.pool_min, s.postgres.pool_max) == (5, 20)
+    assert s.dragonfly.host == "cache.internal"
+    assert s.dragonfly.resolved_password() == "cache-pw"
+
+
+def test_precedence_explicit_over_env_over_static_over_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = write_static(
+        tmp_path / "cfg",
+        "postgresql.json",
+        {"connection": {"host": "from-json", "port": 1111, "database": "d"}, "pool": {"min": 2}},
+    )
+    monkeypatch.setenv("DATA_MANAGER_CONFIG_DIR", str(cfg))
+    s = DataManagerSettings()
+    assert (s.postgres.host, s.postgres.port, s.postgres.pool_min) == ("from-json", 1111, 2)
+    assert s.postgres.pool_max == 20  # code default
+    monkeypatch.setenv("DATA_MANAGER_POSTGRES__PORT", "2222")
+    s = DataManagerSettings()
+    assert s.postgres.port == 2222  # env beats JSON
+    assert s.postgres.host == "from-json"
+    explicit = DataManagerSettings(postgres=PostgresSettings(host="explicit", database="e"))
+    assert explicit.postgres.host == "explicit"
+    assert explicit.postgres.port == 5432  # the explicit object is taken whole
+
+
+def test_env_reference_to_a_file_for_passwords(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file\n")
+    monkeypatch.setenv("POSTGRES_HOST", "db")
+    monkeypatch.setenv("POSTGRES_DB", "d")
+    monkeypatch.setenv("POSTGRES_PASSWORD_FILE", str(secret))
+    assert DataManagerSettings().postgres.resolved_password() == "from-a-file"
+
+
+def test_missing_required_variable_names_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_HOST", "db")
+    with pytest.raises(ConfigurationError, match="POSTGRES_DB"):
+        DataManagerSettings()
+
+
+def test_invalid_values_are_configuration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_HOST", "db")
+    monkeypatch.setenv("POSTGRES_DB", "d")
+    monkeypatch.setenv("POSTGRES_PORT", "not-a-port")
+    with pytest.raises(ConfigurationError, match="port"):
+        DataManagerSettings()
+
+
+def test_unknown_static_key_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cfg = write_static(tmp_path / "c", "postgresql.json", {"connection": {"hots": "typo"}})
+    monkeypatch.setenv("DATA_MANAGER_CONFIG_DIR", str(cfg))
+    with pytest.raises(ConfigurationError, match=r"connection\.hots"):
+        DataManagerSettings()
+
+
+def test_local_config_folder_is_used_when_present(tmp_path: Path) -> None:
+    write_static(tmp_path / "config", "dragonflydb.json", {"connection": {"host": "local-cfg"}})
+    assert DataManagerSettings().dragonfly.host == "local-cfg"
+
+
+def test_url_parsing_and_secrets_never_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATA_MANAGER_POSTGRES__URL", "postgresql://u:topsecret@h:5433/d")
+    s = DataManagerSettings()
+    assert (s.postgres.host, s.postgres.port, s.postgres.user, s.postgres.database) == (
+        "h",
+        5433,
+        "u",
+        "d",
+    )
+    assert s.postgres.resolved_password() == "topsecret"
+    for text in (repr(s), str(s), repr(s.postgres), s.postgres.target):
+        assert "topsecret" not in text
+
+
+def test_tls_and_acl_username(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_HOST", "db")
+    monkeypatch.setenv("POSTGRES_DB", "d")
+    monkeypatch.setenv("POSTGRES_SSLMODE", "verify-full")
+    monkeypatch.setenv("DRAGONFLY_HOST", "c")
+    monkeypatch.setenv("DRAGONFLY_USERNAME", "engine")
+    s = DataManagerSettings()
+    assert s.postgres.sslmode == "verify-full"
+    assert s.dragonfly.username == "engine"
+    monkeypatch.setenv("POSTGRES_SSLMODE", "sometimes")
+    with pytest.raises(ConfigurationError, match="sslmode"):
+        DataManagerSettings()
+
+
+def test_repo_config_matches_packaged_defaults() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for rel in ("static/postgresql.json", "static/dragonflydb.json"):
+        assert (root / "config" / rel).read_bytes() == (
+            root / "data_manager" / "_defaults" / rel
+        ).read_bytes()
