@@ -31,7 +31,7 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from data_manager.aggregation import CandleAggregator, bucket_bounds
@@ -68,10 +68,12 @@ from data_manager.models import (
     timeframe_ms,
     to_epoch_ms,
 )
+from data_manager.orderflow import OrderFlowCalculator
 from data_manager.processors import ProcessorRegistry, TickProcessor
 from data_manager.settings import DataManagerSettings, WriteMode
 from data_manager.storage.base import Storage
 from data_manager.strategy import RoutingStrategy, StrategyWatcher
+from data_manager.subscriptions import Subscription, SubscriptionHub
 
 if TYPE_CHECKING:
     from data_manager.cache.bus import CacheBus
@@ -247,6 +249,9 @@ class DataRouter:
         self._agg_restored: set[tuple[str, str]] = set()
         self._processors = ProcessorRegistry()
         self._has_processors = False
+        self._orderflow = self._build_orderflow(strat)
+        self._flow_dirty: dict[str, OrderFlowMetrics] = {}
+        self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
         self._counters = _TierCounters()
         self._default_candle_source: dict[tuple[str, str], str] = {}
@@ -327,6 +332,7 @@ class DataRouter:
             return
         was_open = self._state is RouterState.OPEN
         self._state = RouterState.CLOSED
+        self._subs.close_all()
         try:
             if was_open and self._ingest is not None:
                 self._submit_forming()
@@ -424,7 +430,7 @@ class DataRouter:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(DatabaseConnectionError),
                 stop=stop_after_delay(deadline),
-                wait=wait_exponential_jitter(initial=0.1, max=2.0),
+                wait=wait_random_exponential(multiplier=0.1, max=2.0),
                 reraise=True,
             ):
                 with attempt:
@@ -449,6 +455,16 @@ class DataRouter:
             # A strategy reload must not lose the buckets that are forming right now.
             aggregator.restore(previous.forming())
         return aggregator
+
+    def _build_orderflow(self, strat: RoutingStrategy) -> OrderFlowCalculator | None:
+        flow = strat.order_flow
+        if not flow.enabled:
+            return None
+        return OrderFlowCalculator(
+            window_ms=round(flow.window_seconds * 1000),
+            vpin_bucket_volume=flow.vpin_bucket_volume,
+            vpin_buckets=flow.vpin_buckets,
+        )
 
     def _build_ingest(self, storage: Storage) -> IngestPipeline:
         batch = self._watcher.current.batch
@@ -517,6 +533,8 @@ class DataRouter:
             )
         if old.aggregation != new.aggregation:
             self._aggregator = self._build_aggregator(new, previous=self._aggregator)
+        if old.order_flow != new.order_flow:
+            self._orderflow = self._build_orderflow(new)
 
     @property
     def strategy(self) -> RoutingStrategy:
@@ -527,6 +545,9 @@ class DataRouter:
 
     def _apply_remote(self, items: Sequence[TickData | CandleData | OrderFlowMetrics]) -> None:
         l1 = self._l1
+        if self._subs:
+            for item in items:
+                self._subs.dispatch(item)
         for item in items:
             if type(item) is TickData:
                 l1.put_tick(item)
@@ -591,10 +612,25 @@ class DataRouter:
             if (tick.symbol, tick.source) not in self._agg_restored:
                 await self._restore_forming(tick.symbol, tick.source)
             self._feed_aggregator(tick, route)
+        if self._orderflow is not None:
+            self._feed_orderflow(tick, route)
         if self._has_processors:
             self._processors.process(tick)
+        if self._subs:
+            self._subs.dispatch(tick)
         assert self._ingest is not None
         await self._ingest.submit(tick, mode=write_mode)
+
+    def _feed_orderflow(self, tick: TickData, route: Sequence[str]) -> None:
+        assert self._orderflow is not None
+        metrics = self._orderflow.update(tick)
+        if metrics is not None:
+            self._l1.put_order_flow(metrics)
+            self._publish(route, metrics)
+            # One row per symbol per maintenance pass, not one per tick.
+            self._flow_dirty[metrics.symbol] = metrics
+            if self._subs:
+                self._subs.dispatch(metrics)
 
     def _feed_aggregator(self, tick: TickData, route: Sequence[str]) -> None:
         assert self._aggregator is not None
@@ -605,6 +641,8 @@ class DataRouter:
         for candle in self._aggregator.update(tick):
             self._l1.put_candle(candle)
             self._publish(route, candle)
+            if self._subs:
+                self._subs.dispatch(candle)
             key = (candle.symbol, candle.source, candle.timeframe)
             if candle.is_closed:
                 dirty.pop(key, None)
@@ -629,7 +667,14 @@ class DataRouter:
             logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
 
     def _submit_forming(self) -> None:
-        if not self._forming_dirty or self._ingest is None:
+        if self._ingest is None:
+            return
+        if self._flow_dirty:
+            flows = list(self._flow_dirty.values())
+            self._flow_dirty.clear()
+            for metrics in flows:
+                self._ingest.submit_nowait(metrics)
+        if not self._forming_dirty:
             return
         dirty = list(self._forming_dirty.values())
         self._forming_dirty.clear()
@@ -685,6 +730,58 @@ class DataRouter:
                 self._l1.put_candle(candle)
                 self._ingest.submit_nowait(candle)
 
+    # ------------------------------------------------------------------ subscriptions
+
+    def subscribe_ticks(self, symbols: Iterable[str] | None = None) -> Subscription[TickData]:
+        """Live ticks of ``symbols`` (all symbols when None) from this and every other router.
+
+        ``async for tick in router.subscribe_ticks(["EUR/USD"]): ...``. Other processes'
+        writes arrive through the L2 pub/sub bus (none without L2). Each subscriber has a
+        bounded buffer (``subscriptions.buffer_size``); a slow consumer loses the oldest
+        items, counted in ``Subscription.dropped``.
+        """
+        self._require_open()
+        wanted = None if symbols is None else frozenset(_norm(s) for s in symbols)
+
+        def match(tick: TickData) -> bool:
+            return wanted is None or tick.symbol in wanted
+
+        return self._subs.add(
+            Subscription(
+                TickData,
+                match,
+                buffer_size=self._watcher.current.subscriptions.buffer_size,
+                on_close=self._subs.remove,
+            )
+        )
+
+    def subscribe_candles(
+        self, symbol: str, timeframe: str, *, source: str | None = None
+    ) -> Subscription[CandleData]:
+        """Live candle updates (forming and closed) of one (symbol, timeframe).
+
+        Without ``source`` every source's candles are delivered (vendor and aggregated).
+        """
+        self._require_open()
+        sym = _norm(symbol)
+        timeframe_ms(timeframe)
+
+        def match(candle: CandleData) -> bool:
+            return (
+                candle.symbol == sym
+                and candle.timeframe == timeframe
+                and (source is None or candle.source == source)
+            )
+
+        return self._subs.add(
+            Subscription(
+                CandleData,
+                match,
+                buffer_size=self._watcher.current.subscriptions.buffer_size,
+                on_close=self._subs.remove,
+            )
+        )
+
     # ------------------------------------------------------------------ processors
 
     def register_processor(self, processor: TickProcessor) -> None:
@@ -722,6 +819,8 @@ class DataRouter:
         route = self._watcher.current.routing.save_candle
         self._l1.put_candle(candle)
         self._publish(route, candle)
+        if self._subs:
+            self._subs.dispatch(candle)
         assert self._ingest is not None
         await self._ingest.submit(candle, mode=write_mode)
 
@@ -741,6 +840,8 @@ class DataRouter:
         route = self._watcher.current.routing.save_order_flow
         self._l1.put_order_flow(metrics)
         self._publish(route, metrics)
+        if self._subs:
+            self._subs.dispatch(metrics)
         assert self._ingest is not None
         await self._ingest.submit(metrics, mode=write_mode)
 
@@ -909,25 +1010,49 @@ class DataRouter:
                     continue
                 if got is not None:
                     self._counters.l2_hits += 1
-                    if self._l1_enabled:
-                        self._l1.put_candles(got, complete=len(got) < limit)
-                    return got
+                    return self._merge_with_l1(symbol, timeframe, limit, known, got)
                 self._counters.l2_misses += 1
             elif backend == TIMESCALE:
                 self._counters.db_reads += 1
                 rows = await self.storage.latest_candles(
                     symbol, timeframe, limit, source=source, preferred_sources=preferred
                 )
-                if rows:
-                    if source is None:
-                        self._default_candle_source[(symbol, timeframe)] = rows[-1].source
-                    complete = len(rows) < limit
-                    if self._l1_enabled:
-                        self._l1.put_candles(rows, complete=complete)
-                    if self._l2 is not None and L2_CACHE in route and not l2_skipped:
-                        self._spawn(self._l2.put_candles(rows, complete=complete))
-                return rows
+                src = source
+                if src is None:
+                    src = rows[-1].source if rows else self._local_candle_source(symbol, timeframe)
+                    if src is not None:
+                        self._default_candle_source[(symbol, timeframe)] = src
+                if rows and self._l2 is not None and L2_CACHE in route and not l2_skipped:
+                    self._spawn(self._l2.put_candles(rows, complete=len(rows) < limit))
+                return self._merge_with_l1(symbol, timeframe, limit, src, rows)
         return []
+
+    def _merge_with_l1(
+        self, symbol: str, timeframe: str, limit: int, source: str | None, rows: list[CandleData]
+    ) -> list[CandleData]:
+        """Backfill L1 with ``rows`` and answer from the merged ring.
+
+        L1 holds what this router wrote but the database may not have yet (forming candles
+        and buffered saves), so the merged ring is the read-your-writes answer.
+        """
+        if not self._l1_enabled or source is None:
+            return rows
+        if rows:
+            self._l1.put_candles(rows, complete=len(rows) < limit)
+        else:
+            self._l1.mark_complete(symbol, timeframe, source)
+        merged = self._l1.get_candles(symbol, timeframe, limit, source)
+        return merged if merged is not None else rows
+
+    def _local_candle_source(self, symbol: str, timeframe: str) -> str | None:
+        """Source of candles only L1 holds yet: the preferred one, else the freshest."""
+        local = self._l1.candle_sources(symbol, timeframe)
+        if not local:
+            return None
+        for preferred in self._watcher.current.sources.candle_preference:
+            if preferred in local:
+                return preferred
+        return local[0]
 
     async def get_latest_order_flow(
         self, symbol: str, *, source: str | None = None

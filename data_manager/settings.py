@@ -225,7 +225,7 @@ class DataManagerSettings(BaseSettings):
         description="Routing strategy file; default <config_dir>/hot_reload/"
         "data_manager_strategy.py.",
     )
-    write_mode: WriteMode = "sync"
+    write_mode: WriteMode = "buffered"
     journal_dir: Path = Path(".data_manager/journal")
     init_deadline_seconds: float = Field(
         default=30.0, ge=0, description="How long initialize() keeps retrying to connect."

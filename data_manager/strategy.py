@@ -535,6 +535,27 @@ class AggregationStrategy(_StrategyModel):
         return sorted(value)  # stable dumps, hence a stable content hash
 
 
+class OrderFlowStrategy(_StrategyModel):
+    """Order-flow metrics computed inside the router from ticks with sizes and trades."""
+
+    enabled: bool = True
+    window_seconds: float = Field(default=60.0, gt=0, description="Rolling window length.")
+    vpin_bucket_volume: float = Field(
+        default=1_000_000.0, gt=0, description="Volume per VPIN bucket (instrument units)."
+    )
+    vpin_buckets: int = Field(default=50, ge=1, description="Buckets averaged by VPIN.")
+
+
+class SubscriptionStrategy(_StrategyModel):
+    """Live subscriptions (``subscribe_ticks`` / ``subscribe_candles``)."""
+
+    buffer_size: int = Field(
+        default=10_000,
+        ge=1,
+        description="Items buffered per subscriber; a slow consumer loses the oldest.",
+    )
+
+
 class RoutingStrategy(_StrategyModel):
     """The whole strategy; every section defaults to the built-in values.
 
@@ -551,6 +572,8 @@ class RoutingStrategy(_StrategyModel):
     staleness: StalenessStrategy = Field(default_factory=StalenessStrategy)
     sources: SourcesStrategy = Field(default_factory=SourcesStrategy)
     aggregation: AggregationStrategy = Field(default_factory=AggregationStrategy)
+    order_flow: OrderFlowStrategy = Field(default_factory=OrderFlowStrategy)
+    subscriptions: SubscriptionStrategy = Field(default_factory=SubscriptionStrategy)
 
     _content_hash: str = PrivateAttr(default="")
 
@@ -561,6 +584,8 @@ class RoutingStrategy(_StrategyModel):
         "staleness",
         "sources",
         "aggregation",
+        "order_flow",
+        "subscriptions",
     )
 
     def model_post_init(self, context: Any, /) -> None:

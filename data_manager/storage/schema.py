@@ -95,8 +95,6 @@ __all__ = [
     "delete_range_stmt",
     "encode_pg_timestamptz",
     "head_version",
-    "latest_order_flow_stmt",
-    "latest_ticks_stmt",
     "migrate",
     "ms_to_datetime",
     "order_flow_from_row",
@@ -628,59 +626,29 @@ def ticks_range_stmt(
     return stmt if limit is None else stmt.limit(limit)
 
 
-def latest_ticks_stmt(
-    tables: Tables, symbol: str, *, source: str | None, any_source_tie: Any = None
-) -> Select[Any]:
-    """The newest tick of ``symbol`` (index scan backwards; see :func:`ticks_range_stmt`)."""
-    t = tables.ticks
-    stmt = select(*(t.c[name] for name in TICK_READ_COLUMNS)).where(t.c.symbol == symbol)
-    if source is not None:
-        stmt = stmt.where(t.c.source == source).order_by(t.c.ts.desc(), t.c.content_key.desc())
-    elif any_source_tie is not None:
-        stmt = stmt.order_by(t.c.ts.desc(), any_source_tie.desc())
-    else:
-        stmt = stmt.order_by(t.c.ts.desc())
-    return stmt.limit(1)
-
-
 def candles_stmt(
     tables: Tables,
     symbol: str,
     timeframe: str,
     source: str,
     *,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    newest: int | None = None,
+    start_ms: int,
+    end_ms: int,
 ) -> Select[Any]:
-    """Candles of one (symbol, timeframe, source): the ``newest`` N (newest first) or those in
-    ``[start_ms, end_ms)`` (oldest first); always a primary-key range scan."""
+    """Candles of one (symbol, timeframe, source) in ``[start_ms, end_ms)``, oldest first
+    (a primary-key range scan), in :data:`CANDLE_COLUMNS` order."""
     c = tables.candles
-    stmt = select(*(c.c[name] for name in CANDLE_COLUMNS)).where(
-        c.c.symbol == symbol, c.c.timeframe == timeframe, c.c.source == source
+    return (
+        select(*(c.c[name] for name in CANDLE_COLUMNS))
+        .where(
+            c.c.symbol == symbol,
+            c.c.timeframe == timeframe,
+            c.c.source == source,
+            c.c.ts >= start_ms,
+            c.c.ts < end_ms,
+        )
+        .order_by(c.c.ts)
     )
-    if start_ms is not None:
-        stmt = stmt.where(c.c.ts >= start_ms)
-    if end_ms is not None:
-        stmt = stmt.where(c.c.ts < end_ms)
-    if newest is not None:
-        return stmt.order_by(c.c.ts.desc()).limit(newest)
-    return stmt.order_by(c.c.ts)
-
-
-def latest_order_flow_stmt(
-    tables: Tables, symbol: str, *, source: str | None, any_source_tie: Any = None
-) -> Select[Any]:
-    """The newest order-flow row of ``symbol`` (index scan backwards)."""
-    o = tables.order_flow
-    stmt = select(*(o.c[name] for name in ORDER_FLOW_COLUMNS)).where(o.c.symbol == symbol)
-    if source is not None:
-        stmt = stmt.where(o.c.source == source).order_by(o.c.ts.desc(), o.c.window_ms.desc())
-    elif any_source_tie is not None:
-        stmt = stmt.order_by(o.c.ts.desc(), any_source_tie.desc())
-    else:
-        stmt = stmt.order_by(o.c.ts.desc())
-    return stmt.limit(1)
 
 
 def upsert_clause(

@@ -15,13 +15,14 @@ import pytest_asyncio
 from data_manager.errors import (
     ConnectionPoolExhaustedError,
     DatabaseConnectionError,
+    QueryExecutionError,
     QueryTimeoutError,
     RouterClosedError,
 )
 from data_manager.models import CandleData, TickData
 from data_manager.settings import PostgresSettings
 from data_manager.storage import schema
-from data_manager.storage.postgres import PostgresStorage
+from data_manager.storage.postgres import COPY_MIN_ROWS, PostgresStorage
 from tests.servers import free_port
 
 if TYPE_CHECKING:
@@ -327,6 +328,22 @@ async def test_writes_survive_schema_refresh_between_batches(
         assert await storage.write_candles([candle(T0)]) == 1
 
 
+async def test_failed_bulk_batch_leaves_nothing_behind(postgres_url: str, pg_schema: str) -> None:
+    settings = settings_for(postgres_url, pg_schema, pool_min=1, pool_max=1)
+    async with opened(settings) as storage:
+        n = COPY_MIN_ROWS + 10
+        bad = [tick(T0 + i) for i in range(n)]
+        bad[-1] = TickData(
+            symbol=SYM, timestamp=T0 + n, bid=1.1, ask=1.2, source="polygon", exchange=2**63
+        )
+        with pytest.raises(QueryExecutionError):
+            await storage.write_ticks(bad)
+        assert await storage.latest_tick(SYM) is None
+        # Same connection, same staging table: it was emptied by the rollback.
+        assert await storage.write_ticks(bad[:-1]) == n - 1
+        assert len(await storage.ticks_range(SYM, T0, T0 + 2 * n)) == n - 1
+
+
 async def test_hot_reads_are_index_scans(
     postgres_url: str, pg_schema: str, side: asyncpg.Connection
 ) -> None:
@@ -362,7 +379,8 @@ async def test_hot_reads_are_index_scans(
             (sql.latest_ticks_many, (["S1", "S2"],)),
             (sql.latest_candles_many, (["S7"], ["1m"], [], 100)),
             (sql.latest_candles_one, ("S7", "1m", [], 100)),
-            (sql.ticks_cursor_any, ("S7", T0, T0 + 1000)),
+            (sql.ticks_range_any, ("S7", T0, T0 + 1000, None)),
+            (sql.ticks_range_source, ("S7", T0, T0 + 1000, "a", 100)),
         ]
         for query, params in many:
             text = await plan(query, *params)

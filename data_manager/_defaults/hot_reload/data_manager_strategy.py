@@ -78,4 +78,17 @@ DATA_MANAGER_STRATEGY = {
         "idle_close_grace_seconds": 2.0,  # close a bucket this long after its end
         "daily_close": "utc",  # "utc" | "new_york_17"; restart required
     },
+    # Order-flow metrics (OFI, volume delta, imbalance, VWAP, VPIN) from ticks that carry
+    # bid/ask sizes and trades with an aggressor side; ticks without them add nothing.
+    "order_flow": {
+        "enabled": True,
+        "window_seconds": 60.0,  # rolling window
+        "vpin_bucket_volume": 1_000_000.0,  # volume per VPIN bucket (instrument units)
+        "vpin_buckets": 50,  # buckets averaged by VPIN
+    },
+    # Live subscriptions: items buffered per subscriber; a slow consumer loses the oldest
+    # (counted), so memory stays bounded.
+    "subscriptions": {
+        "buffer_size": 10_000,
+    },
 }

@@ -1,0 +1,158 @@
+"""Router-level computations on the embedded store: aggregation, order flow, processors,
+subscriptions, maintenance with a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from data_manager import DataManagerSettings, DataRouter, TickData
+from data_manager.clock import ManualClock
+from data_manager.processors import IncrementalSMA
+from data_manager.strategy import strategy_from_mapping
+
+T0 = 1_727_996_400_000  # 2024-10-03T23:00:00Z, a minute boundary
+
+
+def q(ts: int, bid: float, *, symbol: str = "EUR/USD", **extra: object) -> TickData:
+    return TickData(symbol=symbol, timestamp=ts, bid=bid, ask=bid + 0.0002, source="feed", **extra)
+
+
+@pytest.fixture
+async def router(tmp_path: Path) -> AsyncIterator[DataRouter]:
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "journal"
+    )
+    strategy = strategy_from_mapping(
+        {"aggregation": {"timeframes": ["1m", "5m"]}, "subscriptions": {"buffer_size": 3}}
+    )
+    clock = ManualClock(wall_ms=T0)
+    async with DataRouter(settings=settings, clock=clock, strategy=strategy) as r:
+        yield r
+
+
+async def test_aggregated_candles_form_close_and_reach_storage(router: DataRouter) -> None:
+    for i, bid in enumerate((1.1000, 1.1010, 1.0990, 1.1005)):
+        await router.save_tick(q(T0 + i * 10_000, bid))
+    forming = await router.get_latest_candles("EUR/USD", "1m", 1)
+    assert forming[-1].is_closed is False
+    assert forming[-1].source == "agg:feed"
+    await router.save_tick(q(T0 + 60_000, 1.1020))  # next bucket closes the first
+    await router.flush()
+    stored = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 120_000)
+    assert [c.is_closed for c in stored] == [True, False]
+    first = stored[0]
+    assert (first.open, first.close) == pytest.approx((1.1001, 1.1006))
+    assert first.high == pytest.approx(1.1011)
+    assert first.low == pytest.approx(1.0991)
+    assert first.num_trades == 4
+
+
+async def test_idle_bucket_closed_by_maintenance_with_manual_clock(tmp_path: Path) -> None:
+    clock = ManualClock(wall_ms=T0)
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    strategy = strategy_from_mapping(
+        {"aggregation": {"timeframes": ["1m"], "idle_close_grace_seconds": 2}}
+    )
+    async with DataRouter(settings=settings, clock=clock, strategy=strategy) as router:
+        await router.save_tick(q(T0 + 1_000, 1.1))
+        clock.advance(60.0)  # bucket end passed, grace not yet
+        await router.run_maintenance()
+        await router.flush()  # the L1 TTL (60 s) has run out too: read what storage has
+        assert (await router.get_latest_candles("EUR/USD", "1m", 1))[-1].is_closed is False
+        clock.advance(2.5)
+        await router.run_maintenance()
+        await router.flush()
+        latest = await router.get_latest_candles("EUR/USD", "1m", 1)
+        assert latest[-1].is_closed is True
+        stored = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 60_000)
+        assert stored[-1].is_closed is True
+
+
+async def test_forming_bucket_restored_by_the_next_router(tmp_path: Path) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    strategy = strategy_from_mapping({"aggregation": {"timeframes": ["1m"]}})
+
+    def settings(j: str) -> DataManagerSettings:
+        return DataManagerSettings(sqlite_path=path, watch_strategy=False, journal_dir=tmp_path / j)
+
+    async with DataRouter(settings=settings("a"), strategy=strategy) as first:
+        await first.save_tick(q(T0 + 1_000, 1.1000))
+        await first.save_tick(q(T0 + 2_000, 1.1050))
+    async with DataRouter(settings=settings("b"), strategy=strategy) as second:
+        await second.save_tick(q(T0 + 3_000, 1.0950))
+        await second.flush()
+        candle = (await second.get_latest_candles("EUR/USD", "1m", 1))[-1]
+    # One bucket, built from all three ticks across the restart.
+    assert candle.open == pytest.approx(1.1001)
+    assert candle.high == pytest.approx(1.1051)
+    assert candle.low == pytest.approx(1.0951)
+    assert candle.num_trades == 3
+
+
+async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
+    await router.save_tick(q(T0, 1.1000, bid_size=1e6, ask_size=1e6))
+    await router.save_tick(q(T0 + 10, 1.1000, bid_size=3e6, ask_size=1e6))
+    await router.save_tick(
+        q(
+            T0 + 20,
+            1.1000,
+            bid_size=3e6,
+            ask_size=1e6,
+            last_price=1.1002,
+            last_size=5e5,
+            aggressor="buy",
+        )
+    )
+    flow = await router.get_latest_order_flow("EUR/USD")
+    assert flow is not None
+    assert flow.ofi == pytest.approx(2e6)  # bid size grew by 2e6 at an unchanged bid
+    assert flow.buy_volume == pytest.approx(5e5)
+    assert flow.imbalance == pytest.approx(1.0)
+    await router.flush()
+    stored = await router.storage.latest_order_flow("EUR/USD")
+    assert stored is not None
+    assert stored.ofi == pytest.approx(flow.ofi)
+
+
+async def test_processors_see_every_tick(router: DataRouter) -> None:
+    sma = IncrementalSMA(3)
+    router.register_processor(sma)
+    for i, bid in enumerate((1.0, 2.0, 3.0, 4.0)):
+        await router.save_tick(q(T0 + i, bid))
+    assert router.processors.stats()[sma.name].calls == 4
+    router.unregister_processor(sma.name)
+    await router.save_tick(q(T0 + 10, 5.0))
+    assert sma.name not in router.processors.names
+
+
+async def test_subscription_receives_matching_ticks_and_stays_bounded(router: DataRouter) -> None:
+    sub = router.subscribe_ticks(["eur_usd"])
+    await router.save_tick(q(T0, 1.1))
+    await router.save_tick(q(T0, 1.3, symbol="GBP/USD"))
+    got = await asyncio.wait_for(anext(sub), 1.0)
+    assert got.symbol == "EUR/USD"
+    for i in range(10):  # buffer_size is 3: the oldest are dropped and counted
+        await router.save_tick(q(T0 + 1 + i, 1.1 + i * 1e-4))
+    assert sub.pending == 3
+    assert sub.dropped == 7
+    last = [await anext(sub) for _ in range(3)]
+    assert [t.timestamp for t in last] == [T0 + 8, T0 + 9, T0 + 10]
+    await sub.aclose()
+    await router.save_tick(q(T0 + 20, 1.2))
+    assert sub.pending == 0
+
+
+async def test_candle_subscription_and_close_ends_iteration(router: DataRouter) -> None:
+    sub = router.subscribe_candles("EUR/USD", "1m")
+    await router.save_tick(q(T0, 1.1))
+    candle = await asyncio.wait_for(anext(sub), 1.0)
+    assert (candle.timeframe, candle.is_closed) == ("1m", False)
+    await router.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(anext(sub), 1.0)
