@@ -15,6 +15,8 @@ The names are seed 004's public API. The tree is shallow and answers "should I r
     ├── CircuitBreakerOpenError       transient: calls are short-circuited until a probe passes
     ├── RetryExhaustedError           transient errors kept failing past the retry budget
     ├── BackpressureTimeoutError      the write queue stayed full past the configured wait
+    ├── JournalError                  the local journal cannot be written, read or opened
+    │   └── JournalLockedError        another live process holds that journal's lock
     └── RouterClosedError             the router was closed (or never initialised)
 
 Driver exceptions are translated at the backend boundary by the ``map_*_errors`` context
@@ -39,6 +41,8 @@ __all__ = [
     "ConnectionPoolExhaustedError",
     "DataManagerError",
     "DatabaseConnectionError",
+    "JournalError",
+    "JournalLockedError",
     "QueryExecutionError",
     "QueryTimeoutError",
     "RetryExhaustedError",
@@ -103,6 +107,14 @@ class RetryExhaustedError(DataManagerError):
 
 class BackpressureTimeoutError(DataManagerError):
     """The write queue stayed full for longer than the configured wait."""
+
+
+class JournalError(DataManagerError):
+    """The local journal could not be written, read or opened."""
+
+
+class JournalLockedError(JournalError):
+    """Another live process holds this journal's lock."""
 
 
 class RouterClosedError(DataManagerError):

@@ -23,6 +23,7 @@ __all__ = [
     "HealthCheckResponse",
     "HealthStatus",
     "PoolHealth",
+    "ReplicaHealth",
     "StrategyHealth",
     "TierStats",
     "WritePathHealth",
@@ -34,6 +35,18 @@ HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 
 class _Report(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ReplicaHealth(_Report):
+    """One PostgreSQL read replica."""
+
+    target: str
+    healthy: bool
+    lag_seconds: float | None = None
+    lag_bytes: int | None = None
+    skipped_reason: str | None = None
+    reads: int = 0
+    errors: int = 0
 
 
 class DatabaseHealth(_Report):
@@ -48,6 +61,7 @@ class DatabaseHealth(_Report):
     timescaledb_version: str | None = None
     embedded: bool = False
     error: str | None = None
+    replicas: list[ReplicaHealth] = Field(default_factory=list)
 
 
 class PoolHealth(_Report):
@@ -134,6 +148,13 @@ def overall_status(
     if down:
         return "unhealthy", f"database unreachable: {', '.join(down)}"
     problems: list[str] = []
+    for db in databases.values():
+        for replica in db.replicas:
+            if not replica.healthy:
+                problems.append(
+                    f"read replica {replica.target} skipped ({replica.skipped_reason}); "
+                    "its reads go to the primary"
+                )
     if cache.l2_configured and not cache.l2_reachable:
         problems.append("L2 cache unreachable; reads fall back to the database")
     if cache.subscription == "lost":

@@ -30,8 +30,14 @@ journal a failing batch stays in memory and the full queue pushes back on produc
 
 Orphans. At start, and every ``orphan_scan_interval`` seconds, the pipeline looks for
 journals of dead instances in the same folder (their lock is free), takes their lock and
-puts them in the backlog ahead of its own journal. :meth:`start` does not wait for the
-replay; :meth:`flush` does.
+puts them in the backlog ahead of its own journal (older data first), which also puts it in
+backlog mode until they are replayed. :meth:`start` does not wait for the replay;
+:meth:`flush` does.
+
+Order. Buffered and journal-mode items are stored in the order they were queued (a
+journal-mode item is queued once it is durable, so it can land after a buffered item
+submitted while its sync ran). ``sync`` writes go straight to the database and may overtake
+queued items. Within a batch, only the last version of a candle or order-flow key is sent.
 
 Data the database refuses (``QueryExecutionError``/``ValidationError`` for a batch) must not
 wedge the queue: the batch is split in halves until the refused items are isolated, the rest
@@ -245,6 +251,7 @@ class IngestPipeline:
             dead_letter_path = journal.root / DEAD_LETTER_DIR / f"{journal.instance_id}.jsonl"
         self._dead_letters = DeadLetterFile(dead_letter_path) if dead_letter_path else None
         self._wake = asyncio.Event()
+        self._closed = asyncio.Event()
         self._space: asyncio.Future[None] | None = None
         # Set (and checked) by configure() below.
         self._batch_size = batch_size
@@ -448,7 +455,11 @@ class IngestPipeline:
         if own is None or self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
             return 0
         exclude = {own.instance_id} | {j.instance_id for j in self._backlog}
-        paths = await asyncio.to_thread(find_orphans, own.root, exclude=exclude)
+        try:
+            paths = await asyncio.to_thread(find_orphans, own.root, exclude=exclude)
+        except OSError:
+            logger.exception("write path: cannot scan %s for orphaned journals", own.root)
+            return 0
         adopted = 0
         for path in paths:
             orphan = Journal(path.parent, instance_id=path.name, segment_bytes=own.segment_bytes)
@@ -514,11 +525,13 @@ class IngestPipeline:
         ``timeout`` (``None``: until stored), then logs and counts what it had to drop.
         """
         if self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
+            await self._closed.wait()  # a concurrent close() finishes the job
             return
         if self._state is PipelineState.NEW:
             self._state = PipelineState.CLOSED
             if self._journal is not None and self._journal.is_open:
                 await self._journal.close()
+            self._closed.set()
             return
         self._state = PipelineState.CLOSING
         self._release_space()
@@ -535,16 +548,19 @@ class IngestPipeline:
             logger.warning("write path: close() gave up flushing after %ss", timeout)
         except Exception:
             logger.exception("write path: flush at close failed")
-        await self._stop_writer()
-        await self._journal_leftovers()
-        for backlog in self._backlog:
-            if backlog is not journal:
-                await backlog.close()  # unlocked: the next router adopts what is left
-        self._backlog.clear()
-        if journal is not None:
-            await journal.close()
-        self._state = PipelineState.CLOSED
-        self._notify_progress()
+        try:
+            await self._stop_writer()
+            await self._journal_leftovers()
+            for backlog in self._backlog:
+                if backlog is not journal:
+                    await backlog.close()  # unlocked: the next router adopts what is left
+            self._backlog.clear()
+            if journal is not None:
+                await journal.close()
+        finally:
+            self._state = PipelineState.CLOSED
+            self._closed.set()
+            self._notify_progress()
 
     async def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -988,8 +1004,13 @@ class IngestPipeline:
         self._record_batch(len(items), time.perf_counter() - started)
 
     def _breaker_wait(self) -> float:
-        if self._breaker.state is BreakerState.OPEN:
+        """How long to leave the database alone after a failed batch."""
+        state = self._breaker.state
+        if state is BreakerState.OPEN:
             return max(self._breaker.reset_timeout, 0.001)
+        if state is BreakerState.HALF_OPEN:
+            # Someone else's probe is in flight: look again shortly rather than spin.
+            return min(max(self._breaker.reset_timeout, 0.001), 0.1)
         return 0.0
 
     async def _store_isolating(self, kind: type[Any], items: list[Any]) -> None:
@@ -1027,6 +1048,17 @@ class IngestPipeline:
             await self._finish_backlog(journal)
             return
         chunk = await journal.read(journal.stored_lsn, max_records=self._replay_batch)
+        if not chunk.records and chunk.end_lsn <= journal.stored_lsn:
+            # Records counted but not readable (files changed under us): say so, move on.
+            logger.error(
+                "write path: journal %s records %d..%d cannot be read; skipping them",
+                journal.path,
+                journal.stored_lsn + 1,
+                journal.last_lsn,
+            )
+            await journal.mark_stored(journal.last_lsn)
+            await self._finish_backlog(journal)
+            return
         items: list[IngestItem] = []
         for start in range(0, len(chunk.records), _DECODE_SLICE):
             for _, payload in chunk.records[start : start + _DECODE_SLICE]:

@@ -45,6 +45,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -53,7 +54,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import orjson
 
-from data_manager.errors import DataManagerError, ValidationError
+from data_manager.errors import (
+    JournalError,
+    JournalLockedError,
+    ValidationError,
+)
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
 if TYPE_CHECKING:
@@ -96,6 +101,7 @@ _TMP_PREFIX: Final = ".tmp-"
 _HEADER: Final = struct.Struct("<II")
 _LENGTH: Final = struct.Struct("<I")
 _READ_CHUNK: Final = 4 * 1024 * 1024
+_TMP_STALE_SECONDS: Final = 60.0
 _INSTANCE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEGMENT_NAME: Final = re.compile(r"^(\d{20})\.seg$")
 
@@ -116,14 +122,6 @@ _EXCLUDE: Final[dict[type[Any], set[str] | None]] = {
     CandleData: None,
     OrderFlowMetrics: None,
 }
-
-
-class JournalError(DataManagerError):
-    """The local journal could not be written, read or opened."""
-
-
-class JournalLockedError(JournalError):
-    """Another live process holds this journal's lock."""
 
 
 # --------------------------------------------------------------------------- records
@@ -322,9 +320,12 @@ def find_orphans(directory: Path | str, *, exclude: Collection[str] = ()) -> lis
             continue
         lock_path = entry / LOCK_NAME
         if name.startswith(_TMP_PREFIX):
-            # A folder whose creation was interrupted before any record was written.
-            if lock_path.exists() and _lock_is_free(lock_path):
-                _remove_tree(entry, expect_empty_journal=True)
+            # A folder whose creation was interrupted before any record was written. Only
+            # stale ones: a fresh one may belong to a router that is about to lock it.
+            with contextlib.suppress(OSError):
+                stale = entry.stat().st_mtime < time.time() - _TMP_STALE_SECONDS
+                if stale and lock_path.exists() and _lock_is_free(lock_path):
+                    _remove_tree(entry, expect_empty_journal=True)
             continue
         if name.startswith(".") or not lock_path.exists():
             continue
@@ -345,10 +346,13 @@ def find_orphans(directory: Path | str, *, exclude: Collection[str] = ()) -> lis
 
 def _remove_tree(path: Path, *, expect_empty_journal: bool) -> None:
     """Remove a journal folder made only of files this module writes."""
-    for child in path.iterdir():
-        if expect_empty_journal and child.name.endswith(SEGMENT_SUFFIX):
-            return  # not what we expected: leave it for a person to look at
-    for child in path.iterdir():
+    try:
+        children = list(path.iterdir())
+    except FileNotFoundError:
+        return
+    if expect_empty_journal and any(c.name.endswith(SEGMENT_SUFFIX) for c in children):
+        return  # not what we expected: leave it for a person to look at
+    for child in children:
         if child.is_file():
             child.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
@@ -554,7 +558,9 @@ class Journal:
         _register_for_fork(self)
 
     def _open_sync(self, create: bool) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.root.parent)  # a new root must survive a power loss too
         for _ in range(3):
             if not self.path.exists():
                 if not create:
@@ -592,9 +598,10 @@ class Journal:
             os.rename(tmp, self.path)
         except OSError:
             lock.release()
+            vanished = not tmp.exists()
             _remove_tree(tmp, expect_empty_journal=True)
-            if self.path.exists():
-                return  # created concurrently; the caller locks the existing one
+            if vanished or self.path.exists():
+                return  # tmp removed by a prober, or created concurrently: try again
             raise
         _fsync_dir(self.root)
         lock.path = self.path / LOCK_NAME

@@ -51,6 +51,7 @@ MIN_TIMESTAMP_MS: Final = 100_000_000_000
 #: Largest accepted timestamp (2286-11-20T17:46:40Z). Anything larger is µs or ns.
 MAX_TIMESTAMP_MS: Final = 10_000_000_000_000
 MAX_SYMBOL_LENGTH: Final = 32
+_INT64_MAX: Final = 2**63 - 1  # seq and exchange are stored as BIGINT
 MAX_SOURCE_LENGTH: Final = 64
 
 Timeframe = Literal["1m", "5m", "15m", "30m", "1h", "4h", "1d", "1w"]
@@ -434,7 +435,7 @@ class TickData(_MarketModel):
     ask: Price
     source: str
     volume: NonNegative | None = None
-    exchange: int | None = None
+    exchange: int | None = Field(default=None, ge=-_INT64_MAX - 1, le=_INT64_MAX)
     event_type: str = "quote"
     use_case: str = ""
     bid_size: NonNegative | None = None
@@ -442,7 +443,7 @@ class TickData(_MarketModel):
     last_price: Price | None = None
     last_size: NonNegative | None = None
     aggressor: Literal["buy", "sell"] | None = None
-    seq: int | None = Field(default=None, ge=0)
+    seq: int | None = Field(default=None, ge=0, le=_INT64_MAX)
     received_at: EpochMs | None = None
 
     @model_validator(mode="after")

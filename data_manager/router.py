@@ -25,7 +25,7 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -51,6 +51,7 @@ from data_manager.health import (
     DatabaseHealth,
     HealthCheckResponse,
     PoolHealth,
+    ReplicaHealth,
     StrategyHealth,
     TierStats,
     WritePathHealth,
@@ -84,8 +85,11 @@ __all__ = ["USE_DEFAULT", "DataRouter", "RouterState", "StalenessReport"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 TIMESCALE: Final = "timescale"
+REPLICA: Final = "timescale_replica"
+_DATABASES: Final = frozenset({TIMESCALE, REPLICA})
 L2_CACHE: Final = "dragonfly_cache"
 
 
@@ -310,11 +314,11 @@ class DataRouter:
             )
             self._storage = storage
             await self._watcher.start(watch=self.settings.watch_strategy)
-            self._watcher.add_listener(self._on_strategy_swap)
+            self._watcher.add_listener(_weak_callback(self._on_strategy_swap))
             await self._start_l2()
             self._ingest = self._build_ingest(storage)
             await self._ingest.start()
-            self._spawn(self._maintenance_loop())
+            self._spawn(_maintenance_loop(weakref.ref(self)))
         except BaseException:
             await self._teardown()
             raise
@@ -400,7 +404,7 @@ class DataRouter:
         self._flight = SingleFlight()
         storage = self._build_storage()
         if self._storage is not None:
-            self._storage.reset_after_fork()  # type: ignore[attr-defined]
+            self._storage.reset_after_fork()
         await self._connect_with_deadline(storage)
         self._storage = storage
         self._watcher.reset_after_fork()
@@ -415,7 +419,19 @@ class DataRouter:
         if pg.configured:
             from data_manager.storage.postgres import PostgresStorage
 
-            return PostgresStorage(pg)
+            primary = PostgresStorage(pg)
+            if not pg.replicas:
+                return primary
+            from data_manager.storage.replicas import ReplicatedStorage
+
+            return ReplicatedStorage(
+                primary,
+                [PostgresStorage(r) for r in pg.replica_settings()],
+                max_lag_seconds=pg.replica_max_lag_seconds,
+                max_lag_bytes=pg.replica_max_lag_bytes,
+                lag_check_interval=pg.replica_check_interval,
+                clock=self._clock,
+            )
         from data_manager.storage.sqlite import SQLiteStorage
 
         logger.info(
@@ -423,6 +439,15 @@ class DataRouter:
             self.settings.sqlite_path,
         )
         return SQLiteStorage(self.settings.sqlite_path)
+
+    def _db_for(self, route: Sequence[str]) -> Storage:
+        """The database step of a read route: replicas only when the route names them."""
+        storage = self.storage
+        if REPLICA not in route:
+            primary = getattr(storage, "primary", None)
+            if primary is not None:
+                return primary  # type: ignore[no-any-return]
+        return storage
 
     async def _connect_with_deadline(self, storage: Storage) -> None:
         deadline = self.settings.init_deadline_seconds
@@ -505,9 +530,9 @@ class DataRouter:
             logger.warning("L2 cache %s unreachable at start; reads use the database", cfg.target)
         bus = CacheBus(l2, origin=self.instance_id)
         await bus.start(
-            on_items=self._apply_remote,
-            on_lost=self._on_subscription_lost,
-            on_restored=self._on_subscription_restored,
+            on_items=_weak_callback(self._apply_remote),
+            on_lost=_weak_callback(self._on_subscription_lost),
+            on_restored=_weak_callback(self._on_subscription_restored),
         )
         self._l2 = l2
         self._bus = bus
@@ -682,14 +707,6 @@ class DataRouter:
             self._ingest.submit_nowait(candle)
 
     # ------------------------------------------------------------------ maintenance
-
-    async def _maintenance_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._watcher.current.batch.flush_interval_seconds)
-            try:
-                await self.run_maintenance()
-            except DataManagerError:
-                logger.warning("maintenance pass failed", exc_info=True)
 
     async def run_maintenance(self) -> None:
         """One pass of the router's timer: close idle buckets, queue forming candles,
@@ -940,9 +957,9 @@ class DataRouter:
                         self._l1.put_tick(tick)
                     return tick
                 self._counters.l2_misses += 1
-            elif backend == TIMESCALE:
+            elif backend in _DATABASES:
                 self._counters.db_reads += 1
-                tick = await self.storage.latest_tick(symbol, source=source)
+                tick = await self._db_for(route).latest_tick(symbol, source=source)
                 if tick is not None:
                     if self._l1_enabled:
                         self._l1.put_tick(tick)
@@ -1012,9 +1029,9 @@ class DataRouter:
                     self._counters.l2_hits += 1
                     return self._merge_with_l1(symbol, timeframe, limit, known, got)
                 self._counters.l2_misses += 1
-            elif backend == TIMESCALE:
+            elif backend in _DATABASES:
                 self._counters.db_reads += 1
-                rows = await self.storage.latest_candles(
+                rows = await self._db_for(route).latest_candles(
                     symbol, timeframe, limit, source=source, preferred_sources=preferred
                 )
                 src = source
@@ -1090,9 +1107,9 @@ class DataRouter:
                         self._l1.put_order_flow(got)
                     return got
                 self._counters.l2_misses += 1
-            elif backend == TIMESCALE:
+            elif backend in _DATABASES:
                 self._counters.db_reads += 1
-                got = await self.storage.latest_order_flow(symbol, source=source)
+                got = await self._db_for(route).latest_order_flow(symbol, source=source)
                 if got is not None and self._l1_enabled:
                     self._l1.put_order_flow(got)
                 return got
@@ -1115,7 +1132,8 @@ class DataRouter:
         await self._ready()
         sym = _norm(symbol)
         start_ms, end_ms = self._interval(start, end)
-        return await self.storage.ticks_range(sym, start_ms, end_ms, source=source, limit=limit)
+        db = self._db_for(self._watcher.current.routing.get_ticks)
+        return await db.ticks_range(sym, start_ms, end_ms, source=source, limit=limit)
 
     async def get_candles(
         self,
@@ -1135,7 +1153,8 @@ class DataRouter:
         sym = _norm(symbol)
         timeframe_ms(timeframe)
         start_ms, end_ms = self._interval(start, end)
-        return await self.storage.candles_range(
+        db = self._db_for(self._watcher.current.routing.get_candles)
+        return await db.candles_range(
             sym,
             timeframe,
             start_ms,
@@ -1207,11 +1226,11 @@ class DataRouter:
         syms = [_norm(s) for s in symbols]
         for tf in timeframes:
             timeframe_ms(tf)
-        storage: Any = self.storage
+        storage = self.storage
         ticks = await storage.latest_ticks(syms)
         keys = [(s, tf) for s in syms for tf in timeframes]
-        candles: dict[tuple[str, str], list[CandleData]] = await storage.latest_candles_many(
-            keys, limit
+        candles = await storage.latest_candles_many(
+            keys, limit, preferred_sources=self._watcher.current.sources.candle_preference
         )
         loaded = 0
         for tick in ticks.values():
@@ -1264,6 +1283,26 @@ class DataRouter:
                 timescaledb_version=db.timescaledb_version,
                 embedded=storage.kind == "sqlite",
                 error=db.error,
+            )
+        replica_status = getattr(storage, "replica_status", None)
+        if replica_status is not None:
+            db_health = db_health.model_copy(
+                update={
+                    "replicas": [
+                        ReplicaHealth(
+                            target=r.target,
+                            healthy=r.healthy,
+                            lag_seconds=r.lag_seconds,
+                            lag_bytes=r.lag_bytes,
+                            skipped_reason=None
+                            if r.skipped_reason is None
+                            else str(r.skipped_reason),
+                            reads=r.reads,
+                            errors=r.errors,
+                        )
+                        for r in replica_status()
+                    ]
+                }
             )
         databases = {storage.kind: db_health}
         cache = await self._cache_health(probe=True)
@@ -1364,7 +1403,7 @@ class DataRouter:
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background_done)
+        task.add_done_callback(_weak_callback(self._background_done))
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
@@ -1379,6 +1418,41 @@ class DataRouter:
                 "the routing strategy names %r but no L2 cache is configured; skipping it",
                 L2_CACHE,
             )
+
+
+def _weak_callback(method: Callable[P, None]) -> Callable[P, None]:
+    """Wrap a bound method so background tasks holding it don't keep the router alive
+    (an unclosed router must still be collected and warn)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> None:
+        target = ref()
+        if target is not None:
+            target(*args, **kwargs)
+
+    return call
+
+
+async def _maintenance_loop(ref: weakref.ref[DataRouter]) -> None:
+    """The router's timer; holds the router only weakly between passes."""
+    while True:
+        router = ref()
+        if router is None or router.state is RouterState.CLOSED:
+            return
+        interval = router.strategy.batch.flush_interval_seconds
+        del router
+        await asyncio.sleep(interval)
+        router = ref()
+        if router is None or router.state is RouterState.CLOSED:
+            return
+        if router.state is not RouterState.OPEN:
+            del router
+            continue
+        try:
+            await router.run_maintenance()
+        except DataManagerError:
+            logger.warning("maintenance pass failed", exc_info=True)
+        del router
 
 
 def _rate(hits: int, misses: int) -> float | None:

@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_SQLITE_PATH",
     "DataManagerSettings",
     "DragonflySettings",
+    "PostgresReplicaSettings",
     "PostgresSettings",
     "WriteMode",
     "resolve_config_dir",
@@ -119,6 +120,28 @@ class _Backend(BaseModel):
         return bool(getattr(self, "host", ""))
 
 
+class PostgresReplicaSettings(BaseModel):
+    """One read replica (a hot standby); every field left out is the primary's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: SecretStr | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    database: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    sslmode: SslMode | None = None
+    connect_timeout: float | None = Field(default=None, gt=0)
+    statement_timeout: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+
 class PostgresSettings(_Backend):
     """PostgreSQL/TimescaleDB connection. Empty ``host`` means "use the embedded SQLite"."""
 
@@ -141,13 +164,34 @@ class PostgresSettings(_Backend):
     connect_timeout: float = Field(default=5.0, gt=0)
     statement_timeout: float = Field(default=30.0, gt=0, description="Server-side, seconds.")
     application_name: str = "data_manager"
+    replicas: tuple[PostgresReplicaSettings, ...] = Field(
+        default=(), description="Read replicas (hot standbys) for the timescale_replica route."
+    )
+    replica_max_lag_seconds: float = Field(default=5.0, gt=0)
+    replica_max_lag_bytes: int | None = Field(default=None, ge=0)
+    replica_check_interval: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> PostgresSettings:
         if self.pool_max < self.pool_min:
             msg = f"postgres pool max ({self.pool_max}) is below pool min ({self.pool_min})"
             raise ValueError(msg)
+        if self.replicas and self.replica_check_interval >= self.replica_max_lag_seconds:
+            msg = "replica_check_interval must be shorter than replica_max_lag_seconds"
+            raise ValueError(msg)
         return self
+
+    def replica_settings(self) -> list[PostgresSettings]:
+        """Each replica's full settings: its own fields over the primary's."""
+        base = self.model_dump(exclude={"url", "replicas"})
+        out = []
+        for replica in self.replicas:
+            own = {k: v for k, v in replica.model_dump(exclude={"url"}).items() if v is not None}
+            values = {**base, **own}
+            if replica.url is not None:
+                values["url"] = replica.url  # what the URL says wins (see _Backend._from_url)
+            out.append(PostgresSettings.model_validate(values))
+        return out
 
     def resolved_password(self) -> str | None:
         """The password, from ``password`` or ``password_file``; never logged."""
@@ -301,6 +345,10 @@ _POSTGRES_LAYOUT: Final[dict[tuple[str, str], str]] = {
     ("pool", "timeout_seconds"): "pool_timeout",
     ("timeouts", "connect_seconds"): "connect_timeout",
     ("timeouts", "statement_seconds"): "statement_timeout",
+    ("replicas", "urls"): "replicas",
+    ("replicas", "max_lag_seconds"): "replica_max_lag_seconds",
+    ("replicas", "max_lag_bytes"): "replica_max_lag_bytes",
+    ("replicas", "check_interval_seconds"): "replica_check_interval",
 }
 _DRAGONFLY_LAYOUT: Final[dict[tuple[str, str], str]] = {
     ("connection", "host"): "host",
@@ -358,6 +406,15 @@ def _load_static(config_dir: Path, section: str) -> dict[str, Any]:
             if field is None:
                 msg = f"{path}: unknown setting {group}.{key}"
                 raise ConfigurationError(msg)
+            if isinstance(value, list):  # e.g. replica URLs: unset ENV: items are dropped
+                resolved_items = [
+                    item
+                    for found, item in map(_resolve_env_value, value)
+                    if found and item not in (None, "")
+                ]
+                if resolved_items:
+                    out[field] = resolved_items
+                continue
             found, resolved = _resolve_env_value(value)
             if found and resolved not in (None, ""):
                 out[field] = resolved

@@ -114,7 +114,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["timescale", "dragonfly_cache"]
+Backend = Literal["timescale", "timescale_replica", "dragonfly_cache"]
 Operation = Literal[
     "save_tick",
     "save_candle",
@@ -127,7 +127,7 @@ Operation = Literal[
 ]
 
 #: Backend names a route may use (seed 004's names).
-BACKENDS: Final[tuple[Backend, ...]] = ("timescale", "dragonfly_cache")
+BACKENDS: Final[tuple[Backend, ...]] = ("timescale", "timescale_replica", "dragonfly_cache")
 #: Every routed operation, in the order the shipped file lists them.
 OPERATIONS: Final[tuple[Operation, ...]] = (
     "save_tick",
@@ -143,7 +143,10 @@ WRITE_OPERATIONS: Final[frozenset[Operation]] = frozenset(
     {"save_tick", "save_candle", "save_order_flow"}
 )
 READ_OPERATIONS: Final[frozenset[Operation]] = frozenset(OPERATIONS) - WRITE_OPERATIONS
-_BOTH: Final[frozenset[Backend]] = frozenset(BACKENDS)
+_BOTH: Final[frozenset[Backend]] = frozenset({"timescale", "dragonfly_cache"})
+_READS: Final[frozenset[Backend]] = frozenset(BACKENDS)
+#: ``timescale_replica`` = the configured PostgreSQL read replicas (reads only; what a replica
+#: cannot serve — lagging, down, or the router's own recent writes — goes to the primary).
 #: Which backends can serve each operation. Range reads need history, which only the
 #: database keeps (L2 holds the latest tick/order flow and a ring of recent candles).
 SUPPORTED_BACKENDS: Final[Mapping[Operation, frozenset[Backend]]] = MappingProxyType(
@@ -151,11 +154,11 @@ SUPPORTED_BACKENDS: Final[Mapping[Operation, frozenset[Backend]]] = MappingProxy
         "save_tick": _BOTH,
         "save_candle": _BOTH,
         "save_order_flow": _BOTH,
-        "get_latest_tick": _BOTH,
-        "get_latest_candles": _BOTH,
-        "get_latest_order_flow": _BOTH,
-        "get_ticks": frozenset({"timescale"}),
-        "get_candles": frozenset({"timescale"}),
+        "get_latest_tick": _READS,
+        "get_latest_candles": _READS,
+        "get_latest_order_flow": _READS,
+        "get_ticks": frozenset({"timescale", "timescale_replica"}),
+        "get_candles": frozenset({"timescale", "timescale_replica"}),
     }
 )
 _DATABASE: Final = "timescale"
@@ -343,6 +346,9 @@ class RoutingTable(_StrategyModel):
                 msg = f"{where}: {list(route)} names a backend twice"
                 raise RoutingError(msg)
             unsupported = [name for name in route if name not in SUPPORTED_BACKENDS[operation]]
+            if unsupported and unsupported[0] == "timescale_replica":
+                msg = f"{where}: 'timescale_replica' serves reads only; writes go to the primary"
+                raise RoutingError(msg)
             if unsupported:
                 msg = (
                     f"{where}: {unsupported[0]!r} cannot serve {operation} (it keeps the "
@@ -353,6 +359,12 @@ class RoutingTable(_StrategyModel):
                 msg = (
                     f"{where}: {list(route)} must include {_DATABASE!r}: writes must be "
                     "durable and reads must be able to answer from the database"
+                )
+                raise RoutingError(msg)
+            if "timescale_replica" in route and route[-2:] != ("timescale_replica", _DATABASE):
+                msg = (
+                    f"{where}: {list(route)}: 'timescale_replica' must come right before "
+                    f"{_DATABASE!r} (what a replica cannot serve goes to the primary)"
                 )
                 raise RoutingError(msg)
             if operation in READ_OPERATIONS and route[-1] != _DATABASE:

@@ -17,7 +17,7 @@ Ranges are half-open: ``start_ms <= ts < end_ms``.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Final, Literal, Protocol
@@ -207,6 +207,32 @@ class Storage(Protocol):
         """Newest order-flow metrics of ``symbol``."""
         ...
 
+    async def delete_range(
+        self,
+        symbol: str,
+        start_ms: int,
+        end_ms: int,
+        kind: DataKind,
+        *,
+        timeframe: str | None = None,
+    ) -> int:
+        """Delete ``kind`` rows of ``symbol`` in ``[start_ms, end_ms)``; return how many."""
+        ...
+
+    async def latest_candles_many(
+        self,
+        keys: Sequence[tuple[str, str]],
+        limit: int,
+        *,
+        preferred_sources: Sequence[str] = (),
+    ) -> dict[tuple[str, str], list[CandleData]]:
+        """:meth:`latest_candles` for many (symbol, timeframe) keys in a few queries."""
+        ...
+
+    def reset_after_fork(self) -> None:
+        """Drop the parent's connections without closing them (called in a forked child)."""
+        ...
+
     def iter_ticks(
         self,
         symbol: str,
@@ -215,6 +241,6 @@ class Storage(Protocol):
         *,
         source: str | None = None,
         batch_size: int = 10_000,
-    ) -> AsyncIterator[TickData]:
+    ) -> AsyncGenerator[TickData, None]:
         """Stream ticks in ``[start_ms, end_ms)`` oldest first with a server-side cursor."""
         ...

@@ -10,6 +10,12 @@ busy handler; readers never wait for a writer (WAL).
 ``":memory:"`` is a private in-process database on one connection (``StaticPool``), handy
 for unit tests; every operation then holds the lock, since statements of concurrent
 callers would otherwise interleave inside one connection's transaction.
+
+Writes are one ``executemany`` of ``INSERT ... ON CONFLICT`` in one transaction. Range reads,
+deletes and migrations go through SQLAlchemy Core; the latest-row reads use aiosqlite's
+connection directly (one worker-thread hop per query instead of about five). ``iter_ticks``
+pages with keyset queries on ``(ts, rowid)`` (``(ts, content_key)`` within one source), so it
+holds no connection between pages.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def ticks(draw: st.DrawFn) -> TickData:
         last_price=draw(st.none() | prices),
         last_size=draw(sizes),
         aggressor=draw(st.sampled_from([None, "buy", "sell"])),
-        seq=draw(st.none() | st.integers(0, 2**63)),
+        seq=draw(st.none() | st.integers(0, 2**63 - 1)),
         received_at=draw(st.none() | timestamps),
     )
 

@@ -35,9 +35,7 @@ T0 = 1_727_996_400_000
 
 
 def tick(seq: int, *, symbol: str = "EUR/USD") -> TickData:
-    return TickData(
-        symbol=symbol, timestamp=T0 + seq, bid=1.1, ask=1.1002, source="test", seq=seq
-    )
+    return TickData(symbol=symbol, timestamp=T0 + seq, bid=1.1, ask=1.1002, source="test", seq=seq)
 
 
 def candle(minute: int, close: float, *, is_closed: bool = True) -> CandleData:
@@ -404,7 +402,8 @@ async def test_open_breaker_sends_batches_to_the_journal_then_replays_in_order(
     await until(lambda: pipeline.stats().spilled == 23)  # group commit: one more batch
     stats = pipeline.stats()
     assert storage.attempts == attempts  # open breaker: the database is left alone
-    assert stats.journal_records == 23 and stats.journal_bytes > 0
+    assert stats.journal_records == 23
+    assert stats.journal_bytes > 0
     assert stats.queue_depth == 0  # memory does not pile up
 
     storage.down = False
@@ -490,9 +489,7 @@ async def test_refused_item_is_isolated_and_dead_lettered(
 # --------------------------------------------------------------------------- journal mode
 
 
-async def test_journal_mode_group_fsync_and_checkpoint(
-    make: Any, storage: FakeStorage
-) -> None:
+async def test_journal_mode_group_fsync_and_checkpoint(make: Any, storage: FakeStorage) -> None:
     pipeline = await make(batch_size=1_000)
     await asyncio.gather(*(pipeline.submit(tick(i), mode="journal") for i in range(64)))
     journal = pipeline.journal
@@ -525,7 +522,8 @@ async def test_journal_mode_items_survive_a_database_outage(
     pipeline.wake()
     await pipeline.flush()
     assert storage.stored_seqs() == list(range(12))
-    assert pipeline.journal is not None and pipeline.journal.pending_records == 0
+    assert pipeline.journal is not None
+    assert pipeline.journal.pending_records == 0
 
 
 # --------------------------------------------------------------------------- close & restart
@@ -601,9 +599,9 @@ async def test_close_without_journal_counts_what_it_loses(
 async def test_invalid_arguments(make: Any) -> None:
     pipeline = await make()
     with pytest.raises(ValidationError):
-        await pipeline.submit(tick(1), mode="bogus")  # type: ignore[arg-type]
+        await pipeline.submit(tick(1), mode="bogus")
     with pytest.raises(ValidationError):
-        await pipeline.submit("not a model")  # type: ignore[arg-type]
+        await pipeline.submit("not a model")
     with pytest.raises(ConfigurationError):
         pipeline.configure(batch_size=0)
     with pytest.raises(ConfigurationError):
@@ -635,3 +633,72 @@ async def test_flush_timeout_raises_and_keeps_the_data(
     pipeline.wake()
     await pipeline.flush()
     assert storage.stored_seqs() == list(range(4))
+
+
+async def test_running_pipeline_adopts_orphans_on_its_scan_interval(
+    make: Any, storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    pipeline = await make(journal="scanner", orphan_scan_interval=30.0)
+    dead = Journal(tmp_path / "journal", instance_id="dead")
+    await dead.open()
+    await dead.append([tick(1), tick(2)])
+    await dead.close()  # as if its process had died: unlocked, records left
+    clock.advance(29)
+    pipeline.wake()
+    await settle()
+    assert pipeline.stats().orphans_adopted == 0
+    clock.advance(1)
+    pipeline.wake()
+    await until(lambda: pipeline.stats().orphans_adopted == 1)
+    await pipeline.flush()
+    assert storage.stored_seqs() == [1, 2]
+    assert not dead.path.exists()
+
+
+async def test_concurrent_close_calls_both_wait_for_the_end(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=1_000)
+    for i in range(5):
+        await pipeline.submit(tick(i))
+    await asyncio.gather(pipeline.close(), pipeline.close())
+    assert pipeline.state is PipelineState.CLOSED
+    assert storage.stored_seqs() == list(range(5))
+
+
+async def test_real_sqlite_store_with_a_refused_tick(tmp_path: Path, clock: ManualClock) -> None:
+    from data_manager.storage.sqlite import SQLiteStorage
+
+    class Refusing(SQLiteStorage):
+        """SQLite that refuses one tick, as a constraint would."""
+
+        async def write_ticks(self, ticks: Sequence[TickData]) -> int:
+            if any(t.seq == 21 for t in ticks):
+                raise QueryExecutionError("CHECK constraint failed")
+            return await super().write_ticks(ticks)
+
+    sqlite = Refusing(tmp_path / "db.sqlite3")
+    await sqlite.connect()
+    await sqlite.create_schema()
+    pipeline = IngestPipeline(
+        sqlite,
+        journal=Journal(tmp_path / "journal", instance_id="sqlite"),
+        batch_size=16,
+        retry_initial=0.0,
+        retry_max_backoff=0.0,
+        retry_jitter=0.0,
+        clock=clock,
+        orphan_scan_interval=None,
+    )
+    await pipeline.start()
+    try:
+        for i in range(40):
+            await pipeline.submit(tick(i), mode="journal" if i % 4 == 0 else "buffered")
+        await pipeline.submit(tick(40), mode="sync")
+        await pipeline.flush()
+        stored = await sqlite.ticks_range("EUR/USD", T0, T0 + 100_000)
+        assert [t.seq for t in stored] == [i for i in range(41) if i != 21]
+        assert pipeline.stats().dead_lettered == 1
+    finally:
+        await pipeline.close()
+        await sqlite.close()

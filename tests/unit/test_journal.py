@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -22,6 +21,7 @@ from data_manager.journal import (
     DEAD_LETTER_DIR,
     MAGIC,
     DeadLetterFile,
+    IngestItem,
     Journal,
     JournalError,
     JournalLockedError,
@@ -69,7 +69,7 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
 
 
 def test_records_round_trip_every_kind() -> None:
-    items = [
+    items: list[IngestItem] = [
         tick(1),
         CandleData(
             symbol="EURUSD",
@@ -222,7 +222,8 @@ async def test_torn_tail_is_cut_off_and_kept_aside(tmp_path: Path) -> None:
     again = Journal(tmp_path, instance_id="torn")
     await again.open()
     assert [lsn for lsn, _ in again.replay()] == [1, 2, 3]
-    assert len(again.problems) == 1 and "torn record" in again.problems[0]
+    assert len(again.problems) == 1
+    assert "torn record" in again.problems[0]
     assert seg.stat().st_size == good_size
     (aside,) = again.path.glob("*.corrupt-*")
     assert aside.read_bytes() == frame[: len(frame) // 2]
@@ -294,27 +295,28 @@ _CHILD = textwrap.dedent(
 
 
 async def test_orphan_of_a_killed_process_is_found_and_adopted(tmp_path: Path) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(tmp_path)],
-        stdout=subprocess.PIPE,
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
         assert child.stdout is not None
-        line = await asyncio.to_thread(child.stdout.readline)
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
         assert line.strip() == b"ready"
         assert find_orphans(tmp_path) == []  # the lock is held while it lives
         with pytest.raises(JournalLockedError):
             await Journal(tmp_path, instance_id="child").open(create=False)
         child.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(child.wait, 30)
+        await asyncio.wait_for(child.wait(), 30)
     finally:
-        if child.poll() is None:
+        if child.returncode is None:
             child.kill()
-            child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
+            await child.wait()
 
     (orphan,) = find_orphans(tmp_path)
     assert orphan.name == "child"
@@ -338,6 +340,10 @@ async def test_find_orphans_skips_dead_letters_and_cleans_interrupted_creations(
     (interrupted / "lock").write_text("")
     (tmp_path / "not-a-journal").mkdir()
     assert find_orphans(tmp_path) == []
+    assert interrupted.exists()  # fresh: may belong to a router starting right now
+    old = time.time() - 3600
+    os.utime(interrupted, (old, old))
+    assert find_orphans(tmp_path) == []
     assert not interrupted.exists()
     assert find_orphans(tmp_path / "missing") == []
 
@@ -360,6 +366,8 @@ async def test_dead_letter_file_keeps_refused_items(tmp_path: Path) -> None:
     dead = DeadLetterFile(tmp_path / DEAD_LETTER_DIR / "x.jsonl")
     await dead.write([(encode_item(tick(7)), "refused"), (b"t{broken", "bad")], time_ms=T0)
     lines = [orjson.loads(line) for line in dead.path.read_bytes().splitlines()]
-    assert lines[0]["data"]["seq"] == 7 and lines[0]["kind"] == "tick"
-    assert lines[1]["raw"] == "t{broken" and lines[1]["reason"] == "bad"
+    assert lines[0]["data"]["seq"] == 7
+    assert lines[0]["kind"] == "tick"
+    assert lines[1]["raw"] == "t{broken"
+    assert lines[1]["reason"] == "bad"
     assert dead.count == 2

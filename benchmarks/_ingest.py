@@ -1,0 +1,780 @@
+"""Ingest (issues 4 and 5): throughput, save_tick latency, journal mode, commit latency, RSS.
+
+All runs go through a full router: PostgreSQL, the L2 cache and its bus on, the shipped
+strategy unless said otherwise (buffered writes, batches of 100, 1 s flush interval, queue
+bound 100,000), each in a fresh schema and key prefix. Ticks carry ``seq`` and content keys
+(idempotent writes) and are built before any timing starts.
+
+1. **Throughput.** ``N`` ticks over 50 symbols (1,000,000; 100,000 with ``--quick``) through
+   ``save_tick`` (yielding to the event loop every 100 ticks, as a feed handler does), then
+   ``flush()``; ticks/s from the first call to the end of the flush, with no derived data
+   (candle aggregation and order flow off), with candles over 6 timeframes, and with candles
+   over 6 timeframes plus order flow. Baselines in the same run, on an identical table:
+   raw asyncpg — binary COPY of prepared records into a temp staging table, then
+   ``INSERT … SELECT … ON CONFLICT DO NOTHING``, 10,000 rows per transaction — and the seeds'
+   design, one ``INSERT … ON CONFLICT DO NOTHING`` per tick (autocommit) on a smaller N,
+   reported as rows/s. A ``CHECKPOINT`` precedes each timed run and the row count is checked
+   after it. The pre-built models are moved out of the garbage collector's reach
+   (``gc.freeze``) so collections do not scan a million objects a real feed would not hold.
+2. **save_tick latency** at a steady 20,000 ticks/s (20 calls per 1 ms slice), per call,
+   next to ``asyncio.Queue.put`` paced the same way and drained by a consumer task.
+3. **Journal mode**: acknowledged ticks/s with 8 and 64 concurrent producers, next to
+   ``8 ÷ fsync latency`` (median of a 256-byte write + ``fdatasync`` in the journal's folder,
+   measured in the same run).
+4. **Save-to-commit latency** at 10,000 ticks/s: a statement trigger on the ticks table
+   sends ``pg_notify`` with the range of ``seq`` each INSERT stored; notifications arrive at
+   commit, so ``arrival − save_tick call`` is the time to a committed row.
+5. **Peak RSS** of a process whose producer builds and saves ticks as fast as it can while
+   the database is throttled (a statement trigger sleeps in proportion to the rows each
+   INSERT stored) so the producer outruns it; RSS sampled every 100 ms, with the write
+   queue's depth; the throttle is dropped before the final flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._report import Figure, Group, pct
+from benchmarks._servers import RouterSpec, Scratch, build_router
+
+SOURCE = "bench"
+SYMBOLS = [f"S{i:02d}/USD" for i in range(50)]
+SIX_TIMEFRAMES = ["1m", "5m", "15m", "1h", "4h", "1d"]
+#: No derived data: the tick path alone (the comparison with raw COPY).
+AGG_OFF: dict[str, Any] = {"aggregation": {"enabled": False}, "order_flow": {"enabled": False}}
+#: Candles over 6 timeframes, order flow off: what candle aggregation costs.
+AGG_SIX: dict[str, Any] = {
+    "aggregation": {"enabled": True, "timeframes": SIX_TIMEFRAMES},
+    "order_flow": {"enabled": False},
+}
+#: Candles over 6 timeframes and order flow (shipped default): everything the router derives.
+AGG_SIX_OF: dict[str, Any] = {"aggregation": {"enabled": True, "timeframes": SIX_TIMEFRAMES}}
+RAW_BATCH = 10_000
+
+TARGET_VS_COPY = 0.5
+TARGET_VS_PER_ROW = 20.0
+TARGET_LATENCY_P99_US = 50.0
+TARGET_JOURNAL_8 = 0.8
+TARGET_JOURNAL_64 = 50_000.0
+TARGET_COMMIT_FACTOR = 1.2
+TARGET_AGG_OVERHEAD = 0.25
+RSS_DB_ROWS_PER_S = 5_000
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def make_ticks(
+    n: int, base_ms: int, *, every: int = 20, step_ms: int = 1, seq0: int = 0
+) -> list[Any]:
+    """``n`` ticks over 50 symbols; event time advances ``step_ms`` every ``every`` ticks."""
+    from data_manager.models import TickData
+
+    return [
+        TickData(
+            symbol=SYMBOLS[i % len(SYMBOLS)],
+            timestamp=base_ms + (i // every) * step_ms,
+            bid=1.1 + (i % 97) * 1e-5,
+            ask=1.1002 + (i % 97) * 1e-5,
+            bid_size=1_000_000.0,
+            ask_size=1_000_000.0,
+            source=SOURCE,
+            seq=seq0 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def _connect(url: str) -> Any:
+    """A bare asyncpg connection speaking Unix ms for timestamptz (as the SDK's do)."""
+    import asyncpg
+
+    from data_manager.storage import schema
+
+    conn = await asyncpg.connect(url, timeout=10)
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=schema.encode_pg_timestamptz,
+        decoder=schema.decode_pg_timestamptz,
+        format="tuple",
+    )
+    return conn
+
+
+async def _checkpoint(url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        with contextlib.suppress(asyncpg.PostgresError):  # needs superuser or pg_checkpoint
+            await conn.execute("CHECKPOINT", timeout=300)
+    finally:
+        await conn.close(timeout=10)
+
+
+async def _count(conn: Any, schema: str, table: str = "ticks") -> int:
+    return int(await conn.fetchval(f'SELECT count(*) FROM "{schema}".{table}', timeout=300))
+
+
+def _ingest_stats(router: Any) -> Any:
+    """The write path's counters, if this router exposes them (for notes only)."""
+    ingest = getattr(router, "_ingest", None)
+    return None if ingest is None else ingest.stats()
+
+
+# --------------------------------------------------------------------------- 1. throughput
+
+
+async def _sdk_throughput(
+    scratch: Scratch, label: str, strategy: dict[str, Any], warm: list[Any], ticks: list[Any]
+) -> dict[str, Any]:
+    spec = scratch.spec(label, strategy)
+    router = build_router(spec)
+    await router.initialize()
+    conn = await _connect(spec.postgres_url)
+    try:
+        save = router.save_tick
+        for t in warm:  # first tick per symbol: opens its aggregation series
+            await save(t)
+        await router.flush()
+        await _checkpoint(spec.postgres_url)
+        started = time.perf_counter()
+        for i, t in enumerate(ticks):
+            await save(t)
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # a feed handler yields between socket reads
+        submitted = time.perf_counter()
+        await router.flush()
+        elapsed = time.perf_counter() - started
+        stats = _ingest_stats(router)
+        rows = await _count(conn, spec.schema)
+    finally:
+        await conn.close(timeout=10)
+        await router.close()
+    return {
+        "rate": len(ticks) / elapsed,
+        "elapsed": elapsed,
+        "submit": submitted - started,
+        "rows": rows - len(warm),
+        "stats": stats,
+    }
+
+
+async def _empty_table(scratch: Scratch, label: str) -> RouterSpec:
+    """A schema holding the SDK's tables and nothing else (the baselines' target)."""
+    from data_manager.settings import PostgresSettings
+    from data_manager.storage.postgres import PostgresStorage
+
+    spec = scratch.spec(label)
+    storage = PostgresStorage(PostgresSettings(url=spec.postgres_url, db_schema=spec.schema))
+    await storage.connect()
+    try:
+        await storage.create_schema()
+    finally:
+        await storage.close()
+    return spec
+
+
+async def _raw_copy(scratch: Scratch, records: list[tuple[Any, ...]]) -> dict[str, Any]:
+    from data_manager.storage.schema import TICK_COLUMNS
+
+    spec = await _empty_table(scratch, "rawcopy")
+    conn = await _connect(spec.postgres_url)
+    cols = ", ".join(TICK_COLUMNS)
+    try:
+        await conn.execute(
+            f'CREATE TEMP TABLE stage (LIKE "{spec.schema}".ticks INCLUDING DEFAULTS) '
+            "ON COMMIT DELETE ROWS"
+        )
+        insert = (
+            f'INSERT INTO "{spec.schema}".ticks ({cols}) SELECT {cols} FROM pg_temp.stage '
+            "ON CONFLICT DO NOTHING"
+        )
+        await _checkpoint(spec.postgres_url)
+        started = time.perf_counter()
+        for start in range(0, len(records), RAW_BATCH):
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "stage",
+                    schema_name="pg_temp",
+                    records=records[start : start + RAW_BATCH],
+                    columns=TICK_COLUMNS,
+                )
+                await conn.execute(insert, timeout=300)
+        elapsed = time.perf_counter() - started
+        rows = await _count(conn, spec.schema)
+    finally:
+        await conn.close(timeout=10)
+    return {"rate": len(records) / elapsed, "elapsed": elapsed, "rows": rows}
+
+
+async def _per_row(scratch: Scratch, records: list[tuple[Any, ...]]) -> dict[str, Any]:
+    from data_manager.storage.schema import TICK_COLUMNS
+
+    spec = await _empty_table(scratch, "perrow")
+    conn = await _connect(spec.postgres_url)
+    params = ", ".join(f"${i}" for i in range(1, len(TICK_COLUMNS) + 1))
+    sql = (
+        f'INSERT INTO "{spec.schema}".ticks ({", ".join(TICK_COLUMNS)}) VALUES ({params}) '
+        "ON CONFLICT DO NOTHING"
+    )
+    try:
+        await _checkpoint(spec.postgres_url)
+        started = time.perf_counter()
+        for record in records:
+            await conn.execute(sql, *record)
+        elapsed = time.perf_counter() - started
+        rows = await _count(conn, spec.schema)
+    finally:
+        await conn.close(timeout=10)
+    return {"rate": len(records) / elapsed, "elapsed": elapsed, "rows": rows}
+
+
+def _batch_note(stats: Any) -> str:
+    if stats is None:
+        return ""
+    mean = stats.batch_items / max(1, stats.batches)
+    return f"{stats.batches:,} batches, mean {mean:,.0f}, max {stats.max_batch_size:,}"
+
+
+async def throughput(scratch: Scratch, group: Group, *, quick: bool) -> None:
+    """Figures: SDK vs raw COPY, vs per-row INSERT, aggregation on vs off."""
+    from data_manager.models import stamp_received
+    from data_manager.storage.schema import tick_records
+
+    n = 100_000 if quick else 1_000_000
+    n_row = 5_000 if quick else 20_000
+    base = _now_ms()
+    print(f"  building {n:,} ticks ...", flush=True)
+    warm = make_ticks(len(SYMBOLS), base - 1, every=len(SYMBOLS), seq0=10_000_000)
+    # 100 ms between two ticks of one symbol, so buckets open and close over the run as in a
+    # live feed (1M ticks span 33 minutes of event time).
+    ticks = make_ticks(n, base, every=len(SYMBOLS), step_ms=100)
+    gc.collect()
+    gc.freeze()
+    try:
+        print("  raw COPY baseline ...", flush=True)
+        stamp = _now_ms()
+        records = tick_records([stamp_received(t, stamp) for t in ticks])
+        raw = await _raw_copy(scratch, records)
+        del records
+        print("  per-row INSERT baseline ...", flush=True)
+        row_records = tick_records(
+            [stamp_received(t, stamp) for t in make_ticks(n_row, base, seq0=20_000_000)]
+        )
+        per_row = await _per_row(scratch, row_records)
+        print("  SDK, no derived data ...", flush=True)
+        off = await _sdk_throughput(scratch, "ingoff", AGG_OFF, warm, ticks)
+        print("  SDK, candles over 6 timeframes ...", flush=True)
+        on = await _sdk_throughput(scratch, "ingsix", AGG_SIX, warm, ticks)
+        print("  SDK, candles over 6 timeframes + order flow ...", flush=True)
+        on_of = await _sdk_throughput(scratch, "ingsixof", AGG_SIX_OF, warm, ticks)
+    finally:
+        del ticks
+        gc.unfreeze()
+        gc.collect()
+
+    for label, result in (("raw COPY", raw), ("per-row INSERT", per_row)):
+        expected = n if label == "raw COPY" else n_row
+        if result["rows"] != expected:
+            group.notes.append(f"{label} stored {result['rows']:,} rows, expected {expected:,}")
+    for label, result in (("no derived data", off), ("6 timeframes", on), ("6 tf + flow", on_of)):
+        if result["rows"] != n:
+            group.notes.append(f"SDK ({label}) stored {result['rows']:,} rows, expected {n:,}")
+    group.figures.append(
+        Figure(
+            f"Ingest {n:,} ticks: save_tick + flush, no derived data",
+            off["rate"],
+            "ticks/s",
+            f"raw COPY→staging→INSERT ON CONFLICT, {RAW_BATCH:,}/txn",
+            raw["rate"],
+            off["rate"] / raw["rate"],
+            "%",
+            target=f"≥ {TARGET_VS_COPY:.0%} of raw COPY",
+            met=off["rate"] / raw["rate"] >= TARGET_VS_COPY,
+            note=(
+                f"{off['elapsed']:.1f} s (save_tick loop {off['submit']:.1f} s); "
+                f"raw {raw['elapsed']:.1f} s; {_batch_note(off['stats'])}"
+            ),
+        )
+    )
+    group.figures.append(
+        Figure(
+            "Same, against the seeds' per-row INSERT",
+            off["rate"],
+            "ticks/s",
+            f"one INSERT per tick, autocommit ({n_row:,} rows)",
+            per_row["rate"],
+            off["rate"] / per_row["rate"],
+            target=f"≥ {TARGET_VS_PER_ROW:g}×",
+            met=off["rate"] / per_row["rate"] >= TARGET_VS_PER_ROW,
+        )
+    )
+    for result, label, what in (
+        (on, "candles over 6 timeframes", "order flow off"),
+        (on_of, "candles over 6 timeframes + order flow", "everything the router derives"),
+    ):
+        overhead = result["elapsed"] / off["elapsed"] - 1
+        group.figures.append(
+            Figure(
+                f"Ingest {n:,} ticks, {label}",
+                result["rate"],
+                "ticks/s",
+                "same, no derived data",
+                off["rate"],
+                result["rate"] / off["rate"],
+                "%",
+                target=f"adds ≤ {TARGET_AGG_OVERHEAD:.0%} (≥ {1 / (1 + TARGET_AGG_OVERHEAD):.0%})",
+                met=overhead <= TARGET_AGG_OVERHEAD,
+                note=(
+                    f"adds {overhead:.0%} to the run ({result['elapsed']:.1f} s vs "
+                    f"{off['elapsed']:.1f} s); {what}; timeframes {', '.join(SIX_TIMEFRAMES)}; "
+                    f"{_batch_note(result['stats'])}"
+                ),
+            )
+        )
+
+
+# --------------------------------------------------------------------------- 2. latency
+
+
+async def paced(
+    rate: int, seconds: float, submit: Callable[[Any], Awaitable[object]], items: Sequence[Any]
+) -> list[int]:
+    """Call ``submit`` ``rate`` times a second in 1 ms slices; each call's ns."""
+    per_slice = max(1, rate // 1000)
+    total = int(rate * seconds)
+    out: list[int] = []
+    loop = asyncio.get_running_loop()
+    clock = time.perf_counter_ns
+    next_slice = loop.time()
+    i = 0
+    while i < total:
+        for _ in range(per_slice):
+            item = items[i % len(items)]
+            before = clock()
+            await submit(item)
+            out.append(clock() - before)
+            i += 1
+        next_slice += 0.001
+        delay = next_slice - loop.time()
+        await asyncio.sleep(delay if delay > 0 else 0)
+    return out
+
+
+async def save_latency(scratch: Scratch, group: Group, pool: list[Any], *, quick: bool) -> None:
+    """save_tick per-call latency at 20,000 ticks/s vs asyncio.Queue.put."""
+    rate = 20_000
+    seconds = 3.0 if quick else 10.0
+    warm_s = 1.0
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=100_000)
+
+    async def consume() -> None:
+        while True:
+            await queue.get()
+            while not queue.empty():
+                queue.get_nowait()
+
+    consumer = asyncio.create_task(consume())
+    try:
+        await paced(rate, warm_s, queue.put, pool)
+        base = await paced(rate, seconds, queue.put, pool)
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+
+    spec = scratch.spec("latency")  # the shipped strategy
+    router = build_router(spec)
+    await router.initialize()
+    try:
+        warm = int(rate * warm_s)
+        await paced(rate, warm_s, router.save_tick, pool[:warm])
+        sdk = await paced(rate, seconds, router.save_tick, pool[warm:])
+        await router.flush()
+        stats = _ingest_stats(router)
+    finally:
+        await router.close()
+    p99 = pct(sdk, 0.99) / 1000
+    group.figures.append(
+        Figure(
+            f"save_tick latency at {rate:,} ticks/s (buffered), p99",
+            p99,
+            "µs",
+            "asyncio.Queue.put, same pacing",
+            pct(base, 0.99) / 1000,
+            p99 / (pct(base, 0.99) / 1000),
+            target=f"≤ {TARGET_LATENCY_P99_US:g} µs",
+            met=p99 <= TARGET_LATENCY_P99_US,
+            note=(
+                f"p50 {pct(sdk, 0.5) / 1000:.1f} µs, p99.9 {pct(sdk, 0.999) / 1000:.0f} µs, "
+                f"max {max(sdk) / 1000:,.0f} µs (Queue.put: p50 {pct(base, 0.5) / 1000:.2f}, "
+                f"p99.9 {pct(base, 0.999) / 1000:.1f}, max {max(base) / 1000:,.0f} µs); "
+                f"{len(sdk):,} calls, shipped strategy (aggregation on, 3 timeframes); "
+                + _batch_note(stats)
+            ),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- 3. journal
+
+
+def fsync_latency(folder: Path, rounds: int = 200) -> float:
+    """Median seconds of a 256-byte append + fdatasync in ``folder``."""
+    path = folder / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    samples = []
+    sync = getattr(os, "fdatasync", os.fsync)
+    try:
+        payload = b"x" * 256
+        for _ in range(rounds):
+            before = time.perf_counter()
+            os.write(fd, payload)
+            sync(fd)
+            samples.append(time.perf_counter() - before)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(samples)
+
+
+async def _journal_rate(
+    scratch: Scratch, producers: int, seconds: float, pool: list[Any]
+) -> dict[str, Any]:
+    spec = scratch.spec(f"journal{producers}")
+    router = build_router(spec)
+    await router.initialize()
+    acked = 0
+    try:
+        for t in pool[: len(SYMBOLS)]:
+            await router.save_tick(t, mode="journal")
+        work = pool[len(SYMBOLS) :]
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + seconds
+        save = router.save_tick
+
+        async def produce(k: int) -> None:
+            nonlocal acked
+            i = k
+            while i < len(work) and loop.time() < stop:
+                await save(work[i], mode="journal")
+                acked += 1
+                i += producers
+
+        started = time.perf_counter()
+        await asyncio.gather(*(produce(k) for k in range(producers)))
+        elapsed = time.perf_counter() - started
+        stats = _ingest_stats(router)
+        await router.flush()
+    finally:
+        await router.close()
+    fsyncs = stats.journal_fsyncs if stats is not None else 0
+    return {"rate": acked / elapsed, "acked": acked, "fsyncs": fsyncs, "elapsed": elapsed}
+
+
+async def journal(scratch: Scratch, group: Group, pool: list[Any], *, quick: bool) -> None:
+    """Journal mode with 8 and 64 producers, next to 8 ÷ fsync latency."""
+    seconds = 2.0 if quick else 5.0
+    folder = Path(scratch.spec("fsync").workdir)
+    sync = await asyncio.to_thread(fsync_latency, folder)
+    ideal8 = 8 / sync
+    r8 = await _journal_rate(scratch, 8, seconds, pool)
+    r64 = await _journal_rate(scratch, 64, seconds, pool)
+    group.figures.append(
+        Figure(
+            "Journal mode, 8 producers",
+            r8["rate"],
+            "ticks/s",
+            f"8 ÷ fsync latency ({sync * 1e3:.2f} ms)",
+            ideal8,
+            r8["rate"] / ideal8,
+            "%",
+            target=f"≥ {TARGET_JOURNAL_8:.0%} of 8 ÷ fsync",
+            met=r8["rate"] >= TARGET_JOURNAL_8 * ideal8,
+            note=(
+                f"{r8['acked']:,} acknowledged in {r8['elapsed']:.1f} s, {r8['fsyncs']:,} "
+                f"fsyncs ({r8['acked'] / max(1, r8['fsyncs']):.1f} ticks per fsync)"
+            ),
+        )
+    )
+    group.figures.append(
+        Figure(
+            "Journal mode, 64 producers",
+            r64["rate"],
+            "ticks/s",
+            f"64 ÷ fsync latency ({sync * 1e3:.2f} ms)",
+            64 / sync,
+            r64["rate"] / (64 / sync),
+            "%",
+            target=f"≥ {TARGET_JOURNAL_64:,.0f} ticks/s",
+            met=r64["rate"] >= TARGET_JOURNAL_64,
+            note=(
+                f"{r64['acked']:,} acknowledged in {r64['elapsed']:.1f} s, {r64['fsyncs']:,} "
+                f"fsyncs ({r64['acked'] / max(1, r64['fsyncs']):.1f} ticks per fsync)"
+            ),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- 4. commit latency
+
+
+async def commit_latency(scratch: Scratch, group: Group, pool: list[Any], *, quick: bool) -> None:
+    """Time from save_tick to a committed row at 10,000 ticks/s."""
+    import asyncpg
+
+    rate = 10_000
+    seconds = 3.0 if quick else 10.0
+    spec = scratch.spec("commit")
+    router = build_router(spec)
+    await router.initialize()
+    flush_interval = router.strategy.batch.flush_interval_seconds
+    channel = f"{spec.prefix}_commit"
+    conn = await asyncpg.connect(spec.postgres_url, timeout=10)
+    listener = await asyncpg.connect(spec.postgres_url, timeout=10)
+    commits: list[tuple[int, int, int, int]] = []
+
+    def on_notify(_c: object, _pid: int, _channel: str, payload: object) -> None:
+        now = time.perf_counter_ns()
+        lo, hi, n = (int(x) for x in str(payload).split())
+        commits.append((lo, hi, n, now))
+
+    try:
+        s = f'"{spec.schema}"'
+        await conn.execute(
+            f"""
+CREATE FUNCTION {s}.bench_commit_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('{channel}', (SELECT coalesce(min(seq), -1) || ' ' ||
+                                         coalesce(max(seq), -1) || ' ' || count(*)
+                                    FROM new_rows));
+  RETURN NULL;
+END $$;
+CREATE TRIGGER bench_commit AFTER INSERT ON {s}.ticks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION {s}.bench_commit_notify();
+"""
+        )
+        await listener.add_listener(channel, on_notify)
+        warm = pool[: len(SYMBOLS)]
+        for t in warm:
+            await router.save_tick(t)
+        await router.flush()
+        await asyncio.sleep(0.1)
+        commits.clear()
+        work = pool[len(SYMBOLS) : len(SYMBOLS) + int(rate * seconds)]
+        sent: dict[int, int] = {}
+        clock = time.perf_counter_ns
+        save = router.save_tick
+
+        async def timed_save(tick: Any) -> None:
+            sent[tick.seq] = clock()
+            await save(tick)
+
+        await paced(rate, seconds, timed_save, work)
+        await router.flush()
+        deadline = time.monotonic() + 5
+        # Notifications arrive on another connection: poll for them, with a deadline.
+        while time.monotonic() < deadline and sum(c[2] for c in commits) < len(work):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    finally:
+        await listener.close(timeout=10)
+        await conn.close(timeout=10)
+        await router.close()
+    lat: list[float] = []
+    gaps = 0
+    for lo, hi, n, at in commits:
+        if hi - lo + 1 != n:
+            gaps += 1
+        lat += [(at - sent[q]) / 1e6 for q in range(lo, hi + 1) if q in sent]
+    skip = int(rate * 0.5)  # the first half second: the writer settles into its rhythm
+    measured = lat[skip:] if len(lat) > skip * 2 else lat
+    target_ms = TARGET_COMMIT_FACTOR * flush_interval * 1000
+    p99 = pct(measured, 0.99)
+    note = (
+        f"p50 {pct(measured, 0.5):.1f} ms, max {max(measured):.1f} ms; "
+        f"{len(lat):,} of {len(sent):,} rows seen committed in {len(commits):,} statements"
+    )
+    if gaps:
+        note += f"; {gaps} statements with non-contiguous seq ranges"
+    group.figures.append(
+        Figure(
+            f"save_tick → committed row at {rate:,} ticks/s, p99",
+            p99,
+            "ms",
+            "flush interval (configured)",
+            flush_interval * 1000,
+            p99 / (flush_interval * 1000),
+            target=f"≤ {TARGET_COMMIT_FACTOR:g} × flush interval ({target_ms:,.0f} ms)",
+            met=p99 <= target_ms and len(lat) == len(sent),
+            note=note,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- 5. peak RSS
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_producer(spec: RouterSpec, seconds: float, out: Any) -> None:
+    """Subprocess entry point: produce as fast as possible; report RSS and queue depth."""
+    asyncio.run(_rss_producer(spec, seconds, out))
+
+
+async def _rss_producer(spec: RouterSpec, seconds: float, out: Any) -> None:
+    import asyncpg
+
+    from data_manager.models import TickData
+
+    router = build_router(spec)
+    await router.initialize()
+    # Throttle the database to RSS_DB_ROWS_PER_S rows/s: each INSERT into ticks sleeps in
+    # proportion to the rows it stored (no CPU burnt), whatever the batch size.
+    conn = await asyncpg.connect(spec.postgres_url, timeout=10)
+    s = f'"{spec.schema}"'
+    await conn.execute(
+        f"""
+CREATE FUNCTION {s}.bench_throttle() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_sleep((SELECT count(*) FROM new_rows) / {RSS_DB_ROWS_PER_S}.0);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER bench_throttle AFTER INSERT ON {s}.ticks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION {s}.bench_throttle();
+"""
+    )
+    gc.collect()
+    rss0 = _rss_bytes()
+    peak = rss0
+    max_depth = 0
+    capacity = router.strategy.batch.max_queue
+
+    async def sample() -> None:
+        nonlocal peak, max_depth
+        while True:
+            peak = max(peak, _rss_bytes())
+            stats = _ingest_stats(router)
+            if stats is not None:
+                max_depth = max(max_depth, stats.queue_depth)
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    base = time.time_ns() // 1_000_000
+    produced = 0
+    started = time.perf_counter()
+    save = router.save_tick
+    while loop.time() < end:
+        for _ in range(100):
+            i = produced
+            await save(
+                TickData(
+                    symbol=SYMBOLS[i % len(SYMBOLS)],
+                    timestamp=base + i // 20,
+                    bid=1.1 + (i % 97) * 1e-5,
+                    ask=1.1002 + (i % 97) * 1e-5,
+                    source=SOURCE,
+                    seq=i,
+                )
+            )
+            produced += 1
+        await asyncio.sleep(0)
+    produce_s = time.perf_counter() - started
+    sampler.cancel()
+    await asyncio.gather(sampler, return_exceptions=True)
+    stats = _ingest_stats(router)
+    await conn.execute(f"DROP TRIGGER bench_throttle ON {s}.ticks")
+    await conn.close(timeout=10)
+    await router.flush()
+    total_s = time.perf_counter() - started
+    await router.close()
+    out.put(
+        {
+            "rss0": rss0,
+            "peak": max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+            "produced": produced,
+            "produce_s": produce_s,
+            "total_s": total_s,
+            "max_depth": max_depth,
+            "capacity": capacity,
+            "waits": getattr(stats, "backpressure_waits", None),
+            "stored": getattr(stats, "stored", None),
+        }
+    )
+
+
+async def peak_rss(scratch: Scratch, group: Group, *, quick: bool) -> None:
+    """Peak RSS of a process producing faster than the database stores."""
+    seconds = 5.0 if quick else 20.0
+    spec = scratch.spec("rss")
+    out = _SPAWN.Queue()
+    proc = _SPAWN.Process(target=rss_producer, args=(spec, seconds, out), daemon=True)
+    proc.start()
+    try:
+        r = await asyncio.to_thread(out.get, True, seconds + 600)
+    finally:
+        await asyncio.to_thread(proc.join, 30)
+        if proc.is_alive():
+            proc.terminate()
+    mib = 1024 * 1024
+    faster = r["max_depth"] >= 0.9 * r["capacity"]
+    group.figures.append(
+        Figure(
+            "Peak RSS, producer faster than the database",
+            r["peak"] / mib,
+            "MiB",
+            "RSS of the initialised, idle router",
+            r["rss0"] / mib,
+            r["peak"] / r["rss0"],
+            target="report",
+            note=(
+                f"database throttled to {RSS_DB_ROWS_PER_S:,} rows/s; {r['produced']:,} ticks "
+                f"built and saved in {r['produce_s']:.1f} s "
+                f"({r['produced'] / r['produce_s']:,.0f}/s); "
+                f"queue depth peaked at {r['max_depth']:,} of {r['capacity']:,}"
+                + (f", {r['waits']:,} back-pressure waits" if r["waits"] is not None else "")
+                + ("" if faster else " (the queue never filled: the producer was not faster)")
+            ),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+async def run_ingest(scratch: Scratch, *, quick: bool) -> Group:
+    """Every ingest figure; the million-tick runs last (they hold the most memory)."""
+    group = Group("ingest", "")
+    pool = make_ticks(100_000 if quick else 240_000, _now_ms(), seq0=30_000_000)
+    gc.collect()
+    gc.freeze()  # a feed does not hold 240k live models: keep them out of the collections
+    print("  save_tick latency ...", flush=True)
+    await save_latency(scratch, group, pool, quick=quick)
+    print("  save-to-commit latency ...", flush=True)
+    await commit_latency(scratch, group, pool, quick=quick)
+    print("  journal mode ...", flush=True)
+    await journal(scratch, group, pool, quick=quick)
+    del pool
+    gc.unfreeze()
+    gc.collect()
+    print("  peak RSS ...", flush=True)
+    await peak_rss(scratch, group, quick=quick)
+    await throughput(scratch, group, quick=quick)
+    return group

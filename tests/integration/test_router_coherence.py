@@ -1,0 +1,496 @@
+"""Coherence between routers: pub/sub into L1, compare-and-set against remote updates, a lost
+subscription, two OS processes, and a fork.
+
+Routers in one test share the test's schema and key prefix, so they see each other exactly as
+separate processes on one machine do. Pub/sub delivery is polled with a deadline: no event
+of the other router is observable from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import traceback
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from data_manager.clock import Clock, ManualClock, SystemClock
+from data_manager.models import TickData
+from data_manager.router import DataRouter
+from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
+from data_manager.strategy import strategy_from_mapping
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from data_manager.cache.bus import CacheBus
+    from data_manager.cache.redis import RedisCache
+    from tests.servers import RedisServer
+
+    RouterFactory = Callable[..., Awaitable[DataRouter]]
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+
+TS: Final = 1_727_996_400_000
+SYM: Final = "EUR/USD"
+SRC: Final = "ig"
+DEADLINE: Final = 10.0  # seconds; generous, only reached when something is broken
+CHILD: Final = Path(__file__).with_name("_router_child.py")
+ROOT: Final = Path(__file__).parents[2]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tick(ts: int = TS, bid: float = 1.1, *, symbol: str = SYM, source: str = SRC) -> TickData:
+    return TickData(symbol=symbol, timestamp=ts, bid=bid, ask=bid + 0.0001, source=source)
+
+
+def l2_of(router: DataRouter) -> RedisCache:
+    l2 = router.cache.l2
+    assert l2 is not None, "the router has no L2 cache"
+    return l2
+
+
+def bus_of(router: DataRouter) -> CacheBus:
+    bus = router._bus
+    assert bus is not None, "the router has no cache bus"
+    return bus
+
+
+def l1_ts(router: DataRouter, symbol: str = SYM) -> int | None:
+    """Timestamp of the tick in the router's L1 (no lower tier is asked)."""
+    got = router.cache.l1.get_tick(symbol)
+    return None if got is None else got.timestamp
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` with a deadline (pub/sub delivery has no event to await here)."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while not condition():  # noqa: ASYNC110 - nothing to await but the other side
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def until_async(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Like :func:`until`, for a condition that has to ask a server."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while not await condition():  # noqa: ASYNC110 - the state has no event to await
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_router(
+    postgres_url: str, pg_schema: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> AsyncIterator[RouterFactory]:
+    """Open routers on the test's schema and key prefix; all are closed afterwards."""
+    opened: list[DataRouter] = []
+
+    async def make(
+        *,
+        clock: Clock | None = None,
+        strategy: Mapping[str, Any] | None = None,
+        redis: str | None = None,
+    ) -> DataRouter:
+        mapping: dict[str, Any] = {"aggregation": {"enabled": False}, **(strategy or {})}
+        settings = DataManagerSettings(
+            postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema),
+            dragonfly=DragonflySettings(url=redis or redis_url, key_prefix=redis_prefix),
+            watch_strategy=False,
+            journal_dir=tmp_path / "j",
+            write_mode="sync",
+        )
+        router = DataRouter(
+            settings, clock=clock or ManualClock(), strategy=strategy_from_mapping(mapping)
+        )
+        await router.initialize()
+        opened.append(router)
+        return router
+
+    yield make
+    for router in reversed(opened):
+        await router.close()
+
+
+# ----------------------------------------------------------------------------- pub/sub into L1
+
+
+async def test_a_write_reaches_the_other_routers_l1(make_router: RouterFactory) -> None:
+    a, b = await make_router(), await make_router()
+    await a.save_tick(tick(TS, 1.5))
+    await until(lambda: l1_ts(b) == TS, "router B's L1 to receive A's tick")
+    got = await b.get_latest_tick(SYM)
+    assert got is not None
+    assert (got.timestamp, got.bid) == (TS, 1.5)
+    s = await b.cache.get_stats()
+    assert (s.l1.hits, s.l1.misses, s.details["db_reads"]) == (1, 0, 0)
+
+
+async def test_a_remote_older_update_never_replaces_a_newer_one(
+    make_router: RouterFactory,
+) -> None:
+    a, b = await make_router(), await make_router()
+    await a.save_tick(tick(TS + 10, 1.0))
+    await until(lambda: l1_ts(b) == TS + 10, "router B's L1 to receive A's tick")
+
+    received = bus_of(a).stats().received
+    await b.save_tick(tick(TS + 5, 2.0))  # older: B's L1 and L2 refuse it, A gets it anyway
+    await bus_of(b).flush()
+    await until(lambda: bus_of(a).stats().received > received, "A to receive B's older tick")
+
+    for router in (a, b):
+        got = await router.get_latest_tick(SYM)
+        assert got is not None
+        assert (got.timestamp, got.bid) == (TS + 10, 1.0)
+    assert a.cache.l1.stats().stale_writes >= 1
+    l2_tick = await l2_of(a).get_tick(SYM)
+    assert l2_tick is not None
+    assert l2_tick.timestamp == TS + 10
+    # The database keeps both ticks; the newest is still the newest.
+    db_tick = await a.storage.latest_tick(SYM)
+    assert db_tick is not None
+    assert db_tick.timestamp == TS + 10
+
+
+async def test_remote_updates_arriving_out_of_order_settle_on_the_newest(
+    make_router: RouterFactory,
+) -> None:
+    writers = [await make_router() for _ in range(3)]
+    reader = await make_router()
+    stamps = [TS + 7, TS + 3, TS + 9, TS + 1, TS + 8, TS + 2]
+    for i, ts in enumerate(stamps):
+        await writers[i % 3].save_tick(tick(ts, 1.0 + i / 10))
+    for w in writers:
+        await bus_of(w).flush()
+    await until(lambda: l1_ts(reader) == TS + 9, "the reader's L1 to settle")
+    await until(
+        lambda: bus_of(reader).stats().received >= len(stamps), "every update to reach the reader"
+    )
+    assert l1_ts(reader) == TS + 9
+    for w in writers:
+        assert l1_ts(w) == TS + 9
+    l2_tick = await l2_of(reader).get_tick(SYM)
+    assert l2_tick is not None
+    assert l2_tick.timestamp == TS + 9
+
+
+async def test_bulk_saves_reach_l2_and_other_routers(make_router: RouterFactory) -> None:
+    """``save_ticks`` documents that the newest tick of each symbol updates the caches."""
+    a, b = await make_router(), await make_router()
+    await a.save_tick(tick(TS, 1.0))
+    await bus_of(a).flush()
+    await until(lambda: l1_ts(b) == TS, "router B's L1 to receive A's tick")
+    b.cache.l1.clear()  # B asks the tiers below L1
+
+    assert await a.save_ticks([tick(TS + i, 1.0 + i) for i in range(1, 6)]) == 5
+    assert l1_ts(a) == TS + 5
+    got = await b.get_latest_tick(SYM)
+    assert got is not None
+    assert got.timestamp == TS + 5, "L2 still serves the tick the bulk save superseded"
+
+
+# ----------------------------------------------------------------------------- lost subscription
+
+
+async def test_killed_subscription_clears_l1_until_resubscribed(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    server = await asyncio.to_thread(redis_server_factory)
+    a, b = await make_router(redis=server.url), await make_router(redis=server.url)
+    await a.save_tick(tick(TS, 1.0))
+    await until(lambda: l1_ts(b) == TS, "router B's L1 to receive A's tick")
+    clears = b.cache.l1.stats().clears
+
+    admin = Redis.from_url(server.url, socket_timeout=5)
+    try:
+        killed = await admin.client_kill_filter(_type="pubsub")
+    finally:
+        await admin.aclose()
+    assert killed >= 2  # both routers' subscriptions
+    # Whatever A writes while B is not subscribed must not be hidden by B's old L1.
+    await a.save_tick(tick(TS + 1, 2.0))
+
+    await until(lambda: bus_of(b).stats().restored >= 1, "B to subscribe again")
+    assert bus_of(b).stats().lost >= 1
+    assert b.cache.l1.stats().clears >= clears + 2  # on loss and again on restore
+    got = await b.get_latest_tick(SYM)
+    assert got is not None
+    assert (got.timestamp, got.bid) == (TS + 1, 2.0)
+    # Subscribed again: L1 serves, and is fed by pub/sub.
+    hits = (await b.cache.get_stats()).l1.hits
+    assert (await b.get_latest_tick(SYM)) is got
+    assert (await b.cache.get_stats()).l1.hits == hits + 1
+    await a.save_tick(tick(TS + 2, 3.0))
+    await until(lambda: l1_ts(b) == TS + 2, "B's L1 to receive A's next tick")
+    assert (await b.health_check()).cache.subscription == "connected"
+
+
+async def test_l1_is_bypassed_while_the_subscription_is_lost(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(redis=server.url)
+    await router.save_tick(tick(TS, 1.0))
+    assert router.cache.l1.get_tick(SYM) is not None
+
+    await asyncio.to_thread(server.stop)
+
+    async def health_lost() -> bool:
+        return (await router.cache.get_stats()).subscription == "lost"
+
+    await until_async(health_lost, "the router to notice the lost subscription")
+    assert len(router.cache.l1) == 0
+    before = await router.cache.get_stats()
+    for _ in range(3):
+        got = await router.get_latest_tick(SYM)
+        assert got is not None
+        assert got.timestamp == TS
+    after = await router.cache.get_stats()
+    assert after.l1.hits == before.l1.hits  # every read skipped L1 ...
+    # ... for the database.
+    assert int(after.details["db_reads"] or 0) == int(before.details["db_reads"] or 0) + 3
+    health = await router.health_check()
+    assert health.status == "degraded"
+    assert health.cache.subscription == "lost"
+
+    await asyncio.to_thread(server.start)
+    await until(lambda: bus_of(router).connected, "the subscription to come back")
+    assert (await router.cache.get_stats()).subscription == "connected"
+    await router.save_tick(tick(TS + 1, 2.0))
+    hits = (await router.cache.get_stats()).l1.hits
+    got = await router.get_latest_tick(SYM)
+    assert got is not None
+    assert got.timestamp == TS + 1
+    assert (await router.cache.get_stats()).l1.hits == hits + 1
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+async def _line(stream: asyncio.StreamReader, what: str) -> str:
+    try:
+        async with asyncio.timeout(DEADLINE * 3):  # a cold interpreter imports a lot first
+            raw = await stream.readline()
+    except TimeoutError:
+        pytest.fail(f"the child process never said {what!r}")
+    return raw.decode().strip()
+
+
+@pytest.mark.slow
+async def test_routers_in_two_processes_see_each_others_writes(
+    make_router: RouterFactory,
+    postgres_url: str,
+    pg_schema: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path: Path,
+) -> None:
+    router = await make_router()
+    count = 5
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(CHILD),
+        postgres_url,
+        pg_schema,
+        redis_url,
+        redis_prefix,
+        str(tmp_path / "child-journal"),
+        SYM,
+        str(TS),
+        str(count),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    assert child.stderr is not None
+    try:
+        assert await _line(child.stdout, "ready") == "ready"
+        await router.save_tick(tick(TS, 1.0))  # parent → child
+        assert await _line(child.stdout, "saw") == f"saw {TS}"
+        # child → parent: its ticks arrive in this process's L1 by pub/sub.
+        await until(lambda: l1_ts(router) == TS + count, "the child's ticks in the parent's L1")
+        got = await router.get_latest_tick(SYM)
+        assert got is not None
+        assert (got.timestamp, got.source) == (TS + count, "child")
+        assert (await router.cache.get_stats()).details["db_reads"] == 0
+        child.stdin.write(b"done\n")
+        await child.stdin.drain()
+        async with asyncio.timeout(DEADLINE):
+            code = await child.wait()
+        errors = (await child.stderr.read()).decode()
+        assert code == 0, errors
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    # The child's writes went to the shared database too.
+    db_tick = await router.storage.latest_tick(SYM)
+    assert db_tick is not None
+    assert db_tick.timestamp == TS + count
+
+
+# ----------------------------------------------------------------------------- fork
+
+
+async def _redis_ids(url: str) -> set[int]:
+    admin = Redis.from_url(url, socket_timeout=5)
+    try:
+        clients: list[dict[str, Any]] = await admin.client_list()
+        own = await admin.client_id()
+    finally:
+        await admin.aclose()
+    return {int(c["id"]) for c in clients} - {own}
+
+
+async def _postgres_pids(url: str) -> set[int]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'data_manager'"
+        )
+    finally:
+        await conn.close(timeout=10)
+    return {int(r["pid"]) for r in rows}
+
+
+async def _in_forked_child(router: DataRouter, parent_id: str, parent_redis: set[int]) -> int:
+    """Runs in the forked child, in a new event loop; the exit code says what failed."""
+    got = await router.get_latest_tick(SYM)  # first use in the child: it reconnects
+    if router.instance_id == parent_id:
+        return 3
+    if got is None or got.timestamp != TS:
+        return 4
+    if await l2_of(router).client.client_id() in parent_redis:
+        return 5  # reused one of the parent's L2 connections
+    await router.save_tick(tick(TS + 1, 2.0))  # sync: the child's own pool writes it
+    stored = await router.storage.latest_tick(SYM)
+    if stored is None or stored.timestamp != TS + 1:
+        return 6
+    await router.close()
+    return 0
+
+
+async def _wait_child(pid: int) -> int:
+    try:
+        async with asyncio.timeout(DEADLINE * 2):
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
+                if done:
+                    return os.waitstatus_to_exitcode(status)
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("the forked child did not exit")
+
+
+def _fork() -> int:
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when a process with threads forks; the child only uses objects
+        # that reconnect after the fork, in a new event loop.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+async def test_forked_child_uses_the_router_with_its_own_connections(
+    make_router: RouterFactory, postgres_url: str, redis_url: str
+) -> None:
+    router = await make_router()
+    await router.save_tick(tick(TS, 1.0))
+    await bus_of(router).flush()
+    router.cache.l1.clear()
+    assert (await router.get_latest_tick(SYM)) is not None  # the pools hold live connections
+    parent_id = router.instance_id
+    parent_redis = await _redis_ids(redis_url)
+    parent_pg = await _postgres_pids(postgres_url)
+    assert parent_pg, "the router holds no PostgreSQL connection to watch"
+
+    pid = _fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            code = asyncio.run(_in_forked_child(router, parent_id, parent_redis))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    assert await _wait_child(pid) == 0
+
+    # The child closed its own connections only: the parent's are all still there ...
+    assert parent_pg <= await _postgres_pids(postgres_url)
+    assert parent_redis <= await _redis_ids(redis_url)
+    # ... and the parent goes on working with them.
+    assert router.instance_id == parent_id
+    stored = await router.storage.latest_tick(SYM)
+    assert stored is not None
+    assert stored.timestamp == TS + 1  # the child's write
+    await router.save_tick(tick(TS + 2, 3.0))
+    await bus_of(router).flush()
+    router.cache.l1.clear()
+    got = await router.get_latest_tick(SYM)
+    assert got is not None
+    assert got.timestamp == TS + 2
+    assert (await router.health_check()).status == "healthy"
+
+
+async def _forked_maintenance(router: DataRouter) -> int:
+    """In the child: a forming candle must reach the database without an explicit flush."""
+    await router.save_tick(tick(TS + 60_000, 2.0))  # the next 1m bucket
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3.0
+    while loop.time() < deadline:
+        rows = await router.storage.latest_candles(SYM, "1m", 1, source=f"agg:{SRC}")
+        if rows and rows[-1].timestamp == TS + 60_000:
+            await router.close()
+            return 0
+        await asyncio.sleep(0.02)
+    return 7
+
+
+async def test_forked_child_keeps_the_router_timer_running(make_router: RouterFactory) -> None:
+    """The timer that queues forming candles (run_maintenance) runs in a forked child too."""
+    # The real clock: the write queue's time-based flush runs on the router's clock.
+    router = await make_router(
+        clock=SystemClock(),
+        strategy={
+            "aggregation": {"enabled": True, "timeframes": ["1m"]},
+            "batch": {"flush_interval_seconds": 0.05},
+        },
+    )
+    # Control: in the parent, the forming candle is stored by the timer alone.
+    await router.save_tick(tick(TS, 1.0))
+
+    async def stored() -> bool:
+        return bool(await router.storage.latest_candles(SYM, "1m", 1, source=f"agg:{SRC}"))
+
+    await until_async(stored, "the forming candle in the parent")
+    pid = _fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            code = asyncio.run(_forked_maintenance(router))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    assert await _wait_child(pid) == 0, "the forked child's router never ran its timer"

@@ -1,0 +1,557 @@
+"""The backup stream against real NATS JetStream and Redis servers, replayed into PostgreSQL.
+
+Every round trip ends with the same check: the rows in the database are exactly the items
+published, each once, and a second replay changes nothing. Outages are real: dedicated
+servers are stopped and started (``nats_server_factory`` / ``redis_server_factory``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from data_manager.breaker import CircuitBreaker
+from data_manager.cache import codec
+from data_manager.errors import ValidationError
+from data_manager.models import CandleData, OrderFlowMetrics, TickData
+from data_manager.settings import PostgresSettings
+from data_manager.stream import (
+    BackupStreamError,
+    NatsBackupStream,
+    RedisBackupStream,
+    decode_batch_message,
+    encode_batch_message,
+    parse_since,
+    replay_from_stream,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Sequence
+    from pathlib import Path
+
+    from data_manager.journal import IngestItem
+    from data_manager.storage.postgres import PostgresStorage
+    from data_manager.stream import BackupStream
+    from tests.servers import RedisServer
+    from tests.servers_nats import NatsServer
+
+T0: Final = 1_727_996_400_000
+DEADLINE: Final = 60.0
+SOURCE: Final = "backup"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def ticks(start: int, count: int, *, symbol: str = "EUR/USD") -> list[TickData]:
+    return [
+        TickData(
+            symbol=symbol,
+            timestamp=T0 + seq // 3,  # three quotes per millisecond: content keeps them apart
+            bid=1.1 + (seq % 7) * 1e-5,
+            ask=1.1002 + (seq % 7) * 1e-5,
+            source=SOURCE,
+            seq=seq,
+            bid_size=1.0 + seq % 5,
+            aggressor="buy" if seq % 2 else None,
+        )
+        for seq in range(start, start + count)
+    ]
+
+
+def candle(minute: int, close: float, *, closed: bool) -> CandleData:
+    return CandleData(
+        symbol="EUR/USD",
+        timeframe="1m",
+        timestamp=T0 + minute * 60_000,
+        open=1.1,
+        high=max(1.1, close),
+        low=min(1.1, close),
+        close=close,
+        source=SOURCE,
+        volume=10.0,
+        is_closed=closed,
+    )
+
+
+def flow(window: int) -> OrderFlowMetrics:
+    return OrderFlowMetrics(
+        symbol="EUR/USD",
+        timestamp=T0 + window * 1000,
+        window_ms=1000,
+        ofi=0.5,
+        volume_delta=1.0 + window,
+        buy_volume=2.0,
+        sell_volume=1.0,
+        imbalance=0.3,
+        num_trades=3,
+        source=SOURCE,
+    )
+
+
+# --------------------------------------------------------------------------- storage
+
+
+async def open_storage(url: str, schema: str) -> PostgresStorage:
+    from data_manager.storage.postgres import PostgresStorage
+
+    storage = PostgresStorage(PostgresSettings(url=url, db_schema=schema))
+    await storage.connect()
+    await storage.create_schema()
+    return storage
+
+
+@pytest.fixture
+async def storage(postgres_url: str, pg_schema: str) -> AsyncIterator[PostgresStorage]:
+    store = await open_storage(postgres_url, pg_schema)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def fetch(url: str, sql: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return list(await conn.fetch(sql, timeout=10))
+    finally:
+        await conn.close(timeout=10)
+
+
+async def tick_rows(url: str, schema: str) -> list[tuple[Any, ...]]:
+    """Every stored tick (duplicates included), as comparable tuples."""
+    rows = await fetch(
+        url,
+        f"SELECT symbol, source, (extract(epoch from ts) * 1000)::bigint AS ms, bid, ask, "
+        f'seq, bid_size, aggressor FROM "{schema}".ticks',
+    )
+    return sorted(tuple(r) for r in rows)
+
+
+def expected_ticks(items: Sequence[TickData]) -> list[tuple[Any, ...]]:
+    return sorted(
+        (t.symbol, t.source, t.timestamp, t.bid, t.ask, t.seq, t.bid_size, t.aggressor)
+        for t in items
+    )
+
+
+async def count(url: str, schema: str, table: str) -> int:
+    rows = await fetch(url, f'SELECT count(*) AS n FROM "{schema}".{table}')
+    return int(rows[0]["n"])
+
+
+async def until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    """Poll with a deadline (fault tests: the change comes from another process)."""
+    stop = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > stop:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def dead_nats_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"nats://127.0.0.1:{port}"
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """One stream destination: how to publish to it and how to replay from it."""
+
+    backend: str
+    url: str
+    names: dict[str, Any]
+
+    def make(self, **options: Any) -> BackupStream:
+        fast = {
+            "breaker": CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.1),
+            "retry_interval": 0.01,
+        }
+        fast.update(options)
+        if self.backend == "nats":
+            return NatsBackupStream(
+                self.url, publish_timeout=0.5, connect_timeout=0.5, **self.names, **fast
+            )
+        return RedisBackupStream(
+            self.url, socket_timeout=0.5, connect_timeout=0.5, **self.names, **fast
+        )
+
+    def replay_options(self) -> dict[str, Any]:
+        return dict(self.names)
+
+
+def nats_names() -> dict[str, Any]:
+    tag = secrets.token_hex(4)
+    return {"stream": f"DMTEST_{tag}", "subject_prefix": f"dmtest.{tag}"}
+
+
+async def delete_nats_stream(url: str, stream: str) -> None:
+    """Remove the stream this test created (only that one)."""
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    except nats.js.errors.NotFoundError:
+        pass
+    finally:
+        await nc.close()
+
+
+async def delete_redis_key(url: str, key: str) -> None:
+    client = Redis.from_url(url, socket_timeout=10)
+    try:
+        await client.unlink(key)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["nats", pytest.param("redis", marks=pytest.mark.redis)])
+async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
+    """A fresh destination on the session's server: its own JetStream stream or Redis key.
+
+    Only the (synchronous) URL fixtures are looked up here, so a Redis run needs no NATS
+    server and the other way round; the stream or key is removed afterwards.
+    """
+    if request.param == "nats":
+        url: str = request.getfixturevalue("nats_url")
+        names = nats_names()
+        yield Target("nats", url, names)
+        await delete_nats_stream(url, names["stream"])
+    else:
+        url = request.getfixturevalue("redis_url")
+        key = f"t{secrets.token_hex(4)}:backup"
+        yield Target("redis", url, {"key": key})
+        await delete_redis_key(url, key)
+
+
+def mixed_batches() -> list[list[IngestItem]]:
+    """Ticks in batches of 500, plus candle versions and order flow along the way."""
+    batches: list[list[IngestItem]] = [list(ticks(start, 500)) for start in range(0, 3000, 500)]
+    # A forming candle rewritten, then closed; a later forming version must not win.
+    batches[1] += [candle(0, 1.1001, closed=False), flow(1)]
+    batches[2] += [candle(0, 1.1003, closed=False), candle(1, 1.1002, closed=False)]
+    batches[3] += [candle(0, 1.1004, closed=True), flow(2)]
+    batches[4] += [candle(0, 1.0999, closed=False), candle(1, 1.1005, closed=True)]
+    return batches
+
+
+async def candle_rows(url: str, schema: str) -> list[tuple[Any, ...]]:
+    rows = await fetch(url, f'SELECT ts, close, is_closed FROM "{schema}".candles ORDER BY ts')
+    return [(r["ts"].timestamp() * 1000, r["close"], r["is_closed"]) for r in rows]
+
+
+# --------------------------------------------------------------------------- format
+
+
+def test_message_items_are_the_codec_objects() -> None:
+    items = [*ticks(0, 3), candle(0, 1.1002, closed=True), flow(1)]
+    for item in items:
+        kind = {TickData: "tick", CandleData: "candle", OrderFlowMetrics: "order_flow"}[type(item)]
+        payload = encode_batch_message(kind, "origin:1", "origin", [item, item])  # type: ignore[arg-type]
+        one = codec.encode_item(item)
+        assert b'"items":[' + one + b"," + one + b"]}" in payload
+        message = decode_batch_message(payload)
+        assert message.kind == kind
+        assert message.batch_id == "origin:1"
+        assert message.items == [item, item]
+
+
+def test_decoding_refuses_what_it_cannot_trust() -> None:
+    good = orjson.loads(encode_batch_message("tick", "o:1", "o", ticks(0, 2)))
+    for broken in (
+        {**good, "v": 2},
+        {**good, "type": "bus"},
+        {**good, "kind": "quote"},
+        {**good, "items": [{**good["items"][0], "ask": 0.5}]},  # ask below bid
+        {**good, "items": [{**good["items"][0], "type": "candle"}]},
+    ):
+        with pytest.raises(ValidationError):
+            decode_batch_message(orjson.dumps(broken))
+    with pytest.raises(ValidationError):
+        decode_batch_message(b"{not json")
+    # Members a later v1 writer may add are ignored.
+    extra = {**good, "trace": "x", "items": [{**good["items"][0], "venue": "x"}]}
+    assert decode_batch_message(orjson.dumps(extra)).items == ticks(0, 1)
+
+
+def test_parse_since() -> None:
+    assert parse_since("1727996400000") == T0
+    assert parse_since("2024-10-03T23:00:00Z") == T0
+    assert parse_since("2024-10-04T01:00:00+02:00") == T0
+    assert parse_since("2024-10-03T23:00:00") == T0  # no offset: UTC
+    with pytest.raises(ValidationError):
+        parse_since("1727996400")  # seconds
+    with pytest.raises(ValidationError):
+        parse_since("yesterday")
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+async def test_replay_rebuilds_the_database_twice_without_duplicates(
+    target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    batches = mixed_batches()
+    # A small message limit splits each batch of 500 ticks into several messages.
+    stream = target.make(spool_dir=tmp_path, max_message_bytes=64 * 1024, coalesce_items=1)
+    await stream.start()
+    for batch in batches:
+        stream.publish_batch(batch)
+    await stream.flush(timeout=30)
+    stats = stream.stats()
+    await stream.aclose()
+    items = [item for batch in batches for item in batch]
+    assert stats.state == "up"
+    assert stats.published_items == len(items)
+    assert stats.published_messages > len(batches)  # split by size
+    assert stats.pending_items == 0
+    assert stats.failures == 0
+
+    first = await replay_from_stream(storage, target.url, **target.replay_options())
+    all_ticks = [i for i in items if type(i) is TickData]
+    assert first.ticks == len(all_ticks) == 3000
+    assert first.invalid_messages == 0
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(all_ticks)
+    # The last versions win, and the forming candle(0) published after the closed one
+    # does not replace it.
+    assert await candle_rows(postgres_url, pg_schema) == [
+        (T0, 1.1004, True),
+        (T0 + 60_000, 1.1005, True),
+    ]
+    assert await count(postgres_url, pg_schema, "order_flow") == 2
+
+    second = await replay_from_stream(storage, target.url, **target.replay_options())
+    assert second.ticks == first.ticks
+    assert await count(postgres_url, pg_schema, "ticks") == 3000
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(all_ticks)
+    assert await count(postgres_url, pg_schema, "candles") == 2
+    assert await count(postgres_url, pg_schema, "order_flow") == 2
+
+
+async def test_replay_since_selects_by_stream_time_and_kind(
+    target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str
+) -> None:
+    stream = target.make()
+    await stream.start()
+    stream.publish_batch(ticks(0, 100))
+    await stream.flush(timeout=30)
+    cut = time.time_ns() // 1_000_000
+    # The server's clock must pass the cut before the second batch is stored.
+    await until(lambda: time.time_ns() // 1_000_000 > cut + 1, "the clock to move on")
+    later = ticks(100, 100)
+    stream.publish_batch([*later, candle(5, 1.1001, closed=True)])
+    await stream.flush(timeout=30)
+    await stream.aclose()
+
+    report = await replay_from_stream(
+        storage, target.url, since_ms=cut + 1, kind="tick", **target.replay_options()
+    )
+    assert report.ticks == 100
+    assert report.candles == 0
+    assert report.first_ms is not None
+    assert report.first_ms > cut
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(later)
+    assert await count(postgres_url, pg_schema, "candles") == 0
+
+
+async def test_an_empty_or_missing_stream_replays_nothing(
+    target: Target, storage: PostgresStorage
+) -> None:
+    if target.backend == "nats":
+        with pytest.raises(BackupStreamError, match="does not exist"):
+            await replay_from_stream(storage, target.url, **target.replay_options())
+    else:
+        report = await replay_from_stream(storage, target.url, **target.replay_options())
+        assert report.messages == report.items == 0
+
+
+async def test_spool_of_a_closed_instance_is_adopted_and_published(
+    target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    spool_root = tmp_path / "stream-spool"
+    options: dict[str, Any] = {"spool_dir": spool_root, "connect_timeout": 0.2}
+    down: BackupStream = (
+        NatsBackupStream(dead_nats_url(), **target.names, **options)
+        if target.backend == "nats"
+        else RedisBackupStream("redis://127.0.0.1:1/0", **target.names, **options)
+    )
+    await down.start()
+    batches = [ticks(start, 200) for start in range(0, 1000, 200)]
+    for batch in batches:
+        down.publish_batch(batch)
+    await until(lambda: down.stats().spool_records == 1000, "the batches to be spooled")
+    stats = down.stats()
+    assert stats.state == "down"
+    assert stats.failures >= 1
+    assert stats.last_error
+    assert stats.pending_items == 1000
+    await down.aclose(timeout=0.2)  # down: what is left stays in the spool, on disk
+    assert [p.name for p in spool_root.iterdir()]  # the closed instance's folder
+
+    up = target.make(spool_dir=spool_root)
+    await up.start()
+    assert up.stats().adopted_spools == 1
+    await up.flush(timeout=30)
+    stats = up.stats()
+    await up.aclose()
+    assert stats.published_items == 1000
+    assert stats.spool_records == 0
+    assert not list(spool_root.iterdir())  # both spools are gone once published
+
+    await replay_from_stream(storage, target.url, **target.replay_options())
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(
+        [t for batch in batches for t in batch]
+    )
+
+
+async def test_without_a_spool_a_down_stream_keeps_a_bounded_outbox(target: Target) -> None:
+    url = dead_nats_url() if target.backend == "nats" else "redis://127.0.0.1:1/0"
+    stream = (
+        NatsBackupStream(url, connect_timeout=0.2, max_pending_items=250, **target.names)
+        if target.backend == "nats"
+        else RedisBackupStream(url, connect_timeout=0.2, max_pending_items=250, **target.names)
+    )
+    await stream.start()
+    for start in range(0, 1000, 100):
+        stream.publish_batch(ticks(start, 100))
+    stats = stream.stats()
+    assert stats.accepted_items == 1000
+    assert stats.pending_items <= 300  # the bound (plus the batch in flight)
+    assert stats.dropped_items == 1000 - stats.pending_items
+    await stream.aclose(timeout=0.1)
+    stats = stream.stats()
+    assert stats.state == "closed"
+    assert stats.dropped_items == 1000  # counted, never silent
+    stream.publish_batch(ticks(0, 10))  # after close: counted, not raised
+    assert stream.stats().dropped_items == 1010
+
+
+# --------------------------------------------------------------------------- outages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["nats", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_stream_outage_spools_without_blocking_then_catches_up(
+    backend: str,
+    request: pytest.FixtureRequest,
+    storage: PostgresStorage,
+    postgres_url: str,
+    pg_schema: str,
+    tmp_path: Path,
+) -> None:
+    server: NatsServer | RedisServer
+    if backend == "nats":
+        server = request.getfixturevalue("nats_server_factory")()
+        target = Target("nats", server.url, nats_names())
+    else:
+        server = request.getfixturevalue("redis_server_factory")()
+        target = Target("redis", server.url, {"key": f"t{secrets.token_hex(4)}:backup"})
+    # A small outbox: the publish that hangs while the server goes away overflows it.
+    stream = target.make(spool_dir=tmp_path / "stream-spool", max_pending_items=1_000)
+    await stream.start()
+    before = ticks(0, 1000)
+    stream.publish_batch(before)
+    await stream.flush(timeout=30)
+
+    server.stop()
+    during = [ticks(start, 250) for start in range(1000, 6000, 250)]
+    for batch in during:
+        stream.publish_batch(batch)  # synchronous: it cannot wait for the server
+        await asyncio.sleep(0)  # let the publisher and the spooler run between batches
+    await until(lambda: stream.stats().state == "down", "the stream to be seen down")
+    await until(lambda: stream.stats().spooled_items >= 5000, "the outage's batches to be spooled")
+    stats = stream.stats()
+    assert stats.failures >= 1
+    assert stats.pending_items >= 5000
+    assert stats.dropped_items == 0
+    assert stats.lag_seconds > 0
+
+    server.start()
+    after = ticks(6000, 500)
+    stream.publish_batch(after)
+    await until(
+        lambda: stream.stats().pending_items == 0 and stream.stats().state == "up",
+        "the spool to be published",
+    )
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.published_items >= 6500
+    assert stats.dropped_items == 0
+    assert not list((tmp_path / "stream-spool").iterdir())
+
+    report = await replay_from_stream(storage, target.url, **target.replay_options())
+    assert report.invalid_messages == 0
+    outage_and_after = [t for batch in during for t in batch] + after
+    if backend == "nats":
+        # JetStream's file store survived the restart: everything is there, once.
+        assert await tick_rows(postgres_url, pg_schema) == expected_ticks(before + outage_and_after)
+    else:
+        # A Redis server without persistence forgets its stream when it restarts (the
+        # documented limit): only what was published after the restart is there.
+        assert await tick_rows(postgres_url, pg_schema) == expected_ticks(outage_and_after)
+    if backend == "nats":
+        await delete_nats_stream(server.url, target.names["stream"])
+
+
+# --------------------------------------------------------------------------- Redis limits
+
+
+@pytest.mark.redis
+async def test_redis_maxlen_trims_the_oldest_entries(
+    redis_url: str, redis_prefix: str, storage: PostgresStorage, postgres_url: str, pg_schema: str
+) -> None:
+    key = f"{redis_prefix}:backup"
+    stream = RedisBackupStream(redis_url, key=key, maxlen=5, approximate=False, coalesce_items=1)
+    await stream.start()
+    batches = [ticks(start, 10) for start in range(0, 200, 10)]
+    for batch in batches:
+        stream.publish_batch(batch)
+    await stream.flush(timeout=30)
+    await stream.aclose()
+    client = Redis.from_url(redis_url)
+    try:
+        assert await client.xlen(key) == 5
+    finally:
+        await client.aclose()
+    report = await replay_from_stream(storage, redis_url, key=key)
+    # Only the last five batches are left; the fifteen before them are gone for good.
+    assert report.messages == 5
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(
+        [t for batch in batches[-5:] for t in batch]
+    )
+
+
+@pytest.mark.redis
+async def test_redis_approximate_maxlen_keeps_at_least_maxlen(
+    redis_url: str, redis_prefix: str
+) -> None:
+    key = f"{redis_prefix}:backup"
+    stream = RedisBackupStream(redis_url, key=key, maxlen=10, coalesce_items=1)
+    await stream.start()
+    for start in range(0, 300):
+        stream.publish_batch(ticks(start, 1))
+    await stream.flush(timeout=30)
+    await stream.aclose()
+    client = Redis.from_url(redis_url)
+    try:
+        length = await client.xlen(key)
+    finally:
+        await client.aclose()
+    # Whole nodes are trimmed: at least maxlen entries remain, and far fewer than 300.
+    assert 10 <= length < 300

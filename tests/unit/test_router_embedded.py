@@ -1,0 +1,603 @@
+"""``DataRouter`` on the embedded SQLite store: zero-configuration start, lifecycle, refusal
+after close, the unclosed-router warning, write modes, health, the demo and the examples.
+
+Nothing here needs a server. Storage is checked with plain ``sqlite3`` behind the router's
+back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import io
+import logging
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import pytest
+from rich.console import Console
+
+from data_manager import (
+    CandleData,
+    ConfigurationError,
+    DataManagerSettings,
+    DataRouter,
+    HealthCheckResponse,
+    OrderFlowMetrics,
+    RouterClosedError,
+    TickData,
+    ValidationError,
+)
+from data_manager.demo import PAIRS, DemoResult, run_demo
+from data_manager.health import CacheHealth, PoolHealth
+from data_manager.router import RouterState
+from data_manager.strategy import RoutingStrategy, strategy_from_mapping
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+T0: Final = 1_727_996_400_000
+SYM: Final = "EUR/USD"
+ROOT: Final = Path(__file__).resolve().parents[2]
+SUBPROCESS_TIMEOUT: Final = 120.0
+
+#: Only what a test saves reaches storage: no tick → candle / order-flow derivation.
+PLAIN: Final[dict[str, Any]] = {"aggregation": {"enabled": False}, "order_flow": {"enabled": False}}
+#: ...and the write-behind batcher never flushes on its own (only flush()/close() store).
+HELD: Final[dict[str, Any]] = {
+    **PLAIN,
+    "batch": {"size": 100_000, "max_batch": 100_000, "flush_interval_seconds": 3600},
+}
+
+
+def strategy(sections: dict[str, Any] = PLAIN) -> RoutingStrategy:
+    return strategy_from_mapping(sections)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No configuration leaks in from the machine: the embedded default must apply."""
+    for name in list(os.environ):
+        if name.startswith(("POSTGRES_", "DRAGONFLY_")) or (
+            name.startswith("DATA_MANAGER_") and not name.startswith("DATA_MANAGER_TEST_")
+        ):
+            monkeypatch.delenv(name)
+
+
+def tick(ts: int = T0, *, bid: float = 1.09551, source: str = "polygon") -> TickData:
+    return TickData(symbol=SYM, timestamp=ts, bid=bid, ask=bid + 0.00002, source=source)
+
+
+def candle(ts: int = T0) -> CandleData:
+    return CandleData(
+        symbol=SYM,
+        timeframe="1m",
+        timestamp=ts,
+        open=1.0850,
+        high=1.0855,
+        low=1.0848,
+        close=1.0852,
+        volume=15234,
+        source="polygon",
+    )
+
+
+def flow(ts: int = T0) -> OrderFlowMetrics:
+    return OrderFlowMetrics(symbol=SYM, timestamp=ts, window_ms=60_000, ofi=1.5)
+
+
+def embedded(tmp_path: Path, name: str = "store.sqlite3", **overrides: Any) -> DataManagerSettings:
+    values: dict[str, Any] = {
+        "sqlite_path": str(tmp_path / name),
+        "watch_strategy": False,
+        "journal_dir": tmp_path / "journal",
+    }
+    values.update(overrides)
+    return DataManagerSettings(**values)
+
+
+def count_rows(path: Path | str, table: str = "ticks") -> int:
+    """Rows in ``table``, read through a separate connection (what another process sees)."""
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def journal_bytes(journal_dir: Path) -> int:
+    """Bytes in the journal segments under ``journal_dir`` (every instance)."""
+    return sum(p.stat().st_size for p in journal_dir.glob("*/*.seg"))
+
+
+def state_of(router: DataRouter) -> RouterState:
+    """``router.state``, un-narrowed for the type checker across awaits."""
+    return router.state
+
+
+@pytest.fixture
+async def router(tmp_path: Path) -> AsyncIterator[DataRouter]:
+    async with DataRouter(embedded(tmp_path), strategy=strategy()) as opened:
+        yield opened
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+async def test_no_configuration_means_the_embedded_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="data_manager")
+    monkeypatch.chdir(tmp_path)  # relative default paths land here; no ./config either
+    async with DataRouter() as router:
+        assert router.storage.kind == "sqlite"
+        await router.save_tick(tick(), mode="sync")
+        health = await router.health_check()
+    default_file = tmp_path / ".data_manager" / "data_manager.sqlite3"
+    assert default_file.is_file()
+    assert count_rows(default_file) == 1
+    db = health.databases["sqlite"]
+    assert db.embedded is True
+    assert db.reachable is True
+    assert str(default_file.relative_to(tmp_path)) in db.target
+    assert health.cache.l2_configured is False
+    assert any("embedded" in r.getMessage() for r in caplog.records), "not said in the log"
+
+
+async def test_sqlite_path_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "elsewhere" / "md.sqlite3"
+    monkeypatch.setenv("DATA_MANAGER_SQLITE_PATH", str(target))
+    monkeypatch.setenv("DATA_MANAGER_WRITE_MODE", "sync")
+    async with DataRouter(strategy=strategy()) as router:
+        assert router.settings.write_mode == "sync"
+        await router.save_tick(tick())
+        assert count_rows(target) == 1  # sync: stored before save_tick returned
+    assert not (tmp_path / ".data_manager" / "data_manager.sqlite3").exists()
+
+
+async def test_in_memory_stores_are_private(tmp_path: Path) -> None:
+    a = DataRouter(embedded(tmp_path, sqlite_path=":memory:"), strategy=strategy())
+    b = DataRouter(
+        embedded(tmp_path, sqlite_path=":memory:", journal_dir=tmp_path / "j2"),
+        strategy=strategy(),
+    )
+    async with a, b:
+        await a.save_ticks([tick()])
+        assert len(await a.get_ticks(SYM, T0, T0 + 1)) == 1
+        assert await b.get_ticks(SYM, T0, T0 + 1) == []
+        assert (await a.health_check()).databases["sqlite"].embedded
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_lifecycle(tmp_path: Path) -> None:
+    router = DataRouter(embedded(tmp_path), strategy=strategy())
+    assert state_of(router) is RouterState.UNOPENED
+    await router.initialize()
+    assert state_of(router) is RouterState.OPEN
+    storage = router.storage
+    await router.initialize()  # harmless: nothing rebuilt
+    assert router.storage is storage
+    await router.save_tick(tick())
+    await router.close()
+    assert router.state is RouterState.CLOSED
+    await router.close()  # harmless
+    assert count_rows(tmp_path / "store.sqlite3") == 1  # close flushed the queue
+    with pytest.raises(RouterClosedError):
+        await router.initialize()  # a closed router is not reopened
+    async with DataRouter(embedded(tmp_path), strategy=strategy()) as again:
+        assert state_of(again) is RouterState.OPEN
+        got = await again.get_latest_tick(SYM)
+        assert got is not None
+        assert got.timestamp == T0
+    assert state_of(again) is RouterState.CLOSED
+
+
+async def test_async_with_closes_on_error(tmp_path: Path) -> None:
+    router = DataRouter(embedded(tmp_path), strategy=strategy())
+
+    async def use() -> None:
+        async with router:
+            await router.save_tick(tick())
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await use()
+    assert router.state is RouterState.CLOSED
+    assert count_rows(tmp_path / "store.sqlite3") == 1
+
+
+def public_calls(router: DataRouter) -> dict[str, Callable[[], Awaitable[object]]]:
+    """One call of every public method (except the lifecycle ones) with valid arguments."""
+
+    async def sync(fn: Callable[[], object]) -> object:
+        return fn()
+
+    return {
+        "save_tick": lambda: router.save_tick(tick()),
+        "save_candle": lambda: router.save_candle(candle()),
+        "save_order_flow": lambda: router.save_order_flow(flow()),
+        "save_ticks": lambda: router.save_ticks([tick()]),
+        "save_candles_bulk": lambda: router.save_candles_bulk([candle()]),
+        "flush": router.flush,
+        "get_latest_tick": lambda: router.get_latest_tick(SYM),
+        "get_latest_candles": lambda: router.get_latest_candles(SYM, "1m", 10),
+        "get_latest_order_flow": lambda: router.get_latest_order_flow(SYM),
+        "get_ticks": lambda: router.get_ticks(SYM, T0, T0 + 1),
+        "get_candles": lambda: router.get_candles(SYM, "1m", T0, T0 + 1),
+        "iter_ticks": lambda: anext(router.iter_ticks(SYM, T0, T0 + 1)),
+        "check_staleness": lambda: router.check_staleness(SYM),
+        "warm_start": lambda: router.warm_start([SYM], ["1m"]),
+        "health_check": router.health_check,
+        "run_maintenance": router.run_maintenance,
+        "subscribe_ticks": lambda: sync(lambda: router.subscribe_ticks([SYM])),
+        "subscribe_candles": lambda: sync(lambda: router.subscribe_candles(SYM, "1m")),
+        "storage": lambda: sync(lambda: router.storage),
+    }
+
+
+#: Public names that may be used on a router that is not open: the lifecycle itself, and
+#: configuration that is naturally done before initialize().
+NOT_REFUSED: Final = frozenset(
+    {"initialize", "close", "state", "strategy", "processors", "cache", "pool_manager"}
+    | {"register_processor", "unregister_processor", "settings", "instance_id"}
+)
+
+
+def test_the_refusal_table_covers_every_public_method(tmp_path: Path) -> None:
+    router = DataRouter(embedded(tmp_path), strategy=strategy())
+    names = {n for n, _ in inspect.getmembers(DataRouter) if not n.startswith("_")}
+    missing = names - set(public_calls(router)) - NOT_REFUSED
+    assert missing == set(), f"add these to public_calls(): {sorted(missing)}"
+
+
+@pytest.mark.parametrize("state", ["never opened", "closed"])
+async def test_a_router_that_is_not_open_refuses_every_call(tmp_path: Path, state: str) -> None:
+    router = DataRouter(embedded(tmp_path), strategy=strategy())
+    if state == "closed":
+        await router.initialize()
+        await router.close()
+    refused: list[str] = []
+    for name, call in public_calls(router).items():
+        try:
+            await call()
+        except RouterClosedError:
+            refused.append(name)
+    assert refused == list(public_calls(router)), "these did not raise RouterClosedError"
+    assert router.state is not RouterState.OPEN
+    await router.close()
+
+
+async def test_unclosed_router_warns_when_collected(tmp_path: Path) -> None:
+    box = [DataRouter(embedded(tmp_path, sqlite_path=":memory:"), strategy=strategy())]
+    await box[0].initialize()
+    ref = weakref.ref(box[0])
+    # Kept so the test can release what the forgotten router held once it is gone.
+    parts = [box[0]._ingest, box[0]._storage]
+
+    def forget() -> None:
+        box.clear()  # the last reference
+        gc.collect()
+
+    try:
+        with pytest.warns(ResourceWarning, match="unclosed DataRouter"):
+            forget()
+    finally:
+        leftover = ref()
+        if leftover is not None:
+            await leftover.close()
+        else:
+            ingest, storage = parts
+            if ingest is not None:
+                await ingest.close()
+            if storage is not None:
+                await storage.close()
+    assert ref() is None
+
+
+async def test_closed_router_does_not_warn(tmp_path: Path) -> None:
+    router = DataRouter(embedded(tmp_path, sqlite_path=":memory:"), strategy=strategy())
+    async with router:
+        pass
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del router
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# --------------------------------------------------------------------------- write modes
+
+
+async def test_buffered_mode_stores_on_flush(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    settings = embedded(tmp_path, write_mode="buffered")
+    async with DataRouter(settings, strategy=strategy(HELD)) as router:
+        for i in range(300):
+            await router.save_tick(tick(T0 + i))
+        assert count_rows(path) == 0  # accepted, queued, not yet stored
+        latest = await router.get_latest_tick(SYM)  # ...but readable from L1 at once
+        assert latest is not None
+        assert latest.timestamp == T0 + 299
+        await router.flush()
+        assert count_rows(path) == 300
+
+
+async def test_journal_mode_acknowledges_after_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    journal = tmp_path / "journal"
+    settings = embedded(tmp_path, write_mode="journal")
+    async with DataRouter(settings, strategy=strategy(HELD)) as router:
+        for i in range(50):
+            await router.save_tick(tick(T0 + i))
+        assert journal_bytes(journal) > 50 * 40  # every record is on disk...
+        assert count_rows(path) == 0  # ...and not yet in the database
+        health = await router.health_check()
+        assert health.write_path.journal_records == 50
+        await router.flush()
+        assert count_rows(path) == 50
+        assert (await router.health_check()).write_path.journal_records == 0
+
+
+async def test_sync_mode_is_stored_when_the_call_returns(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    async with DataRouter(embedded(tmp_path, write_mode="sync"), strategy=strategy(HELD)) as router:
+        await router.save_tick(tick())
+        assert count_rows(path) == 1
+        await router.save_candle(candle())
+        assert count_rows(path, "candles") == 1
+        await router.save_order_flow(flow())
+        assert count_rows(path, "order_flow") == 1
+
+
+async def test_per_call_mode_overrides_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    async with DataRouter(
+        embedded(tmp_path, write_mode="buffered"), strategy=strategy(HELD)
+    ) as router:
+        await router.save_tick(tick(T0), mode="sync")
+        assert count_rows(path) == 1
+        await router.save_tick(tick(T0 + 1))
+        await router.save_tick(tick(T0 + 2), mode="journal")
+        assert count_rows(path) == 1
+        assert journal_bytes(tmp_path / "journal") > 0
+        await router.flush()
+        assert count_rows(path) == 3
+    async with DataRouter(
+        embedded(tmp_path, write_mode="sync", journal_dir=tmp_path / "j2"),
+        strategy=strategy(HELD),
+    ) as router:
+        await router.save_tick(tick(T0 + 3), mode="buffered")
+        assert count_rows(path) == 3
+        await router.flush()
+        assert count_rows(path) == 4
+
+
+async def test_unknown_write_mode_is_refused_and_nothing_is_written(router: DataRouter) -> None:
+    with pytest.raises(ValidationError, match="fast"):
+        await router.save_tick(tick(), mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        await router.save_candle(candle(), mode="SYNC")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        await router.save_order_flow(flow(), mode="")  # type: ignore[arg-type]
+    assert await router.get_latest_tick(SYM) is None
+    await router.flush()
+    assert await router.get_ticks(SYM, T0, T0 + 1) == []
+    assert await router.get_latest_candles(SYM, "1m", 1) == []
+    with pytest.raises(ConfigurationError, match="write_mode"):
+        DataManagerSettings(write_mode="fast")
+
+
+async def test_flush_covers_every_kind(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    async with DataRouter(embedded(tmp_path), strategy=strategy(HELD)) as router:
+        await router.save_tick(tick())
+        await router.save_candle(candle())
+        await router.save_order_flow(flow())
+        await router.flush()
+        assert [count_rows(path, t) for t in ("ticks", "candles", "order_flow")] == [1, 1, 1]
+
+
+async def test_close_stores_what_was_queued(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    router = DataRouter(embedded(tmp_path), strategy=strategy(HELD))
+    await router.initialize()
+    for i in range(200):
+        await router.save_tick(tick(T0 + i))
+    assert count_rows(path) == 0
+    await router.close(timeout=30)
+    assert count_rows(path) == 200
+    assert journal_bytes(tmp_path / "journal") == 0
+
+
+# --------------------------------------------------------------------------- health
+
+
+async def test_health_on_the_embedded_store(router: DataRouter) -> None:
+    await router.save_tick(tick())
+    await router.get_latest_tick(SYM)
+    health = await router.health_check()
+    assert isinstance(health, HealthCheckResponse)
+    assert health.status == "healthy", health.reason
+    assert set(health.databases) == {"sqlite"}
+    db = health.databases["sqlite"]
+    assert (db.kind, db.embedded, db.reachable) == ("sqlite", True, True)
+    assert "store.sqlite3" in db.target
+    assert set(health.connection_pools) == {"sqlite"}
+    assert isinstance(health.connection_pools["sqlite"], PoolHealth)
+    assert health.cache.l2_configured is False
+    assert health.cache.l1.hits >= 1
+    assert health.write_path.default_mode == router.settings.write_mode
+    assert HealthCheckResponse.model_validate_json(health.model_dump_json()) == health
+
+    stats = await router.cache.get_stats()
+    assert isinstance(stats, CacheHealth)
+    assert stats.l1.hits >= 1
+    assert stats.l1_entries >= 1
+    pools = await router.pool_manager.health_check_all()
+    assert set(pools) == {"sqlite"}
+    assert pools["sqlite"].max_size >= 1
+
+
+# --------------------------------------------------------------------------- demo & examples
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POSTGRES_", "DRAGONFLY_", "DATA_MANAGER_"))
+    }
+    env["DATA_MANAGER_SQLITE_PATH"] = str(tmp_path / "examples.sqlite3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["COLUMNS"] = "200"  # rich wraps lines at the terminal width
+    return env
+
+
+def run_python(tmp_path: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` in ``tmp_path`` on the embedded default; check the exit code."""
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == expect, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def example(name: str) -> str:
+    return str(ROOT / "examples" / name)
+
+
+async def test_run_demo_builds_candles_for_every_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default journal folder is relative
+    out = io.StringIO()
+    result = await run_demo(
+        n_ticks=2000,
+        settings=DataManagerSettings(sqlite_path=str(tmp_path / "d.sqlite3"), watch_strategy=False),
+        console=Console(file=out, width=200),
+    )
+    assert isinstance(result, DemoResult)
+    assert result.ticks == 2000
+    assert len(result.save_latencies_us) == 2000
+    assert set(result.candles_1m) == {sym for sym, *_ in PAIRS}
+    assert all(n >= 1 for n in result.candles_1m.values()), result.candles_1m
+    assert "d.sqlite3" in result.storage
+    assert count_rows(tmp_path / "d.sqlite3") == 2000
+    assert count_rows(tmp_path / "d.sqlite3", "candles") >= len(PAIRS)
+    assert "ingested 2,000 ticks" in out.getvalue()
+
+
+def test_demo_command_runs_on_a_bare_machine(tmp_path: Path) -> None:
+    done = run_python(tmp_path, "-m", "data_manager", "demo", "--ticks", "2000")
+    assert "ingested 2,000 ticks" in done.stdout
+    assert "health: healthy" in done.stdout
+    assert count_rows(tmp_path / "examples.sqlite3") == 2000
+
+
+def test_example_polygon_collector(tmp_path: Path) -> None:
+    done = run_python(tmp_path, example("polygon_collector.py"))
+    found = re.search(r"EUR/USD latest: bid=(\S+) ask=(\S+) mid=(\S+)", done.stdout)
+    assert found is not None, done.stdout
+    bid, ask, mid = (float(x) for x in found.groups())
+    assert (bid, ask, mid) == pytest.approx((1.09560, 1.09562, 1.09561))  # the 10th quote
+    assert count_rows(tmp_path / "examples.sqlite3") == 10
+
+
+def test_example_trading_engine(tmp_path: Path) -> None:
+    done = run_python(tmp_path, example("trading_engine.py"))
+    assert "tick mid=1.08550; 5 hourly candles, last close 1.0855" in done.stdout
+
+
+def test_example_bulk_historical_import_is_idempotent(tmp_path: Path) -> None:
+    first = run_python(tmp_path, example("bulk_historical_import.py"))
+    assert "Imported 2000 candles (2000 rows written)" in first.stdout
+    # Its docstring: "Re-running it stores nothing new".
+    second = run_python(tmp_path, example("bulk_historical_import.py"))
+    assert "Imported 2000 candles (0 rows written)" in second.stdout
+    assert count_rows(tmp_path / "examples.sqlite3", "candles") == 2000
+
+
+def test_example_collector(tmp_path: Path) -> None:
+    done = run_python(tmp_path, example("collector.py"), "--ticks", "2000")
+    assert "collector → sqlite" in done.stdout
+    assert "saved 2,000 ticks" in done.stdout
+    for symbol in ("EUR/USD", "GBP/USD", "USD/JPY"):
+        assert re.search(rf"{symbol}: bid [\d.]+ ask [\d.]+", done.stdout), done.stdout
+    assert count_rows(tmp_path / "examples.sqlite3") == 2000  # flushed before exit
+
+
+def test_example_engine_seeds_a_fresh_store_once(tmp_path: Path) -> None:
+    signal = r"{}: 20 candles \(engine-example\), SMA5 [\d.]+ vs SMA20 [\d.]+ → (long|short|flat)"
+    first = run_python(tmp_path, example("engine.py"))
+    assert "engine ← sqlite" in first.stdout
+    for symbol in ("EUR/USD", "GBP/USD", "USD/JPY"):
+        assert f"{symbol}: only 0 candles; seeded 30 sample 1m candles" in first.stdout
+        assert re.search(signal.format(symbol), first.stdout), first.stdout
+    second = run_python(tmp_path, example("engine.py"))
+    assert "seeded" not in second.stdout  # enough candles now: it only reads
+    for symbol in ("EUR/USD", "GBP/USD", "USD/JPY"):
+        assert re.search(signal.format(symbol), second.stdout), second.stdout
+    assert count_rows(tmp_path / "examples.sqlite3", "candles") == 90
+
+
+def test_example_health_probe(tmp_path: Path) -> None:
+    done = run_python(tmp_path, example("health_probe.py"))
+    assert done.stdout.startswith("healthy:"), done.stdout
+    assert "reachable=True" in done.stdout
+    as_json = run_python(tmp_path, example("health_probe.py"), "--json")
+    report = HealthCheckResponse.model_validate_json(as_json.stdout)
+    assert report.status == "healthy"
+    assert report.databases["sqlite"].embedded is True
+
+
+def test_example_multiprocess_demo_explains_what_it_needs(tmp_path: Path) -> None:
+    # Its docstring: without POSTGRES_HOST and DRAGONFLY_HOST it says so and exits with 2.
+    done = run_python(tmp_path, example("multiprocess_demo.py"), expect=2)
+    said = done.stdout + done.stderr
+    assert "POSTGRES_HOST" in said
+    assert "DRAGONFLY_HOST" in said
+
+
+def test_example_bulk_import_reports_rejects_and_is_idempotent(tmp_path: Path) -> None:
+    done = run_python(tmp_path, example("bulk_import.py"), "--rows", "1000")
+    assert "1,000 rows: 997 accepted, 3 rejected, 997 stored" in done.stdout
+    for line in (12, 22, 32):  # the three rows its docstring says are broken
+        assert f"(lines [{line}])" in done.stdout
+    assert "imported again: 0 rows changed" in done.stdout
+    assert re.search(r"first week(?: as a DataFrame)?: 16[58] (rows|candles)", done.stdout)
+    assert count_rows(tmp_path / "examples.sqlite3", "candles") == 997
+
+
+#: Every script in examples/ and the test that runs it.
+EXAMPLES: Final = {
+    "polygon_collector.py": test_example_polygon_collector,
+    "trading_engine.py": test_example_trading_engine,
+    "bulk_historical_import.py": test_example_bulk_historical_import_is_idempotent,
+    "collector.py": test_example_collector,
+    "engine.py": test_example_engine_seeds_a_fresh_store_once,
+    "health_probe.py": test_example_health_probe,
+    "multiprocess_demo.py": test_example_multiprocess_demo_explains_what_it_needs,
+    "bulk_import.py": test_example_bulk_import_reports_rejects_and_is_idempotent,
+}
+
+
+def test_every_example_is_covered() -> None:
+    scripts = {p.name for p in (ROOT / "examples").glob("*.py")}
+    assert scripts == set(EXAMPLES), "add a test for each new example to EXAMPLES"
