@@ -43,9 +43,23 @@ def _ms(ns: float) -> float:
     return ns / 1e6
 
 
-async def _get(queue: Any, wait: float) -> Any:
-    """``queue.get`` (at most ``wait`` seconds) without blocking the event loop."""
-    return await asyncio.to_thread(queue.get, True, wait)
+async def _get(queue: Any, wait: float, procs: list[Any]) -> Any:
+    """``queue.get`` (at most ``wait`` seconds) without blocking the event loop; fails at
+    once when one of ``procs`` died."""
+    import queue as queues
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await asyncio.to_thread(queue.get, True, 0.5)
+        except queues.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                msg = f"reader process exited with code {dead[0].exitcode} (see its traceback)"
+                raise RuntimeError(msg) from None
+            if time.monotonic() > deadline:
+                msg = f"no answer from the reader processes within {wait:g} s"
+                raise TimeoutError(msg) from None
 
 
 def _stop_all(procs: list[Any]) -> None:
@@ -142,7 +156,7 @@ async def run_propagation(scratch: Scratch, *, quick: bool) -> Group:
     bare = Redis.from_url(spec.redis_url or "", protocol=2)
     try:
         for _ in procs:
-            await _get(ready, 120)
+            await _get(ready, 120, procs)
         base_ms = time.time_ns() // 1_000_000
         ticks = [
             TickData(
@@ -173,7 +187,7 @@ async def run_propagation(scratch: Scratch, *, quick: bool) -> Group:
             await asyncio.sleep(interval / 2)
         await asyncio.sleep(0.5)
         stop.set()
-        results = [await _get(out, 120) for _ in procs]
+        results = [await _get(out, 120, procs) for _ in procs]
     finally:
         stop.set()
         await bare.aclose()
@@ -397,12 +411,12 @@ async def run_hitrates(scratch: Scratch, *, quick: bool) -> Group:
 
     try:
         for _ in procs:
-            await _get(ready, 180)
+            await _get(ready, 180, procs)
         # The collector runs a second before the readers start, and past their end.
         collector = asyncio.create_task(collect(cfg["warm"] + cfg["seconds"] + 3.0))
         await asyncio.sleep(1.0)
         go.set()
-        results = [await _get(out, 180) for _ in procs]
+        results = [await _get(out, 180, procs) for _ in procs]
         await collector
     finally:
         go.set()

@@ -6,6 +6,7 @@ start. This module only re-exports; it builds no objects.
 
 from data_manager.errors import (
     BackpressureTimeoutError,
+    BackupStreamError,
     CacheError,
     CacheUnavailableError,
     CircuitBreakerOpenError,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 # Sorted case-insensitively (a test checks it).
 __all__ = [
     "BackpressureTimeoutError",
+    "BackupStreamError",
     "CacheError",
     "CacheUnavailableError",
     "CandleData",

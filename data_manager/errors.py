@@ -15,6 +15,7 @@ The names are seed 004's public API. The tree is shallow and answers "should I r
     ├── CircuitBreakerOpenError       transient: calls are short-circuited until a probe passes
     ├── RetryExhaustedError           transient errors kept failing past the retry budget
     ├── BackpressureTimeoutError      the write queue stayed full past the configured wait
+    ├── BackupStreamError             the backup stream cannot be reached, written or read
     ├── JournalError                  the local journal cannot be written, read or opened
     │   └── JournalLockedError        another live process holds that journal's lock
     └── RouterClosedError             the router was closed (or never initialised)
@@ -34,6 +35,7 @@ import sqlalchemy.exc as sa_exc
 
 __all__ = [
     "BackpressureTimeoutError",
+    "BackupStreamError",
     "CacheError",
     "CacheUnavailableError",
     "CircuitBreakerOpenError",
@@ -107,6 +109,10 @@ class RetryExhaustedError(DataManagerError):
 
 class BackpressureTimeoutError(DataManagerError):
     """The write queue stayed full for longer than the configured wait."""
+
+
+class BackupStreamError(DataManagerError):
+    """The backup stream could not be reached, written or read."""
 
 
 class JournalError(DataManagerError):

@@ -161,6 +161,8 @@ def overall_status(
         problems.append("cache pub/sub subscription lost; L1 bypassed")
     if write_path.circuit != "closed":
         problems.append(f"database write circuit {write_path.circuit}")
+    if write_path.details.get("backup_stream_state") == "down":
+        problems.append("backup stream down; batches are spooled locally")
     if write_path.journal_records:
         problems.append(f"{write_path.journal_records} records waiting in the journal")
     if strategy.last_error:

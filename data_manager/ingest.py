@@ -92,6 +92,7 @@ from data_manager.journal import (
     encode_item,
     find_orphans,
 )
+from data_manager.metrics import BATCH_SIZE_BUCKETS, HistogramRecorder, HistogramSnapshot
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
 
     from data_manager.settings import WriteMode
     from data_manager.storage.base import Storage
+    from data_manager.stream import BackupStream
 
 __all__ = ["IngestItem", "IngestPipeline", "IngestStats", "PipelineState"]
 
@@ -191,6 +193,9 @@ class IngestStats:
     backpressure_timeouts: int
     lost_on_close: int
     writer_errors: int
+    batch_size_histogram: HistogramSnapshot | None = None
+    flush_seconds_histogram: HistogramSnapshot | None = None
+    breaker_opens: int = 0
 
 
 class IngestPipeline:
@@ -219,6 +224,8 @@ class IngestPipeline:
             refused items are then only logged, in full, at error level).
         orphan_scan_interval: Seconds between scans for dead instances' journals; ``None``
             scans only at start.
+        backup: Optional backup stream; every batch the writer takes is also published to
+            it (never blocking; see ``data_manager.stream``).
     """
 
     def __init__(
@@ -240,8 +247,10 @@ class IngestPipeline:
         replay_batch: int = 5_000,
         dead_letter_path: Path | None = None,
         orphan_scan_interval: float | None = 60.0,
+        backup: BackupStream | None = None,
     ) -> None:
         self._storage = storage
+        self._backup = backup
         self._journal = journal
         self._clock: Clock = clock or SystemClock()
         self._breaker = breaker or CircuitBreaker("database", clock=self._clock)
@@ -307,6 +316,8 @@ class IngestPipeline:
         self._flush_total = 0.0
         self._flush_last = 0.0
         self._flush_max = 0.0
+        self._batch_sizes = HistogramRecorder(BATCH_SIZE_BUCKETS)
+        self._flush_seconds = HistogramRecorder()
         self._retries = 0
         self._store_failures = 0
         self._spilled = 0
@@ -408,6 +419,10 @@ class IngestPipeline:
         self._put_timeout = timeout
         self._retry_jitter = jitter
         self.wake()
+
+    def set_backup(self, backup: BackupStream | None) -> None:
+        """Start or stop publishing batches to a backup stream (strategy hot reload)."""
+        self._backup = backup
 
     def wake(self) -> None:
         """Make the writer re-check its triggers now.
@@ -750,6 +765,8 @@ class IngestPipeline:
         own = self._journal
         if self._backlog and own is not None:
             # Backlog mode: the replay will read them from the journal.
+            if self._backup is not None:
+                self._backup.publish_batch(items)  # these never pass through _take_batch
             if own not in self._backlog:
                 self._backlog.append(own)
             self.wake()
@@ -825,6 +842,12 @@ class IngestPipeline:
                 now = self._clock.monotonic()
                 if self._held is None and self._batch_due(now):
                     self._held = self._take_batch()
+                    if self._backup is not None:
+                        # Every accepted batch goes to the backup stream, whatever the
+                        # database does with it (it is the backup for database outages).
+                        self._backup.publish_batch(
+                            [e[0] if type(e) is tuple else e for e in self._held]  # type: ignore[misc]
+                        )
                 if self._held is not None and now >= self._held_ready_at():
                     await self._place_held()
                 if (
@@ -1072,6 +1095,9 @@ class IngestPipeline:
         except _StoreFailed:
             return
         await journal.mark_stored(chunk.end_lsn)
+        if self._backup is not None and journal is not self._journal:
+            # A dead instance acknowledged these; it may never have published them.
+            self._backup.publish_batch(items)
         self._replayed += len(items)
         if journal.stored_lsn >= journal.last_lsn:
             await self._finish_backlog(journal)
@@ -1095,6 +1121,8 @@ class IngestPipeline:
         self._flush_total += seconds
         self._flush_last = seconds
         self._flush_max = max(self._flush_max, seconds)
+        self._batch_sizes.observe(size)
+        self._flush_seconds.observe(seconds)
 
     def _notify_progress(self) -> None:
         progress, self._progress = self._progress, None
@@ -1176,6 +1204,9 @@ class IngestPipeline:
             backpressure_timeouts=self._bp_timeouts,
             lost_on_close=self._lost,
             writer_errors=self._writer_errors,
+            batch_size_histogram=self._batch_sizes.snapshot(),
+            flush_seconds_histogram=self._flush_seconds.snapshot(),
+            breaker_opens=self._breaker.opened_count,
         )
 
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANDLE_COLUMNS",
+    "MIN_WINDOW_BARS",
     "TICK_COLUMNS",
     "DataFrameBackend",
     "ExportReport",
@@ -128,6 +129,9 @@ _REQUIRED: Final[dict[str, tuple[str, ...]]] = {
     "candles": ("symbol", "timeframe", "timestamp", "open", "high", "low", "close", "source"),
 }
 _EXTRAS: Final = {"pandas": "pandas", "polars": "polars", "arrow": "arrow", "pyarrow": "arrow"}
+#: Smallest read window of :func:`iter_candles`, in bars: empty stretches of a long range
+#: (an export from 1973 on) then cost a few thousand queries at most, at ~10 MB a window.
+MIN_WINDOW_BARS: Final = 10_000
 #: How many line numbers each reject reason keeps for the report.
 FIRST_LINES_KEPT: Final = 5
 _NUMBER: Final = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -199,8 +203,10 @@ async def iter_candles(
 ) -> AsyncIterator[CandleData]:
     """Stream candles whose bucket starts in ``[start, end)``, oldest first.
 
-    The range is read in windows of ``batch_size`` bars (one primary-key range scan each), so
-    at most about ``batch_size`` candles are held at a time. Without ``source`` the source is
+    The range is read in windows of ``max(batch_size, MIN_WINDOW_BARS)`` bars (one
+    primary-key range scan each), so only one window's candles are held at a time. The end
+    is first clamped to the newest candle, so an open-ended range does not scan the future;
+    an empty stretch still costs one cheap query per window. Without ``source`` the source is
     chosen once, as :meth:`DataRouter.get_candles` chooses it (the strategy's preferred
     sources, else the one with the newest candle), and used for the whole range.
 
@@ -210,14 +216,18 @@ async def iter_candles(
     sym = normalize_symbol(symbol)
     bar_ms = timeframe_ms(timeframe)
     start_ms, end_ms = _check_range(start, end)
-    if source is None:
-        newest = await router.storage.latest_candles(
-            sym, timeframe, 1, preferred_sources=router.strategy.sources.candle_preference
-        )
-        if not newest:
-            return
-        source = newest[-1].source
-    window = max(1, batch_size) * bar_ms
+    newest = await router.storage.latest_candles(
+        sym,
+        timeframe,
+        1,
+        source=source,
+        preferred_sources=router.strategy.sources.candle_preference,
+    )
+    if not newest:
+        return
+    source = newest[-1].source
+    end_ms = min(end_ms, newest[-1].timestamp + 1)
+    window = max(batch_size, MIN_WINDOW_BARS) * bar_ms
     cursor = start_ms
     while cursor < end_ms:
         upper = min(end_ms, cursor + window)
@@ -418,7 +428,9 @@ class ImportReport:
         reasons: Rejected rows per reason: count, first line numbers, one full message.
         last_line: Line (CSV) or row number (Parquet) up to which every accepted row is
             stored.
-        interrupted: The import was cancelled (signal) before the end of the file.
+        interrupted: The import was cancelled (signal) before the end of the file. The
+            batch being written at that moment may or may not have been committed (it is
+            all or nothing); the counters only include batches known to be stored.
     """
 
     path: str

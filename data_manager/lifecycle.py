@@ -73,11 +73,18 @@ logger = logging.getLogger(__name__)
 
 DAY_MS: Final = 86_400_000
 _KINDS: Final = ("ticks", "candles", "order_flow")
-#: TimescaleDB ``compress_segmentby`` per table: the leading key columns every read filters on.
+#: TimescaleDB ``compress_segmentby`` / ``compress_orderby`` per table: the key columns every
+#: read filters on segment, the rest of the primary key orders (TimescaleDB requires every
+#: column of a unique index in one or the other).
 _SEGMENT_BY: Final = {
     "ticks": "symbol, source",
     "candles": "symbol, timeframe, source",
     "order_flow": "symbol, source",
+}
+_ORDER_BY: Final = {
+    "ticks": "ts DESC, content_key",
+    "candles": "ts DESC",
+    "order_flow": "ts DESC, window_ms",
 }
 
 Method = Literal["delete", "timescaledb_policy"]
@@ -291,7 +298,7 @@ def timescale_compression_sql(relation: str, table: str, days: float, *, enable:
         statements.append(
             f"ALTER TABLE {relation} SET (timescaledb.compress, "
             f"timescaledb.compress_segmentby = '{_SEGMENT_BY[table]}', "
-            "timescaledb.compress_orderby = 'ts DESC')"
+            f"timescaledb.compress_orderby = '{_ORDER_BY[table]}')"
         )
     statements += [
         f"SELECT remove_compression_policy('{relation}'::regclass, if_exists => TRUE)",
@@ -350,7 +357,11 @@ class _Maintenance:
 
     async def script(self, statements: list[str]) -> list[Any]:
         async def work(conn: AsyncConnection) -> list[Any]:
-            return [(await conn.exec_driver_sql(sql)).scalar() for sql in statements]
+            out = []
+            for sql in statements:
+                result = await conn.exec_driver_sql(sql)
+                out.append(result.scalar() if result.returns_rows else None)
+            return out
 
         return cast("list[Any]", await self._run(work))
 

@@ -20,6 +20,7 @@ import enum
 import functools
 import logging
 import os
+import time
 import uuid
 import warnings
 import weakref
@@ -59,6 +60,7 @@ from data_manager.health import (
 )
 from data_manager.ingest import IngestPipeline
 from data_manager.journal import Journal
+from data_manager.metrics import HistogramRecorder
 from data_manager.models import (
     TIMEFRAMES,
     CandleData,
@@ -79,6 +81,8 @@ from data_manager.subscriptions import Subscription, SubscriptionHub
 if TYPE_CHECKING:
     from data_manager.cache.bus import CacheBus
     from data_manager.cache.redis import RedisCache
+    from data_manager.metrics import MetricsServer
+    from data_manager.stream import BackupStream
 
 __all__ = ["USE_DEFAULT", "DataRouter", "RouterState", "StalenessReport"]
 
@@ -258,6 +262,13 @@ class DataRouter:
         self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
         self._counters = _TierCounters()
+        self._read_latency: dict[tuple[str, str], HistogramRecorder] = {
+            (backend, op): HistogramRecorder()
+            for backend in ("l2", "database")
+            for op in ("get_latest_tick", "get_latest_candles", "get_latest_order_flow")
+        }
+        self._metrics: MetricsServer | None = None
+        self._backup: BackupStream | None = None
         self._default_candle_source: dict[tuple[str, str], str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._warned_no_l2 = False
@@ -316,9 +327,16 @@ class DataRouter:
             await self._watcher.start(watch=self.settings.watch_strategy)
             self._watcher.add_listener(_weak_callback(self._on_strategy_swap))
             await self._start_l2()
+            await self._start_backup_stream()
             self._ingest = self._build_ingest(storage)
             await self._ingest.start()
             self._spawn(_maintenance_loop(weakref.ref(self)))
+            if self.settings.metrics_port is not None:
+                from data_manager.metrics import serve_metrics
+
+                self._metrics = serve_metrics(
+                    self, self.settings.metrics_port, self.settings.metrics_addr
+                )
         except BaseException:
             await self._teardown()
             raise
@@ -341,10 +359,16 @@ class DataRouter:
             if was_open and self._ingest is not None:
                 self._submit_forming()
                 await self._ingest.close(timeout)
+            if self._backup is not None:
+                backup, self._backup = self._backup, None
+                await backup.aclose()
         finally:
             await self._teardown()
 
     async def _teardown(self) -> None:
+        if self._metrics is not None:
+            metrics, self._metrics = self._metrics, None
+            await metrics.aclose()
         for task in list(self._background):
             task.cancel()
         self._background.clear()
@@ -391,6 +415,9 @@ class DataRouter:
     async def _reset_after_fork(self) -> None:
         """Drop the parent's connections (without closing them) and open our own."""
         self._fork_gen = _fork_generation
+        if self._metrics is not None:
+            self._metrics.shutdown()  # in a child this only closes the inherited socket
+            self._metrics = None
         logger.info("fork detected in router %s; reconnecting", self.instance_id)
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._background.clear()
@@ -504,7 +531,25 @@ class DataRouter:
             put_timeout=batch.put_timeout_seconds,
             breaker=CircuitBreaker("database", clock=self._clock),
             clock=self._clock,
+            backup=self._backup if self._watcher.current.backup_stream.enabled else None,
         )
+
+    async def _start_backup_stream(self) -> None:
+        url = self.settings.backup_stream_url
+        if url is None:
+            return
+        from data_manager.stream import SPOOL_DIR, backup_stream_from_url
+
+        backup = backup_stream_from_url(
+            url.get_secret_value(),
+            spool_dir=self.settings.journal_dir / SPOOL_DIR,
+            instance_id=self.instance_id,
+            stream=self.settings.backup_stream_name,
+            key=self.settings.backup_stream_key,
+            maxlen=self.settings.backup_stream_maxlen,
+        )
+        await backup.start()
+        self._backup = backup
 
     async def _start_l2(self) -> None:
         cfg = self.settings.dragonfly
@@ -560,6 +605,13 @@ class DataRouter:
             self._aggregator = self._build_aggregator(new, previous=self._aggregator)
         if old.order_flow != new.order_flow:
             self._orderflow = self._build_orderflow(new)
+        if self._ingest is not None and old.backup_stream != new.backup_stream:
+            self._ingest.set_backup(self._backup if new.backup_stream.enabled else None)
+
+    @property
+    def metrics(self) -> MetricsServer | None:
+        """The Prometheus endpoint when ``settings.metrics_port`` is set (``.port``, ``.url``)."""
+        return self._metrics
 
     @property
     def strategy(self) -> RoutingStrategy:
@@ -945,12 +997,14 @@ class DataRouter:
                 if self._l2 is None:
                     self._warn_no_l2()
                     continue
+                started = time.perf_counter()
                 try:
                     tick = await self._l2.get_tick(symbol, source)
                 except CacheError:
                     self._counters.l2_errors += 1
                     l2_skipped = True
                     continue
+                self._observe("l2", "get_latest_tick", started)
                 if tick is not None:
                     self._counters.l2_hits += 1
                     if self._l1_enabled:
@@ -959,7 +1013,9 @@ class DataRouter:
                 self._counters.l2_misses += 1
             elif backend in _DATABASES:
                 self._counters.db_reads += 1
+                started = time.perf_counter()
                 tick = await self._db_for(route).latest_tick(symbol, source=source)
+                self._observe("database", "get_latest_tick", started)
                 if tick is not None:
                     if self._l1_enabled:
                         self._l1.put_tick(tick)
@@ -1019,21 +1075,25 @@ class DataRouter:
                 known = source or self._default_candle_source.get((symbol, timeframe))
                 if known is None:
                     continue  # L2 is keyed by source; resolving "any source" needs the DB
+                started = time.perf_counter()
                 try:
                     got = await self._l2.get_candles(symbol, timeframe, limit, known)
                 except CacheError:
                     self._counters.l2_errors += 1
                     l2_skipped = True
                     continue
+                self._observe("l2", "get_latest_candles", started)
                 if got is not None:
                     self._counters.l2_hits += 1
                     return self._merge_with_l1(symbol, timeframe, limit, known, got)
                 self._counters.l2_misses += 1
             elif backend in _DATABASES:
                 self._counters.db_reads += 1
+                started = time.perf_counter()
                 rows = await self._db_for(route).latest_candles(
                     symbol, timeframe, limit, source=source, preferred_sources=preferred
                 )
+                self._observe("database", "get_latest_candles", started)
                 src = source
                 if src is None:
                     src = rows[-1].source if rows else self._local_candle_source(symbol, timeframe)
@@ -1109,7 +1169,9 @@ class DataRouter:
                 self._counters.l2_misses += 1
             elif backend in _DATABASES:
                 self._counters.db_reads += 1
+                started = time.perf_counter()
                 got = await self._db_for(route).latest_order_flow(symbol, source=source)
+                self._observe("database", "get_latest_order_flow", started)
                 if got is not None and self._l1_enabled:
                     self._l1.put_order_flow(got)
                 return got
@@ -1344,12 +1406,31 @@ class DataRouter:
         if self._ingest is None:
             return WritePathHealth(default_mode=self.settings.write_mode)
         stats = self._ingest.stats()
+        details: dict[str, float | int | str | None] = {
+            "accepted": stats.accepted,
+            "stored": stats.stored,
+            "retries": stats.retries,
+            "dead_lettered": stats.dead_lettered,
+            "subscriptions_dropped": self._subs.dropped(),
+        }
+        if self._backup is not None:
+            b = self._backup.stats()
+            details.update(
+                backup_stream_state=b.state,
+                backup_stream_target=b.target,
+                backup_stream_pending=b.pending_items,
+                backup_stream_spooled=b.spooled_items,
+                backup_stream_lag_seconds=b.lag_seconds,
+                backup_stream_failures=b.failures,
+                backup_stream_last_error=b.last_error,
+            )
         return WritePathHealth(
             default_mode=self.settings.write_mode,
             queue_depth=stats.queue_depth,
             journal_records=stats.journal_records,
             journal_bytes=stats.journal_bytes,
             circuit=stats.breaker_state,
+            details=details,
         )
 
     async def _cache_health(self, *, probe: bool) -> CacheHealth:
@@ -1410,6 +1491,9 @@ class DataRouter:
         if not task.cancelled() and task.exception() is not None:
             self._counters.l2_errors += 1
             logger.debug("background cache fill failed", exc_info=task.exception())
+
+    def _observe(self, backend: str, operation: str, started: float) -> None:
+        self._read_latency[backend, operation].observe(time.perf_counter() - started)
 
     def _warn_no_l2(self) -> None:
         if not self._warned_no_l2:

@@ -279,6 +279,23 @@ class DataManagerSettings(BaseSettings):
         default=1.0, gt=0, description="How often the strategy file is checked for edits."
     )
     watch_strategy: bool = True
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port (0: a free one); None: off.",
+    )
+    metrics_addr: str = Field(default="127.0.0.1", description="Address the metrics server binds.")
+    backup_stream_url: SecretStr | None = Field(
+        default=None,
+        description="Backup stream for every accepted batch: nats://host:4222 (JetStream) or "
+        "redis://host:6379/0 (Redis Streams); None: off.",
+    )
+    backup_stream_name: str = Field(default="DM_BACKUP", description="JetStream stream name.")
+    backup_stream_key: str = Field(default="dm:backup:v1", description="Redis Streams key.")
+    backup_stream_maxlen: int = Field(
+        default=10_000, ge=1, description="Redis Streams MAXLEN (messages kept)."
+    )
 
     def __init__(self, **values: Any) -> None:
         try:

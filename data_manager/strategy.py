@@ -558,6 +558,12 @@ class OrderFlowStrategy(_StrategyModel):
     vpin_buckets: int = Field(default=50, ge=1, description="Buckets averaged by VPIN.")
 
 
+class BackupStreamStrategy(_StrategyModel):
+    """Publishing accepted batches to the backup stream (when ``backup_stream_url`` is set)."""
+
+    enabled: bool = True
+
+
 class SubscriptionStrategy(_StrategyModel):
     """Live subscriptions (``subscribe_ticks`` / ``subscribe_candles``)."""
 
@@ -586,6 +592,7 @@ class RoutingStrategy(_StrategyModel):
     aggregation: AggregationStrategy = Field(default_factory=AggregationStrategy)
     order_flow: OrderFlowStrategy = Field(default_factory=OrderFlowStrategy)
     subscriptions: SubscriptionStrategy = Field(default_factory=SubscriptionStrategy)
+    backup_stream: BackupStreamStrategy = Field(default_factory=BackupStreamStrategy)
 
     _content_hash: str = PrivateAttr(default="")
 
@@ -598,6 +605,7 @@ class RoutingStrategy(_StrategyModel):
         "aggregation",
         "order_flow",
         "subscriptions",
+        "backup_stream",
     )
 
     def model_post_init(self, context: Any, /) -> None:

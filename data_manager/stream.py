@@ -29,11 +29,13 @@ Message format (one message per batch and kind; version 1, UTF-8 JSON, orjson)::
 where each item is exactly the :mod:`data_manager.cache.codec` version-1 object of that kind
 (ticks carry every content field and ``seq``, from which the database recomputes its
 content key; ``mid``/``spread`` are derived and ignored when read). ``batch_id`` is unique
-per message (``<origin>:<n>``, or ``<spool instance>:s<first LSN>.<n>`` for messages sent
-from the spool, stable across a crash so JetStream can drop the copy); ``origin`` is the
-publishing router's instance id. A batch larger than the message limit (1 MiB, NATS's
-default ``max_payload``) is split into several messages; batches queued while the stream
-was slow are coalesced (up to ``coalesce_items``), so a message can hold several batches.
+per message: ``<origin>:<session>:<n>``, where ``session`` is random per stream object, so
+a router restarted under the same instance id never reuses an id (JetStream would drop the
+new message as a duplicate); spooled data gets ``<spool instance>:<session>:s<LSN>.<n>``.
+``origin`` is the publishing router's instance id. A batch larger than the message limit
+(1 MiB, NATS's default ``max_payload``) is split into several messages; batches queued
+while the stream was slow are coalesced (up to ``coalesce_items``), so a message can hold
+several batches.
 Readers ignore members they do not know and refuse any other ``"v"``.
 
 Never blocking the write path. :meth:`BackupStream.publish_batch` is synchronous: it
@@ -69,11 +71,12 @@ import contextlib
 import enum
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -81,16 +84,17 @@ import orjson
 from data_manager.breaker import BreakerState, CircuitBreaker
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
+    BackupStreamError,
     ConfigurationError,
     DataManagerError,
+    JournalError,
+    JournalLockedError,
     QueryTimeoutError,
     ValidationError,
 )
 from data_manager.journal import (
     IngestItem,
     Journal,
-    JournalError,
-    JournalLockedError,
     decode_item,
     find_orphans,
     new_instance_id,
@@ -98,7 +102,14 @@ from data_manager.journal import (
 from data_manager.models import CandleData, OrderFlowMetrics, TickData, to_epoch_ms
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+    from collections.abc import (
+        AsyncGenerator,
+        Awaitable,
+        Callable,
+        Iterable,
+        Iterator,
+        Sequence,
+    )
 
     from nats.aio.client import Client as NatsClient
     from nats.js.client import JetStreamContext
@@ -141,6 +152,7 @@ SPOOL_DIR: Final = "stream-spool"
 DEFAULT_MESSAGE_BYTES: Final = 1024 * 1024
 # Room left under the server's max_payload for the headers (Nats-Msg-Id, expected stream).
 _HEADER_ROOM: Final = 1024
+_DECODE_SLICE: Final = 500  # spooled records decoded between two yields to the event loop
 _NATS_SCHEMES: Final = frozenset({"nats", "tls"})
 _REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
 
@@ -156,13 +168,12 @@ _CLASS_OF: Final[dict[str, type[IngestItem]]] = {
     "candle": CandleData,
     "order_flow": OrderFlowMetrics,
 }
+# What an item object may hold and be validated as it is: the model's fields and the
+# derived values it ignores (anything else is filtered out first).
 _FIELDS_OF: Final[dict[str, frozenset[str]]] = {
-    name: frozenset(cls.model_fields) for name, cls in _CLASS_OF.items()
+    name: frozenset(cls.model_fields) | frozenset(cls.model_computed_fields)
+    for name, cls in _CLASS_OF.items()
 }
-
-
-class BackupStreamError(DataManagerError):
-    """The backup stream could not be reached, written or read."""
 
 
 class StreamState(enum.Enum):
@@ -207,7 +218,7 @@ class BackupStreamStats:
         dropped_items: Items given up: no spool and the outbox overflowed, the spool could
             not be written, a spooled record could not be read back, or published after
             close. Logged as errors.
-        last_error: The last failure, ``None`` once none has happened.
+        last_error: The last failure, kept after recovery (``None``: there was none).
         adopted_spools: Spools of dead instances taken over.
     """
 
@@ -349,8 +360,12 @@ def decode_batch_message(data: bytes | bytearray | memoryview | str) -> BatchMes
         if type(entry) is not dict or entry.get("v") != 1 or entry.get("type") != kind:
             msg = f"backup message {batch_id!r} holds an item that is not a v1 {kind!r}"
             raise ValidationError(msg)
-        # Unknown members (a later v1 writer may add some) and derived ones are left out.
-        items.append(cls.model_validate({k: v for k, v in entry.items() if k in fields}))
+        del entry["v"], entry["type"]
+        if not entry.keys() <= fields:
+            # Unknown members (a later v1 writer may add some) are left out; derived ones
+            # (mid, spread) the model drops itself.
+            entry = {k: v for k, v in entry.items() if k in fields}
+        items.append(cls.model_validate(entry))
     return BatchMessage(kind=kind, batch_id=batch_id, origin=origin, items=items)
 
 
@@ -403,18 +418,20 @@ class _Encoder:
         self.on_refused = on_refused
         self._per_item: dict[StreamKind, float] = {}
 
-    def build(
+    def messages(
         self, items: list[IngestItem], *, origin: str, make_id: Callable[[], str]
-    ) -> list[_Message]:
-        """Encode ``items`` as messages of one kind each, none larger than the limit."""
-        out: list[_Message] = []
+    ) -> Iterator[_Message]:
+        """Encode ``items`` as messages of one kind each, none larger than the limit.
+
+        Lazily: the caller sends each message before the next is encoded, so a large
+        batch never holds the event loop for long.
+        """
         for kind, group in _group_by_kind(items, self.on_refused):
             per_item = self._per_item.get(kind)
             # 80% of the limit: item sizes vary (symbols, optional fields).
             step = len(group) if per_item is None else max(1, int(self.limit * 0.8 / per_item))
             for start in range(0, len(group), step):
-                self._encode_within(kind, group[start : start + step], origin, make_id, out)
-        return out
+                yield from self._encode_within(kind, group[start : start + step], origin, make_id)
 
     def _encode_within(
         self,
@@ -422,13 +439,12 @@ class _Encoder:
         items: list[IngestItem],
         origin: str,
         make_id: Callable[[], str],
-        out: list[_Message],
-    ) -> None:
+    ) -> Iterator[_Message]:
         batch_id = make_id()
         payload = _encode(kind, batch_id, origin, items)
         self._per_item[kind] = len(payload) / len(items)
         if len(payload) <= self.limit:
-            out.append(_Message(kind, batch_id, payload, len(items)))
+            yield _Message(kind, batch_id, payload, len(items))
             return
         if len(items) == 1:
             self.on_refused(
@@ -438,7 +454,7 @@ class _Encoder:
         parts = min(len(items), max(2, math.ceil(len(payload) * 1.25 / self.limit)))
         step = math.ceil(len(items) / parts)
         for start in range(0, len(items), step):
-            self._encode_within(kind, items[start : start + step], origin, make_id, out)
+            yield from self._encode_within(kind, items[start : start + step], origin, make_id)
 
 
 # --------------------------------------------------------------------------- publishing
@@ -468,8 +484,9 @@ class _BackupStreamBase:
     """Outbox, spool, breaker and the publishing task; subclasses talk to the server.
 
     Subclasses implement :meth:`_connect` (idempotent: connect if needed and make sure the
-    destination exists), :meth:`_send` (publish messages in order; raise
-    :class:`BackupStreamError` on any failure) and :meth:`_disconnect`.
+    destination exists), :meth:`_send` (publish one message and wait for the server's
+    acknowledgement; raise :class:`BackupStreamError` on any failure) and
+    :meth:`_disconnect`.
     """
 
     backend = "stream"
@@ -531,6 +548,9 @@ class _BackupStreamBase:
         self._pump_task: asyncio.Task[None] | None = None
         self._spooler_task: asyncio.Task[None] | None = None
         self._next_id = 0
+        # Message ids must never repeat within JetStream's duplicate window, even across a
+        # restart under the same instance id: a repeated id is dropped as a duplicate.
+        self._session = secrets.token_hex(4)
         self._encoder_: _Encoder | None = None
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
@@ -552,7 +572,7 @@ class _BackupStreamBase:
     async def _connect(self) -> None:
         raise NotImplementedError
 
-    async def _send(self, messages: list[_Message]) -> None:
+    async def _send(self, message: _Message) -> None:
         raise NotImplementedError
 
     async def _disconnect(self) -> None:
@@ -568,7 +588,7 @@ class _BackupStreamBase:
         """The stream's circuit breaker."""
         return self._breaker
 
-    async def __aenter__(self) -> _BackupStreamBase:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -675,6 +695,7 @@ class _BackupStreamBase:
             return
         if self._life is _Life.NEW:
             self._life = _Life.CLOSED
+            self._settle_leftovers()  # batches handed over before start: nowhere to go
             return
         self._life = _Life.CLOSING
         self._wake.set()
@@ -728,7 +749,7 @@ class _BackupStreamBase:
         count = sum(len(items) for items in leftovers)
         if not count:
             return
-        if self._spool is not None:
+        if self._spool is not None and self._spool.is_open:
             self._to_spool.extend(leftovers)
             self._to_spool_items += count
             logger.warning(
@@ -925,11 +946,7 @@ class _BackupStreamBase:
         unit = self._take_unit()
         try:
             items = unit[0].items if len(unit) == 1 else [i for b in unit for i in b.items]
-            messages = self._encoder().build(
-                items, origin=self.instance_id, make_id=self._direct_id
-            )
-            await self._connect()
-            await self._send(messages)
+            await self._publish_items(items, origin=self.instance_id, make_id=self._direct_id)
         except BackupStreamError as exc:
             self._on_failure(exc)
             if not self._inflight_spooled:
@@ -952,7 +969,23 @@ class _BackupStreamBase:
         finally:
             self._inflight = None
             self._inflight_items = 0
-        self._on_success(messages)
+        self._on_success()
+
+    async def _publish_items(
+        self, items: list[IngestItem], *, origin: str, make_id: Callable[[], str]
+    ) -> None:
+        """Connect if needed, then encode and send ``items`` message by message.
+
+        Raises:
+            BackupStreamError: Connecting or a send failed (the messages before it are
+                published; the caller re-sends the whole unit later, and the database
+                keeps one copy).
+        """
+        await self._connect()
+        for message in self._encoder().messages(items, origin=origin, make_id=make_id):
+            await self._send(message)
+            self._published_messages += 1
+            self._published_items += message.count
 
     def _encoder(self) -> _Encoder:
         encoder = self._encoder_
@@ -963,7 +996,7 @@ class _BackupStreamBase:
 
     def _direct_id(self) -> str:
         self._next_id += 1
-        return f"{self.instance_id}:{self._next_id}"
+        return f"{self.instance_id}:{self._session}:{self._next_id}"
 
     def _refused(self, item: object, reason: str) -> None:
         self._dropped += 1
@@ -974,16 +1007,26 @@ class _BackupStreamBase:
         if spool is None:
             await self._finish_backlog()
             return
+        # Local I/O first: the breaker's probe is taken only when there is something to send.
+        chunk = await spool.read(spool.stored_lsn, max_records=self._drain_records)
+        if not chunk.records and chunk.end_lsn <= spool.stored_lsn:
+            # Counted but unreadable (the files changed under us): say so and move on
+            # rather than retry for ever.
+            lost = spool.last_lsn - spool.stored_lsn
+            self._dropped += lost
+            logger.error(
+                "backup stream %s: %d spooled items in %s cannot be read; skipped",
+                self.target,
+                lost,
+                spool.path,
+            )
+            await spool.mark_stored(spool.last_lsn)
+            return
         if not self._breaker.allow():
             self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
             return
-        try:
-            chunk = await spool.read(spool.stored_lsn, max_records=self._drain_records)
-        except JournalError:
-            self._breaker.record_success()  # the stream was not asked: release the probe
-            raise
         items: list[IngestItem] = []
-        for _, payload in chunk.records:
+        for index, (_, payload) in enumerate(chunk.records, 1):
             try:
                 items.append(decode_item(payload))
             except ValidationError as exc:
@@ -991,23 +1034,23 @@ class _BackupStreamBase:
                 logger.error(
                     "backup stream %s: unreadable spool record skipped: %s", self.target, exc
                 )
+            if index % _DECODE_SLICE == 0:
+                await asyncio.sleep(0)  # decoding is CPU work: let the write path in between
         first = chunk.records[0][0] if chunk.records else chunk.end_lsn
         part = 0
 
         def spool_id() -> str:
             nonlocal part
             part += 1
-            return f"{spool.instance_id}:s{first}.{part}"
+            return f"{spool.instance_id}:{self._session}:s{first}.{part}"
 
         try:
-            messages = self._encoder().build(items, origin=spool.instance_id, make_id=spool_id)
-            await self._connect()
-            await self._send(messages)
+            await self._publish_items(items, origin=spool.instance_id, make_id=spool_id)
         except BackupStreamError as exc:
             self._on_failure(exc)
             return
         await spool.mark_stored(chunk.end_lsn)
-        self._on_success(messages)
+        self._on_success()
         if spool is not self._spool and spool.pending_records == 0:
             logger.info("backup stream: spool of %s fully published", spool.instance_id)
             self._spools.remove(spool)
@@ -1038,13 +1081,11 @@ class _BackupStreamBase:
         )
         self._retry_at = self._clock.monotonic() + wait
 
-    def _on_success(self, messages: list[_Message]) -> None:
+    def _on_success(self) -> None:
         self._breaker.record_success()
         if self._down:
             logger.info("backup stream %s answers again", self.target)
         self._down = False
-        self._published_messages += len(messages)
-        self._published_items += sum(m.count for m in messages)
 
     # ------------------------------------------------------------------ progress & stats
 
@@ -1307,33 +1348,31 @@ class NatsBackupStream(_BackupStreamBase):
             self._max_age,
         )
 
-    async def _send(self, messages: list[_Message]) -> None:
+    async def _send(self, message: _Message) -> None:
         import nats.errors
         import nats.js.errors
 
         js = self._js
         assert js is not None
-        prefix = self.subject_prefix
-        for message in messages:
-            try:
-                ack = await js.publish(
-                    f"{prefix}.{message.kind}",
-                    message.payload,
-                    timeout=self._publish_timeout,
-                    stream=self.stream,
-                    headers={"Nats-Msg-Id": message.batch_id},
-                )
-            except nats.js.errors.NoStreamResponseError as exc:
-                # Nobody stores this subject: the server lost the stream (a new, empty
-                # server behind the same address). Check it again before the next try.
-                self._stream_ready = False
-                msg = f"no JetStream stream answers on {self.target}"
-                raise BackupStreamError(msg) from exc
-            except (nats.errors.Error, OSError) as exc:
-                msg = f"publish to {self.target} failed: {exc!r}"
-                raise BackupStreamError(msg) from exc
-            if ack.duplicate:
-                self._duplicates += 1
+        try:
+            ack = await js.publish(
+                f"{self.subject_prefix}.{message.kind}",
+                message.payload,
+                timeout=self._publish_timeout,
+                stream=self.stream,
+                headers={"Nats-Msg-Id": message.batch_id},
+            )
+        except nats.js.errors.NoStreamResponseError as exc:
+            # Nobody stores this subject: the server lost the stream (a new, empty server
+            # behind the same address). Look it up (and create it) before the next try.
+            self._stream_ready = False
+            msg = f"no JetStream stream answers on {self.target}"
+            raise BackupStreamError(msg) from exc
+        except (nats.errors.Error, OSError) as exc:
+            msg = f"publish to {self.target} failed: {exc!r}"
+            raise BackupStreamError(msg) from exc
+        if ack.duplicate:
+            self._duplicates += 1
 
     async def _disconnect(self) -> None:
         import nats.errors
@@ -1503,20 +1542,17 @@ class RedisBackupStream(_BackupStreamBase):
     async def _connect(self) -> None:
         """Nothing to do: the client connects on first use and after a failure."""
 
-    async def _send(self, messages: list[_Message]) -> None:
+    async def _send(self, message: _Message) -> None:
         from redis.exceptions import RedisError
 
         try:
             async with asyncio.timeout(self._socket_timeout * 2):
-                pipe = self._client.pipeline(transaction=False)
-                for message in messages:
-                    pipe.xadd(
-                        self.key,
-                        {"kind": message.kind, "payload": message.payload},
-                        maxlen=self.maxlen,
-                        approximate=self._approximate,
-                    )
-                await pipe.execute()
+                await self._client.xadd(
+                    self.key,
+                    {"kind": message.kind, "payload": message.payload},
+                    maxlen=self.maxlen,
+                    approximate=self._approximate,
+                )
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             msg = f"XADD to {self.target} failed: {exc!r}"
             raise BackupStreamError(msg) from exc
@@ -1725,32 +1761,48 @@ async def replay_from_stream(
     started = time.perf_counter()
     counters = _ReplayCounters()
     pending: list[IngestItem] = []
-    async with contextlib.aclosing(reader):
-        async for chunk in reader:
-            for stream_ms, message_id, payload in chunk:
-                if counters.first_ms is None:
-                    counters.first_ms = stream_ms
-                counters.last_ms = stream_ms
-                try:
-                    message = decode_batch_message(payload)
-                except ValidationError as exc:
-                    counters.invalid += 1
-                    logger.error("replay: message %s skipped: %s", message_id, exc)
-                    continue
-                if kind is not None and message.kind != kind:
-                    continue
-                counters.messages += 1
-                pending.extend(message.items)
-            if len(pending) >= batch_size:
-                await _replay_write(storage, pending, counters)
-                pending = []
-                if on_progress is not None:
-                    on_progress(counters.report(source, started))
-            await asyncio.sleep(0)  # decoding is CPU work: let others in between
-    if pending:
-        await _replay_write(storage, pending, counters)
+    # One write in flight while the next batch is read and decoded: decoding is CPU work
+    # here, the write mostly waits on the database, so the two overlap.
+    writing: asyncio.Task[None] | None = None
+
+    async def write(items: list[IngestItem]) -> None:
+        await _replay_write(storage, items, counters)
         if on_progress is not None:
             on_progress(counters.report(source, started))
+
+    try:
+        async with contextlib.aclosing(reader):
+            async for chunk in reader:
+                for stream_ms, message_id, payload in chunk:
+                    if counters.first_ms is None:
+                        counters.first_ms = stream_ms
+                    counters.last_ms = stream_ms
+                    try:
+                        message = decode_batch_message(payload)
+                    except ValidationError as exc:
+                        counters.invalid += 1
+                        logger.error("replay: message %s skipped: %s", message_id, exc)
+                        continue
+                    await asyncio.sleep(0)  # let the write in flight (and others) run
+                    if kind is not None and message.kind != kind:
+                        continue
+                    counters.messages += 1
+                    pending.extend(message.items)
+                if len(pending) >= batch_size:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.create_task(write(pending))
+                    pending = []
+        if writing is not None:
+            await writing
+            writing = None
+        if pending:
+            await write(pending)
+    finally:
+        if writing is not None and not writing.done():
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DataManagerError):
+                await writing
     report = counters.report(source, started)
     logger.info(
         "replay from %s: %d messages, %d items, %d rows written, %d invalid in %.1fs",

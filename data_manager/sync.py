@@ -31,7 +31,7 @@ import asyncio
 import concurrent.futures
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
@@ -195,7 +195,7 @@ class SyncDataRouter:
         """
         return self._call(fn, self.router)
 
-    def _stream(self, agen: AsyncIterator[Item], chunk: int) -> Iterator[Item]:
+    def _stream(self, agen: AsyncIterator[Item], chunk: int) -> Generator[Item, None, None]:
         async def take() -> list[Item]:
             out: list[Item] = []
             async for item in agen:
@@ -332,7 +332,7 @@ class SyncDataRouter:
         *,
         source: str | None = None,
         batch_size: int = 10_000,
-    ) -> Iterator[TickData]:
+    ) -> Generator[TickData, None, None]:
         """Stream ticks in ``[start, end)`` oldest first (see :meth:`DataRouter.iter_ticks`)."""
         agen = self.router.iter_ticks(symbol, start, end, source=source, batch_size=batch_size)
         return self._stream(agen, max(1, batch_size))
@@ -346,7 +346,7 @@ class SyncDataRouter:
         *,
         source: str | None = None,
         batch_size: int = 10_000,
-    ) -> Iterator[CandleData]:
+    ) -> Generator[CandleData, None, None]:
         """Stream candles in ``[start, end)`` (see :func:`data_manager.interop.iter_candles`)."""
         from data_manager.interop import iter_candles
 

@@ -273,6 +273,7 @@ class RedisCacheStats:
     writes: int
     incidents: int
     breaker_state: str
+    breaker_opens: int = 0
 
 
 class _Counters:
@@ -521,6 +522,7 @@ class RedisCache:
             writes=c.writes,
             incidents=c.incidents,
             breaker_state=self.breaker_state,
+            breaker_opens=self._breaker.opened_count,
         )
 
     # ------------------------------------------------------------------ keys

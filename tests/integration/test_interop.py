@@ -22,6 +22,7 @@ from data_manager import (
     PostgresSettings,
     TickData,
     ValidationError,
+    interop,
 )
 from data_manager.interop import (
     CANDLE_COLUMNS,
@@ -143,7 +144,10 @@ def test_parse_timestamp_forms() -> None:
 # --------------------------------------------------------------------------- streaming
 
 
-async def test_iter_candles_equals_range_read(router: DataRouter) -> None:
+async def test_iter_candles_equals_range_read(
+    router: DataRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(interop, "MIN_WINDOW_BARS", 1)  # many windows over 250 candles
     await router.save_candles_bulk(candle(i) for i in range(250))
     # An older, second source: "any source" must pick the same one get_candles picks.
     await router.save_candles_bulk(candle(i, source="older") for i in range(-20, 10))
@@ -153,8 +157,7 @@ async def test_iter_candles_equals_range_read(router: DataRouter) -> None:
     got = [c async for c in iter_candles(router, SYM, "1m", start, end, batch_size=7)]
     assert got == expected
     older = [
-        c
-        async for c in iter_candles(router, "EURUSD", "1m", T0 - MINUTE, end, source="older")
+        c async for c in iter_candles(router, "EURUSD", "1m", T0 - MINUTE, end, source="older")
     ]
     assert [c.timestamp for c in older] == [T0 + i * MINUTE for i in range(-1, 10)]
     assert [c async for c in iter_candles(router, SYM, "5m", T0, end)] == []  # no such series
@@ -266,7 +269,8 @@ async def test_import_reports_bad_rows_and_stores_good_ones(
         "timestamp '…' has no timezone; add a Z or +hh:mm suffix": (1, [10]),
     }
     assert report.reasons["expected N fields, found N"].example == "expected 6 fields, found 4"
-    assert seen and seen[-1][1] == path.stat().st_size
+    assert seen
+    assert seen[-1][1] == path.stat().st_size
     stored = await router.get_ticks(SYM, T0, T0 + 100)
     assert [(t.timestamp, t.source, t.volume) for t in stored] == [
         (T0, "polygon", 5.0),
@@ -304,7 +308,7 @@ async def test_import_refuses_unknown_or_missing_columns(
 ) -> None:
     path = tmp_path / "x.csv"
     path.write_text("symbol,timestamp,bid,ask,source,colour\n")
-    with pytest.raises(ValidationError, match="unknown column.*'colour'"):
+    with pytest.raises(ValidationError, match=r"unknown column.*'colour'"):
         await import_file(router, path, kind="ticks")
     path.write_text("timestamp,bid,ask\n")
     with pytest.raises(ValidationError, match=r"missing column.*--symbol, --source"):
@@ -342,7 +346,10 @@ async def test_cancelled_import_keeps_what_it_stored(router: DataRouter, tmp_pat
     assert report.interrupted
     assert report.accepted == report.stored == 10
     assert report.last_line == 11
-    assert len(await router.get_ticks(SYM, T0, T0 + 1000)) == 10
+    # The cancellation may land inside the next batch's write, before or after its commit:
+    # what is stored is the reported prefix, perhaps plus that whole batch, nothing else.
+    stored = [t.timestamp - T0 for t in await router.get_ticks(SYM, T0, T0 + 1000)]
+    assert stored in (list(range(10)), list(range(20)))
 
 
 # --------------------------------------------------------------------------- export
@@ -365,9 +372,7 @@ def rich_ticks() -> list[TickData]:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-async def test_export_import_round_trip(
-    router: DataRouter, tmp_path: Path, fmt: str
-) -> None:
+async def test_export_import_round_trip(router: DataRouter, tmp_path: Path, fmt: str) -> None:
     if fmt == "parquet":
         pytest.importorskip("pyarrow")
     ticks = rich_ticks()
@@ -432,9 +437,7 @@ async def test_streaming_a_million_ticks_stays_in_bounded_memory(
         for start in range(0, n, chunk):
             await router.save_ticks(
                 [
-                    TickData(
-                        symbol=SYM, timestamp=T0 + i, bid=1.1, ask=1.1002, source="m", seq=i
-                    )
+                    TickData(symbol=SYM, timestamp=T0 + i, bid=1.1, ask=1.1002, source="m", seq=i)
                     for i in range(start, start + chunk)
                 ]
             )

@@ -17,9 +17,11 @@ import traceback
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
+from urllib.parse import urlsplit
 
 import asyncpg
+import psutil
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -352,36 +354,54 @@ async def test_routers_in_two_processes_see_each_others_writes(
 # ----------------------------------------------------------------------------- fork
 
 
-async def _redis_ids(url: str) -> set[int]:
+def _own_ports(url: str) -> set[int]:
+    """Local ports of this process's established connections to the server at ``url``.
+
+    They pick this process's connections out of the server's client list, which also shows
+    whatever else uses a shared server.
+    """
+    server_port = urlsplit(url).port
+    return {
+        c.laddr.port
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == server_port and c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+async def _redis_clients(url: str) -> dict[int, int]:
+    """Client id → client port of every connection the Redis server at ``url`` has."""
     admin = Redis.from_url(url, socket_timeout=5)
     try:
         clients: list[dict[str, Any]] = await admin.client_list()
         own = await admin.client_id()
     finally:
         await admin.aclose()
-    return {int(c["id"]) for c in clients} - {own}
+    return {
+        int(c["id"]): int(str(c["addr"]).rsplit(":", 1)[1]) for c in clients if int(c["id"]) != own
+    }
 
 
-async def _postgres_pids(url: str) -> set[int]:
+async def _postgres_backends(url: str, ports: set[int]) -> set[int]:
+    """Backend pids of the PostgreSQL sessions whose client uses one of ``ports``."""
     conn = await asyncpg.connect(url, timeout=10)
     try:
         rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'data_manager'"
+            "SELECT pid FROM pg_stat_activity WHERE client_port = ANY($1::int[])", list(ports)
         )
     finally:
         await conn.close(timeout=10)
     return {int(r["pid"]) for r in rows}
 
 
-async def _in_forked_child(router: DataRouter, parent_id: str, parent_redis: set[int]) -> int:
+async def _in_forked_child(router: DataRouter, parent_id: str, newest_client: int) -> int:
     """Runs in the forked child, in a new event loop; the exit code says what failed."""
     got = await router.get_latest_tick(SYM)  # first use in the child: it reconnects
     if router.instance_id == parent_id:
         return 3
     if got is None or got.timestamp != TS:
         return 4
-    if await l2_of(router).client.client_id() in parent_redis:
-        return 5  # reused one of the parent's L2 connections
+    if await l2_of(router).client.client_id() <= newest_client:
+        return 5  # an L2 connection that existed before the fork (ids only grow)
     await router.save_tick(tick(TS + 1, 2.0))  # sync: the child's own pool writes it
     stored = await router.storage.latest_tick(SYM)
     if stored is None or stored.timestamp != TS + 1:
@@ -404,12 +424,36 @@ async def _wait_child(pid: int) -> int:
         pytest.fail("the forked child did not exit")
 
 
-def _fork() -> int:
+def _fork_and_run(child: Callable[[], Awaitable[int]]) -> int:
+    """Fork; the child runs ``child()`` in a new event loop and exits with what it returns."""
     with warnings.catch_warnings():
         # Python 3.12+ warns when a process with threads forks; the child only uses objects
         # that reconnect after the fork, in a new event loop.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return os.fork()
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        try:
+            asyncio.run(_exit_with(child))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    return pid
+
+
+async def _exit_with(child: Callable[[], Awaitable[int]]) -> NoReturn:  # pragma: no cover
+    code = 1
+    try:
+        async with asyncio.timeout(DEADLINE):
+            code = await child()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit from inside the loop: asyncio.run's clean-up would wait on whatever a failed
+        # check left running, and nothing in the child is ours to tidy up.
+        os._exit(code)
 
 
 async def test_forked_child_uses_the_router_with_its_own_connections(
@@ -421,24 +465,19 @@ async def test_forked_child_uses_the_router_with_its_own_connections(
     router.cache.l1.clear()
     assert (await router.get_latest_tick(SYM)) is not None  # the pools hold live connections
     parent_id = router.instance_id
-    parent_redis = await _redis_ids(redis_url)
-    parent_pg = await _postgres_pids(postgres_url)
+    clients = await _redis_clients(redis_url)
+    redis_ports = _own_ports(redis_url)
+    parent_redis = {cid for cid, port in clients.items() if port in redis_ports}
+    parent_pg = await _postgres_backends(postgres_url, _own_ports(postgres_url))
+    assert parent_redis, "the router holds no L2 connection to watch"
     assert parent_pg, "the router holds no PostgreSQL connection to watch"
 
-    pid = _fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        code = 1
-        try:
-            code = asyncio.run(_in_forked_child(router, parent_id, parent_redis))
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+    pid = _fork_and_run(lambda: _in_forked_child(router, parent_id, max(clients)))
     assert await _wait_child(pid) == 0
 
     # The child closed its own connections only: the parent's are all still there ...
-    assert parent_pg <= await _postgres_pids(postgres_url)
-    assert parent_redis <= await _redis_ids(redis_url)
+    assert parent_pg <= await _postgres_backends(postgres_url, _own_ports(postgres_url))
+    assert parent_redis <= set(await _redis_clients(redis_url))
     # ... and the parent goes on working with them.
     assert router.instance_id == parent_id
     stored = await router.storage.latest_tick(SYM)
@@ -457,7 +496,7 @@ async def _forked_maintenance(router: DataRouter) -> int:
     """In the child: a forming candle must reach the database without an explicit flush."""
     await router.save_tick(tick(TS + 60_000, 2.0))  # the next 1m bucket
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 3.0
+    deadline = loop.time() + 3.0  # sixty flush intervals
     while loop.time() < deadline:
         rows = await router.storage.latest_candles(SYM, "1m", 1, source=f"agg:{SRC}")
         if rows and rows[-1].timestamp == TS + 60_000:
@@ -484,13 +523,5 @@ async def test_forked_child_keeps_the_router_timer_running(make_router: RouterFa
         return bool(await router.storage.latest_candles(SYM, "1m", 1, source=f"agg:{SRC}"))
 
     await until_async(stored, "the forming candle in the parent")
-    pid = _fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        code = 1
-        try:
-            code = asyncio.run(_forked_maintenance(router))
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+    pid = _fork_and_run(lambda: _forked_maintenance(router))
     assert await _wait_child(pid) == 0, "the forked child's router never ran its timer"

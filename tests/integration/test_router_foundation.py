@@ -16,6 +16,8 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -60,6 +62,7 @@ T0: Final = 1_727_996_400_000  # seed 004's timestamp, 2024-10-03T23:00:00Z
 MINUTE: Final = 60_000
 SYM: Final = "EUR/USD"
 SECRET: Final = "pw-must-never-leak-5d1e"
+ROOT: Final = Path(__file__).resolve().parents[2]
 #: Upper bound for anything that must "not hang"; generous, so a slow machine passes.
 DEADLINE: Final = 15.0
 
@@ -940,12 +943,15 @@ def silent_server() -> Iterator[int]:
 
 @pytest.mark.postgres
 async def test_health_is_bounded_when_the_cache_hangs(
-    postgres_url: str, pg_schema: str, tmp_path: Path
+    postgres_url: str, pg_schema: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     with silent_server() as port:
         settings = DataManagerSettings(
             postgres=pg_settings(postgres_url, pg_schema),
-            dragonfly=DragonflySettings(host="127.0.0.1", port=port, key_prefix="dmhang"),
+            dragonfly=DragonflySettings(
+                host="127.0.0.1", port=port, password=SECRET, key_prefix="dmhang"
+            ),
             watch_strategy=False,
             journal_dir=tmp_path / "journal",
             health_timeout_seconds=0.5,
@@ -967,9 +973,11 @@ async def test_health_is_bounded_when_the_cache_hangs(
             assert health.cache.l2_configured
             assert health.cache.l2_reachable is False
             assert health.status == "degraded"
+            assert SECRET not in health.model_dump_json()
         finally:
             async with asyncio.timeout(DEADLINE):
                 await router.close()
+    assert secrets_in(caplog.records) == []  # the cache password stays out of logs
 
 
 @pytest.mark.slow
@@ -1012,3 +1020,47 @@ async def test_health_is_bounded_when_the_database_hangs(
     finally:
         async with asyncio.timeout(DEADLINE):
             await router.close()
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_multiprocess_demo_shares_ticks_through_the_cache(
+    postgres_url: str, pg_schema: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    pg, cache = urlsplit(postgres_url), urlsplit(redis_url)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POSTGRES_", "DRAGONFLY_", "DATA_MANAGER_"))
+    }
+    env.update(
+        POSTGRES_HOST=pg.hostname or "",
+        POSTGRES_PORT=str(pg.port or 5432),
+        POSTGRES_DB=pg.path.lstrip("/"),
+        POSTGRES_USER=pg.username or "postgres",
+        DRAGONFLY_HOST=cache.hostname or "",
+        DRAGONFLY_PORT=str(cache.port or 6379),
+        DATA_MANAGER_POSTGRES__DB_SCHEMA=pg_schema,
+        DATA_MANAGER_DRAGONFLY__KEY_PREFIX=redis_prefix,
+        DATA_MANAGER_JOURNAL_DIR=str(tmp_path / "journal"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    script = str(ROOT / "examples" / "multiprocess_demo.py")
+    done = subprocess.run(
+        [sys.executable, script, "--engines", "2", "--ticks", "500"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "collector: 500 ticks" in done.stdout
+    engines = re.findall(r"engine-\d+: received (\d+) live .*last: (True|False)", done.stdout)
+    assert len(engines) == 2, done.stdout
+    assert all(int(n) > 0 and last == "True" for n, last in engines), done.stdout

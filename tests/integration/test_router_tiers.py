@@ -76,10 +76,14 @@ def l2_of(router: DataRouter) -> RedisCache:
     return l2
 
 
+_FILLS: Final = frozenset({"put_ticks", "put_candles", "put_order_flow"})
+
+
 async def backfills_done(router: DataRouter) -> None:
-    """Await the cache fills the router spawned (every background task but its timer)."""
-    tasks = [t for t in router._background if t.get_coro().__name__ != "_maintenance_loop"]  # type: ignore[union-attr]
-    await asyncio.gather(*tasks)
+    """Await the L2 fills the router spawned in the background after a database read."""
+    fills = [t for t in router._background if getattr(t.get_coro(), "__name__", "") in _FILLS]
+    async with asyncio.timeout(DEADLINE):
+        await asyncio.gather(*fills)
 
 
 async def stats(router: DataRouter) -> CacheHealth:

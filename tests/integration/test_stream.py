@@ -21,13 +21,14 @@ from redis.asyncio import Redis
 
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache import codec
-from data_manager.errors import ValidationError
+from data_manager.errors import ConfigurationError, ValidationError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 from data_manager.settings import PostgresSettings
 from data_manager.stream import (
     BackupStreamError,
     NatsBackupStream,
     RedisBackupStream,
+    backup_stream_from_url,
     decode_batch_message,
     encode_batch_message,
     parse_since,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
     from data_manager.journal import IngestItem
     from data_manager.storage.postgres import PostgresStorage
-    from data_manager.stream import BackupStream
+    from data_manager.stream import BackupStream, StreamKind
     from tests.servers import RedisServer
     from tests.servers_nats import NatsServer
 
@@ -177,7 +178,7 @@ class Target:
     names: dict[str, Any]
 
     def make(self, **options: Any) -> BackupStream:
-        fast = {
+        fast: dict[str, Any] = {
             "breaker": CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.1),
             "retry_interval": 0.01,
         }
@@ -260,16 +261,21 @@ async def candle_rows(url: str, schema: str) -> list[tuple[Any, ...]]:
 
 
 def test_message_items_are_the_codec_objects() -> None:
-    items = [*ticks(0, 3), candle(0, 1.1002, closed=True), flow(1)]
-    for item in items:
-        kind = {TickData: "tick", CandleData: "candle", OrderFlowMetrics: "order_flow"}[type(item)]
-        payload = encode_batch_message(kind, "origin:1", "origin", [item, item])  # type: ignore[arg-type]
+    samples: list[tuple[StreamKind, IngestItem]] = [
+        *(("tick", t) for t in ticks(0, 3)),
+        ("candle", candle(0, 1.1002, closed=True)),
+        ("order_flow", flow(1)),
+    ]
+    for kind, item in samples:
+        payload = encode_batch_message(kind, "origin:1", "origin", [item, item])
         one = codec.encode_item(item)
         assert b'"items":[' + one + b"," + one + b"]}" in payload
         message = decode_batch_message(payload)
         assert message.kind == kind
         assert message.batch_id == "origin:1"
         assert message.items == [item, item]
+    with pytest.raises(ValidationError):
+        encode_batch_message("candle", "origin:2", "origin", ticks(0, 1))
 
 
 def test_decoding_refuses_what_it_cannot_trust() -> None:
@@ -299,6 +305,21 @@ def test_parse_since() -> None:
         parse_since("1727996400")  # seconds
     with pytest.raises(ValidationError):
         parse_since("yesterday")
+
+
+def test_backup_stream_from_url_picks_the_backend_and_hides_secrets() -> None:
+    nats_stream = backup_stream_from_url("nats://user:s3cret@127.0.0.1:4222", stream="S")
+    redis_stream = backup_stream_from_url("redis://:s3cret@127.0.0.1:6379/0", key="k")
+    assert isinstance(nats_stream, NatsBackupStream)
+    assert isinstance(redis_stream, RedisBackupStream)
+    for stream in (nats_stream, redis_stream):
+        assert "s3cret" not in stream.target
+        assert "s3cret" not in repr(stream)
+        assert "s3cret" not in str(stream.stats())
+    with pytest.raises(ConfigurationError):
+        backup_stream_from_url("kafka://127.0.0.1:9092")
+    with pytest.raises(ConfigurationError):
+        NatsBackupStream("nats://127.0.0.1:4222", stream="has.dot")
 
 
 # --------------------------------------------------------------------------- round trips

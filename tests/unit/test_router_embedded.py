@@ -248,7 +248,7 @@ def public_calls(router: DataRouter) -> dict[str, Callable[[], Awaitable[object]
 #: configuration that is naturally done before initialize().
 NOT_REFUSED: Final = frozenset(
     {"initialize", "close", "state", "strategy", "processors", "cache", "pool_manager"}
-    | {"register_processor", "unregister_processor", "settings", "instance_id"}
+    | {"register_processor", "unregister_processor", "settings", "instance_id", "metrics"}
 )
 
 
@@ -525,6 +525,7 @@ def test_example_trading_engine(tmp_path: Path) -> None:
     assert "tick mid=1.08550; 5 hourly candles, last close 1.0855" in done.stdout
 
 
+@pytest.mark.slow  # two runs of a subprocess
 def test_example_bulk_historical_import_is_idempotent(tmp_path: Path) -> None:
     first = run_python(tmp_path, example("bulk_historical_import.py"))
     assert "Imported 2000 candles (2000 rows written)" in first.stdout
@@ -543,6 +544,7 @@ def test_example_collector(tmp_path: Path) -> None:
     assert count_rows(tmp_path / "examples.sqlite3") == 2000  # flushed before exit
 
 
+@pytest.mark.slow  # two runs of a subprocess
 def test_example_engine_seeds_a_fresh_store_once(tmp_path: Path) -> None:
     signal = r"{}: 20 candles \(engine-example\), SMA5 [\d.]+ vs SMA20 [\d.]+ → (long|short|flat)"
     first = run_python(tmp_path, example("engine.py"))
@@ -557,6 +559,7 @@ def test_example_engine_seeds_a_fresh_store_once(tmp_path: Path) -> None:
     assert count_rows(tmp_path / "examples.sqlite3", "candles") == 90
 
 
+@pytest.mark.slow  # two runs of a subprocess
 def test_example_health_probe(tmp_path: Path) -> None:
     done = run_python(tmp_path, example("health_probe.py"))
     assert done.stdout.startswith("healthy:"), done.stdout

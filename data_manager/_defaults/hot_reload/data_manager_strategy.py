@@ -91,4 +91,9 @@ DATA_MANAGER_STRATEGY = {
     "subscriptions": {
         "buffer_size": 10_000,
     },
+    # Publish every accepted batch to the backup stream named by DATA_MANAGER_BACKUP_STREAM_URL
+    # (NATS JetStream or Redis Streams); without that setting this section does nothing.
+    "backup_stream": {
+        "enabled": True,
+    },
 }
