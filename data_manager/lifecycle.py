@@ -24,8 +24,9 @@ How it is applied (:func:`apply_retention`, or ``data-manager retention apply`` 
   chunks older than the replay horizon: journal replays and late-tick rebuilds write up to
   that far back, and writing into compressed chunks is slow or refused.
 * **Plain PostgreSQL and SQLite**, and candles with per-timeframe retention everywhere: a
-  delete job that removes expired rows in batches of ``delete_batch_rows`` primary keys,
-  one short transaction per batch, so neither readers nor the write path wait long.
+  delete job that removes expired rows in batches of ``delete_batch_rows`` (picked by
+  ``ctid`` on PostgreSQL, by primary key elsewhere), one short transaction per batch, so
+  neither readers nor the write path wait long.
 
 :func:`delete_range` removes one symbol's rows in ``[start, end)``.
 """
@@ -40,7 +41,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import any_, delete, func, literal_column, select, tuple_
 
 from data_manager.errors import CacheError, ValidationError, map_database_errors
 from data_manager.models import TIMEFRAMES, Timeframe, normalize_symbol, timeframe_ms, to_epoch_ms
@@ -49,6 +50,7 @@ from data_manager.storage.schema import quote_ident
 if TYPE_CHECKING:
     from sqlalchemy import Delete, Select
     from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.sql.elements import ColumnClause
 
     from data_manager.router import DataRouter
     from data_manager.settings import DataManagerSettings
@@ -256,18 +258,31 @@ def _expired(tables: Tables, kind: DataKind, cutoff_ms: int, timeframe: str | No
 
 
 def _delete_batch_stmt(
-    tables: Tables, kind: DataKind, cutoff_ms: int, timeframe: str | None, limit: int
+    tables: Tables,
+    kind: DataKind,
+    cutoff_ms: int,
+    timeframe: str | None,
+    limit: int,
+    *,
+    by_ctid: bool,
 ) -> Delete:
-    """``DELETE`` at most ``limit`` expired rows, chosen by primary key.
+    """``DELETE`` at most ``limit`` expired rows.
 
-    Primary keys rather than ``ctid``/``rowid``: they are unique on every backend, including
-    TimescaleDB hypertables (where a ``ctid`` repeats across chunks) and SQLite tables
-    without row ids. PostgreSQL runs it as a semi-join probing the primary key index.
+    On plain PostgreSQL (``by_ctid``) the victims are picked by ``ctid`` and deleted with
+    ``ctid = ANY(ARRAY(...))``: one scan that stops after ``limit`` matches, then a TID scan,
+    however large the table. Elsewhere by primary key: SQLite probes its key index per victim,
+    and on TimescaleDB hypertables a ``ctid`` is not unique (it repeats across chunks), while
+    chunk exclusion keeps the scan to the expired chunks.
     """
     t = tables.data_table(kind)
+    expired = _expired(tables, kind, cutoff_ms, timeframe)
+    if by_ctid:
+        ctid: ColumnClause[Any] = literal_column("ctid")
+        victims = select(ctid).where(*expired).limit(limit).scalar_subquery()
+        return delete(t).where(ctid == any_(func.array(victims)))
     key = list(t.primary_key.columns)
-    victims = select(*key).where(*_expired(tables, kind, cutoff_ms, timeframe)).limit(limit)
-    return delete(t).where(tuple_(*key).in_(victims))
+    chosen = select(*key).where(*expired).limit(limit)
+    return delete(t).where(tuple_(*key).in_(chosen))
 
 
 def _count_stmt(
@@ -404,7 +419,9 @@ async def apply_retention(
             report.outcomes.append(await _timescale_rule(db, rule, dry_run=dry_run))
         else:
             report.outcomes.append(
-                await _delete_rule(db, rule, batch=policy.delete_batch_rows, dry_run=dry_run)
+                await _delete_rule(
+                    db, rule, batch=policy.delete_batch_rows, dry_run=dry_run, timescale=timescale
+                )
             )
     if timescale and policy.compression:
         report.compression = await _timescale_compression(db, policy, dry_run=dry_run)
@@ -413,14 +430,21 @@ async def apply_retention(
 
 
 async def _delete_rule(
-    db: _Maintenance, rule: RetentionRule, *, batch: int, dry_run: bool
+    db: _Maintenance, rule: RetentionRule, *, batch: int, dry_run: bool, timescale: bool
 ) -> RetentionOutcome:
     outcome = RetentionOutcome(rule, "delete")
     if dry_run:
         count = _count_stmt(db.tables, rule.kind, rule.cutoff_ms, rule.timeframe)
         outcome.rows = int(await db.scalar(count) or 0)
         return outcome
-    stmt = _delete_batch_stmt(db.tables, rule.kind, rule.cutoff_ms, rule.timeframe, batch)
+    stmt = _delete_batch_stmt(
+        db.tables,
+        rule.kind,
+        rule.cutoff_ms,
+        rule.timeframe,
+        batch,
+        by_ctid=db.kind == "postgresql" and not timescale,
+    )
     while True:
         deleted = await db.rowcount(stmt)
         outcome.rows += deleted

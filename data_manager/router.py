@@ -180,6 +180,11 @@ class CacheManager:
         """Hits, misses and hit rate per tier, L1 size, and the L2 connection state."""
         return await self._router._cache_health(probe=False)
 
+    async def flush(self) -> None:
+        """Return once every update queued on the L2/pub-sub fast path has been sent."""
+        if self._router._bus is not None:
+            await self._router._bus.flush()
+
 
 class PoolManager:
     """``router.pool_manager``: connection pools (seed 004's support call)."""
@@ -314,6 +319,7 @@ class DataRouter:
             msg = "this DataRouter was closed; create a new one"
             raise RouterClosedError(msg)
         storage = self._build_storage()
+        self._storage = storage  # closed by _teardown if anything below fails
         try:
             await self._connect_with_deadline(storage)
             info = await storage.create_schema()
@@ -324,7 +330,12 @@ class DataRouter:
                 ", timescaledb" if info.timescaledb else "",
             )
             self._storage = storage
+            built_from = self._watcher.current
             await self._watcher.start(watch=self.settings.watch_strategy)
+            if self._watcher.current is not built_from:
+                # L1, the aggregator and order flow were built in __init__, before the file
+                # was read: apply the file's values to them now.
+                self._on_strategy_swap(built_from, self._watcher.current)
             self._watcher.add_listener(_weak_callback(self._on_strategy_swap))
             await self._start_l2()
             await self._start_backup_stream()
@@ -438,6 +449,8 @@ class DataRouter:
         await self._start_l2()
         self._ingest = self._build_ingest(storage)
         await self._ingest.start()
+        # The parent's timer task belongs to a loop that never runs here: start our own.
+        self._spawn(_maintenance_loop(weakref.ref(self)))
 
     # ------------------------------------------------------------------ construction
 
@@ -593,6 +606,12 @@ class DataRouter:
             order_flow_ttl=c.l1_order_flow_ttl_seconds,
             ring_size=c.candle_ring_size,
         )
+        if self._l2 is not None:
+            self._l2.configure(
+                tick_ttl=c.tick_ttl_seconds,
+                candle_ttl=c.candle_ttl_seconds,
+                order_flow_ttl=c.order_flow_ttl_seconds,
+            )
         if self._ingest is not None:
             b = new.batch
             self._ingest.configure(
@@ -612,6 +631,16 @@ class DataRouter:
     def metrics(self) -> MetricsServer | None:
         """The Prometheus endpoint when ``settings.metrics_port`` is set (``.port``, ``.url``)."""
         return self._metrics
+
+    async def reload_strategy(self) -> bool:
+        """Check the strategy file now (instead of waiting for the next poll).
+
+        Returns:
+            True when a new strategy was swapped in; a rejected edit returns False and shows
+            in ``health_check().strategy.last_error``.
+        """
+        self._require_open()
+        return await self._watcher.check_now()
 
     @property
     def strategy(self) -> RoutingStrategy:
@@ -933,8 +962,10 @@ class DataRouter:
             cur = newest.get(tick.symbol)
             if cur is None or tick.timestamp >= cur.timestamp:
                 newest[tick.symbol] = tick
+        route = self._watcher.current.routing.save_tick
         for tick in newest.values():
             self._l1.put_tick(tick)
+            self._publish(route, tick)  # L2 (compare-and-set) and the other routers' L1
         return stored
 
     async def save_candles_bulk(self, candles: Iterable[CandleData]) -> int:
@@ -948,8 +979,16 @@ class DataRouter:
         if not batch:
             return 0
         stored = await self.storage.write_candles(batch)
+        route = self._watcher.current.routing.save_candle
+        newest: dict[tuple[str, str, str], CandleData] = {}
         for candle in batch:
             self._l1.put_candle(candle)
+            key = (candle.symbol, candle.timeframe, candle.source)
+            cur = newest.get(key)
+            if cur is None or candle.timestamp >= cur.timestamp:
+                newest[key] = candle
+        for candle in newest.values():
+            self._publish(route, candle)  # L2 and the other routers' L1
         return stored
 
     @staticmethod
@@ -1151,6 +1190,7 @@ class DataRouter:
         self, symbol: str, source: str | None
     ) -> OrderFlowMetrics | None:
         route = self._watcher.current.routing.get_latest_order_flow
+        l2_skipped = False
         for backend in route:
             if backend == L2_CACHE:
                 if self._l2 is None:
@@ -1160,6 +1200,7 @@ class DataRouter:
                     got = await self._l2.get_order_flow(symbol, source)
                 except CacheError:
                     self._counters.l2_errors += 1
+                    l2_skipped = True
                     continue
                 if got is not None:
                     self._counters.l2_hits += 1
@@ -1172,8 +1213,11 @@ class DataRouter:
                 started = time.perf_counter()
                 got = await self._db_for(route).latest_order_flow(symbol, source=source)
                 self._observe("database", "get_latest_order_flow", started)
-                if got is not None and self._l1_enabled:
-                    self._l1.put_order_flow(got)
+                if got is not None:
+                    if self._l1_enabled:
+                        self._l1.put_order_flow(got)
+                    if self._l2 is not None and L2_CACHE in route and not l2_skipped:
+                        self._spawn(self._l2.put_order_flow([got]))
                 return got
         return None
 

@@ -525,6 +525,27 @@ class RedisCache:
             breaker_opens=self._breaker.opened_count,
         )
 
+    def configure(
+        self,
+        *,
+        tick_ttl: float | None = None,
+        candle_ttl: float | None = None,
+        order_flow_ttl: float | None = None,
+    ) -> None:
+        """Change the TTLs of later writes (strategy hot reload); ``None`` keeps a value.
+
+        Raises:
+            ConfigurationError: A TTL that is not > 0 (then nothing changes).
+        """
+        tick = self._tick_ttl if tick_ttl is None else _ms(tick_ttl, "tick_ttl")
+        candle = self._candle_ttl if candle_ttl is None else _ms(candle_ttl, "candle_ttl")
+        flow = (
+            self._order_flow_ttl
+            if order_flow_ttl is None
+            else _ms(order_flow_ttl, "order_flow_ttl")
+        )
+        self._tick_ttl, self._candle_ttl, self._order_flow_ttl = tick, candle, flow
+
     # ------------------------------------------------------------------ keys
 
     def tick_key(self, symbol: str, source: str | None = None) -> str:

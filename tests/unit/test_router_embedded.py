@@ -238,6 +238,7 @@ def public_calls(router: DataRouter) -> dict[str, Callable[[], Awaitable[object]
         "warm_start": lambda: router.warm_start([SYM], ["1m"]),
         "health_check": router.health_check,
         "run_maintenance": router.run_maintenance,
+        "reload_strategy": router.reload_strategy,
         "subscribe_ticks": lambda: sync(lambda: router.subscribe_ticks([SYM])),
         "subscribe_candles": lambda: sync(lambda: router.subscribe_candles(SYM, "1m")),
         "storage": lambda: sync(lambda: router.storage),
