@@ -163,6 +163,8 @@ def parse_timestamp(value: object, *, field: str = "timestamp") -> int:
     """
     if isinstance(value, str):
         text = value.strip()
+        if text.isdigit():  # the common case in files: skip the regular expressions
+            return to_epoch_ms(int(text), field=field)
         if re.fullmatch(r"-?\d+", text):
             return to_epoch_ms(int(text), field=field)
         if re.fullmatch(r"-?\d+\.0*", text):
@@ -386,7 +388,7 @@ async def get_candles_df(
 
 def detect_format(path: str | os.PathLike[str], explicit: str | None = None) -> FileFormat:
     """``csv`` or ``parquet``: ``explicit`` when given, else from the file name's suffix
-    (``.csv``, ``.csv.gz`` is not supported; ``.parquet``/``.pq``).
+    (``.csv``/``.txt``/``.tsv`` or ``-``; ``.parquet``/``.pq``). Compressed CSV is not read.
 
     Raises:
         ValidationError: Unknown format or suffix.
@@ -660,13 +662,10 @@ class _RowParser:
         return out, line, True
 
     def _prepare(self, values: dict[str, Any]) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for key, value in values.items():
-            if value is None or value == "":
-                continue  # absent: the model's default applies
-            if key in self._times:
-                value = parse_timestamp(value, field=key)
-            data[key] = value
+        # Absent (None or empty) cells are left out, so the model's defaults apply.
+        data = {k: v for k, v in values.items() if v is not None and v != ""}
+        for key in self._times.intersection(data):
+            data[key] = parse_timestamp(data[key], field=key)
         for key, value in self._defaults.items():
             data.setdefault(key, value)
         return data
@@ -747,6 +746,7 @@ async def import_file(
         pending: asyncio.Future[tuple[list[Any], int, bool]] | None = parse_next()
         while pending is not None:
             batch, line, ended = await asyncio.shield(pending)
+            parses.remove(pending)  # done: it must not keep its batch alive
             # Validate the next batch while this one is being stored.
             pending = None if ended else parse_next()
             if batch:

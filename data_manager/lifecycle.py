@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import any_, delete, func, literal_column, select, tuple_
 
 from data_manager.errors import CacheError, ValidationError, map_database_errors
-from data_manager.models import TIMEFRAMES, Timeframe, normalize_symbol, timeframe_ms, to_epoch_ms
+from data_manager.models import TIMEFRAMES, normalize_symbol, timeframe_ms, to_epoch_ms
+from data_manager.settings import RetentionSettings
 from data_manager.storage.schema import quote_ident
 
 if TYPE_CHECKING:
@@ -92,58 +92,9 @@ _ORDER_BY: Final = {
 Method = Literal["delete", "timescaledb_policy"]
 
 
-class RetentionSettings(BaseModel):
-    """How long each kind of data is kept (``None``: for ever). See the module docstring."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ticks_days: float | None = Field(default=None, gt=0, description="Keep ticks this long.")
-    order_flow_days: float | None = Field(default=None, gt=0)
-    candles_days: float | None = Field(
-        default=None, gt=0, description="Keep candles of every timeframe this long..."
-    )
-    candles_timeframe_days: dict[Timeframe, float | None] = Field(
-        default_factory=dict,
-        description="...except these timeframes (None keeps that timeframe for ever).",
-    )
-    replay_horizon_days: float = Field(
-        default=7.0,
-        gt=0,
-        description="How far back journal replays and late ticks may still write.",
-    )
-    compression: bool = Field(default=True, description="TimescaleDB compression policies.")
-    compress_after_days: float | None = Field(
-        default=None, gt=0, description="Compress chunks older than this; default: the horizon."
-    )
-    delete_batch_rows: int = Field(default=50_000, ge=1, description="Rows per delete batch.")
-
-    @model_validator(mode="after")
-    def _check(self) -> RetentionSettings:
-        for tf, days in self.candles_timeframe_days.items():
-            if days is not None and days <= 0:
-                msg = f"candles_timeframe_days[{tf!r}] must be > 0 or null, got {days}"
-                raise ValueError(msg)
-        if self.compress_after_days is not None and (
-            self.compress_after_days < self.replay_horizon_days
-        ):
-            msg = (
-                f"compress_after_days ({self.compress_after_days:g}) is inside the replay "
-                f"horizon ({self.replay_horizon_days:g} days); replays would write into "
-                "compressed chunks"
-            )
-            raise ValueError(msg)
-        return self
-
-    @property
-    def compress_after(self) -> float:
-        """Days after which TimescaleDB chunks are compressed."""
-        return self.compress_after_days or self.replay_horizon_days
-
-
 def retention_settings(settings: DataManagerSettings) -> RetentionSettings:
-    """The retention configured in ``settings`` (the defaults when it has none)."""
-    found = getattr(settings, "retention", None)
-    return found if isinstance(found, RetentionSettings) else RetentionSettings()
+    """The retention configured in ``settings`` (``DATA_MANAGER_RETENTION__*``)."""
+    return settings.retention
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +506,7 @@ async def delete_range(
         msg = f"end ({end_ms}) is before start ({start_ms})"
         raise ValidationError(msg)
     await router.flush()
+    await router.cache.flush()  # L2 writes in flight land now, not after the keys are dropped
     deleted = await router.storage.delete_range(sym, start_ms, end_ms, kind, timeframe=timeframe)
     router.cache.l1.invalidate_symbol(sym)
     await _drop_l2(router, sym, kind, timeframe)

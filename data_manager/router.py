@@ -81,7 +81,11 @@ from data_manager.subscriptions import Subscription, SubscriptionHub
 if TYPE_CHECKING:
     from data_manager.cache.bus import CacheBus
     from data_manager.cache.redis import RedisCache
+    from data_manager.interop import DataFrameBackend
+    from data_manager.lifecycle import RetentionReport
     from data_manager.metrics import MetricsServer
+    from data_manager.settings import RetentionSettings
+    from data_manager.storage.base import DataKind
     from data_manager.stream import BackupStream
 
 __all__ = ["USE_DEFAULT", "DataRouter", "RouterState", "StalenessReport"]
@@ -1287,6 +1291,82 @@ class DataRouter:
         ):
             yield tick
 
+    def iter_candles(
+        self,
+        symbol: str,
+        timeframe: str,
+        start: int | datetime,
+        end: int | datetime,
+        *,
+        source: str | None = None,
+        batch_size: int = 10_000,
+    ) -> AsyncIterator[CandleData]:
+        """Stream candles in ``[start, end)`` oldest first, a window of bars at a time."""
+        from data_manager.interop import iter_candles
+
+        return iter_candles(
+            self, symbol, timeframe, start, end, source=source, batch_size=batch_size
+        )
+
+    async def get_candles_df(
+        self,
+        symbol: str,
+        timeframe: str,
+        start: int | datetime,
+        end: int | datetime,
+        *,
+        source: str | None = None,
+        backend: DataFrameBackend = "pandas",
+    ) -> Any:
+        """Candles in ``[start, end)`` as a pandas/polars DataFrame or an Arrow table
+        (extras ``data_manager[pandas]``, ``[polars]``, ``[arrow]``)."""
+        from data_manager.interop import get_candles_df
+
+        return await get_candles_df(
+            self, symbol, timeframe, start, end, source=source, backend=backend
+        )
+
+    async def get_ticks_df(
+        self,
+        symbol: str,
+        start: int | datetime,
+        end: int | datetime,
+        *,
+        source: str | None = None,
+        backend: DataFrameBackend = "pandas",
+    ) -> Any:
+        """Ticks in ``[start, end)`` as a pandas/polars DataFrame or an Arrow table."""
+        from data_manager.interop import get_ticks_df
+
+        return await get_ticks_df(self, symbol, start, end, source=source, backend=backend)
+
+    async def delete_range(
+        self,
+        symbol: str,
+        start: int | datetime,
+        end: int | datetime,
+        kind: DataKind,
+        *,
+        timeframe: str | None = None,
+    ) -> int:
+        """Delete ``kind`` rows of ``symbol`` in ``[start, end)`` (flushing queued writes
+        first so none brings a row back); returns how many were deleted."""
+        from data_manager.lifecycle import delete_range
+
+        return await delete_range(self, symbol, start, end, kind, timeframe=timeframe)
+
+    async def apply_retention(
+        self,
+        *,
+        policy: RetentionSettings | None = None,
+        now_ms: int | None = None,
+        dry_run: bool = False,
+    ) -> RetentionReport:
+        """Delete (or, with TimescaleDB, schedule dropping) data older than its retention."""
+        from data_manager.lifecycle import apply_retention
+
+        return await apply_retention(self, policy=policy, now_ms=now_ms, dry_run=dry_run)
+
     @staticmethod
     def _interval(start: int | datetime, end: int | datetime) -> tuple[int, int]:
         start_ms = to_epoch_ms(start, field="start")
@@ -1578,6 +1658,8 @@ async def _maintenance_loop(ref: weakref.ref[DataRouter]) -> None:
             continue
         try:
             await router.run_maintenance()
+        except RouterClosedError:
+            return  # closed while the pass ran
         except DataManagerError:
             logger.warning("maintenance pass failed", exc_info=True)
         del router

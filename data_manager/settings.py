@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from data_manager.errors import ConfigurationError
+from data_manager.models import Timeframe
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
@@ -43,6 +44,7 @@ __all__ = [
     "DragonflySettings",
     "PostgresReplicaSettings",
     "PostgresSettings",
+    "RetentionSettings",
     "WriteMode",
     "resolve_config_dir",
 ]
@@ -246,6 +248,54 @@ class DragonflySettings(_Backend):
         return f"redis {self.host}:{self.port}/{self.db}"
 
 
+class RetentionSettings(BaseModel):
+    """How long each kind of data is kept (``None``: for ever). See the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ticks_days: float | None = Field(default=None, gt=0, description="Keep ticks this long.")
+    order_flow_days: float | None = Field(default=None, gt=0)
+    candles_days: float | None = Field(
+        default=None, gt=0, description="Keep candles of every timeframe this long..."
+    )
+    candles_timeframe_days: dict[Timeframe, float | None] = Field(
+        default_factory=dict,
+        description="...except these timeframes (None keeps that timeframe for ever).",
+    )
+    replay_horizon_days: float = Field(
+        default=7.0,
+        gt=0,
+        description="How far back journal replays and late ticks may still write.",
+    )
+    compression: bool = Field(default=True, description="TimescaleDB compression policies.")
+    compress_after_days: float | None = Field(
+        default=None, gt=0, description="Compress chunks older than this; default: the horizon."
+    )
+    delete_batch_rows: int = Field(default=50_000, ge=1, description="Rows per delete batch.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RetentionSettings:
+        for tf, days in self.candles_timeframe_days.items():
+            if days is not None and days <= 0:
+                msg = f"candles_timeframe_days[{tf!r}] must be > 0 or null, got {days}"
+                raise ValueError(msg)
+        if self.compress_after_days is not None and (
+            self.compress_after_days < self.replay_horizon_days
+        ):
+            msg = (
+                f"compress_after_days ({self.compress_after_days:g}) is inside the replay "
+                f"horizon ({self.replay_horizon_days:g} days); replays would write into "
+                "compressed chunks"
+            )
+            raise ValueError(msg)
+        return self
+
+    @property
+    def compress_after(self) -> float:
+        """Days after which TimescaleDB chunks are compressed."""
+        return self.compress_after_days or self.replay_horizon_days
+
+
 class DataManagerSettings(BaseSettings):
     """Everything the router needs to start. See the module docstring for precedence."""
 
@@ -290,6 +340,10 @@ class DataManagerSettings(BaseSettings):
         default=None,
         description="Backup stream for every accepted batch: nats://host:4222 (JetStream) or "
         "redis://host:6379/0 (Redis Streams); None: off.",
+    )
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings,
+        description="How long each kind of data is kept (DATA_MANAGER_RETENTION__TICKS_DAYS...).",
     )
     backup_stream_name: str = Field(default="DM_BACKUP", description="JetStream stream name.")
     backup_stream_key: str = Field(default="dm:backup:v1", description="Redis Streams key.")

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import inspect
 import io
+import json
 import logging
 import os
 import re
@@ -199,6 +200,59 @@ async def test_lifecycle(tmp_path: Path) -> None:
         assert got is not None
         assert got.timestamp == T0
     assert state_of(again) is RouterState.CLOSED
+
+
+#: Several concurrent initialize() calls on one router, in a child process so that whatever
+#: a failed initialisation leaks dies with it. Prints a JSON summary as its last line.
+CONCURRENT_INITIALIZE: Final = """
+import asyncio, json, sys
+from data_manager import DataManagerSettings, DataRouter, TickData
+from data_manager.strategy import strategy_from_mapping
+
+async def main(path: str, journal: str) -> dict[str, object]:
+    router = DataRouter(
+        DataManagerSettings(sqlite_path=path, watch_strategy=False, journal_dir=journal),
+        strategy=strategy_from_mapping(
+            {"aggregation": {"enabled": False}, "order_flow": {"enabled": False}}
+        ),
+    )
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(
+            *(router.initialize() for _ in range(3)), return_exceptions=True
+        )
+    out: dict[str, object] = {
+        "errors": [repr(r) for r in results if r is not None],
+        "state": router.state.value,
+    }
+    del results
+    quote = dict(symbol="EUR/USD", bid=1.1, ask=1.1002, source="polygon")
+    try:
+        async with asyncio.timeout(10):
+            await router.save_tick(TickData(timestamp=1727996400000, **quote), mode="sync")
+            await router.save_tick(TickData(timestamp=1727996400001, **quote))
+            await router.flush()
+        out["writes"] = "ok"
+    except Exception as exc:
+        out["writes"] = repr(exc)
+    try:
+        async with asyncio.timeout(10):
+            await router.close()
+    except Exception as exc:
+        out["close"] = repr(exc)
+    return out
+
+print(json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2]))))
+"""
+
+
+def test_concurrent_initialize_opens_the_router_once(tmp_path: Path) -> None:
+    # Lazy start from several request handlers at once: all of them must end up with one
+    # working router, not a second initialisation tearing down the first one's storage.
+    path = tmp_path / "store.sqlite3"
+    done = run_python(tmp_path, "-c", CONCURRENT_INITIALIZE, str(path), str(tmp_path / "j"))
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == {"errors": [], "state": "open", "writes": "ok"}
+    assert count_rows(path) == 2
 
 
 async def test_async_with_closes_on_error(tmp_path: Path) -> None:
