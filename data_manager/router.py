@@ -237,6 +237,7 @@ class DataRouter:
         self.settings = settings if settings is not None else DataManagerSettings()
         self._clock: Clock = clock or SystemClock()
         self._state = RouterState.UNOPENED
+        self._init_lock = asyncio.Lock()
         self._fork_gen = _fork_generation
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._watcher = StrategyWatcher(
@@ -317,11 +318,15 @@ class DataRouter:
             ConfigurationError: The schema is newer than this SDK, or the strategy is invalid.
             RouterClosedError: The router was closed before.
         """
-        if self._state is RouterState.OPEN:
-            return
-        if self._state is RouterState.CLOSED:
-            msg = "this DataRouter was closed; create a new one"
-            raise RouterClosedError(msg)
+        async with self._init_lock:  # concurrent callers share one initialisation
+            if self._state is RouterState.OPEN:
+                return
+            if self._state is RouterState.CLOSED:
+                msg = "this DataRouter was closed; create a new one"
+                raise RouterClosedError(msg)
+            await self._open()
+
+    async def _open(self) -> None:
         storage = self._build_storage()
         self._storage = storage  # closed by _teardown if anything below fails
         try:
