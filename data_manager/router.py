@@ -925,6 +925,7 @@ class DataRouter:
         write_mode = self._resolve_mode(mode)
         route = self._watcher.current.routing.save_candle
         self._l1.put_candle(candle)
+        self._promote_source(candle)
         self._publish(route, candle)
         if self._subs:
             self._subs.dispatch(candle)
@@ -992,6 +993,7 @@ class DataRouter:
         newest: dict[tuple[str, str, str], CandleData] = {}
         for candle in batch:
             self._l1.put_candle(candle)
+            self._promote_source(candle)
             key = (candle.symbol, candle.timeframe, candle.source)
             cur = newest.get(key)
             if cur is None or candle.timestamp >= cur.timestamp:
@@ -1169,6 +1171,23 @@ class DataRouter:
         merged = self._l1.get_candles(symbol, timeframe, limit, source)
         return merged if merged is not None else rows
 
+    def _source_rank(self, source: str) -> tuple[int, bool]:
+        preference = self._watcher.current.sources.candle_preference
+        index = preference.index(source) if source in preference else len(preference)
+        return index, source.startswith("agg:")
+
+    def _promote_source(self, candle: CandleData) -> None:
+        """A saved candle of a better-ranked source (preferred, or explicit over aggregated)
+        becomes the series a source-less read answers with."""
+        key = (candle.symbol, candle.timeframe)
+        current = self._default_candle_source.get(key)
+        if (
+            current is not None
+            and current != candle.source
+            and self._source_rank(candle.source) < self._source_rank(current)
+        ):
+            self._default_candle_source[key] = candle.source
+
     def _local_candle_source(self, symbol: str, timeframe: str) -> str | None:
         """Source of candles only L1 holds yet: the preferred one, else the freshest."""
         local = self._l1.candle_sources(symbol, timeframe)
@@ -1177,7 +1196,8 @@ class DataRouter:
         for preferred in self._watcher.current.sources.candle_preference:
             if preferred in local:
                 return preferred
-        return local[0]
+        explicit = [src for src in local if not src.startswith("agg:")]
+        return explicit[0] if explicit else local[0]
 
     async def get_latest_order_flow(
         self, symbol: str, *, source: str | None = None

@@ -214,7 +214,8 @@ class _Sql:
             "AND source = $3 ORDER BY ts DESC LIMIT $4"
         )
         # Per key: hop through its sources on the primary key (loose index scan), pick the
-        # first preferred one, else the one whose newest candle is newest, then read its
+        # first preferred one, else an explicitly saved (non-"agg:") one before aggregated
+        # ones, then the one whose newest candle is newest, then read its
         # newest $4 candles - all in one round trip, every step an index probe.
         self.latest_candles_many = f"""
 WITH RECURSIVE k(symbol, timeframe) AS (
@@ -236,6 +237,7 @@ WITH RECURSIVE k(symbol, timeframe) AS (
       FROM src s WHERE s.source IS NOT NULL
      ORDER BY s.symbol, s.timeframe,
               array_position($3::text[], s.source::text) NULLS LAST,
+              left(s.source, 4) = 'agg:',
               (SELECT c.ts FROM {candles} c
                 WHERE c.symbol = s.symbol AND c.timeframe = s.timeframe AND c.source = s.source
                 ORDER BY c.ts DESC LIMIT 1) DESC,
@@ -261,6 +263,7 @@ SELECT {ccols} FROM {candles}
  WHERE symbol = $1 AND timeframe = $2 AND source = (
        SELECT s.source FROM src s WHERE s.source IS NOT NULL
         ORDER BY array_position($3::text[], s.source::text) NULLS LAST,
+                 left(s.source, 4) = 'agg:',
                  (SELECT c.ts FROM {candles} c
                    WHERE c.symbol = $1 AND c.timeframe = $2 AND c.source = s.source
                    ORDER BY c.ts DESC LIMIT 1) DESC,

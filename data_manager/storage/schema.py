@@ -554,18 +554,23 @@ def candle_sources_stmt(tables: Tables, symbol: str, timeframe: str) -> Select[A
     )
 
 
+#: Source prefix of candles the SDK aggregated itself (``agg:<tick source>``).
+AGGREGATED_PREFIX: Final = "agg:"
+
+
 def pick_candle_source(
     found: Sequence[tuple[str, int]] | Mapping[str, int], preferred: Sequence[str]
 ) -> str | None:
-    """The first preferred source present in ``found``, else the one with the newest candle
-    (ties go to the smallest name, so the choice is stable)."""
+    """The first preferred source present in ``found``; else explicitly saved sources win
+    over aggregated ones (``agg:…``), then the one with the newest candle (ties go to the
+    smallest name, so the choice is stable)."""
     newest = dict(found)
     for source in preferred:
         if source in newest:
             return source
     if not newest:
         return None
-    return min(newest, key=lambda s: (-newest[s], s))
+    return min(newest, key=lambda s: (s.startswith(AGGREGATED_PREFIX), -newest[s], s))
 
 
 def delete_range_stmt(

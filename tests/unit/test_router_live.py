@@ -156,3 +156,34 @@ async def test_candle_subscription_and_close_ends_iteration(router: DataRouter) 
     await router.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(sub), 1.0)
+
+
+async def test_explicit_candles_win_over_aggregated_ones_without_a_source(
+    router: DataRouter,
+) -> None:
+    from data_manager import CandleData
+
+    await router.save_tick(q(T0 + 1_000, 1.1000))
+    await router.flush()
+    assert (await router.get_latest_candles("EUR/USD", "1m", 1))[-1].source == "agg:feed"
+    vendor = CandleData(
+        symbol="EUR/USD",
+        timeframe="1m",
+        timestamp=T0 - 60_000,
+        open=1.09,
+        high=1.095,
+        low=1.085,
+        close=1.092,
+        volume=10,
+        source="polygon",
+    )
+    await router.save_candle(vendor)
+    await router.flush()
+    # The vendor's series answers although the aggregated one has the newer candle ...
+    assert (await router.get_latest_candles("EUR/USD", "1m", 1))[-1].source == "polygon"
+    # ... through a fresh read path too (the database's own resolution).
+    rows = await router.storage.latest_candles("EUR/USD", "1m", 5)
+    assert {c.source for c in rows} == {"polygon"}
+    assert (await router.get_latest_candles("EUR/USD", "1m", 1, source="agg:feed"))[
+        -1
+    ].is_closed is False
