@@ -187,3 +187,45 @@ async def test_explicit_candles_win_over_aggregated_ones_without_a_source(
     assert (await router.get_latest_candles("EUR/USD", "1m", 1, source="agg:feed"))[
         -1
     ].is_closed is False
+
+
+async def test_rebuild_equals_live_aggregation(tmp_path: Path) -> None:
+    import random
+
+    clock = ManualClock(wall_ms=T0)
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    strategy = strategy_from_mapping({"aggregation": {"timeframes": ["1m", "5m"]}})
+    rng = random.Random(3)
+    ts, bid, ticks = T0, 1.1, []
+    for _ in range(600):
+        ts += rng.randint(100, 2_000)
+        bid = round(bid + rng.gauss(0, 0.0002), 5)
+        ticks.append(q(ts, bid, last_size=float(rng.randint(1, 9))))
+    async with DataRouter(settings=settings, clock=clock, strategy=strategy) as router:
+        for t in ticks:
+            await router.save_tick(t)
+        clock.advance((ts - T0) / 1000 + 600)  # every bucket has ended
+        await router.run_maintenance()
+        await router.flush()
+        live = {
+            tf: await router.storage.candles_range("EUR/USD", tf, T0, ts + 1) for tf in ("1m", "5m")
+        }
+        assert all(c.is_closed for rows in live.values() for c in rows)
+        await router.delete_range("EUR/USD", T0, ts + 1, "candles")
+        assert await router.storage.candles_range("EUR/USD", "1m", T0, ts + 1) == []
+        for tf in ("1m", "5m"):
+            written = await router.rebuild_candles("EUR/USD", tf, T0, ts + 1)
+            rebuilt = await router.storage.candles_range("EUR/USD", tf, T0, ts + 1)
+            assert written == len(live[tf])
+            assert rebuilt == live[tf]
+
+
+async def test_bulk_import_bypasses_the_aggregator_and_rebuild_fills_it(router: DataRouter) -> None:
+    await router.save_ticks([q(T0 + i * 1_000, 1.1 + i * 1e-4) for i in range(90)])
+    assert await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 120_000) == []
+    assert await router.rebuild_candles("EUR/USD", "1m", T0, T0 + 90_000) == 2
+    rows = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 120_000)
+    assert [c.num_trades for c in rows] == [60, 30]
+    assert rows[0].is_closed is True
