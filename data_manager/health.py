@@ -23,6 +23,7 @@ __all__ = [
     "HealthCheckResponse",
     "HealthStatus",
     "PoolHealth",
+    "ProcessorHealth",
     "ReplicaHealth",
     "StrategyHealth",
     "TierStats",
@@ -100,6 +101,13 @@ class CacheHealth(_Report):
         default=None, description="pub/sub state: connected, lost, or None without L2"
     )
     details: dict[str, float | int | str | None] = Field(default_factory=dict)
+    operations: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Tier counters per read operation."
+    )
+    evictions: int = 0
+    served_age_seconds: dict[str, float | int | None] = Field(
+        default_factory=dict, description="Event-time age of sampled L1 answers."
+    )
 
 
 class WritePathHealth(_Report):
@@ -111,6 +119,15 @@ class WritePathHealth(_Report):
     journal_bytes: int = 0
     circuit: str = "closed"
     details: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class ProcessorHealth(_Report):
+    """One real-time processor."""
+
+    calls: int = 0
+    errors: int = 0
+    slow: bool = False
+    last_error: str | None = None
 
 
 class StrategyHealth(_Report):
@@ -135,6 +152,7 @@ class HealthCheckResponse(_Report):
     write_path: WritePathHealth
     strategy: StrategyHealth
     staleness: dict[str, dict[str, bool]] = Field(default_factory=dict)
+    processors: dict[str, ProcessorHealth] = Field(default_factory=dict)
 
 
 def overall_status(

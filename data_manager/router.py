@@ -52,6 +52,7 @@ from data_manager.health import (
     DatabaseHealth,
     HealthCheckResponse,
     PoolHealth,
+    ProcessorHealth,
     ReplicaHealth,
     StrategyHealth,
     TierStats,
@@ -94,6 +95,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+#: Buckets (seconds) of the served-value age histogram.
+AGE_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
 TIMESCALE: Final = "timescale"
 REPLICA: Final = "timescale_replica"
@@ -204,6 +208,17 @@ class PoolManager:
 class _TierCounters:
     __slots__ = ("db_reads", "l1_hits", "l1_misses", "l2_errors", "l2_hits", "l2_misses")
 
+    def add(self, other: _TierCounters) -> _TierCounters:
+        """Sum of two counter sets (a new object)."""
+        total = _TierCounters()
+        for name in self.__slots__:
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
     def __init__(self) -> None:
         self.l1_hits = 0
         self.l1_misses = 0
@@ -271,7 +286,13 @@ class DataRouter:
         self._flow_dirty: dict[str, OrderFlowMetrics] = {}
         self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
-        self._counters = _TierCounters()
+        # Per-operation tier counters (plain ints: metrics read them at scrape time).
+        self._c_tick = _TierCounters()
+        self._c_candles = _TierCounters()
+        self._c_flow = _TierCounters()
+        self._c_misc = _TierCounters()
+        #: Event-time age (seconds) of sampled values served from L1 (1 hit in 32).
+        self._served_age = HistogramRecorder(AGE_BUCKETS)
         self._read_latency: dict[tuple[str, str], HistogramRecorder] = {
             (backend, op): HistogramRecorder()
             for backend in ("l2", "database")
@@ -285,6 +306,11 @@ class DataRouter:
         self.cache = CacheManager(self)
         self.pool_manager = PoolManager(self)
         _live_routers.add(self)
+
+    @property
+    def _counters(self) -> _TierCounters:
+        """All read operations' tier counters summed (health and metrics)."""
+        return self._c_tick.add(self._c_candles).add(self._c_flow).add(self._c_misc)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1094,9 +1120,12 @@ class DataRouter:
         if self._l1_enabled:
             hit = self._l1.get_tick(sym, source)
             if hit is not None:
-                self._counters.l1_hits += 1
+                c = self._c_tick
+                c.l1_hits += 1
+                if not c.l1_hits & 31:
+                    self._served_age.observe((self._clock.time_ms() - hit.timestamp) / 1000)
                 return hit
-        self._counters.l1_misses += 1
+        self._c_tick.l1_misses += 1
         return await self._flight.do(
             ("tick", sym, source), lambda: self._load_latest_tick(sym, source)
         )
@@ -1113,18 +1142,18 @@ class DataRouter:
                 try:
                     tick = await self._l2.get_tick(symbol, source)
                 except CacheError:
-                    self._counters.l2_errors += 1
+                    self._c_tick.l2_errors += 1
                     l2_skipped = True
                     continue
                 self._observe("l2", "get_latest_tick", started)
                 if tick is not None:
-                    self._counters.l2_hits += 1
+                    self._c_tick.l2_hits += 1
                     if self._l1_enabled:
                         self._l1.put_tick(tick)
                     return tick
-                self._counters.l2_misses += 1
+                self._c_tick.l2_misses += 1
             elif backend in _DATABASES:
-                self._counters.db_reads += 1
+                self._c_tick.db_reads += 1
                 started = time.perf_counter()
                 tick = await self._db_for(route).latest_tick(symbol, source=source)
                 self._observe("database", "get_latest_tick", started)
@@ -1164,9 +1193,9 @@ class DataRouter:
         if src is not None and self._l1_enabled:
             hit = self._l1.get_candles(sym, timeframe, limit, src)
             if hit is not None:
-                self._counters.l1_hits += 1
+                self._c_candles.l1_hits += 1
                 return hit
-        self._counters.l1_misses += 1
+        self._c_candles.l1_misses += 1
         return await self._flight.do(
             ("candles", sym, timeframe, limit, source),
             lambda: self._load_latest_candles(sym, timeframe, limit, source),
@@ -1191,16 +1220,16 @@ class DataRouter:
                 try:
                     got = await self._l2.get_candles(symbol, timeframe, limit, known)
                 except CacheError:
-                    self._counters.l2_errors += 1
+                    self._c_candles.l2_errors += 1
                     l2_skipped = True
                     continue
                 self._observe("l2", "get_latest_candles", started)
                 if got is not None:
-                    self._counters.l2_hits += 1
+                    self._c_candles.l2_hits += 1
                     return self._merge_with_l1(symbol, timeframe, limit, known, got)
-                self._counters.l2_misses += 1
+                self._c_candles.l2_misses += 1
             elif backend in _DATABASES:
-                self._counters.db_reads += 1
+                self._c_candles.db_reads += 1
                 started = time.perf_counter()
                 rows = await self._db_for(route).latest_candles(
                     symbol, timeframe, limit, source=source, preferred_sources=preferred
@@ -1270,9 +1299,9 @@ class DataRouter:
         if self._l1_enabled:
             hit = self._l1.get_order_flow(sym, source)
             if hit is not None:
-                self._counters.l1_hits += 1
+                self._c_flow.l1_hits += 1
                 return hit
-        self._counters.l1_misses += 1
+        self._c_flow.l1_misses += 1
         return await self._flight.do(
             ("of", sym, source), lambda: self._load_latest_order_flow(sym, source)
         )
@@ -1290,17 +1319,17 @@ class DataRouter:
                 try:
                     got = await self._l2.get_order_flow(symbol, source)
                 except CacheError:
-                    self._counters.l2_errors += 1
+                    self._c_flow.l2_errors += 1
                     l2_skipped = True
                     continue
                 if got is not None:
-                    self._counters.l2_hits += 1
+                    self._c_flow.l2_hits += 1
                     if self._l1_enabled:
                         self._l1.put_order_flow(got)
                     return got
-                self._counters.l2_misses += 1
+                self._c_flow.l2_misses += 1
             elif backend in _DATABASES:
-                self._counters.db_reads += 1
+                self._c_flow.db_reads += 1
                 started = time.perf_counter()
                 got = await self._db_for(route).latest_order_flow(symbol, source=source)
                 self._observe("database", "get_latest_order_flow", started)
@@ -1587,7 +1616,16 @@ class DataRouter:
             last_error=self._watcher.last_error,
             reloads=self._watcher.reload_count,
         )
+        processors = {
+            name: ProcessorHealth(
+                calls=st.calls, errors=st.errors, slow=st.slow, last_error=st.last_error
+            )
+            for name, st in self._processors.stats().items()
+        }
         status, reason = overall_status(databases, cache, write_path, strategy)
+        failing = [n for n, p in processors.items() if p.slow or p.errors]
+        if failing and status == "healthy":
+            status, reason = "degraded", f"processors slow or failing: {', '.join(failing)}"
         return HealthCheckResponse(
             status=status,
             reason=reason,
@@ -1597,6 +1635,7 @@ class DataRouter:
             connection_pools=self._pool_health(),
             write_path=write_path,
             strategy=strategy,
+            processors=processors,
         )
 
     def _pool_health(self) -> dict[str, PoolHealth]:
@@ -1688,6 +1727,13 @@ class DataRouter:
             l1_bytes_estimate=l1_stats.bytes_estimate,
             subscription=subscription,
             details={"db_reads": c.db_reads, "singleflight_shared": self._flight.shared},
+            operations={
+                "get_latest_tick": self._c_tick.as_dict(),
+                "get_latest_candles": self._c_candles.as_dict(),
+                "get_latest_order_flow": self._c_flow.as_dict(),
+            },
+            evictions=l1_stats.evictions,
+            served_age_seconds=_age_summary(self._served_age),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -1700,7 +1746,7 @@ class DataRouter:
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self._counters.l2_errors += 1
+            self._c_misc.l2_errors += 1
             logger.debug("background cache fill failed", exc_info=task.exception())
 
     def _observe(self, backend: str, operation: str, started: float) -> None:
@@ -1750,6 +1796,12 @@ async def _maintenance_loop(ref: weakref.ref[DataRouter]) -> None:
         except DataManagerError:
             logger.warning("maintenance pass failed", exc_info=True)
         del router
+
+
+def _age_summary(recorder: HistogramRecorder) -> dict[str, float | int | None]:
+    snap = recorder.snapshot()
+    count = sum(snap.counts)
+    return {"samples": count, "mean": snap.sum / count if count else None}
 
 
 def _rate(hits: int, misses: int) -> float | None:

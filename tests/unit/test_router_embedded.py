@@ -293,6 +293,7 @@ def public_calls(router: DataRouter) -> dict[str, Callable[[], Awaitable[object]
         "get_ticks_df": lambda: router.get_ticks_df(SYM, T0, T0 + 1),
         "delete_range": lambda: router.delete_range(SYM, T0, T0 + 1, "ticks"),
         "apply_retention": lambda: router.apply_retention(dry_run=True),
+        "rebuild_candles": lambda: router.rebuild_candles(SYM, "1m", T0, T0 + 1),
         "check_staleness": lambda: router.check_staleness(SYM),
         "warm_start": lambda: router.warm_start([SYM], ["1m"]),
         "health_check": router.health_check,
