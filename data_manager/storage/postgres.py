@@ -60,6 +60,7 @@ from sqlalchemy.util import greenlet_spawn
 from data_manager.errors import (
     DatabaseConnectionError,
     DataManagerError,
+    QueryExecutionError,
     RouterClosedError,
     map_database_errors,
 )
@@ -518,7 +519,21 @@ class PostgresStorage:
         engine = self._require()
         with map_database_errors(target=self.target, timeout_seconds=self._timeout):
             async with engine.begin() as conn:
-                outcome, ts_version = await conn.run_sync(self._create_schema_sync)
+                outcome = await conn.run_sync(self._create_schema_sync)
+        # TimescaleDB in a transaction of its own, after the migration committed: a failure
+        # there (no privilege, extension not preloaded - which kills the connection) must
+        # never undo the schema or leave a poisoned connection in the pool.
+        ts_version: str | None = None
+        try:
+            with map_database_errors(target=self.target, timeout_seconds=self._timeout):
+                async with engine.begin() as conn:
+                    ts_version = await conn.run_sync(self._enable_timescaledb)
+        except (QueryExecutionError, DatabaseConnectionError) as exc:
+            logger.warning(
+                "timescaledb could not be enabled on %s (%s); using plain PostgreSQL tables",
+                self.target,
+                exc,
+            )
         self._stage_generation += 1
         return SchemaInfo(
             version=outcome.version,
@@ -528,7 +543,7 @@ class PostgresStorage:
             timescaledb_version=ts_version,
         )
 
-    def _create_schema_sync(self, conn: Connection) -> tuple[schema.MigrationOutcome, str | None]:
+    def _create_schema_sync(self, conn: Connection) -> schema.MigrationOutcome:
         name = self._settings.db_schema
         # One migrator at a time across processes; released at commit.
         conn.execute(
@@ -539,10 +554,9 @@ class PostgresStorage:
         ).scalar()
         if exists is None:
             conn.exec_driver_sql(f"CREATE SCHEMA {quote_ident(name)}")
-        outcome = schema.migrate(
+        return schema.migrate(
             conn, self._tables, target=self.target, now_ms=time.time_ns() // 1_000_000
         )
-        return outcome, self._enable_timescaledb(conn)
 
     def _enable_timescaledb(self, conn: Connection) -> str | None:
         """Turn the data tables into hypertables when TimescaleDB is (or can be) installed.
@@ -557,6 +571,15 @@ class PostgresStorage:
                 "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
             ).scalar()
             if available is None:
+                return None
+            preload = conn.exec_driver_sql("SHOW shared_preload_libraries").scalar() or ""
+            if "timescaledb" not in str(preload):
+                # CREATE EXTENSION would fail and close the connection.
+                logger.info(
+                    "timescaledb is installed on %s but not in shared_preload_libraries; "
+                    "using plain PostgreSQL tables",
+                    self.target,
+                )
                 return None
             try:
                 with conn.begin_nested():

@@ -1,0 +1,96 @@
+"""Live subscriptions fed by another process's writes through the L2 pub/sub bus."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_manager import (
+    DataManagerSettings,
+    DataRouter,
+    DragonflySettings,
+    PostgresSettings,
+)
+
+pytestmark = pytest.mark.slow
+
+T0 = 1_727_996_400_000
+
+CHILD = r"""
+import asyncio, sys
+from data_manager import DataRouter, TickData
+
+async def main() -> None:
+    async with DataRouter() as router:
+        for i in range(int(sys.argv[1])):
+            await router.save_tick(TickData(
+                symbol="EUR/USD", timestamp=int(sys.argv[2]) + i, bid=1.1, ask=1.1002 + i * 1e-6,
+                source="child"))
+            await router.cache.flush()
+        await router.save_tick(TickData(symbol="GBP/USD", timestamp=int(sys.argv[2]),
+                                        bid=1.3, ask=1.3002, source="child"))
+        await router.cache.flush()
+    print("done", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def child_env(
+    postgres_url: str, pg_schema: str, redis_url: str, prefix: str, j: Path
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "DRAGONFLY_"))}
+    env.update(
+        DATA_MANAGER_POSTGRES__URL=postgres_url,
+        DATA_MANAGER_POSTGRES__DB_SCHEMA=pg_schema,
+        DATA_MANAGER_DRAGONFLY__URL=redis_url,
+        DATA_MANAGER_DRAGONFLY__KEY_PREFIX=prefix,
+        DATA_MANAGER_JOURNAL_DIR=str(j),
+        DATA_MANAGER_WATCH_STRATEGY="false",
+    )
+    return env
+
+
+async def test_ticks_written_by_another_process_reach_a_subscriber(
+    postgres_url: str, pg_schema: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    settings = DataManagerSettings(
+        postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema),
+        dragonfly=DragonflySettings(url=redis_url, key_prefix=redis_prefix),
+        watch_strategy=False,
+        journal_dir=tmp_path / "parent",
+    )
+    n = 20
+    async with DataRouter(settings=settings) as router:
+        sub = router.subscribe_ticks(["EUR/USD"])
+        candles = router.subscribe_candles("EUR/USD", "1m")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CHILD,
+            str(n),
+            str(T0),
+            env=child_env(postgres_url, pg_schema, redis_url, redis_prefix, tmp_path / "child"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        seen: list[int] = []
+        async with asyncio.timeout(30):
+            while not seen or seen[-1] < T0 + n - 1:
+                tick = await anext(sub)
+                assert tick.symbol == "EUR/USD"  # GBP/USD is filtered out
+                assert tick.source == "child"
+                seen.append(tick.timestamp)
+            candle = await anext(candles)
+        _out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        # Remote updates may be coalesced under bursts, never reordered, never the last one lost.
+        assert seen == sorted(seen)
+        assert seen[-1] == T0 + n - 1
+        assert candle.source == "agg:child"
+        assert sub.dropped == 0
