@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
@@ -94,6 +94,7 @@ __all__ = ["USE_DEFAULT", "DataRouter", "RouterState", "StalenessReport"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+L = TypeVar("L", TickData, OrderFlowMetrics)
 P = ParamSpec("P")
 
 #: Buckets (seconds) of the served-value age histogram.
@@ -1131,38 +1132,60 @@ class DataRouter:
         )
 
     async def _load_latest_tick(self, symbol: str, source: str | None) -> TickData | None:
-        route = self._watcher.current.routing.get_latest_tick
+        l2 = self._l2
+        return await self._read_latest(
+            "get_latest_tick",
+            self._c_tick,
+            l2_get=None if l2 is None else (lambda: l2.get_tick(symbol, source)),
+            db_get=lambda db: db.latest_tick(symbol, source=source),
+            l1_put=self._l1.put_tick,
+            l2_put=None if l2 is None else (lambda tick: l2.put_ticks([tick])),
+        )
+
+    async def _read_latest(
+        self,
+        operation: str,
+        counters: _TierCounters,
+        *,
+        l2_get: Callable[[], Awaitable[L | None]] | None,
+        db_get: Callable[[Storage], Awaitable[L | None]],
+        l1_put: Callable[[L], object],
+        l2_put: Callable[[L], Coroutine[Any, Any, object]] | None,
+    ) -> L | None:
+        """Read-through for one "latest" value along the operation's route; the answer
+        backfills the tiers above the one that gave it."""
+        route = self._watcher.current.routing.for_operation(operation)
         l2_skipped = False
         for backend in route:
             if backend == L2_CACHE:
-                if self._l2 is None:
+                if l2_get is None:
                     self._warn_no_l2()
                     continue
                 started = time.perf_counter()
                 try:
-                    tick = await self._l2.get_tick(symbol, source)
+                    value = await l2_get()
                 except CacheError:
-                    self._c_tick.l2_errors += 1
+                    counters.l2_errors += 1
                     l2_skipped = True
                     continue
-                self._observe("l2", "get_latest_tick", started)
-                if tick is not None:
-                    self._c_tick.l2_hits += 1
+                self._observe("l2", operation, started)
+                if value is not None:
+                    counters.l2_hits += 1
                     if self._l1_enabled:
-                        self._l1.put_tick(tick)
-                    return tick
-                self._c_tick.l2_misses += 1
+                        l1_put(value)
+                    return value
+                counters.l2_misses += 1
             elif backend in _DATABASES:
-                self._c_tick.db_reads += 1
+                counters.db_reads += 1
                 started = time.perf_counter()
-                tick = await self._db_for(route).latest_tick(symbol, source=source)
-                self._observe("database", "get_latest_tick", started)
-                if tick is not None:
+                value = await db_get(self._db_for(route))
+                self._observe("database", operation, started)
+                if value is not None:
                     if self._l1_enabled:
-                        self._l1.put_tick(tick)
-                    if self._l2 is not None and L2_CACHE in route and not l2_skipped:
-                        self._spawn(self._l2.put_ticks([tick]))
-                return tick
+                        l1_put(value)
+                    if l2_put is not None and L2_CACHE in route and not l2_skipped:
+                        self._spawn(l2_put(value))
+                return value
         return None
 
     async def get_latest_candles(
@@ -1309,37 +1332,15 @@ class DataRouter:
     async def _load_latest_order_flow(
         self, symbol: str, source: str | None
     ) -> OrderFlowMetrics | None:
-        route = self._watcher.current.routing.get_latest_order_flow
-        l2_skipped = False
-        for backend in route:
-            if backend == L2_CACHE:
-                if self._l2 is None:
-                    self._warn_no_l2()
-                    continue
-                try:
-                    got = await self._l2.get_order_flow(symbol, source)
-                except CacheError:
-                    self._c_flow.l2_errors += 1
-                    l2_skipped = True
-                    continue
-                if got is not None:
-                    self._c_flow.l2_hits += 1
-                    if self._l1_enabled:
-                        self._l1.put_order_flow(got)
-                    return got
-                self._c_flow.l2_misses += 1
-            elif backend in _DATABASES:
-                self._c_flow.db_reads += 1
-                started = time.perf_counter()
-                got = await self._db_for(route).latest_order_flow(symbol, source=source)
-                self._observe("database", "get_latest_order_flow", started)
-                if got is not None:
-                    if self._l1_enabled:
-                        self._l1.put_order_flow(got)
-                    if self._l2 is not None and L2_CACHE in route and not l2_skipped:
-                        self._spawn(self._l2.put_order_flow([got]))
-                return got
-        return None
+        l2 = self._l2
+        return await self._read_latest(
+            "get_latest_order_flow",
+            self._c_flow,
+            l2_get=None if l2 is None else (lambda: l2.get_order_flow(symbol, source)),
+            db_get=lambda db: db.latest_order_flow(symbol, source=source),
+            l1_put=self._l1.put_order_flow,
+            l2_put=None if l2 is None else (lambda m: l2.put_order_flow([m])),
+        )
 
     async def get_ticks(
         self,
