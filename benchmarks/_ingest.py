@@ -803,7 +803,8 @@ async def peak_rss(scratch: Scratch, group: Group, *, quick: bool) -> None:
                 f"database throttled to {RSS_DB_ROWS_PER_S:,} rows/s; {r['produced']:,} ticks "
                 f"built and saved in {r['produce_s']:.1f} s "
                 f"({r['produced'] / r['produce_s']:,.0f}/s), the last {r['hold']:g} s under "
-                f"back-pressure; queue depth peaked at {r['max_depth']:,} of {r['capacity']:,}"
+                f"back-pressure; queued plus in-flight items peaked at {r['max_depth']:,} "
+                f"(queue bound {r['capacity']:,}, plus the batch being written)"
                 + (f", {r['waits']:,} back-pressure waits" if r["waits"] is not None else "")
                 + ("" if faster else " (the queue never filled within 2 minutes)")
             ),

@@ -263,8 +263,10 @@ def update_markdown(
     *,
     template: str,
     blocks: dict[str, str],
+    headings: dict[str, str] | None = None,
 ) -> None:
-    """Replace the named marker blocks in ``path`` (created from ``template`` if absent)."""
+    """Replace the named marker blocks in ``path`` (created from ``template`` if absent);
+    a block not in the file yet is appended under ``headings[key]``."""
     text = path.read_text(encoding="utf-8") if path.exists() else template
     for key, body in blocks.items():
         pattern = re.compile(
@@ -274,7 +276,9 @@ def update_markdown(
         if pattern.search(text):
             text = pattern.sub(lambda _m: replacement, text)  # noqa: B023 - used at once
         else:
-            text = text.rstrip() + "\n\n" + replacement + "\n"
+            heading = (headings or {}).get(key)
+            title = f"## {heading}\n\n" if heading else ""
+            text = text.rstrip() + "\n\n" + title + replacement + "\n"
     path.write_text(text, encoding="utf-8")
 
 

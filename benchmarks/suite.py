@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "idle (below 15 %% busy); the busy share seen is reported either way",
     )
     parser.add_argument(
+        "--tag",
+        metavar="NAME",
+        help="write to BENCHMARKS.md sections of their own, suffixed with NAME (e.g. a run "
+        "against other servers), instead of the main ones",
+    )
+    parser.add_argument(
         "--write",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -227,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         command = command_line(raw_argv)
         lines = machine_lines(info, origins)
         short = lines[0].removeprefix("- CPU: ")
+        suffix = f"-{args.tag}" if args.tag else ""
         blocks = {
-            "machine": "\n".join(
+            f"machine{suffix}": "\n".join(
                 [
                     f"Last written {date} by `{command}`" + (" (quick run)" if args.quick else ""),
                     "",
@@ -236,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
         }
+        headings = {f"machine{suffix}": f"Machine — {args.tag}"}
         for group in groups:
-            blocks[group.key] = group_markdown(
+            blocks[f"{group.key}{suffix}"] = group_markdown(
                 group,
                 date=date,
                 command=command,
                 machine=short,
             )
-        update_markdown(BENCHMARKS_MD, template=TEMPLATE, blocks=blocks)
+            headings[f"{group.key}{suffix}"] = f"{group.title.split(' (')[0]} — {args.tag}"
+        update_markdown(BENCHMARKS_MD, template=TEMPLATE, blocks=blocks, headings=headings)
         print(f"wrote {BENCHMARKS_MD}")
     return 1 if failed else 0

@@ -609,14 +609,22 @@ class DataRouter:
         from data_manager.cache.redis import RedisCache
 
         strat = self._watcher.current
-        l2 = RedisCache.from_settings(
-            cfg,
-            tick_ttl=strat.cache.tick_ttl_seconds,
-            candle_ttl=strat.cache.candle_ttl_seconds,
-            order_flow_ttl=strat.cache.order_flow_ttl_seconds,
-            ring_size=strat.cache.candle_ring_size,
-            clock=self._clock,
-        )
+        ttls: dict[str, Any] = {
+            "tick_ttl": strat.cache.tick_ttl_seconds,
+            "candle_ttl": strat.cache.candle_ttl_seconds,
+            "order_flow_ttl": strat.cache.order_flow_ttl_seconds,
+            "ring_size": strat.cache.candle_ring_size,
+            "clock": self._clock,
+        }
+        l2: RedisCache
+        if cfg.cluster_nodes:
+            from data_manager.cache.cluster import ClusterRedisCache
+
+            l2 = ClusterRedisCache.from_seed_nodes(
+                cfg.cluster_nodes, cfg, bus_on_channel_node=cfg.bus_on_channel_node, **ttls
+            )
+        else:
+            l2 = RedisCache.from_settings(cfg, **ttls)
         try:
             await l2.connect()
         except CacheError:

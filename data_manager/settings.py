@@ -225,6 +225,33 @@ class DragonflySettings(_Backend):
     pool_max: int = Field(default=50, ge=1)
     socket_timeout: float = Field(default=0.5, gt=0)
     connect_timeout: float = Field(default=1.0, gt=0)
+    cluster_nodes: tuple[str, ...] = Field(
+        default=(),
+        description="Redis Cluster / DragonflyDB cluster seed nodes, host:port each; when set, "
+        "host, port and db are not used.",
+    )
+    bus_on_channel_node: bool | None = Field(
+        default=None,
+        description="Publish and subscribe on the master owning the bus channel's slot "
+        "(needed where nodes do not forward pub/sub); None: automatic (on for DragonflyDB).",
+    )
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> DragonflySettings:
+        if self.cluster_nodes:
+            from data_manager.cache.cluster import parse_node
+
+            for node in self.cluster_nodes:
+                parse_node(node)  # raises ConfigurationError naming the bad node
+            if self.db != 0:
+                msg = "a Redis Cluster has only database 0; unset db"
+                raise ValueError(msg)
+        return self
+
+    @property
+    def configured(self) -> bool:
+        """True when a host or cluster seed nodes are set."""
+        return bool(self.host or self.cluster_nodes)
 
     @classmethod
     def _url_user_field(cls) -> str:
@@ -244,7 +271,9 @@ class DragonflySettings(_Backend):
 
     @property
     def target(self) -> str:
-        """``host:port/db`` for messages; never contains the password."""
+        """``host:port/db`` (or the cluster seeds) for messages; never contains the password."""
+        if self.cluster_nodes:
+            return f"redis cluster {','.join(self.cluster_nodes)}"
         return f"redis {self.host}:{self.port}/{self.db}"
 
 
@@ -430,6 +459,7 @@ _DRAGONFLY_LAYOUT: Final[dict[tuple[str, str], str]] = {
     ("connection", "password_file"): "password_file",
     ("connection", "ssl"): "ssl",
     ("connection", "ssl_ca_certs"): "ssl_ca_certs",
+    ("connection", "cluster_nodes"): "cluster_nodes",
     ("cache", "key_prefix"): "key_prefix",
     ("pool", "max"): "pool_max",
     ("timeouts", "socket_seconds"): "socket_timeout",
