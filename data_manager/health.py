@@ -105,6 +105,9 @@ class CacheHealth(_Report):
         default_factory=dict, description="Tier counters per read operation."
     )
     evictions: int = 0
+    cluster_nodes: dict[str, bool] = Field(
+        default_factory=dict, description="Redis Cluster masters: usable or not."
+    )
     served_age_seconds: dict[str, float | int | None] = Field(
         default_factory=dict, description="Event-time age of sampled L1 answers."
     )
@@ -175,6 +178,9 @@ def overall_status(
                 )
     if cache.l2_configured and not cache.l2_reachable:
         problems.append("L2 cache unreachable; reads fall back to the database")
+    down_nodes = [node for node, up in cache.cluster_nodes.items() if not up]
+    if down_nodes:
+        problems.append(f"L2 cluster nodes failing: {', '.join(down_nodes)}")
     if cache.subscription == "lost":
         problems.append("cache pub/sub subscription lost; L1 bypassed")
     if write_path.circuit != "closed":

@@ -331,6 +331,24 @@ _TABLE: Final[tuple[tuple[str, MetricType, tuple[str, ...], str], ...]] = (
     ("data_manager_bus_subscription_restored_total", "counter", (),
      "Times the pub/sub subscription was restored."),
     ("data_manager_bus_connected", "gauge", (), "1 while subscribed to the pub/sub channel."),
+    ("data_manager_l2_cluster_node_up", "gauge", ("node",),
+     "Redis Cluster master: 1 when usable, 0 while avoided after a failure."),
+    ("data_manager_backup_stream_up", "gauge", (),
+     "1 while the backup stream accepts batches (0: down, batches spooled locally)."),
+    ("data_manager_backup_stream_published_total", "counter", (),
+     "Items published to the backup stream."),
+    ("data_manager_backup_stream_failures_total", "counter", (),
+     "Failed publishes to the backup stream."),
+    ("data_manager_backup_stream_pending_items", "gauge", (),
+     "Items accepted but not yet published (outbox plus spool)."),
+    ("data_manager_backup_stream_lag_seconds", "gauge", (),
+     "Age of the oldest item not yet published to the backup stream."),
+    ("data_manager_replica_healthy", "gauge", ("target",),
+     "PostgreSQL read replica: 1 when reads may go to it."),
+    ("data_manager_replica_lag_seconds", "gauge", ("target",),
+     "Upper bound of a read replica's replay lag."),
+    ("data_manager_replica_reads_total", "counter", ("target",),
+     "Reads a read replica answered."),
     ("data_manager_writes_accepted_total", "counter", (),
      "Items accepted by the write path in every mode, candles and order flow the router "
      "derives from ticks included."),
@@ -525,6 +543,37 @@ class _Snapshot:
     subscriptions: int
     read_latency: dict[tuple[str, str], HistogramSnapshot]
     loop_lag: float
+    cluster_nodes: dict[str, bool]
+    backup: Any
+    replicas: list[Any]
+
+
+def _cluster_nodes(l2: object) -> dict[str, bool]:
+    node_states = getattr(l2, "node_states", None)
+    return dict(node_states()) if node_states is not None else {}
+
+
+def _replicas(storage: object) -> list[Any]:
+    status = getattr(storage, "replica_status", None)
+    return list(status()) if status is not None else []
+
+
+def _scale_families(f: _Families, snap: _Snapshot) -> None:
+    for node, up in sorted(snap.cluster_nodes.items()):
+        f.add("data_manager_l2_cluster_node_up", 1.0 if up else 0.0, node)
+    b = snap.backup
+    if b is not None:
+        f.add("data_manager_backup_stream_up", 1.0 if b.state == "up" else 0.0)
+        f.add("data_manager_backup_stream_published_total", b.published_items)
+        f.add("data_manager_backup_stream_failures_total", b.failures)
+        f.add("data_manager_backup_stream_pending_items", b.pending_items)
+        if b.lag_seconds is not None:
+            f.add("data_manager_backup_stream_lag_seconds", b.lag_seconds)
+    for r in snap.replicas:
+        f.add("data_manager_replica_healthy", 1.0 if r.healthy else 0.0, r.target)
+        if r.lag_seconds is not None:
+            f.add("data_manager_replica_lag_seconds", r.lag_seconds, r.target)
+        f.add("data_manager_replica_reads_total", r.reads, r.target)
 
 
 def _take_snapshot(router: DataRouter, loop_lag: float) -> _Snapshot:
@@ -558,6 +607,9 @@ def _take_snapshot(router: DataRouter, loop_lag: float) -> _Snapshot:
         database_opens=getattr(ingest_stats, "breaker_opens", None),
         pool=storage.pool_status() if storage is not None else None,
         strategy=router._watcher.status(),
+        cluster_nodes=_cluster_nodes(l2),
+        backup=router._backup.stats() if router._backup is not None else None,
+        replicas=_replicas(storage),
         processors=router.processors.stats(),
         subscriptions=len(router._subs),
         read_latency={key: rec.snapshot() for key, rec in latency.items()},
@@ -649,6 +701,7 @@ def _families(snap: _Snapshot) -> list[Metric]:
         )
 
     _l1_families(f, snap)
+    _scale_families(f, snap)
     if snap.l2 is not None:
         _l2_families(f, snap.l2, snap.l2_opens)
     if snap.bus is not None:

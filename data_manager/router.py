@@ -1718,6 +1718,10 @@ class DataRouter:
                     reachable = False
             else:
                 reachable = circuit == "closed"
+        cluster: dict[str, bool] = {}
+        node_states = getattr(self._l2, "node_states", None)
+        if node_states is not None:
+            cluster = node_states()
         subscription = None
         if self._bus is not None:
             subscription = "connected" if self._l1_enabled else "lost"
@@ -1743,6 +1747,7 @@ class DataRouter:
             },
             evictions=l1_stats.evictions,
             served_age_seconds=_age_summary(self._served_age),
+            cluster_nodes=cluster,
         )
 
     # ------------------------------------------------------------------ helpers

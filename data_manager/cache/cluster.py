@@ -385,6 +385,17 @@ class ClusterRedisCache(RedisCache):
             raise RedisConnectionError(msg)
         return node.name
 
+    def node_states(self) -> dict[str, bool]:
+        """Each known master and whether it is usable (False while avoided after a failure).
+
+        No I/O: this is what the last slot-map refresh and the recent failures say.
+        """
+        now = time.monotonic()
+        return {
+            name: now - self._avoid.get(name, -_AVOID_SECONDS) >= _AVOID_SECONDS
+            for name in self._masters()
+        }
+
     def _masters(self) -> list[str]:
         nodes = self._cluster.nodes_manager.nodes_cache if self._mapped else {}
         names = [name for name, node in nodes.items() if node.server_type == "primary"]
