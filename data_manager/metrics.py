@@ -100,6 +100,24 @@ data_manager_bus_subscription_restored_total (counter)
     Times the pub/sub subscription was restored.
 data_manager_bus_connected (gauge)
     1 while subscribed to the pub/sub channel.
+data_manager_l2_cluster_node_up (gauge; node)
+    Redis Cluster master: 1 when usable, 0 while avoided after a failure.
+data_manager_backup_stream_up (gauge)
+    1 while the backup stream accepts batches (0: down, batches spooled locally).
+data_manager_backup_stream_published_total (counter)
+    Items published to the backup stream.
+data_manager_backup_stream_failures_total (counter)
+    Failed publishes to the backup stream.
+data_manager_backup_stream_pending_items (gauge)
+    Items accepted but not yet published (outbox plus spool).
+data_manager_backup_stream_lag_seconds (gauge)
+    Age of the oldest item not yet published to the backup stream.
+data_manager_replica_healthy (gauge; target)
+    PostgreSQL read replica: 1 when reads may go to it.
+data_manager_replica_lag_seconds (gauge; target)
+    Upper bound of a read replica's replay lag.
+data_manager_replica_reads_total (counter; target)
+    Reads a read replica answered.
 data_manager_writes_accepted_total (counter)
     Items accepted by the write path in every mode, candles and order flow the router derives
     from ticks included.
