@@ -19,10 +19,14 @@ How it is applied (:func:`apply_retention`, or ``data-manager retention apply`` 
 * **TimescaleDB** (detected on the server): a table with one retention for all its rows
   (ticks, order flow, and candles when no timeframe has its own) gets TimescaleDB's
   ``add_retention_policy``, and the chunks already past the cutoff are dropped at once with
-  ``drop_chunks``. TimescaleDB drops whole chunks, so a row can outlive its cutoff by up to
-  one chunk interval (a day for ticks). Compression (``add_compression_policy``) only covers
-  chunks older than the replay horizon: journal replays and late-tick rebuilds write up to
-  that far back, and writing into compressed chunks is slow or refused.
+  ``drop_chunks``. TimescaleDB drops whole chunks only, so the expired rows left in the chunk
+  holding the cutoff are then deleted in batches by primary key (chunk exclusion keeps that
+  to the one chunk): after a run nothing before the cutoff is left, as on the other
+  backends. Between runs the policy's own job still drops whole chunks only, so a row can
+  outlive its cutoff by up to one chunk interval (a day for ticks). Compression
+  (``add_compression_policy``) only covers chunks older than the replay horizon: journal
+  replays and late-tick rebuilds write up to that far back, and writing into compressed
+  chunks is slow or refused.
 * **Plain PostgreSQL and SQLite**, and candles with per-timeframe retention everywhere: a
   delete job that removes expired rows in batches of ``delete_batch_rows`` (picked by
   ``ctid`` on PostgreSQL, by primary key elsewhere), one short transaction per batch, so
@@ -249,10 +253,16 @@ def _interval(days: float) -> str:
 
 def timescale_retention_sql(relation: str, days: float) -> list[str]:
     """Statements that (re)install a TimescaleDB retention policy on ``relation`` (a quoted,
-    schema-qualified name): remove any old one, then add one with ``drop_after = days``."""
+    schema-qualified name): remove any old one, then add one with ``drop_after = days``.
+
+    Its first run is a day out (its schedule interval): :func:`apply_retention` has just
+    expired the same rows itself, against its own ``now_ms``, while the job counts from the
+    server clock and would otherwise start at once, racing that work.
+    """
     return [
         f"SELECT remove_retention_policy('{relation}'::regclass, if_exists => TRUE)",
-        f"SELECT add_retention_policy('{relation}'::regclass, drop_after => {_interval(days)})",
+        f"SELECT add_retention_policy('{relation}'::regclass, drop_after => {_interval(days)}, "
+        "initial_start => now() + INTERVAL '1 day')",
     ]
 
 
@@ -367,7 +377,9 @@ async def apply_retention(
     report = RetentionReport(now_ms=now, dry_run=dry_run, timescaledb=timescale)
     for rule in plan_retention(policy, now):
         if timescale and rule.timeframe is None:
-            report.outcomes.append(await _timescale_rule(db, rule, dry_run=dry_run))
+            report.outcomes.append(
+                await _timescale_rule(db, rule, batch=policy.delete_batch_rows, dry_run=dry_run)
+            )
         else:
             report.outcomes.append(
                 await _delete_rule(
@@ -388,21 +400,9 @@ async def _delete_rule(
         count = _count_stmt(db.tables, rule.kind, rule.cutoff_ms, rule.timeframe)
         outcome.rows = int(await db.scalar(count) or 0)
         return outcome
-    stmt = _delete_batch_stmt(
-        db.tables,
-        rule.kind,
-        rule.cutoff_ms,
-        rule.timeframe,
-        batch,
-        by_ctid=db.kind == "postgresql" and not timescale,
+    await _delete_batches(
+        db, rule, outcome, batch=batch, by_ctid=db.kind == "postgresql" and not timescale
     )
-    while True:
-        deleted = await db.rowcount(stmt)
-        outcome.rows += deleted
-        outcome.batches += 1
-        if deleted < batch:
-            break
-        await asyncio.sleep(0)  # let the write path in between batches
     if outcome.rows:
         logger.info(
             "retention: deleted %d %s rows before %s",
@@ -413,8 +413,25 @@ async def _delete_rule(
     return outcome
 
 
+async def _delete_batches(
+    db: _Maintenance, rule: RetentionRule, outcome: RetentionOutcome, *, batch: int, by_ctid: bool
+) -> None:
+    """Delete ``rule``'s expired rows, at most ``batch`` per transaction, counting into
+    ``outcome``."""
+    stmt = _delete_batch_stmt(
+        db.tables, rule.kind, rule.cutoff_ms, rule.timeframe, batch, by_ctid=by_ctid
+    )
+    while True:
+        deleted = await db.rowcount(stmt)
+        outcome.rows += deleted
+        outcome.batches += 1
+        if deleted < batch:
+            break
+        await asyncio.sleep(0)  # let the write path in between batches
+
+
 async def _timescale_rule(
-    db: _Maintenance, rule: RetentionRule, *, dry_run: bool
+    db: _Maintenance, rule: RetentionRule, *, batch: int, dry_run: bool
 ) -> RetentionOutcome:
     outcome = RetentionOutcome(rule, "timescaledb_policy")
     relation = db.relation(rule.kind)
@@ -432,6 +449,10 @@ async def _timescale_rule(
         ]
     )
     outcome.chunks_dropped = int(dropped[0] or 0)
+    # drop_chunks leaves the chunk holding the cutoff alone: delete its expired rows by key
+    # (a ctid repeats across chunks), so the cutoff is exact here too and a dry run's count
+    # is what a real run removes.
+    await _delete_batches(db, rule, outcome, batch=batch, by_ctid=False)
     after = int(await db.scalar(_count_stmt(db.tables, rule.kind, rule.cutoff_ms, None)) or 0)
     outcome.rows = before - after
     return outcome
