@@ -154,8 +154,8 @@ async def run_propagation(scratch: Scratch, *, quick: bool) -> Group:
     from data_manager.models import TickData
 
     group = Group("propagation", "")
-    n = 1000 if quick else 5000
-    warm = 200
+    n = 600 if quick else 5000
+    warm = 100 if quick else 200
     interval = 0.003
     spec = scratch.spec("prop")  # the shipped strategy (aggregation and order flow on)
     router = build_router(spec)
@@ -393,7 +393,11 @@ async def run_hitrates(scratch: Scratch, *, quick: bool) -> Group:
 
     group = Group("hitrates", "")
     readers = 2 if quick else 8
-    cfg = {"warm": 3.0, "seconds": 6.0 if quick else 20.0, "reads_per_second": 100.0}
+    cfg = {
+        "warm": 2.0 if quick else 3.0,
+        "seconds": 4.0 if quick else 20.0,
+        "reads_per_second": 100.0,
+    }
     rate = 1000  # ticks/s over all symbols
     spec = scratch.spec("hits")
     router = build_router(spec)

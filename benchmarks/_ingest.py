@@ -255,8 +255,8 @@ async def throughput(scratch: Scratch, group: Group, *, quick: bool) -> None:
     from data_manager.models import stamp_received
     from data_manager.storage.schema import tick_records
 
-    n = 100_000 if quick else 1_000_000
-    n_row = 5_000 if quick else 20_000
+    n = 50_000 if quick else 1_000_000
+    n_row = 3_000 if quick else 20_000
     base = _now_ms()
     print(f"  building {n:,} ticks ...", flush=True)
     warm = make_ticks(len(SYMBOLS), base - 1, every=len(SYMBOLS), seq0=10_000_000)
@@ -378,8 +378,8 @@ async def paced(
 async def save_latency(scratch: Scratch, group: Group, pool: list[Any], *, quick: bool) -> None:
     """save_tick per-call latency at 20,000 ticks/s vs asyncio.Queue.put."""
     rate = 20_000
-    seconds = 3.0 if quick else 10.0
-    warm_s = 1.0
+    seconds = 2.0 if quick else 10.0
+    warm_s = 0.5 if quick else 1.0
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=100_000)
 
     async def consume() -> None:
@@ -533,7 +533,7 @@ def _per_fsync(r: dict[str, Any]) -> str:
 async def journal(scratch: Scratch, group: Group, pool: list[Any], *, quick: bool) -> None:
     """Journal mode with 8 and 64 producers, next to N ÷ fsync latency; then the same
     without derived data, and the journal alone, to show where the time goes."""
-    seconds = 2.0 if quick else 5.0
+    seconds = 1.0 if quick else 5.0
     folder = Path(scratch.spec("fsync").workdir)
     sync = await asyncio.to_thread(fsync_latency, folder)
     runs = [
@@ -586,7 +586,7 @@ async def commit_latency(scratch: Scratch, group: Group, pool: list[Any], *, qui
     import asyncpg
 
     rate = 10_000
-    seconds = 3.0 if quick else 10.0
+    seconds = 2.0 if quick else 10.0
     spec = scratch.spec("commit")
     router = build_router(spec)
     await router.initialize()
@@ -777,7 +777,7 @@ CREATE TRIGGER bench_throttle AFTER INSERT ON {s}.ticks REFERENCING NEW TABLE AS
 
 async def peak_rss(scratch: Scratch, group: Group, *, quick: bool) -> None:
     """Peak RSS of a process producing faster than the database stores."""
-    seconds = 3.0 if quick else 10.0  # under back-pressure, once the queue is full
+    seconds = 1.0 if quick else 10.0  # under back-pressure, once the queue is full
     spec = scratch.spec("rss")
     out = _SPAWN.Queue()
     proc = _SPAWN.Process(target=rss_producer, args=(spec, seconds, out), daemon=True)
@@ -818,7 +818,7 @@ async def peak_rss(scratch: Scratch, group: Group, *, quick: bool) -> None:
 async def run_ingest(scratch: Scratch, *, quick: bool) -> Group:
     """Every ingest figure; the million-tick runs last (they hold the most memory)."""
     group = Group("ingest", "")
-    pool = make_ticks(100_000 if quick else 240_000, _now_ms(), seq0=30_000_000)
+    pool = make_ticks(60_000 if quick else 240_000, _now_ms(), seq0=30_000_000)
     gc.collect()
     gc.freeze()  # a feed does not hold 240k live models: keep them out of the collections
     print("  save_tick latency ...", flush=True)

@@ -98,8 +98,8 @@ async def run_reads(scratch: Scratch, *, quick: bool) -> Group:
         "reads", {"aggregation": {"enabled": False}, "order_flow": {"enabled": False}}
     )
     number, repeat = (1000, 30) if quick else (2000, 150)
-    samples = 500 if quick else 5000
-    db_samples = 300 if quick else 3000
+    samples = 400 if quick else 5000
+    db_samples = 200 if quick else 3000
 
     router = build_router(spec)
     await router.initialize()

@@ -3,7 +3,7 @@
 Usage::
 
     python -m benchmarks                 # full run (~10 minutes on 2 cores), updates BENCHMARKS.md
-    python -m benchmarks --quick         # small N, ~1-2 minutes, prints only
+    python -m benchmarks --quick         # small N, about a minute, prints only
     python -m benchmarks --only ingest   # one group (repeatable); updates only its section
     python -m benchmarks --no-write      # never touch BENCHMARKS.md
 
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="data_manager benchmarks, each beside a baseline measured in the same run.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="small N: a sanity run of a minute or two"
+        "--quick", action="store_true", help="small N: a sanity run of about a minute"
     )
     parser.add_argument(
         "--only",
