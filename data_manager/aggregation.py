@@ -622,6 +622,18 @@ class CandleAggregator:
                     closed.append(self._close(bucket))
         return closed
 
+    def forming_of(self, symbol: str, source: str) -> list[CandleData]:
+        """Snapshots of the forming candles of one (symbol, tick source), one per timeframe
+        with a forming bucket (for routers that publish forming bars lazily)."""
+        series = self._series.get((symbol, source))
+        if series is None:
+            return []
+        return [
+            _unchecked_candle(bucket.values.copy())
+            for bucket in series.buckets
+            if bucket.values is not None
+        ]
+
     def forming(self) -> list[CandleData]:
         """Return a snapshot of every forming candle (``is_closed=False``)."""
         return [

@@ -791,8 +791,9 @@ class Journal:
             self._committer = asyncio.create_task(
                 self._commit_loop(), name=f"journal-commit-{self.instance_id}"
             )
-        # Shielded: a cancelled caller must not cancel the group it joined.
-        return await asyncio.shield(future)
+        # No shield needed: a cancelled caller cancels only its own future; its payloads are
+        # already in the group, which the commit loop writes (and reports) regardless.
+        return await future
 
     async def _commit_loop(self) -> None:
         try:
@@ -822,6 +823,11 @@ class Journal:
                     if not entry.future.done():
                         entry.future.set_result(lsn + count - 1)
                     lsn += count
+                if not self._pending:
+                    # Let the callers just resumed append again before deciding the loop is
+                    # idle: the next group then needs no new task.
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
         finally:
             self._committer = None
 

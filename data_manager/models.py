@@ -533,6 +533,11 @@ class OrderFlowMetrics(_MarketModel):
     source: str = "sdk"
 
 
+_new_object = object.__new__
+_set_attr = object.__setattr__
+_STAMPED_FIELDS: dict[frozenset[str], set[str]] = {}
+
+
 def stamp_received(tick: TickData, received_at: int) -> TickData:
     """Return a copy of ``tick`` with ``received_at`` set, without re-validation.
 
@@ -541,11 +546,18 @@ def stamp_received(tick: TickData, received_at: int) -> TickData:
     """
     values = tick.__dict__.copy()
     values["received_at"] = received_at
-    copy = TickData.__new__(TickData)
-    object.__setattr__(copy, "__dict__", values)
-    object.__setattr__(
-        copy, "__pydantic_fields_set__", tick.__pydantic_fields_set__ | {"received_at"}
-    )
-    object.__setattr__(copy, "__pydantic_extra__", None)
-    object.__setattr__(copy, "__pydantic_private__", None)
+    copy = _new_object(TickData)
+    _set_attr(copy, "__dict__", values)
+    fields = tick.__pydantic_fields_set__
+    if "received_at" not in fields:
+        # A handful of distinct field sets exist (one per way ticks are built): share one
+        # set object per shape instead of building a union per tick. Never mutated.
+        key = frozenset(fields)
+        shared = _STAMPED_FIELDS.get(key)
+        if shared is None:
+            shared = _STAMPED_FIELDS[key] = set(fields | {"received_at"})
+        fields = shared
+    _set_attr(copy, "__pydantic_fields_set__", fields)
+    _set_attr(copy, "__pydantic_extra__", None)
+    _set_attr(copy, "__pydantic_private__", None)
     return copy

@@ -280,6 +280,8 @@ class DataRouter:
         # Forming candles are upserted once per maintenance pass (and on flush), not once
         # per tick: only the newest state of each forming bucket needs to reach the database.
         self._forming_dirty: dict[tuple[str, str, str], CandleData] = {}
+        # (symbol, tick source) series whose forming bars changed since _emit_forming ran.
+        self._forming_touched: dict[tuple[str, str], Sequence[str]] = {}
         self._agg_restored: set[tuple[str, str]] = set()
         self._processors = ProcessorRegistry()
         self._has_processors = False
@@ -551,6 +553,9 @@ class DataRouter:
             price=agg.price,
             late_policy=agg.late_policy,
             daily_close=agg.daily_close,
+            # Forming bars are materialised by _emit_forming, once per series per pass of
+            # the event loop, not once per tick per timeframe.
+            emit_forming=False,
         )
         if previous is not None:
             # A strategy reload must not lose the buckets that are forming right now.
@@ -788,17 +793,36 @@ class DataRouter:
         if tick.symbol in self._watcher.current.aggregation.disabled_symbols:
             return
         dirty = self._forming_dirty
-        for candle in self._aggregator.update(tick):
+        for candle in self._aggregator.update(tick):  # closed candles only
             self._l1.put_candle(candle)
             self._publish(route, candle)
             if self._subs:
                 self._subs.dispatch(candle)
-            key = (candle.symbol, candle.source, candle.timeframe)
-            if candle.is_closed:
-                dirty.pop(key, None)
-                self._ingest.submit_nowait(candle)
-            else:
-                dirty[key] = candle
+            dirty.pop((candle.symbol, candle.source, candle.timeframe), None)
+            self._ingest.submit_nowait(candle)
+        touched = self._forming_touched
+        if not touched:
+            asyncio.get_running_loop().call_soon(self._emit_forming)
+        touched[(tick.symbol, tick.source)] = route
+
+    def _emit_forming(self) -> None:
+        """Publish the forming bars of every series touched since the last call: one
+        snapshot per series and timeframe, however many ticks it took since."""
+        touched = self._forming_touched
+        aggregator = self._aggregator
+        if not touched or aggregator is None:
+            touched.clear()
+            return
+        self._forming_touched = {}
+        dirty = self._forming_dirty
+        l1 = self._l1
+        for (symbol, source), route in touched.items():
+            for candle in aggregator.forming_of(symbol, source):
+                l1.put_candle(candle)
+                self._publish(route, candle)
+                if self._subs:
+                    self._subs.dispatch(candle)
+                dirty[(candle.symbol, candle.source, candle.timeframe)] = candle
 
     async def _restore_forming(self, symbol: str, source: str) -> None:
         """Continue the buckets a previous router of this (symbol, source) left forming."""
@@ -817,6 +841,8 @@ class DataRouter:
             logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
 
     def _submit_forming(self) -> None:
+        if self._forming_touched:
+            self._emit_forming()
         if self._ingest is None:
             return
         if self._flow_dirty:
@@ -1220,6 +1246,8 @@ class DataRouter:
         if type(limit) is not int or limit < 1:
             msg = f"limit must be a positive int, got {limit!r}"
             raise ValidationError(msg)
+        if self._forming_touched:
+            self._emit_forming()  # read-your-writes: forming bars not yet materialised
         src = source if source is not None else self._default_candle_source.get((sym, timeframe))
         if src is not None and self._l1_enabled:
             hit = self._l1.get_candles(sym, timeframe, limit, src)

@@ -20,7 +20,7 @@ import struct
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
@@ -44,24 +44,33 @@ _CONTENT: Final = struct.Struct("<7dq1s")
 _AGGRESSOR: Final = {None: b"-", "buy": b"b", "sell": b"s"}
 
 
-def tick_content_key(tick: TickData) -> int:
+def tick_content_key(
+    tick: TickData,
+    _pack: Any = _CONTENT.pack,
+    _nan: float = _NONE,
+    _aggressor: Any = _AGGRESSOR,
+    _digest: Any = blake2b,
+    _from_bytes: Any = int.from_bytes,
+) -> int:
     """Return the signed 64-bit content digest that makes tick writes idempotent."""
-
-    def f(value: float | None) -> float:
-        return _NONE if value is None else float(value)
-
-    packed = _CONTENT.pack(
-        tick.bid,
-        tick.ask,
-        f(tick.bid_size),
-        f(tick.ask_size),
-        f(tick.last_price),
-        f(tick.last_size),
-        f(tick.volume),
-        -1 if tick.seq is None else tick.seq,
-        _AGGRESSOR[tick.aggressor],
+    # Reads the field dict once and binds every helper as a default: this runs once per
+    # stored tick, and the nested helper it replaces cost a third of the time.
+    d = tick.__dict__
+    bid_size, ask_size, last_price = d["bid_size"], d["ask_size"], d["last_price"]
+    last_size, volume, seq = d["last_size"], d["volume"], d["seq"]
+    packed = _pack(
+        d["bid"],
+        d["ask"],
+        _nan if bid_size is None else float(bid_size),
+        _nan if ask_size is None else float(ask_size),
+        _nan if last_price is None else float(last_price),
+        _nan if last_size is None else float(last_size),
+        _nan if volume is None else float(volume),
+        -1 if seq is None else seq,
+        _aggressor[d["aggressor"]],
     )
-    return int.from_bytes(blake2b(packed, digest_size=8).digest(), "little", signed=True)
+    key: int = _from_bytes(_digest(packed, digest_size=8).digest(), "little", signed=True)
+    return key
 
 
 @dataclass(frozen=True, slots=True)
