@@ -18,7 +18,8 @@ the target from the issues; a missed target is reported, never hidden):
 * ``propagation`` — ``save_tick`` in one process to L1 in two others (issue 3);
 * ``hitrates`` — one collector, 8 reader processes: hit rate per tier, age of served values;
 * ``ingest`` — throughput against raw COPY and per-row INSERT, ``save_tick`` latency,
-  journal group commit, save-to-commit latency, peak RSS, aggregation cost (issues 4, 5).
+  journal group commit, save-to-commit latency, peak RSS, aggregation cost (issues 4, 5);
+* ``stream`` — ingest with the backup stream off, on NATS JetStream, on Redis Streams.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ GROUPS: Final[dict[str, tuple[str, str]]] = {
     "propagation": ("benchmarks._bus", "2. Propagation to other processes (issue 3)"),
     "hitrates": ("benchmarks._bus", "3. Hit rates and age of served values (issue 3)"),
     "ingest": ("benchmarks._ingest", "4. Ingest (issues 4 and 5)"),
+    "stream": ("benchmarks._stream", "5. Backup stream"),
 }
 
 TEMPLATE: Final = """# Benchmarks
@@ -85,6 +87,11 @@ sections between `<!-- bench:… -->` markers are rewritten by the suite; the re
 
 <!-- bench:ingest -->
 <!-- /bench:ingest -->
+
+## 5. Backup stream
+
+<!-- bench:stream -->
+<!-- /bench:stream -->
 """
 
 
