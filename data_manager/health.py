@@ -63,6 +63,9 @@ class DatabaseHealth(_Report):
     embedded: bool = False
     error: str | None = None
     replicas: list[ReplicaHealth] = Field(default_factory=list)
+    timescaledb_policies: list[str] = Field(
+        default_factory=list, description="TimescaleDB jobs on the SDK's tables: table:policy."
+    )
 
 
 class PoolHealth(_Report):

@@ -92,6 +92,7 @@ from data_manager.journal import (
     encode_item,
     find_orphans,
 )
+from data_manager.logutil import RateLimitedLogger
 from data_manager.metrics import BATCH_SIZE_BUCKETS, HistogramRecorder, HistogramSnapshot
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
@@ -251,6 +252,9 @@ class IngestPipeline:
     ) -> None:
         self._storage = storage
         self._backup = backup
+        # Hot-path incidents (a failing database, a bad feed) are logged at most every 30 s
+        # per kind, with a count of what was suppressed; counters keep every occurrence.
+        self._log = RateLimitedLogger(logger, 30.0, clock=clock)
         self._journal = journal
         self._clock: Clock = clock or SystemClock()
         self._breaker = breaker or CircuitBreaker("database", clock=self._clock)
@@ -1014,14 +1018,18 @@ class IngestPipeline:
         except (RetryExhaustedError, CircuitBreakerOpenError) as exc:
             self._store_failures += 1
             self._retry_at = self._clock.monotonic() + self._breaker_wait()
-            logger.warning("write path: batch of %d not stored: %s", len(items), exc)
+            self._log.warning(
+                "batch-not-stored", "write path: batch of %d not stored: %s", len(items), exc
+            )
             raise _StoreFailed from exc
         except Exception as exc:
             # Not a database answer but a bug: back off as if the breaker had opened, so
             # the writer does not spin on it.
             self._store_failures += 1
             self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.1)
-            logger.exception("write path: unexpected storage error for a batch of %d", len(items))
+            self._log.exception(
+                "storage-bug", "write path: unexpected storage error for a batch of %d", len(items)
+            )
             raise _StoreFailed from exc
         self._stored += len(items)
         self._record_batch(len(items), time.perf_counter() - started)
@@ -1054,7 +1062,8 @@ class IngestPipeline:
         if self._dead_letters is None:
             logger.error("write path: refused item (no dead-letter file): %r (%s)", payload, reason)
             return
-        logger.error(
+        self._log.error(
+            "refused-item",
             "write path: the database refused an item; kept in %s: %s",
             self._dead_letters.path,
             reason,

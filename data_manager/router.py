@@ -100,6 +100,9 @@ P = ParamSpec("P")
 #: Buckets (seconds) of the served-value age histogram.
 AGE_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
+#: How many symbols health reports staleness for (the most recently updated first).
+_HEALTH_STALENESS_SYMBOLS: Final = 200
+
 TIMESCALE: Final = "timescale"
 REPLICA: Final = "timescale_replica"
 _DATABASES: Final = frozenset({TIMESCALE, REPLICA})
@@ -1612,6 +1615,7 @@ class DataRouter:
                 embedded=storage.kind == "sqlite",
             )
         else:
+            policies = db.details.get("timescaledb_policies", [])
             db_health = DatabaseHealth(
                 kind=db.kind,
                 target=storage.target,
@@ -1622,6 +1626,9 @@ class DataRouter:
                 timescaledb_version=db.timescaledb_version,
                 embedded=storage.kind == "sqlite",
                 error=db.error,
+                timescaledb_policies=[str(p) for p in policies]
+                if isinstance(policies, list)
+                else [],
             )
         replica_status = getattr(storage, "replica_status", None)
         if replica_status is not None:
@@ -1673,7 +1680,34 @@ class DataRouter:
             write_path=write_path,
             strategy=strategy,
             processors=processors,
+            staleness=self._staleness_from_l1(),
         )
+
+    def _staleness_from_l1(self) -> dict[str, dict[str, bool]]:
+        """Staleness of the symbols this router holds, from L1 only (no I/O): True where the
+        latest tick / 1m candle / order flow is older than its TTL or missing."""
+        ttl = self._watcher.current.staleness
+        now = self._clock.time_ms()
+        out: dict[str, dict[str, bool]] = {}
+        l1 = self._l1
+        for symbol in reversed(l1.symbols()[-_HEALTH_STALENESS_SYMBOLS:]):
+            tick = l1.get_tick(symbol)
+            flow = l1.get_order_flow(symbol)
+            candle_end = max(
+                (
+                    rows[-1].bucket_end
+                    for src in l1.candle_sources(symbol, "1m")
+                    if (rows := l1.get_candles(symbol, "1m", 1, src))
+                ),
+                default=None,
+            )
+            out[symbol] = {
+                "tick": tick is None or now - tick.timestamp > ttl.tick_seconds * 1000,
+                "candle": candle_end is None
+                or now - candle_end > ttl.candle_seconds_for("1m") * 1000,
+                "order_flow": flow is None or now - flow.timestamp > ttl.order_flow_seconds * 1000,
+            }
+        return out
 
     def _pool_health(self) -> dict[str, PoolHealth]:
         if self._storage is None:

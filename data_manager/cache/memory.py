@@ -622,6 +622,10 @@ class MemoryCache:
         self._candle_misses += 1
         return None
 
+    def symbols(self) -> list[str]:
+        """Symbols with a latest tick in the cache (no TTL check; for health)."""
+        return [key for key in self._ticks if type(key) is str]
+
     def candle_sources(self, symbol: str, timeframe: str) -> list[str]:
         """Sources with a live (unexpired) ring for ``(symbol, timeframe)``.
 

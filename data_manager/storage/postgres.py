@@ -125,6 +125,13 @@ _PING_SQL: Final = (
 )
 
 
+_POLICIES_SQL: Final = (
+    "SELECT hypertable_name, proc_name, schedule_interval::text "
+    "FROM timescaledb_information.jobs WHERE hypertable_schema = $1 "
+    "ORDER BY hypertable_name, proc_name"
+)
+
+
 class _State(enum.Enum):
     NEW = "new"
     OPEN = "open"
@@ -614,7 +621,13 @@ class PostgresStorage:
             with map_database_errors(target=self.target, timeout_seconds=self._timeout):
                 async with self._pooled() as raw:
                     row = await _driver(raw).fetchrow(_PING_SQL)
-            assert row is not None  # a scalar SELECT always returns one row
+                    assert row is not None  # a scalar SELECT always returns one row
+                    if row[1] is not None:
+                        # TimescaleDB: which background policies run on our tables.
+                        jobs = await _driver(raw).fetch(_POLICIES_SQL, self._settings.db_schema)
+                        details["timescaledb_policies"] = [
+                            f"{job[0]}:{job[1]} every {job[2]}" for job in jobs
+                        ]
         except DataManagerError as exc:
             details["pool"] = asdict(self.pool_status())
             return BackendHealth(

@@ -229,3 +229,18 @@ async def test_bulk_import_bypasses_the_aggregator_and_rebuild_fills_it(router: 
     rows = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 120_000)
     assert [c.num_trades for c in rows] == [60, 30]
     assert rows[0].is_closed is True
+
+
+async def test_health_reports_staleness_per_symbol_from_l1(tmp_path: Path) -> None:
+    clock = ManualClock(wall_ms=T0)
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    async with DataRouter(settings=settings, clock=clock, strategy=strategy_from_mapping({})) as r:
+        await r.save_tick(q(T0 - 500, 1.1))
+        report = await r.health_check()
+        # The aggregated 1m bucket of that tick ends at T0: fresh; no order flow yet: stale.
+        assert report.staleness["EUR/USD"] == {"tick": False, "candle": False, "order_flow": True}
+        clock.advance(3.0)  # past the 2 s tick TTL, within the 120 s candle TTL
+        report = await r.health_check()
+        assert report.staleness["EUR/USD"] == {"tick": True, "candle": False, "order_flow": True}
