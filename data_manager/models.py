@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Final, Literal, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -41,6 +41,7 @@ __all__ = [
     "TickData",
     "Timeframe",
     "normalize_symbol",
+    "construct_unchecked",
     "stamp_received",
     "to_epoch_ms",
     "timeframe_ms",
@@ -534,8 +535,33 @@ class OrderFlowMetrics(_MarketModel):
 
 
 _new_object = object.__new__
-_set_attr = object.__setattr__
+# BaseModel's slot descriptors, called directly: ~3x cheaper than object.__setattr__.
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 _STAMPED_FIELDS: dict[frozenset[str], set[str]] = {}
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def construct_unchecked(cls: type[_M], values: dict[str, Any], fields_set: set[str]) -> _M:
+    """Build a model from values already known to be valid, skipping validation.
+
+    What ``cls.model_construct(**values)`` does for these models (no extras, no private
+    attributes), minus its per-field alias and default handling: 0.3-0.9 µs instead of
+    ~4.5 µs. The SDK uses it for data it validated before (database rows, its own cache
+    payloads, aggregated candles, order-flow metrics, the ``received_at`` stamp). ``values``
+    must hold every field in declaration order; it becomes the instance's ``__dict__``.
+    ``fields_set`` may be shared between instances (pydantic never mutates it on a frozen
+    model). Unit tests check each caller's results equal validated instances.
+    """
+    obj: _M = _new_object(cls)
+    _set_dict(obj, values)
+    _set_fields_set(obj, fields_set)
+    _set_extra(obj, None)
+    _set_private(obj, None)
+    return obj
 
 
 def stamp_received(tick: TickData, received_at: int) -> TickData:
@@ -546,8 +572,6 @@ def stamp_received(tick: TickData, received_at: int) -> TickData:
     """
     values = tick.__dict__.copy()
     values["received_at"] = received_at
-    copy = _new_object(TickData)
-    _set_attr(copy, "__dict__", values)
     fields = tick.__pydantic_fields_set__
     if "received_at" not in fields:
         # A handful of distinct field sets exist (one per way ticks are built): share one
@@ -557,7 +581,4 @@ def stamp_received(tick: TickData, received_at: int) -> TickData:
         if shared is None:
             shared = _STAMPED_FIELDS[key] = set(fields | {"received_at"})
         fields = shared
-    _set_attr(copy, "__pydantic_fields_set__", fields)
-    _set_attr(copy, "__pydantic_extra__", None)
-    _set_attr(copy, "__pydantic_private__", None)
-    return copy
+    return construct_unchecked(TickData, values, fields)

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 import orjson
 
 from data_manager.errors import CacheError, ValidationError
-from data_manager.models import CandleData, OrderFlowMetrics, TickData
+from data_manager.models import CandleData, OrderFlowMetrics, TickData, construct_unchecked
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -90,8 +90,6 @@ _TICK: Final = "tick"
 _CANDLE: Final = "candle"
 _ORDER_FLOW: Final = "order_flow"
 _BUS: Final = "bus"
-
-_setattr: Final = object.__setattr__
 
 
 def _can_fast_construct(cls: type[Any]) -> bool:
@@ -220,12 +218,7 @@ def _build(obj: Any, kind: _Kind, validate: bool) -> Any:
         msg = f"{kind.tag} payload has no integer 'timestamp'"
         raise CacheError(msg)
     if kind.fast and obj.keys() == kind.fields:
-        model = object.__new__(kind.cls)
-        _setattr(model, "__dict__", obj)
-        _setattr(model, "__pydantic_fields_set__", set(kind.fields))
-        _setattr(model, "__pydantic_extra__", None)
-        _setattr(model, "__pydantic_private__", None)
-        return model
+        return construct_unchecked(kind.cls, obj, set(kind.fields))
     missing = kind.required - obj.keys()
     if missing:
         msg = f"{kind.tag} payload lacks {', '.join(sorted(missing))}"
