@@ -370,7 +370,6 @@ class DataRouter:
                 info.version,
                 ", timescaledb" if info.timescaledb else "",
             )
-            self._storage = storage
             built_from = self._watcher.current
             await self._watcher.start(watch=self.settings.watch_strategy)
             if self._watcher.current is not built_from:
@@ -616,23 +615,20 @@ class DataRouter:
         from data_manager.cache.bus import CacheBus
         from data_manager.cache.redis import RedisCache
 
-        strat = self._watcher.current
-        ttls: dict[str, Any] = {
-            "tick_ttl": strat.cache.tick_ttl_seconds,
-            "candle_ttl": strat.cache.candle_ttl_seconds,
-            "order_flow_ttl": strat.cache.order_flow_ttl_seconds,
-            "ring_size": strat.cache.candle_ring_size,
-            "clock": self._clock,
-        }
-        l2: RedisCache
+        cache_cls: type[RedisCache] = RedisCache
         if cfg.cluster_nodes:
             from data_manager.cache.cluster import ClusterRedisCache
 
-            l2 = ClusterRedisCache.from_seed_nodes(
-                cfg.cluster_nodes, cfg, bus_on_channel_node=cfg.bus_on_channel_node, **ttls
-            )
-        else:
-            l2 = RedisCache.from_settings(cfg, **ttls)
+            cache_cls = ClusterRedisCache
+        strat = self._watcher.current
+        l2 = cache_cls.from_settings(
+            cfg,
+            tick_ttl=strat.cache.tick_ttl_seconds,
+            candle_ttl=strat.cache.candle_ttl_seconds,
+            order_flow_ttl=strat.cache.order_flow_ttl_seconds,
+            ring_size=strat.cache.candle_ring_size,
+            clock=self._clock,
+        )
         try:
             await l2.connect()
         except CacheError:

@@ -228,10 +228,9 @@ class ClusterRedisCache(RedisCache):
         self._refresh_timeout = (connect_timeout + socket_timeout) * max(3, len(seeds))
 
     @classmethod
-    def from_seed_nodes(
+    def from_settings(
         cls,
-        nodes: Sequence[str],
-        settings: DragonflySettings | None = None,
+        settings: DragonflySettings,
         *,
         tick_ttl: float = 3600.0,
         candle_ttl: float = 3600.0,
@@ -239,28 +238,16 @@ class ClusterRedisCache(RedisCache):
         ring_size: int = 500,
         breaker: CircuitBreaker | None = None,
         clock: Clock | None = None,
-        bus_on_channel_node: bool | None = None,
     ) -> ClusterRedisCache:
-        """Build from seed nodes plus, optionally, the credentials, TLS, prefix, timeouts and
-        pool size of :class:`~data_manager.settings.DragonflySettings` (its host, port and db
-        are ignored).
+        """Build from ``settings.cluster_nodes`` (or ``host:port`` as the only seed when
+        none are set) and the credentials, TLS, prefix, timeouts, pool size and
+        ``bus_on_channel_node`` of :class:`~data_manager.settings.DragonflySettings`.
 
         Raises:
             ConfigurationError: A value is invalid or the password file is unreadable.
         """
-        if settings is None:
-            return cls(
-                nodes=nodes,
-                tick_ttl=tick_ttl,
-                candle_ttl=candle_ttl,
-                order_flow_ttl=order_flow_ttl,
-                ring_size=ring_size,
-                breaker=breaker,
-                clock=clock,
-                bus_on_channel_node=bus_on_channel_node,
-            )
         return cls(
-            nodes=nodes,
+            nodes=settings.cluster_nodes or (f"{settings.host}:{settings.port}",),
             username=settings.username,
             password=settings.resolved_password(),
             ssl=settings.ssl,
@@ -275,39 +262,7 @@ class ClusterRedisCache(RedisCache):
             ring_size=ring_size,
             breaker=breaker,
             clock=clock,
-            bus_on_channel_node=bus_on_channel_node,
-        )
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: DragonflySettings,
-        *,
-        tick_ttl: float = 3600.0,
-        candle_ttl: float = 3600.0,
-        order_flow_ttl: float = 3600.0,
-        ring_size: int = 500,
-        breaker: CircuitBreaker | None = None,
-        clock: Clock | None = None,
-    ) -> ClusterRedisCache:
-        """Build from ``settings.cluster_nodes`` when set, else from ``host:port`` as the
-        only seed.
-
-        Raises:
-            ConfigurationError: A value is invalid or the password file is unreadable.
-        """
-        nodes: Sequence[str] = getattr(settings, "cluster_nodes", None) or (
-            f"{settings.host}:{settings.port}",
-        )
-        return cls.from_seed_nodes(
-            nodes,
-            settings,
-            tick_ttl=tick_ttl,
-            candle_ttl=candle_ttl,
-            order_flow_ttl=order_flow_ttl,
-            ring_size=ring_size,
-            breaker=breaker,
-            clock=clock,
+            bus_on_channel_node=settings.bus_on_channel_node,
         )
 
     def _make_client(self) -> Redis:
