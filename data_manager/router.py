@@ -753,7 +753,8 @@ class DataRouter:
                 ``sync`` mode (other modes hand failures to the journal).
             BackpressureTimeoutError: The queue stayed full past ``put_timeout_seconds``.
         """
-        await self._ready()
+        if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
+            await self._ready()
         if type(tick) is not TickData:
             msg = f"save_tick expects TickData, got {type(tick).__name__}"
             raise ValidationError(msg)
@@ -1040,7 +1041,8 @@ class DataRouter:
         Raises:
             ValidationError: ``candle`` is not a CandleData.
         """
-        await self._ready()
+        if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
+            await self._ready()
         if type(candle) is not CandleData:
             msg = f"save_candle expects CandleData, got {type(candle).__name__}"
             raise ValidationError(msg)
@@ -1062,7 +1064,8 @@ class DataRouter:
         Raises:
             ValidationError: ``metrics`` is not an OrderFlowMetrics.
         """
-        await self._ready()
+        if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
+            await self._ready()
         if type(metrics) is not OrderFlowMetrics:
             msg = f"save_order_flow expects OrderFlowMetrics, got {type(metrics).__name__}"
             raise ValidationError(msg)
@@ -1352,7 +1355,8 @@ class DataRouter:
         self, symbol: str, *, source: str | None = None
     ) -> OrderFlowMetrics | None:
         """Newest order-flow metrics of ``symbol``: L1, then the route."""
-        await self._ready()
+        if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
+            await self._ready()
         sym = _norm(symbol)
         if self._l1_enabled:
             hit = self._l1.get_order_flow(sym, source)
