@@ -1101,6 +1101,7 @@ class DataRouter:
         for tick in newest.values():
             self._l1.put_tick(tick)
             self._publish(route, tick)  # L2 (compare-and-set) and the other routers' L1
+        await self._settle_bus()
         return stored
 
     async def save_candles_bulk(self, candles: Iterable[CandleData]) -> int:
@@ -1125,7 +1126,18 @@ class DataRouter:
                 newest[key] = candle
         for candle in newest.values():
             self._publish(route, candle)  # L2 and the other routers' L1
+        await self._settle_bus()
         return stored
+
+    async def _settle_bus(self) -> None:
+        """Wait until what was published reached L2: a synchronous bulk save returns with
+        L2 already holding its newest values, so any router's next read sees them."""
+        if self._bus is not None:
+            try:
+                async with asyncio.timeout(4 * self.settings.dragonfly.socket_timeout):
+                    await self._bus.flush()
+            except TimeoutError:
+                logger.warning("L2 did not take a bulk save's newest values in time")
 
     @staticmethod
     def _check_all(items: Iterable[Any], cls: type[T]) -> list[T]:

@@ -163,6 +163,14 @@ class PostgresSettings(_Backend):
     pool_min: int = Field(default=5, ge=0, description="Connections kept open (pool_size).")
     pool_max: int = Field(default=20, ge=1, description="Upper bound of open connections.")
     pool_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for a free one.")
+    hot_read_connections: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "Pooled connections kept checked out for latest-row reads (0: none); part of"
+            " pool_max and capped at a quarter of it, so writers always find connections."
+        ),
+    )
     connect_timeout: float = Field(default=5.0, gt=0)
     statement_timeout: float = Field(default=30.0, gt=0, description="Server-side, seconds.")
     application_name: str = "data_manager"
@@ -182,6 +190,11 @@ class PostgresSettings(_Backend):
             msg = "replica_check_interval must be shorter than replica_max_lag_seconds"
             raise ValueError(msg)
         return self
+
+    @property
+    def hot_read_lane(self) -> int:
+        """Connections actually reserved for latest-row reads (capped at pool_max // 4)."""
+        return min(self.hot_read_connections, self.pool_max // 4)
 
     def replica_settings(self) -> list[PostgresSettings]:
         """Each replica's full settings: its own fields over the primary's."""
@@ -443,6 +456,7 @@ _POSTGRES_LAYOUT: Final[dict[tuple[str, str], str]] = {
     ("pool", "min"): "pool_min",
     ("pool", "max"): "pool_max",
     ("pool", "timeout_seconds"): "pool_timeout",
+    ("pool", "hot_read_connections"): "hot_read_connections",
     ("timeouts", "connect_seconds"): "connect_timeout",
     ("timeouts", "statement_seconds"): "statement_timeout",
     ("replicas", "urls"): "replicas",

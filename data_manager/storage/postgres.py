@@ -95,6 +95,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from data_manager.aggregation import PriceField
     from data_manager.models import CandleData, OrderFlowMetrics, TickData
     from data_manager.settings import PostgresSettings
     from data_manager.storage.base import DataKind
@@ -177,6 +178,16 @@ def hypertable_sql(relation: str, interval: str, timescaledb_version: str) -> st
 def _driver(raw: PoolProxiedConnection) -> asyncpg.Connection:
     """The asyncpg connection under a pooled one."""
     return cast("asyncpg.Connection", raw.driver_connection)
+
+
+def _fetch(apg: asyncpg.Connection, one: bool, sql: str, args: tuple[Any, ...]) -> Any:
+    return apg.fetchrow(sql, *args) if one else apg.fetch(sql, *args)
+
+
+#: Hot-read connections of storages reset in a forked child: the parent still uses them, so
+#: the child must neither close nor garbage-collect them (a collected pool connection is
+#: rolled back or terminated on the shared socket).
+_ABANDONED_AFTER_FORK: Final[list[Any]] = []
 
 
 def _status_count(status: str) -> int:
@@ -344,6 +355,11 @@ class PostgresStorage:
         self._state = _State.NEW
         self._password: str | None = None
         self._waiting = 0
+        # Pooled connections checked out for latest-row reads (see _hot_read): the idle
+        # ones, and how many the lane owns in all (idle + busy).
+        self._lane: list[PoolProxiedConnection] = []
+        self._lane_owned = 0
+        self._lane_max = settings.hot_read_lane
         # Bumped by create_schema so every connection rebuilds its staging tables once
         # (their layout follows the target tables).
         self._stage_generation = 0
@@ -458,6 +474,10 @@ class PostgresStorage:
     async def close(self) -> None:
         """Close every pooled connection. Idempotent."""
         self._state = _State.CLOSED
+        lane, self._lane = self._lane, []
+        self._lane_owned -= len(lane)
+        for raw in lane:
+            await self._checkin(raw)
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             await engine.dispose()
@@ -465,6 +485,9 @@ class PostgresStorage:
     def reset_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without touching them."""
         self._state = _State.CLOSED
+        _ABANDONED_AFTER_FORK.extend(self._lane)
+        self._lane = []
+        self._lane_owned = 0
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             engine.sync_engine.dispose(close=False)
@@ -476,6 +499,36 @@ class PostgresStorage:
             raise RouterClosedError(msg)
         return engine
 
+    async def _checkout(self) -> PoolProxiedConnection:
+        """A pooled connection at driver level, counting waiters; a connection the server
+        closed while it sat idle is recycled (with its generation) and replaced."""
+        engine = self._require()
+        self._waiting += 1
+        try:
+            raw = await engine.raw_connection()
+            if _driver(raw).is_closed():
+                # Closed while idle in the pool (asyncpg saw the server go: restart,
+                # failover, idle timeout). Recycle its whole generation and take a fresh one
+                # instead of failing this call - a free pre-ping for graceful shutdowns.
+                await greenlet_spawn(engine.sync_engine.pool._invalidate, raw)
+                await greenlet_spawn(raw.close)
+                raw = await engine.raw_connection()
+        finally:
+            self._waiting -= 1
+        return raw
+
+    async def _checkin(self, raw: PoolProxiedConnection) -> None:
+        """Return ``raw`` to the pool; a connection found closed recycles its generation."""
+        apg = raw.driver_connection
+        engine = self._engine
+        if apg is not None and apg.is_closed() and engine is not None:
+            # The server or the network dropped it, and most likely every other pooled
+            # connection with it (restart, failover). Recycle them all at their next
+            # checkout - what SQLAlchemy does for a disconnect it detects itself - rather
+            # than fail once per idle connection.
+            await greenlet_spawn(engine.sync_engine.pool._invalidate, raw)
+        await greenlet_spawn(raw.close)
+
     @contextlib.asynccontextmanager
     async def _pooled(self) -> AsyncIterator[PoolProxiedConnection]:
         """A pooled connection at driver level (for asyncpg calls), counting waiters.
@@ -484,35 +537,63 @@ class PostgresStorage:
         ~20 µs per checkout and nothing here needs it (no SQLAlchemy transaction is begun, so
         the pool's reset-on-return rollback is a no-op).
         """
-        engine = self._require()
-        pool = engine.sync_engine.pool
-        self._waiting += 1
-        try:
-            raw = await engine.raw_connection()
-            if _driver(raw).is_closed():
-                # Closed while idle in the pool (asyncpg saw the server go: restart,
-                # failover, idle timeout). Recycle its whole generation and take a fresh one
-                # instead of failing this call - a free pre-ping for graceful shutdowns.
-                await greenlet_spawn(pool._invalidate, raw)
-                await greenlet_spawn(raw.close)
-                raw = await engine.raw_connection()
-        finally:
-            self._waiting -= 1
-        try:
+        raw = await self._checkout()
+        async with self._returning(raw):
             yield raw
+
+    @contextlib.asynccontextmanager
+    async def _returning(self, raw: PoolProxiedConnection) -> AsyncIterator[None]:
+        """Return the checked-out ``raw`` to the pool after the block."""
+        try:
+            yield
         except asyncio.CancelledError:
             # Cancelled mid-protocol: the connection may still be busy; never reuse it.
             await greenlet_spawn(raw.invalidate)
             raise
         finally:
-            apg = raw.driver_connection
-            if apg is not None and apg.is_closed():
-                # The server or the network dropped it, and most likely every other pooled
-                # connection with it (restart, failover). Recycle them all at their next
-                # checkout - what SQLAlchemy does for a disconnect it detects itself - rather
-                # than fail once per idle connection.
-                await greenlet_spawn(pool._invalidate, raw)
-            await greenlet_spawn(raw.close)
+            await self._checkin(raw)
+
+    async def _hot_read(self, one: bool, sql: str, *args: Any) -> Any:
+        """``fetchrow`` (``one``) or ``fetch`` of one statement on a hot-read connection.
+
+        The latest-row reads are one autocommit statement each, so they need none of the
+        pool's per-checkout work (a greenlet hop each way, ~95 µs together): up to
+        ``hot_read_lane`` connections stay checked out of the pool for them and are reused
+        with a list pop and append. A read that finds the lane empty (all busy, or not yet
+        filled) checks a connection out of the pool and keeps it while the lane is short.
+        A connection that fails or is cancelled mid-read is invalidated, never reused.
+        """
+        lane = self._lane
+        raw = None
+        while lane:
+            raw = lane.pop()
+            if not _driver(raw).is_closed():
+                break
+            # The server dropped it while idle (restart, failover): forget it.
+            self._lane_owned -= 1
+            await greenlet_spawn(raw.invalidate)
+            raw = None
+        if raw is None:
+            with map_database_errors(target=self.target, timeout_seconds=self._timeout):
+                raw = await self._checkout()
+            if self._lane_owned >= self._lane_max:  # the lane is full and busy
+                with map_database_errors(target=self.target, timeout_seconds=self._timeout):
+                    async with self._returning(raw):
+                        return await _fetch(_driver(raw), one, sql, args)
+            self._lane_owned += 1
+        try:
+            with map_database_errors(target=self.target, timeout_seconds=self._timeout):
+                result = await _fetch(_driver(raw), one, sql, args)
+        except BaseException:
+            self._lane_owned -= 1
+            await greenlet_spawn(raw.invalidate)
+            raise
+        if self._state is _State.OPEN:
+            lane.append(raw)
+        else:  # the storage closed while this read ran
+            self._lane_owned -= 1
+            await greenlet_spawn(raw.invalidate)
+        return result
 
     # ------------------------------------------------------------------ schema
 
@@ -768,13 +849,10 @@ class PostgresStorage:
     async def latest_tick(self, symbol: str, *, source: str | None = None) -> TickData | None:
         """Newest tick of ``symbol`` (from ``source``, or any source); one index probe."""
         self._require()
-        with map_database_errors(target=self.target, timeout_seconds=self._timeout):
-            async with self._pooled() as raw:
-                apg = _driver(raw)
-                if source is None:
-                    row = await apg.fetchrow(self._sql.latest_tick_any, symbol)
-                else:
-                    row = await apg.fetchrow(self._sql.latest_tick_source, symbol, source)
+        if source is None:
+            row = await self._hot_read(True, self._sql.latest_tick_any, symbol)
+        else:
+            row = await self._hot_read(True, self._sql.latest_tick_source, symbol, source)
         return None if row is None else tick_from_row(row)
 
     async def latest_ticks(self, symbols: Sequence[str]) -> dict[str, TickData]:
@@ -783,9 +861,7 @@ class PostgresStorage:
         if not symbols:
             return {}
         wanted = list(dict.fromkeys(symbols))
-        with map_database_errors(target=self.target, timeout_seconds=self._timeout):
-            async with self._pooled() as raw:
-                rows = await _driver(raw).fetch(self._sql.latest_ticks_many, wanted)
+        rows = await self._hot_read(False, self._sql.latest_ticks_many, wanted)
         return {row[0]: tick_from_row(row) for row in rows}
 
     async def latest_candles(
@@ -802,21 +878,19 @@ class PostgresStorage:
         self._require()
         if limit <= 0:
             return []
-        with map_database_errors(target=self.target, timeout_seconds=self._timeout):
-            async with self._pooled() as raw:
-                apg = _driver(raw)
-                if source is not None:
-                    rows = await apg.fetch(
-                        self._sql.latest_candles_source, symbol, timeframe, source, limit
-                    )
-                else:
-                    rows = await apg.fetch(
-                        self._sql.latest_candles_one,
-                        symbol,
-                        timeframe,
-                        list(preferred_sources),
-                        limit,
-                    )
+        if source is not None:
+            rows = await self._hot_read(
+                False, self._sql.latest_candles_source, symbol, timeframe, source, limit
+            )
+        else:
+            rows = await self._hot_read(
+                False,
+                self._sql.latest_candles_one,
+                symbol,
+                timeframe,
+                list(preferred_sources),
+                limit,
+            )
         return [candle_from_row(r) for r in reversed(rows)]
 
     async def latest_candles_many(
@@ -854,13 +928,10 @@ class PostgresStorage:
     ) -> OrderFlowMetrics | None:
         """Newest order-flow metrics of ``symbol`` (any window)."""
         self._require()
-        with map_database_errors(target=self.target, timeout_seconds=self._timeout):
-            async with self._pooled() as raw:
-                apg = _driver(raw)
-                if source is None:
-                    row = await apg.fetchrow(self._sql.latest_flow_any, symbol)
-                else:
-                    row = await apg.fetchrow(self._sql.latest_flow_source, symbol, source)
+        if source is None:
+            row = await self._hot_read(True, self._sql.latest_flow_any, symbol)
+        else:
+            row = await self._hot_read(True, self._sql.latest_flow_source, symbol, source)
         return None if row is None else order_flow_from_row(row)
 
     # ------------------------------------------------------------------ reads (ranges)

@@ -385,3 +385,105 @@ async def test_hot_reads_are_index_scans(
             text = await plan(query, *params)
             assert "Index" in text, text
             assert "Seq Scan" not in text, text
+
+
+# --------------------------------------------------------------------------- hot-read lane
+
+
+def test_hot_read_lane_is_capped_at_a_quarter_of_the_pool() -> None:
+    assert PostgresSettings(pool_max=20).hot_read_lane == 2
+    assert PostgresSettings(pool_min=1, pool_max=4).hot_read_lane == 1
+    assert PostgresSettings(pool_min=1, pool_max=3).hot_read_lane == 0
+    assert PostgresSettings(pool_max=20, hot_read_connections=0).hot_read_lane == 0
+
+
+async def test_hot_reads_keep_their_connections_checked_out(
+    postgres_url: str, pg_schema: str
+) -> None:
+    settings = settings_for(postgres_url, pg_schema, pool_min=1, pool_max=8)
+    async with opened(settings) as storage:
+        await storage.write_ticks([tick(T0 + i, symbol=f"S{i}/USD") for i in range(4)])
+        assert storage.pool_status().in_use == 0
+        # Six concurrent reads: the lane keeps two connections, the rest go back.
+        got = await asyncio.gather(*(storage.latest_tick(f"S{i % 4}/USD") for i in range(6)))
+        assert [g.symbol if g else None for g in got] == [f"S{i % 4}/USD" for i in range(6)]
+        assert storage.pool_status().in_use == 2
+        for _ in range(20):  # sequential reads reuse the lane: no new checkouts
+            assert await storage.latest_tick("S1/USD") is not None
+        assert storage.pool_status().in_use == 2
+        # Every kind of latest read goes through it and sees fresh writes.
+        await storage.write_ticks([tick(T0 + 10, symbol="S1/USD")])
+        latest = await storage.latest_tick("S1/USD")
+        assert latest is not None
+        assert latest.timestamp == T0 + 10
+        assert set(await storage.latest_ticks(["S0/USD", "S3/USD"])) == {"S0/USD", "S3/USD"}
+        await storage.write_candles([candle(T0), candle(T0 + 60_000)])
+        assert len(await storage.latest_candles(SYM, "1m", 5)) == 2
+        assert storage.pool_status().in_use == 2
+    assert storage.pool_status().size == 0  # closed: lane returned, pool disposed
+
+
+async def test_cancelled_hot_read_drops_its_lane_connection(
+    postgres_url: str, pg_schema: str, side: asyncpg.Connection
+) -> None:
+    app = f"dm-lane-{pg_schema}"
+    settings = settings_for(postgres_url, pg_schema, pool_min=1, pool_max=4, application_name=app)
+    async with opened(settings) as storage:
+        await storage.write_ticks([tick(T0)])
+        assert await storage.latest_tick(SYM) is not None  # fills the lane (one connection)
+        assert storage.pool_status().in_use == 1
+        locker = await asyncpg.connect(postgres_url, timeout=10)
+        try:
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute(f'LOCK TABLE "{pg_schema}".ticks IN ACCESS EXCLUSIVE MODE')
+            reader = asyncio.create_task(storage.latest_tick(SYM))
+
+            async def blocked() -> bool:
+                n = await side.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    app,
+                )
+                return bool(n)
+
+            await wait_for(blocked, "the lane read to wait on the lock")
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            await tx.rollback()
+        finally:
+            await locker.close(timeout=10)
+        assert storage.pool_status().in_use == 0  # invalidated, not put back in the lane
+        got = await storage.latest_tick(SYM)
+        assert got is not None
+        assert got.timestamp == T0
+        assert storage.pool_status().in_use == 1
+
+
+async def test_hot_read_lane_survives_a_killed_backend(
+    postgres_url: str, pg_schema: str, side: asyncpg.Connection
+) -> None:
+    app = f"dm-kill-{pg_schema}"
+    settings = settings_for(postgres_url, pg_schema, pool_min=1, pool_max=4, application_name=app)
+    async with opened(settings) as storage:
+        await storage.write_ticks([tick(T0)])
+        assert await storage.latest_tick(SYM) is not None
+        killed = await side.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            app,
+        )
+        assert killed >= 1
+
+        async def lane_conn_closed() -> bool:
+            return all(_conn_closed(raw) for raw in storage._lane)
+
+        await wait_for(lane_conn_closed, "asyncpg to notice the terminated backend")
+        got = await storage.latest_tick(SYM)  # the dead lane connection is replaced
+        assert got is not None
+        assert got.timestamp == T0
+
+
+def _conn_closed(raw: Any) -> bool:
+    return bool(raw.driver_connection.is_closed())

@@ -78,36 +78,56 @@ async def test_exception_reaches_every_caller_and_is_not_cached() -> None:
     assert sf.loads == 2
 
 
-async def test_cancelling_one_caller_does_not_cancel_the_load() -> None:
+async def test_cancelling_a_waiting_caller_does_not_cancel_the_load() -> None:
     sf = SingleFlight()
     loader = Loader()
-    first = asyncio.create_task(sf.do("k", loader))
-    others = [asyncio.create_task(sf.do("k", loader)) for _ in range(3)]
+    leader = asyncio.create_task(sf.do("k", loader))
     await loader.started.wait()
+    waiters = [asyncio.create_task(sf.do("k", loader)) for _ in range(3)]
     await _until(lambda: sf.calls == 4)
-    first.cancel()
+    waiters[0].cancel()
     with pytest.raises(asyncio.CancelledError):
-        await first
+        await waiters[0]
     assert sf.inflight == 1  # the load is still running for the others
     loader.release.set()
-    results = await asyncio.gather(*others)
+    results = await asyncio.gather(leader, *waiters[1:])
     assert all(r is loader.result for r in results)
     assert loader.calls == 1
     assert loader.finished
 
 
-async def test_load_completes_when_every_caller_is_cancelled() -> None:
+async def test_cancelling_the_leading_caller_hands_the_load_to_a_waiter() -> None:
     sf = SingleFlight()
-    loader = Loader(error=RuntimeError("nobody listens"))
-    callers = [asyncio.create_task(sf.do("k", loader)) for _ in range(2)]
+    loader = Loader()
+    leader = asyncio.create_task(sf.do("k", loader))
     await loader.started.wait()
-    for c in callers:
-        c.cancel()
-    await asyncio.gather(*callers, return_exceptions=True)
-    assert sf.inflight == 1
+    waiters = [asyncio.create_task(sf.do("k", loader)) for _ in range(3)]
+    await _until(lambda: sf.shared == 3)
+    loader.started.clear()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    await loader.started.wait()  # one waiter started a new load; the others joined it
+    assert (loader.calls, sf.loads, sf.inflight) == (2, 2, 1)
     loader.release.set()
-    await _until(lambda: sf.inflight == 0)
-    assert loader.finished
+    results = await asyncio.gather(*waiters)
+    assert all(r is loader.result for r in results)
+    assert sf.inflight == 0
+
+
+async def test_cancelled_leader_without_waiters_frees_the_key() -> None:
+    sf = SingleFlight()
+    loader = Loader()
+    leader = asyncio.create_task(sf.do("k", loader))
+    await loader.started.wait()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert sf.inflight == 0
+    assert not loader.finished
+    ok = Loader()
+    ok.release.set()
+    assert await sf.do("k", ok) is ok.result
 
 
 async def test_loader_cancelled_from_inside_reaches_callers_and_frees_key() -> None:
