@@ -228,7 +228,10 @@ class _Bucket:
     """State of one (symbol, source, timeframe): the forming bucket and what outlives it.
 
     ``values`` *is* the forming candle's field dict, updated in place; emitting a forming
-    candle copies it (one C-level dict copy instead of rebuilding sixteen fields).
+    candle copies it (one C-level dict copy instead of rebuilding sixteen fields). The
+    fields derived from the running sums (``num_trades``, ``volume``, ``vwap``,
+    ``range_pips``) are written only when the candle is emitted (:meth:`settle`), not per
+    tick.
     """
 
     __slots__ = (
@@ -238,6 +241,7 @@ class _Bucket:
         "last_close",
         "length",
         "origin",
+        "pip",
         "real",
         "start",
         "timeframe",
@@ -247,7 +251,7 @@ class _Bucket:
         "watermark",
     )
 
-    def __init__(self, timeframe: str, *, calendar: bool) -> None:
+    def __init__(self, timeframe: str, *, calendar: bool, pip: float) -> None:
         self.timeframe = timeframe
         self.length = timeframe_ms(timeframe)
         self.origin = _MONDAY_ORIGIN_MS if timeframe == "1w" else 0
@@ -261,6 +265,23 @@ class _Bucket:
         self.vnum = 0.0  # Σ price·volume, the VWAP numerator
         self.watermark = 0  # end of the last closed bucket: anything before it is late
         self.last_close: float | None = None
+        self.pip = pip  # the series' pip size, for range_pips
+
+    def settle(self) -> dict[str, Any]:
+        """Write the derived fields into the forming candle's dict and return it."""
+        values = self.values
+        assert values is not None  # only called on a forming bucket
+        count = self.count
+        values["num_trades"] = count
+        if self.real:
+            vol = self.vol
+            values["volume"] = vol
+            values["vwap"] = self.vnum / vol if vol > 0 else None
+        else:
+            values["volume"] = float(count)
+            values["vwap"] = None
+        values["range_pips"] = round((values["high"] - values["low"]) / self.pip, _RANGE_DIGITS)
+        return values
 
 
 class _Series:
@@ -411,7 +432,6 @@ class CandleAggregator:
         volume = tick.volume
         if volume is None:
             volume = tick.last_size
-        pip = series.pip
         emit_forming = self._emit_forming
         for bucket in series.buckets:
             values = bucket.values
@@ -422,35 +442,25 @@ class CandleAggregator:
                         continue
                     if price > values["high"]:
                         values["high"] = price
-                        values["range_pips"] = round((price - values["low"]) / pip, _RANGE_DIGITS)
                     elif price < values["low"]:
                         values["low"] = price
-                        values["range_pips"] = round((values["high"] - price) / pip, _RANGE_DIGITS)
                     if ts >= values["end_time"]:
                         values["close"] = price
                         values["end_time"] = ts
                     elif ts < values["start_time"]:
                         values["open"] = price
                         values["start_time"] = ts
-                    count = bucket.count + 1
-                    bucket.count = count
-                    values["num_trades"] = count
+                    bucket.count += 1
                     if volume is not None:
                         if bucket.real:
-                            vol = bucket.vol + volume
-                            vnum = bucket.vnum + price * volume
+                            bucket.vol += volume
+                            bucket.vnum += price * volume
                         else:  # first real volume: ticks before it count 0
                             bucket.real = True
-                            vol = volume
-                            vnum = price * volume
-                        bucket.vol = vol
-                        bucket.vnum = vnum
-                        values["volume"] = vol
-                        values["vwap"] = vnum / vol if vol > 0 else None
-                    elif not bucket.real:
-                        values["volume"] = float(count)
+                            bucket.vol = volume
+                            bucket.vnum = price * volume
                     if emit_forming:
-                        out.append(_unchecked_candle(values.copy()))
+                        out.append(_unchecked_candle(bucket.settle().copy()))
                     continue
                 out.append(self._close(bucket))
             elif ts < bucket.watermark:
@@ -510,8 +520,7 @@ class CandleAggregator:
             out.append(_unchecked_candle(values.copy()))
 
     def _close(self, bucket: _Bucket) -> CandleData:
-        values = bucket.values
-        assert values is not None  # only called on a forming bucket
+        values = bucket.settle()
         bucket.values = None
         bucket.watermark = bucket.end
         bucket.last_close = values["close"]
@@ -586,7 +595,8 @@ class CandleAggregator:
         series = _Series(symbol, source, out_source, pip)
         new_york = self._daily_close == "new_york_17"
         series.buckets = [
-            _Bucket(tf, calendar=new_york and tf in _NEW_YORK_TIMEFRAMES) for tf in self._timeframes
+            _Bucket(tf, calendar=new_york and tf in _NEW_YORK_TIMEFRAMES, pip=pip)
+            for tf in self._timeframes
         ]
         self._series[(symbol, source)] = series
         return series
@@ -617,7 +627,7 @@ class CandleAggregator:
         if series is None:
             return []
         return [
-            _unchecked_candle(bucket.values.copy())
+            _unchecked_candle(bucket.settle().copy())
             for bucket in series.buckets
             if bucket.values is not None
         ]
@@ -625,7 +635,7 @@ class CandleAggregator:
     def forming(self) -> list[CandleData]:
         """Return a snapshot of every forming candle (``is_closed=False``)."""
         return [
-            _unchecked_candle(bucket.values.copy())
+            _unchecked_candle(bucket.settle().copy())
             for series in self._series.values()
             for bucket in series.buckets
             if bucket.values is not None

@@ -257,6 +257,17 @@ class OrderFlowCalculator:
             snapshot following an earlier one of the same source, nor a trade (or it is
             older than the window).
         """
+        if self.feed(tick):
+            return self._metrics(tick.symbol, self._flows[tick.symbol])
+        return None
+
+    def feed(self, tick: TickData) -> bool:
+        """Feed one tick without building the metrics (:meth:`latest` builds them later).
+
+        Returns:
+            Whether the tick changed the symbol's metrics (what :meth:`update` returns
+            metrics for).
+        """
         stats = self.stats
         stats.ticks += 1
         symbol = tick.symbol
@@ -268,7 +279,7 @@ class OrderFlowCalculator:
         if ts < watermark:
             if ts < watermark - self._window_ms:
                 stats.late_ignored += 1
-                return None
+                return False
             ts = watermark  # counted as arriving at the latest event time seen
 
         # Order-flow imbalance e_n (Cont, Kukanov & Stoikov 2014).
@@ -307,7 +318,7 @@ class OrderFlowCalculator:
                 self._fill_vpin(flow, buy, sell)
 
         if not is_event and not is_trade:
-            return None
+            return False
 
         flow.watermark = ts
         window = flow.window
@@ -321,7 +332,7 @@ class OrderFlowCalculator:
         horizon = ts - self._window_ms
         if window[0][0] < horizon:
             self._evict(flow, horizon)
-        return self._metrics(symbol, flow)
+        return True
 
     def _evict(self, flow: _SymbolFlow, horizon: int) -> None:
         window = flow.window

@@ -102,6 +102,9 @@ AGE_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0,
 
 #: How many symbols health reports staleness for (the most recently updated first).
 _HEALTH_STALENESS_SYMBOLS: Final = 200
+#: Order-flow settings that change only when metrics are published, not how they are
+#: computed: changing them keeps the calculator's state.
+_FLOW_TIMING: Final = {"publish_interval_seconds"}
 
 TIMESCALE: Final = "timescale"
 REPLICA: Final = "timescale_replica"
@@ -283,13 +286,18 @@ class DataRouter:
         # Forming candles are upserted once per maintenance pass (and on flush), not once
         # per tick: only the newest state of each forming bucket needs to reach the database.
         self._forming_dirty: dict[tuple[str, str, str], CandleData] = {}
-        # (symbol, tick source) series whose forming bars changed since _emit_forming ran.
+        # (symbol, tick source) series whose forming bars changed since _emit_forming ran,
+        # and the timer that runs it (aggregation.publish_interval_seconds after the first).
         self._forming_touched: dict[tuple[str, str], Sequence[str]] = {}
+        self._forming_timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._agg_restored: set[tuple[str, str]] = set()
         self._processors = ProcessorRegistry()
         self._has_processors = False
         self._orderflow = self._build_orderflow(strat)
         self._flow_dirty: dict[str, OrderFlowMetrics] = {}
+        # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
+        self._flow_touched: dict[str, Sequence[str]] = {}
+        self._flow_timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
         # Per-operation tier counters (plain ints: metrics read them at scrape time).
@@ -406,6 +414,10 @@ class DataRouter:
         was_open = self._state is RouterState.OPEN
         self._state = RouterState.CLOSED
         self._subs.close_all()
+        for timer in (self._forming_timer, self._flow_timer):
+            if timer is not None:
+                timer.cancel()
+        self._forming_timer = self._flow_timer = None
         try:
             if was_open and self._ingest is not None:
                 self._submit_forming()
@@ -480,6 +492,8 @@ class DataRouter:
         self._l2 = None
         self._l1.clear()
         self._flight = SingleFlight()
+        # The parent loop's handles; they never fire here.
+        self._forming_timer = self._flow_timer = None
         storage = self._build_storage()
         if self._storage is not None:
             self._storage.reset_after_fork()
@@ -670,7 +684,11 @@ class DataRouter:
             )
         if old.aggregation != new.aggregation:
             self._aggregator = self._build_aggregator(new, previous=self._aggregator)
-        if old.order_flow != new.order_flow:
+        if old.order_flow.model_dump(exclude=_FLOW_TIMING) != new.order_flow.model_dump(
+            exclude=_FLOW_TIMING
+        ):
+            if self._flow_touched:
+                self._emit_flow()  # from the calculator being replaced
             self._orderflow = self._build_orderflow(new)
         if self._ingest is not None and old.backup_stream != new.backup_stream:
             self._ingest.set_backup(self._backup if new.backup_stream.enabled else None)
@@ -778,14 +796,43 @@ class DataRouter:
 
     def _feed_orderflow(self, tick: TickData, route: Sequence[str]) -> None:
         assert self._orderflow is not None
-        metrics = self._orderflow.update(tick)
-        if metrics is not None:
+        if not self._orderflow.feed(tick):
+            return
+        if self._flow_timer is None:
+            interval = self._watcher.current.order_flow.publish_interval_seconds
+            loop = asyncio.get_running_loop()
+            self._flow_timer = (
+                loop.call_later(interval, self._flow_due)
+                if interval > 0
+                else loop.call_soon(self._flow_due)
+            )
+        self._flow_touched[tick.symbol] = route
+
+    def _flow_due(self) -> None:
+        self._flow_timer = None
+        if self._state is RouterState.OPEN:
+            self._emit_flow()
+
+    def _emit_flow(self) -> None:
+        """Materialise and publish the metrics of every symbol touched since the last call
+        (L1, L2 and other routers, subscribers); the database gets them once per
+        maintenance pass."""
+        touched = self._flow_touched
+        calculator = self._orderflow
+        if not touched or calculator is None:
+            touched.clear()
+            return
+        self._flow_touched = {}
+        dirty = self._flow_dirty
+        for symbol, route in touched.items():
+            metrics = calculator.latest(symbol)
+            if metrics is None:
+                continue
             self._l1.put_order_flow(metrics)
             self._publish(route, metrics)
-            # One row per symbol per maintenance pass, not one per tick.
-            self._flow_dirty[metrics.symbol] = metrics
             if self._subs:
                 self._subs.dispatch(metrics)
+            dirty[symbol] = metrics
 
     def _feed_aggregator(self, tick: TickData, route: Sequence[str]) -> None:
         assert self._aggregator is not None
@@ -800,14 +847,28 @@ class DataRouter:
                 self._subs.dispatch(candle)
             dirty.pop((candle.symbol, candle.source, candle.timeframe), None)
             self._ingest.submit_nowait(candle)
-        touched = self._forming_touched
-        if not touched:
-            asyncio.get_running_loop().call_soon(self._emit_forming)
-        touched[(tick.symbol, tick.source)] = route
+        if self._forming_timer is None:
+            interval = self._watcher.current.aggregation.publish_interval_seconds
+            loop = asyncio.get_running_loop()
+            self._forming_timer = (
+                loop.call_later(interval, self._forming_due)
+                if interval > 0
+                else loop.call_soon(self._forming_due)
+            )
+        self._forming_touched[(tick.symbol, tick.source)] = route
+
+    def _forming_due(self) -> None:
+        self._forming_timer = None
+        if self._state is RouterState.OPEN:
+            self._emit_forming()
 
     def _emit_forming(self) -> None:
         """Publish the forming bars of every series touched since the last call: one
-        snapshot per series and timeframe, however many ticks it took since."""
+        snapshot per series and timeframe, however many ticks it took since.
+
+        Runs from the publish timer, before reads and flushes of this router (so they see
+        the current bars), and from the maintenance pass.
+        """
         touched = self._forming_touched
         aggregator = self._aggregator
         if not touched or aggregator is None:
@@ -843,6 +904,8 @@ class DataRouter:
     def _submit_forming(self) -> None:
         if self._forming_touched:
             self._emit_forming()
+        if self._flow_touched:
+            self._emit_flow()
         if self._ingest is None:
             return
         if self._flow_dirty:
@@ -1370,6 +1433,8 @@ class DataRouter:
         if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
             await self._ready()
         sym = _norm(symbol)
+        if self._flow_touched:
+            self._emit_flow()  # read-your-writes: metrics not yet materialised
         if self._l1_enabled:
             hit = self._l1.get_order_flow(sym, source)
             if hit is not None:
@@ -1698,6 +1763,10 @@ class DataRouter:
     def _staleness_from_l1(self) -> dict[str, dict[str, bool]]:
         """Staleness of the symbols this router holds, from L1 only (no I/O): True where the
         latest tick / 1m candle / order flow is older than its TTL or missing."""
+        if self._forming_touched:
+            self._emit_forming()  # the forming bars not yet materialised count too
+        if self._flow_touched:
+            self._emit_flow()
         ttl = self._watcher.current.staleness
         now = self._clock.time_ms()
         out: dict[str, dict[str, bool]] = {}

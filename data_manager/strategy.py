@@ -524,6 +524,16 @@ class AggregationStrategy(_StrategyModel):
     daily_close: Literal["utc", "new_york_17"] = Field(
         default="utc", description="Daily bucket boundary; restart required."
     )
+    publish_interval_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        le=60,
+        description=(
+            "Forming bars reach L2, other routers and subscribers at most this often per"
+            " series (0: once per event-loop pass); closed bars go at once, and this router's"
+            " own reads always see the current bar."
+        ),
+    )
 
     @field_validator("timeframes")
     @classmethod
@@ -556,6 +566,16 @@ class OrderFlowStrategy(_StrategyModel):
         default=1_000_000.0, gt=0, description="Volume per VPIN bucket (instrument units)."
     )
     vpin_buckets: int = Field(default=50, ge=1, description="Buckets averaged by VPIN.")
+    publish_interval_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        le=60,
+        description=(
+            "Metrics reach L1, L2, other routers and subscribers at most this often per symbol"
+            " (0: once per event-loop pass); this router's own reads always see the current"
+            " metrics."
+        ),
+    )
 
 
 class BackupStreamStrategy(_StrategyModel):

@@ -120,6 +120,34 @@ async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
     assert stored.ofi == pytest.approx(flow.ofi)
 
 
+@pytest.mark.parametrize("interval", [0, 60])
+async def test_order_flow_is_materialised_per_interval_and_on_read(
+    tmp_path: Path, interval: float
+) -> None:
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    strategy = strategy_from_mapping(
+        {"aggregation": {"enabled": False}, "order_flow": {"publish_interval_seconds": interval}}
+    )
+    async with DataRouter(settings=settings, strategy=strategy) as router:
+        l1 = router.cache.l1
+        await router.save_tick(q(T0, 1.1000, bid_size=1e6, ask_size=1e6))
+        await router.save_tick(q(T0 + 10, 1.1000, bid_size=3e6, ask_size=1e6))
+        for _ in range(3):
+            await asyncio.sleep(0)  # event-loop passes, far shorter than 60 s
+        held = l1.get_order_flow("EUR/USD")
+        if interval:
+            assert held is None  # not yet materialised
+        else:
+            assert held is not None
+            assert held.ofi == pytest.approx(2e6)
+        flow = await router.get_latest_order_flow("EUR/USD")  # this router reads its writes
+        assert flow is not None
+        assert flow.ofi == pytest.approx(2e6)
+        assert l1.get_order_flow("EUR/USD") == flow
+
+
 async def test_processors_see_every_tick(router: DataRouter) -> None:
     sma = IncrementalSMA(3)
     router.register_processor(sma)
@@ -156,6 +184,48 @@ async def test_candle_subscription_and_close_ends_iteration(router: DataRouter) 
     await router.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(sub), 1.0)
+
+
+async def test_forming_bars_are_published_once_per_interval_per_series(tmp_path: Path) -> None:
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    strategy = strategy_from_mapping(
+        {"aggregation": {"timeframes": ["1m", "5m"], "publish_interval_seconds": 60}}
+    )
+    async with DataRouter(settings=settings, strategy=strategy) as router:
+        sub = router.subscribe_candles("EUR/USD", "1m")
+        for i in range(20):
+            await router.save_tick(q(T0 + i * 1_000, 1.1 + i * 1e-5))
+            await asyncio.sleep(0)  # several event-loop passes: none publishes a forming bar
+        assert sub.pending == 0
+        # This router's own reads materialise the current bar (and publish it, once).
+        latest = (await router.get_latest_candles("EUR/USD", "1m", 1))[-1]
+        assert (latest.num_trades, latest.is_closed) == (20, False)
+        assert sub.pending == 1
+        assert (await anext(sub)).num_trades == 20
+        # A closed bar goes out at once, with no timer involved.
+        await router.save_tick(q(T0 + 60_000, 1.2))
+        closed = await asyncio.wait_for(anext(sub), 1.0)
+        assert (closed.timestamp, closed.is_closed, closed.num_trades) == (T0, True, 20)
+        assert sub.pending == 0
+
+
+async def test_publish_interval_zero_publishes_every_event_loop_pass(tmp_path: Path) -> None:
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    strategy = strategy_from_mapping(
+        {"aggregation": {"timeframes": ["1m"], "publish_interval_seconds": 0}}
+    )
+    async with DataRouter(settings=settings, strategy=strategy) as router:
+        sub = router.subscribe_candles("EUR/USD", "1m")
+        await router.save_tick(q(T0, 1.1))
+        await router.save_tick(q(T0 + 1_000, 1.2))  # same pass: one snapshot for both
+        bar = await asyncio.wait_for(anext(sub), 1.0)
+        assert bar.num_trades == 2
+        await router.save_tick(q(T0 + 2_000, 1.3))
+        assert (await asyncio.wait_for(anext(sub), 1.0)).num_trades == 3
 
 
 async def test_explicit_candles_win_over_aggregated_ones_without_a_source(

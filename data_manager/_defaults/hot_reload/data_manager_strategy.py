@@ -77,6 +77,10 @@ DATA_MANAGER_STRATEGY = {
         "late_policy": "drop",  # tick older than a closed bucket: "drop" | "rebuild"
         "idle_close_grace_seconds": 2.0,  # close a bucket this long after its end
         "daily_close": "utc",  # "utc" | "new_york_17"; restart required
+        # Forming bars reach L2, other routers and subscribers at most this often per series
+        # (0: every event-loop pass); closed bars go at once; this router's reads always see
+        # the current bar.
+        "publish_interval_seconds": 0.1,
     },
     # Order-flow metrics (OFI, volume delta, imbalance, VWAP, VPIN) from ticks that carry
     # bid/ask sizes and trades with an aggressor side; ticks without them add nothing.
@@ -85,6 +89,9 @@ DATA_MANAGER_STRATEGY = {
         "window_seconds": 60.0,  # rolling window
         "vpin_bucket_volume": 1_000_000.0,  # volume per VPIN bucket (instrument units)
         "vpin_buckets": 50,  # buckets averaged by VPIN
+        # Metrics reach the caches, other routers and subscribers at most this often per
+        # symbol (0: every event-loop pass); this router's reads always see the current ones.
+        "publish_interval_seconds": 0.1,
     },
     # Live subscriptions: items buffered per subscriber; a slow consumer loses the oldest
     # (counted), so memory stays bounded.
