@@ -498,7 +498,7 @@ class CandleAggregator:
             bucket.vol = candle_volume = volume
             bucket.vnum = price * volume
             vwap = price if volume > 0 else None
-        values = bucket.values = {
+        bucket.values = {
             "symbol": series.symbol,
             "timeframe": bucket.timeframe,
             "timestamp": start,
@@ -517,7 +517,7 @@ class CandleAggregator:
             "is_closed": False,
         }
         if self._emit_forming:
-            out.append(_unchecked_candle(values.copy()))
+            out.append(_unchecked_candle(bucket.settle().copy()))
 
     def _close(self, bucket: _Bucket) -> CandleData:
         values = bucket.settle()
