@@ -26,7 +26,7 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -35,7 +35,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from data_manager.aggregation import CandleAggregator, bucket_bounds
+from data_manager.aggregation import CandleAggregator, PriceField, bucket_bounds
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache.memory import MemoryCache
 from data_manager.cache.singleflight import SingleFlight
@@ -75,7 +75,8 @@ from data_manager.models import (
 from data_manager.orderflow import OrderFlowCalculator
 from data_manager.processors import ProcessorRegistry, TickProcessor
 from data_manager.settings import DataManagerSettings, WriteMode
-from data_manager.storage.base import Storage
+from data_manager.storage.base import Storage, in_key_order
+from data_manager.storage.candle_sql import candles_from_buckets, rebuild_chunks, sql_bucketable
 from data_manager.strategy import RoutingStrategy, StrategyWatcher
 from data_manager.subscriptions import Subscription, SubscriptionHub
 
@@ -971,34 +972,56 @@ class DataRouter:
         end: int | datetime,
         *,
         source: str | None = None,
+        method: Literal["auto", "sql", "stream"] = "auto",
     ) -> int:
         """Rebuild aggregated candles of the buckets overlapping ``[start, end)`` from the
         stored ticks (bulk imports with ``save_ticks`` bypass the live aggregator).
 
-        The stored ticks stream through the same aggregation code as live ingestion, with the
-        strategy's aggregation options, so a rebuild gives exactly the candles live
-        ingestion gave. Candles of buckets that have ended are stored closed; a bucket still
-        running is stored forming. Queued writes are flushed first.
+        The candles are those live ingestion gives for the same ticks, with the strategy's
+        aggregation options: the ticks of each source are taken in key order
+        ``(timestamp, content key)``, which storage keeps (not arrival order). Candles of
+        buckets that have ended are stored closed; a bucket still running is stored forming.
+        Queued writes are flushed first.
 
         Args:
             source: Tick source to rebuild (candles ``agg:<source>``); default every source.
+            method: ``"sql"`` aggregates in the database (``time_bucket`` and
+                ``first``/``last`` on TimescaleDB, plain SQL elsewhere; one statement per
+                day of ticks, per week for ``"1w"``) and transfers one row per candle;
+                ``"stream"`` streams every tick through the Python aggregator; ``"auto"``
+                uses SQL unless the buckets follow a calendar (``daily_close="new_york_17"``
+                with ``4h``, ``1d`` or ``1w``), which only ``"stream"`` computes.
 
         Returns:
             How many candles were written.
 
         Raises:
-            ValidationError: Unknown timeframe, naive datetimes, or ``end`` before ``start``.
+            ValidationError: Unknown timeframe or method, naive datetimes, ``end`` before
+                ``start``, or ``method="sql"`` for calendar-aligned buckets.
         """
         await self._ready()
         sym = _norm(symbol)
         timeframe_ms(timeframe)
+        if method not in ("auto", "sql", "stream"):
+            msg = f"method must be 'auto', 'sql' or 'stream', got {method!r}"
+            raise ValidationError(msg)
         start_ms, end_ms = self._interval(start, end)
         agg = self._watcher.current.aggregation
+        in_sql = method != "stream" and sql_bucketable(timeframe, agg.daily_close)
+        if method == "sql" and not in_sql:
+            msg = (
+                f"method='sql' cannot rebuild {timeframe} candles under "
+                f"daily_close={agg.daily_close!r}: their buckets follow New York daylight "
+                "saving time; use method='stream' (or 'auto')"
+            )
+            raise ValidationError(msg)
         first, _ = bucket_bounds(start_ms, timeframe, daily_close=agg.daily_close)
         _, last = bucket_bounds(max(start_ms, end_ms - 1), timeframe, daily_close=agg.daily_close)
         assert self._ingest is not None
         self._submit_forming()
         await self._ingest.flush()  # rebuild from everything accepted so far
+        if in_sql:
+            return await self._rebuild_candles_sql(sym, timeframe, first, last, source, agg.price)
         aggregator = CandleAggregator(
             timeframes=[timeframe],
             price=agg.price,
@@ -1008,7 +1031,10 @@ class DataRouter:
         )
         written = 0
         batch: list[CandleData] = []
-        async for tick in self.storage.iter_ticks(sym, first, last, source=source):
+        ticks = self.storage.iter_ticks(sym, first, last, source=source)
+        # One source's stream is already in key order; across sources, ticks of one
+        # millisecond are not (PostgreSQL orders by ts alone).
+        async for tick in ticks if source is not None else in_key_order(ticks):
             batch.extend(c for c in aggregator.update(tick) if c.is_closed)
             if len(batch) >= 10_000:
                 written += await self.storage.write_candles(batch)
@@ -1021,6 +1047,37 @@ class DataRouter:
             written += await self.storage.write_candles(batch)
         for candle in batch:
             self._l1.put_candle(candle)
+        return written
+
+    async def _rebuild_candles_sql(
+        self,
+        symbol: str,
+        timeframe: str,
+        first: int,
+        last: int,
+        source: str | None,
+        price: PriceField,
+    ) -> int:
+        """``rebuild_candles(method="sql")`` over bucket-aligned ``[first, last)``.
+
+        Chunks go newest first: a source seen in a newer chunk has closed every bucket of
+        the older ones, so each chunk is final when it is read.
+        """
+        now = self._clock.time_ms()
+        later: set[str] = set()
+        written = 0
+        for lo, hi in rebuild_chunks(first, last, timeframe):
+            buckets = await self.storage.aggregate_tick_buckets(
+                symbol, timeframe, lo, hi, price=price, source=source
+            )
+            candles = candles_from_buckets(
+                buckets, symbol=symbol, timeframe=timeframe, now_ms=now, later_sources=later
+            )
+            later.update(row.source for row in buckets)
+            for i in range(0, len(candles), 10_000):
+                written += await self.storage.write_candles(candles[i : i + 10_000])
+            for candle in candles:
+                self._l1.put_candle(candle)
         return written
 
     # ------------------------------------------------------------------ subscriptions

@@ -10,6 +10,10 @@ Keys (see ``docs/DECISIONS.md``):
   that a forming candle (``is_closed=False``) never overwrites a closed one.
 * **order flow**: ``(symbol, source, ts, window_ms)``; writes upsert.
 
+Tick order: within one source, ticks are ordered by ``(ts, content_key)`` (the primary key).
+Storage keeps no arrival order, so that is the order every rebuild from stored ticks uses
+(:func:`in_key_order` restores it on a stream that ordered by ``ts`` alone).
+
 Timestamps cross this interface as Unix ms; each backend stores them its own way.
 Ranges are half-open: ``start_ms <= ts < end_ms``.
 """
@@ -17,12 +21,15 @@ Ranges are half-open: ``start_ms <= ts < end_ms``.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
+
+if TYPE_CHECKING:
+    from data_manager.aggregation import PriceField
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -31,6 +38,8 @@ __all__ = [
     "PoolStatus",
     "SchemaInfo",
     "Storage",
+    "TickBucket",
+    "in_key_order",
     "tick_content_key",
 ]
 
@@ -71,6 +80,65 @@ def tick_content_key(
     )
     key: int = _from_bytes(_digest(packed, digest_size=8).digest(), "little", signed=True)
     return key
+
+
+async def in_key_order(ticks: AsyncIterable[TickData]) -> AsyncGenerator[TickData, None]:
+    """Re-yield a stream ordered by timestamp so that ticks of one millisecond come in key
+    order, ``(source, content_key)``.
+
+    ``iter_ticks`` without a source orders by ``ts`` alone on PostgreSQL (and by insertion
+    order within a millisecond on SQLite); aggregation needs one defined order, the one
+    :meth:`Storage.aggregate_tick_buckets` uses. Only ticks sharing a millisecond are
+    buffered, and their keys computed.
+    """
+    tied: list[TickData] = []
+    async for tick in ticks:
+        if tied and tick.timestamp != tied[0].timestamp:
+            if len(tied) > 1:
+                tied.sort(key=_source_and_key)
+            for held in tied:
+                yield held
+            tied.clear()
+        tied.append(tick)
+    if len(tied) > 1:
+        tied.sort(key=_source_and_key)
+    for held in tied:
+        yield held
+
+
+def _source_and_key(tick: TickData) -> tuple[str, int]:
+    return tick.source, tick_content_key(tick)
+
+
+class TickBucket(NamedTuple):
+    """Stored ticks of one (tick source, bucket) aggregated by the database; see
+    :meth:`Storage.aggregate_tick_buckets`.
+
+    The price fields are ``None`` and ``num_trades`` is 0 when no tick of the bucket carried a
+    price (``price="last"`` and only quotes): such a row still tells that the source had
+    ticks in that bucket, which closes its earlier buckets.
+    """
+
+    source: str
+    """The tick source (without the aggregation prefix)."""
+    start: int
+    """Bucket start, Unix ms."""
+    num_trades: int
+    """Ticks that contributed a price (the candle's ``num_trades``)."""
+    open: float | None
+    high: float | None
+    low: float | None
+    close: float | None
+    first_ts: int | None
+    """Timestamp of the first tick that contributed a price."""
+    last_ts: int | None
+    """Timestamp of the last tick that contributed a price."""
+    volume_count: int
+    """Of the ``num_trades`` ticks, those that carried a volume (``volume``, else ``last_size``)."""
+    volume: float | None
+    """Sum of those volumes in tick order (``None`` when ``volume_count`` is 0)."""
+    notional: float | None
+    """Sum of price x volume over the same ticks, in tick order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,4 +320,25 @@ class Storage(Protocol):
         batch_size: int = 10_000,
     ) -> AsyncGenerator[TickData, None]:
         """Stream ticks in ``[start_ms, end_ms)`` oldest first with a server-side cursor."""
+        ...
+
+    async def aggregate_tick_buckets(
+        self,
+        symbol: str,
+        timeframe: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        price: PriceField,
+        source: str | None = None,
+    ) -> list[TickBucket]:
+        """Aggregate the ticks in ``[start_ms, end_ms)`` per (tick source, bucket), in SQL.
+
+        Buckets are the fixed UTC grid of ``timeframe`` (weeks start on Monday), computed
+        by the database, with the rules of :mod:`data_manager.aggregation` applied to the
+        ticks of each source in key order ``(ts, content_key)``. One row per (source,
+        bucket) that holds any tick, ordered by source then bucket start;
+        :func:`data_manager.storage.candle_sql.candles_from_buckets` turns them into
+        candles. The SQL lives in :mod:`data_manager.storage.candle_sql`.
+        """
         ...

@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 
     import asyncpg
 
+    from data_manager.aggregation import PriceField
     from data_manager.models import CandleData, OrderFlowMetrics, TickData
     from data_manager.storage.base import (
         BackendHealth,
@@ -90,6 +91,7 @@ if TYPE_CHECKING:
         PoolStatus,
         SchemaInfo,
         Storage,
+        TickBucket,
     )
     from data_manager.storage.postgres import PostgresStorage
 
@@ -675,6 +677,22 @@ class ReplicatedStorage:
         """Stream from the primary (see the module docstring for why not a replica)."""
         return self._primary.iter_ticks(
             symbol, start_ms, end_ms, source=source, batch_size=batch_size
+        )
+
+    async def aggregate_tick_buckets(
+        self,
+        symbol: str,
+        timeframe: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        price: PriceField,
+        source: str | None = None,
+    ) -> list[TickBucket]:
+        """Aggregate on the primary, like ``iter_ticks``: a rebuild reads right after its
+        flush, and its long statements are the ones a standby's replay cancels first."""
+        return await self._primary.aggregate_tick_buckets(
+            symbol, timeframe, start_ms, end_ms, price=price, source=source
         )
 
     # ------------------------------------------------------------------ reads (replicas)

@@ -37,7 +37,8 @@ from sqlalchemy.util import greenlet_spawn
 from data_manager.errors import DataManagerError, RouterClosedError, map_database_errors
 from data_manager.settings import DEFAULT_SQLITE_PATH
 from data_manager.storage import schema
-from data_manager.storage.base import BackendHealth, PoolStatus, SchemaInfo
+from data_manager.storage.base import BackendHealth, PoolStatus, SchemaInfo, TickBucket
+from data_manager.storage.candle_sql import sqlite_buckets_sql
 from data_manager.storage.schema import (
     CANDLE_COLUMNS,
     CANDLE_KEY,
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.pool import ConnectionPoolEntry
 
+    from data_manager.aggregation import PriceField
     from data_manager.models import CandleData, OrderFlowMetrics, TickData
     from data_manager.storage.base import DataKind
 
@@ -631,3 +633,31 @@ class SQLiteStorage:
                 return
             last = rows[-1]
             after = (last[2], last[-1])
+
+    async def aggregate_tick_buckets(
+        self,
+        symbol: str,
+        timeframe: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        price: PriceField,
+        source: str | None = None,
+    ) -> list[TickBucket]:
+        """Aggregate the ticks in ``[start_ms, end_ms)`` per (tick source, bucket) in one
+        statement (window functions in key order; see :mod:`data_manager.storage.candle_sql`).
+
+        SQLite 3.43+ compensates its sums, so volume and VWAP may differ from the Python
+        aggregator's in the last bits; everything else is exact.
+
+        Raises:
+            ValidationError: Unknown timeframe or price.
+        """
+        self._require()
+        sql = sqlite_buckets_sql(timeframe, price=price, by_source=source is not None)
+        params: tuple[object, ...] = (symbol, start_ms, end_ms)
+        if source is not None:
+            params = (*params, source)
+        async with self._driver() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return [TickBucket(*row) for row in rows]
