@@ -23,12 +23,17 @@ a log sequence number (LSN), consecutive within a segment; a segment's file name
 LSN. Decoding re-validates the model: what comes back from disk is untrusted input.
 
 Durability: :meth:`Journal.append` returns after the bytes are written and ``fdatasync``'d
-(plus an ``fsync`` of the folder when a segment file is created). Concurrent appenders share
-one sync: whoever arrives while a sync runs joins the next one (group commit), and the write
-and sync run in a worker thread so the event loop never blocks. A crash mid-write leaves a
-torn tail; opening the journal detects it (length or CRC check), moves the damaged bytes to a
-``.corrupt-<offset>`` file beside the segment, logs it and carries on after the last good
-record. A torn record was never acknowledged, because acknowledgement waits for the sync.
+(plus an ``fsync`` of the folder when a segment file is created). Each open journal has one
+committer thread that writes and syncs continuously: the event loop hands it the encoded
+records (waking it only when it is idle) and goes on; the thread takes everything handed
+over since its last sync, writes it as one group, syncs once, and hands the whole group back
+to the event loop in one callback, which acknowledges its appenders in LSN order. Concurrent
+appenders thus share one sync: whoever arrives while a sync runs joins the next one (group
+commit), the event loop never blocks on the disk, and it keeps encoding the next group while
+the disk syncs the current one. A crash mid-write leaves a torn tail; opening the journal
+detects it (length or CRC check), moves the damaged bytes to a ``.corrupt-<offset>`` file
+beside the segment, logs it and carries on after the last good record. A torn record was
+never acknowledged, because acknowledgement waits for the sync.
 
 The journal must sit on a local file system: ``flock`` over NFS is not dependable.
 """
@@ -411,10 +416,109 @@ class _State(enum.Enum):
 
 @dataclass(slots=True)
 class _Pending:
+    """One append waiting for its group's sync (no payloads: a :meth:`Journal.wait_idle`)."""
+
     payloads: list[bytes]
     items: Sequence[IngestItem]
     on_durable: Callable[[int, Sequence[IngestItem]], None] | None
     future: asyncio.Future[int]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
+class _Written:
+    """A group written to its segment, not yet synced."""
+
+    segment: _Segment
+    fd: int
+    records: int
+    size: int
+
+
+class _Committer:
+    """The hand-over point between the event loop and a journal's committer thread.
+
+    The event loop queues appends with :meth:`submit`; the thread gets everything queued
+    since it last looked, as one group, from :meth:`take`. ``_wake`` is a lock used as a
+    binary semaphore (cheaper than a ``Condition``): the thread blocks on it only after saying
+    it is idle, and a submitter releases it only for an idle thread, so handing an append to
+    a busy thread costs the event loop a list append under an uncontended lock.
+    """
+
+    __slots__ = ("_idle", "_mutex", "_queue", "_stopping", "_wake", "thread")
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()  # guards _queue, _idle and _stopping
+        self._wake = threading.Lock()
+        self._wake.acquire()  # held: no wake-up pending
+        self._queue: list[_Pending] = []
+        self._idle = False
+        self._stopping = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, entry: _Pending) -> None:
+        """Queue ``entry`` for the next group (event loop side)."""
+        with self._mutex:
+            self._queue.append(entry)
+            if self._idle:
+                self._idle = False
+                self._wake.release()
+
+    def take(self, *, block: bool) -> list[_Pending] | None:
+        """Return everything submitted so far (committer thread side).
+
+        With ``block``, wait while there is nothing; then ``None`` means stopped and drained,
+        the thread's cue to exit. Without, ``None`` means nothing is queued.
+        """
+        while True:
+            with self._mutex:
+                if self._queue:
+                    group, self._queue = self._queue, []
+                    return group
+                if self._stopping or not block:
+                    return None
+                self._idle = True
+            self._wake.acquire()
+
+    def stop(self) -> None:
+        """Let the thread finish what is queued, then exit (any thread; idempotent)."""
+        with self._mutex:
+            self._stopping = True
+            if self._idle:
+                self._idle = False
+                self._wake.release()
+
+
+#: A synced (or failed) group on its way back: (group, first LSN, None) or (group, None, error).
+_Outcome: TypeAlias = tuple[list[_Pending], int | None, JournalError | None]
+
+
+def _commit_forever(ref: weakref.ref[Journal], committer: _Committer) -> None:
+    """A journal's committer thread: write and sync group after group until stopped.
+
+    A group that is synced while more appends are queued is handed back only once the next
+    group is written (see :meth:`Journal._commit`). Holds the journal only weakly while
+    idle, so a journal dropped without :meth:`Journal.close` is still collected (its
+    finalizer stops this thread).
+    """
+    synced: _Outcome | None = None
+    while True:
+        group = committer.take(block=synced is None)
+        journal = ref()
+        if journal is None:
+            return
+        try:
+            if group is not None:
+                synced = journal._commit(group, synced)
+            elif synced is not None:
+                journal._hand_back(*synced)
+                synced = None
+            else:
+                return  # stopped, everything handed back
+        except Exception:  # keep committing: later groups must not hang on one bad one
+            logger.exception("journal %s: committer failed on a group", journal.path)
+            synced = None
+        del journal
 
 
 _open_journals: weakref.WeakSet[Journal] | None = None
@@ -471,14 +575,14 @@ class Journal:
         self.problems: list[str] = []
         self._state = _State.NEW
         self._lock = _FileLock(self.path / LOCK_NAME)
-        self._io = threading.Lock()  # guards _segments against the worker threads
+        self._io = threading.Lock()  # guards _segments against the committer and workers
         self._segments: list[_Segment] = []
         self._active_fd: int | None = None
         self._next_lsn = 1
         self._stored_lsn = 0
         self._checkpointed = 0
-        self._pending: list[_Pending] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._committer: _Committer | None = None  # while open
+        self._stop_on_collect: weakref.finalize[[], Journal] | None = None
         self._read_cursor: tuple[int, int, int] | None = None  # (segment, offset, next lsn)
         self._appends = 0
         self._records_appended = 0
@@ -555,6 +659,7 @@ class Journal:
             msg = f"cannot open the journal at {self.path}: {exc}"
             raise JournalError(msg) from exc
         self._state = _State.OPEN
+        self._start_committer()
         _register_for_fork(self)
 
     def _open_sync(self, create: bool) -> None:
@@ -694,8 +799,16 @@ class Journal:
 
     async def wait_idle(self) -> None:
         """Wait until every append already requested is durable (or failed)."""
-        while self._committer is not None:
-            await asyncio.shield(self._committer)
+        committer = self._committer
+        if committer is None:
+            return
+        # A marker without records: the committer hands groups back in order, so when the
+        # marker's turn comes every earlier append has been acknowledged (or failed).
+        loop = asyncio.get_running_loop()
+        marker: asyncio.Future[int] = loop.create_future()
+        committer.submit(_Pending([], (), None, marker, loop))
+        with contextlib.suppress(JournalError):
+            await marker
 
     async def close(self) -> None:
         """Finish pending appends, release the lock; remove the folder when fully stored.
@@ -708,11 +821,32 @@ class Journal:
             return
         await self.wait_idle()
         self._state = _State.CLOSED
-        await asyncio.to_thread(self._close_sync)
+        committer, self._committer = self._committer, None
+        await asyncio.to_thread(self._close_sync, committer)
         if _open_journals is not None:
             _open_journals.discard(self)
 
-    def _close_sync(self) -> None:
+    def _start_committer(self) -> None:
+        committer = _Committer()
+        committer.thread = threading.Thread(
+            target=_commit_forever,
+            args=(weakref.ref(self), committer),
+            name=f"journal-commit-{self.instance_id}",
+            daemon=True,
+        )
+        committer.thread.start()
+        self._committer = committer
+        self._stop_on_collect = weakref.finalize(self, committer.stop)
+        self._stop_on_collect.atexit = False  # a daemon thread: nothing to stop at exit
+
+    def _close_sync(self, committer: _Committer | None) -> None:
+        if self._stop_on_collect is not None:
+            self._stop_on_collect.detach()
+            self._stop_on_collect = None
+        if committer is not None:  # idle by now (close waited): this only ends the thread
+            committer.stop()
+            if committer.thread is not None:
+                committer.thread.join()
         if self._active_fd is not None:
             os.close(self._active_fd)
             self._active_fd = None
@@ -753,8 +887,13 @@ class Journal:
                 os.close(self._active_fd)
             self._active_fd = None
         self._state = _State.CLOSED
+        # The committer thread was not forked along, and the locks it shared may have been
+        # held at the fork: they would stay held in this process forever.
         self._committer = None
-        self._pending = []
+        self._io = threading.Lock()
+        if self._stop_on_collect is not None:
+            self._stop_on_collect.detach()
+            self._stop_on_collect = None
 
     # ------------------------------------------------------------------ append
 
@@ -779,67 +918,105 @@ class Journal:
             JournalError: The journal is not open, or the write or sync failed (nothing of
                 this group was kept).
         """
-        if self._state is not _State.OPEN:
+        committer = self._committer
+        if self._state is not _State.OPEN or committer is None:
             msg = f"{self!r} is not open"
             raise JournalError(msg)
         payloads = [encode_item(item) for item in items]
         if not payloads:
             return self.last_lsn
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(payloads, items, on_durable, future))
-        if self._committer is None:
-            self._committer = asyncio.create_task(
-                self._commit_loop(), name=f"journal-commit-{self.instance_id}"
-            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        committer.submit(_Pending(payloads, items, on_durable, future, loop))
         # No shield needed: a cancelled caller cancels only its own future; its payloads are
-        # already in the group, which the commit loop writes (and reports) regardless.
+        # already queued, and the committer writes (and reports) them regardless.
         return await future
 
-    async def _commit_loop(self) -> None:
+    def _commit(self, group: list[_Pending], synced: _Outcome | None) -> _Outcome:
+        """Write and sync ``group``; hand back ``synced``, the previous one (committer thread).
+
+        The previous group goes back once this one is written, right before its sync: the
+        event loop, woken by the hand-back, resumes the previous group's appenders while the
+        disk syncs this one. Handing back first would let the woken loop take the GIL while
+        the thread frames and writes, and hold this group's sync until the loop goes idle.
+        """
         try:
-            while self._pending:
-                group, self._pending = self._pending, []
-                payloads = [p for entry in group for p in entry.payloads]
-                try:
-                    first = await asyncio.to_thread(self._write_sync, payloads)
-                except asyncio.CancelledError:
-                    self._fail(group, JournalError(f"{self!r}: append cancelled"))
-                    raise
-                except JournalError as exc:
-                    self._fail(group, exc)
-                    continue
-                except Exception as exc:
-                    logger.exception("journal %s: unexpected append failure", self.path)
-                    self._fail(group, JournalError(f"cannot append to {self.path}: {exc!r}"))
-                    continue
-                lsn = first
-                for entry in group:
-                    count = len(entry.payloads)
-                    if entry.on_durable is not None:
-                        try:
-                            entry.on_durable(lsn, entry.items)
-                        except Exception:
-                            logger.exception("journal %s: on_durable callback failed", self.path)
-                    if not entry.future.done():
-                        entry.future.set_result(lsn + count - 1)
-                    lsn += count
-                if not self._pending:
-                    # Let the callers just resumed append again before deciding the loop is
-                    # idle: the next group then needs no new task.
-                    await asyncio.sleep(0)
-                    await asyncio.sleep(0)
-        finally:
-            self._committer = None
+            try:
+                written = self._write_group(group)
+            finally:
+                if synced is not None:
+                    self._hand_back(*synced)
+            first = self._sync_group(written)
+        except JournalError as exc:
+            return group, None, exc
+        except Exception as exc:
+            logger.exception("journal %s: unexpected append failure", self.path)
+            return group, None, JournalError(f"cannot append to {self.path}: {exc!r}")
+        return group, first, None
 
-    @staticmethod
-    def _fail(group: list[_Pending], exc: JournalError) -> None:
+    def _hand_back(
+        self, group: list[_Pending], first: int | None, error: JournalError | None
+    ) -> None:
+        # One callback per group: the event loop wakes once, however many appenders it holds.
+        loop = group[0].loop
+        if any(entry.loop is not loop for entry in group):  # appenders on several loops
+            self._hand_back_per_loop(group, first, error)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(self._settle, group, first, error)
+
+    def _hand_back_per_loop(
+        self, group: list[_Pending], first: int | None, error: JournalError | None
+    ) -> None:
+        start = 0
+        lsn = first
+        for stop in range(1, len(group) + 1):
+            if stop < len(group) and group[stop].loop is group[start].loop:
+                continue
+            run = group[start:stop]
+            with contextlib.suppress(RuntimeError):
+                run[0].loop.call_soon_threadsafe(self._settle, run, lsn, error)
+            if lsn is not None:
+                lsn += sum(len(entry.payloads) for entry in run)
+            start = stop
+
+    def _settle(self, group: list[_Pending], first: int | None, error: JournalError | None) -> None:
+        """Acknowledge (or fail) a group's appenders in LSN order (event loop)."""
+        if first is None:
+            assert error is not None
+            for entry in group:
+                if not entry.future.done():
+                    entry.future.set_exception(error)
+            return
+        lsn = first
         for entry in group:
+            count = len(entry.payloads)
+            if count and entry.on_durable is not None:
+                try:
+                    entry.on_durable(lsn, entry.items)
+                except Exception:
+                    logger.exception("journal %s: on_durable callback failed", self.path)
+            # Setting the result only schedules the appender: every on_durable of the group
+            # runs before any appender resumes.
             if not entry.future.done():
-                entry.future.set_exception(exc)
+                entry.future.set_result(lsn + count - 1)
+            lsn += count
 
-    def _write_sync(self, payloads: list[bytes]) -> int:
-        """Write and sync one group (worker thread); return its first LSN."""
-        buf = b"".join([_frame(p) for p in payloads])
+    def _write_group(self, group: list[_Pending]) -> _Written | None:
+        """Write one group's records (committer thread); ``None`` when it holds none."""
+        # Headers and payloads joined once: no per-record concatenation.
+        parts: list[bytes] = []
+        header = _HEADER.pack
+        length = _LENGTH.pack
+        crc32 = zlib.crc32
+        for entry in group:
+            for payload in entry.payloads:
+                size = len(payload)
+                parts.append(header(size, crc32(payload, crc32(length(size)))))
+                parts.append(payload)
+        if not parts:
+            return None  # only wait_idle markers
+        buf = b"".join(parts)
         try:
             segment = self._active_segment()
         except OSError as exc:
@@ -852,18 +1029,30 @@ class Journal:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            _sync(fd)
         except OSError as exc:
             self._undo_write(fd, segment)
             msg = f"cannot write the journal {segment.path}: {exc}"
             raise JournalError(msg) from exc
+        return _Written(segment, fd, len(parts) // 2, len(buf))
+
+    def _sync_group(self, written: _Written | None) -> int:
+        """Sync a written group (committer thread); return its first LSN."""
+        if written is None:
+            return self._next_lsn
+        segment = written.segment
+        try:
+            _sync(written.fd)
+        except OSError as exc:
+            self._undo_write(written.fd, segment)
+            msg = f"cannot write the journal {segment.path}: {exc}"
+            raise JournalError(msg) from exc
         first = self._next_lsn
         with self._io:
-            segment.records += len(payloads)
-            segment.size += len(buf)
-            self._next_lsn = first + len(payloads)
+            segment.records += written.records
+            segment.size += written.size
+            self._next_lsn = first + written.records
         self._appends += 1
-        self._records_appended += len(payloads)
+        self._records_appended += written.records
         self._fsyncs += 1
         return first
 
