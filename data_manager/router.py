@@ -136,6 +136,12 @@ _fork_generation = 0
 _live_routers: weakref.WeakSet[DataRouter] = weakref.WeakSet()
 
 
+def _arm(interval: float, callback: Callable[[], None]) -> asyncio.Handle:
+    """Run ``callback`` after ``interval`` seconds, or on the next event-loop pass for 0."""
+    loop = asyncio.get_running_loop()
+    return loop.call_later(interval, callback) if interval > 0 else loop.call_soon(callback)
+
+
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
@@ -290,7 +296,7 @@ class DataRouter:
         # (symbol, tick source) series whose forming bars changed since _emit_forming ran,
         # and the timer that runs it (aggregation.publish_interval_seconds after the first).
         self._forming_touched: dict[tuple[str, str], Sequence[str]] = {}
-        self._forming_timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._forming_timer: asyncio.Handle | None = None
         self._agg_restored: set[tuple[str, str]] = set()
         self._processors = ProcessorRegistry()
         self._has_processors = False
@@ -298,7 +304,7 @@ class DataRouter:
         self._flow_dirty: dict[str, OrderFlowMetrics] = {}
         # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
         self._flow_touched: dict[str, Sequence[str]] = {}
-        self._flow_timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._flow_timer: asyncio.Handle | None = None
         self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
         # Per-operation tier counters (plain ints: metrics read them at scrape time).
@@ -801,12 +807,7 @@ class DataRouter:
             return
         if self._flow_timer is None:
             interval = self._watcher.current.order_flow.publish_interval_seconds
-            loop = asyncio.get_running_loop()
-            self._flow_timer = (
-                loop.call_later(interval, self._flow_due)
-                if interval > 0
-                else loop.call_soon(self._flow_due)
-            )
+            self._flow_timer = _arm(interval, self._flow_due)
         self._flow_touched[tick.symbol] = route
 
     def _flow_due(self) -> None:
@@ -850,12 +851,7 @@ class DataRouter:
             self._ingest.submit_nowait(candle)
         if self._forming_timer is None:
             interval = self._watcher.current.aggregation.publish_interval_seconds
-            loop = asyncio.get_running_loop()
-            self._forming_timer = (
-                loop.call_later(interval, self._forming_due)
-                if interval > 0
-                else loop.call_soon(self._forming_due)
-            )
+            self._forming_timer = _arm(interval, self._forming_due)
         self._forming_touched[(tick.symbol, tick.source)] = route
 
     def _forming_due(self) -> None:

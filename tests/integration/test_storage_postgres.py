@@ -219,33 +219,43 @@ async def test_cancelled_read_does_not_poison_the_pool(
     settings = settings_for(postgres_url, pg_schema, pool_min=1, pool_max=1, application_name=app)
     async with opened(settings) as storage:
         await storage.write_ticks([tick(T0)])
-        # Block the read behind a lock, so it is mid-query when cancelled.
-        locker = await asyncpg.connect(postgres_url, timeout=10)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute(f'LOCK TABLE "{pg_schema}".ticks IN ACCESS EXCLUSIVE MODE')
-            reader = asyncio.create_task(storage.latest_tick(SYM))
-
-            async def blocked() -> bool:
-                n = await side.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name = $1 AND wait_event_type = 'Lock'",
-                    app,
-                )
-                return bool(n)
-
-            await wait_for(blocked, "the read to wait on the lock")
-            reader.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await reader
-            await tx.rollback()
-        finally:
-            await locker.close(timeout=10)
+        await cancel_read_mid_query(storage, postgres_url, pg_schema, side, app)
         got = await storage.latest_tick(SYM)
         assert got is not None
         assert got.timestamp == T0
         assert storage.pool_status().in_use == 0
+
+
+async def cancel_read_mid_query(
+    storage: PostgresStorage,
+    postgres_url: str,
+    pg_schema: str,
+    side: asyncpg.Connection,
+    app: str,
+) -> None:
+    """Start ``latest_tick`` behind a table lock and cancel it while it waits on the lock."""
+    locker = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute(f'LOCK TABLE "{pg_schema}".ticks IN ACCESS EXCLUSIVE MODE')
+        reader = asyncio.create_task(storage.latest_tick(SYM))
+
+        async def blocked() -> bool:
+            n = await side.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                app,
+            )
+            return bool(n)
+
+        await wait_for(blocked, "the read to wait on the lock")
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await tx.rollback()
+    finally:
+        await locker.close(timeout=10)
 
 
 @pytest.mark.slow
@@ -432,28 +442,7 @@ async def test_cancelled_hot_read_drops_its_lane_connection(
         await storage.write_ticks([tick(T0)])
         assert await storage.latest_tick(SYM) is not None  # fills the lane (one connection)
         assert storage.pool_status().in_use == 1
-        locker = await asyncpg.connect(postgres_url, timeout=10)
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute(f'LOCK TABLE "{pg_schema}".ticks IN ACCESS EXCLUSIVE MODE')
-            reader = asyncio.create_task(storage.latest_tick(SYM))
-
-            async def blocked() -> bool:
-                n = await side.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name = $1 AND wait_event_type = 'Lock'",
-                    app,
-                )
-                return bool(n)
-
-            await wait_for(blocked, "the lane read to wait on the lock")
-            reader.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await reader
-            await tx.rollback()
-        finally:
-            await locker.close(timeout=10)
+        await cancel_read_mid_query(storage, postgres_url, pg_schema, side, app)
         assert storage.pool_status().in_use == 0  # invalidated, not put back in the lane
         got = await storage.latest_tick(SYM)
         assert got is not None
