@@ -295,10 +295,11 @@ class _Tiers:
     """Which tier answered a call, from the router's counters before and after it."""
 
     def __init__(self, router: Any) -> None:
-        self._c = getattr(router, "_counters", None)
+        self._router = router
 
     def snap(self) -> tuple[int, int, int] | None:
-        c = self._c
+        # The router sums its per-operation counters into a new object on every access.
+        c = getattr(self._router, "_counters", None)
         return None if c is None else (c.l1_hits, c.l2_hits, c.db_reads)
 
     @staticmethod
