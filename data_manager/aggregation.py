@@ -60,6 +60,17 @@ Series and restarts
     own candles. The forming buckets live in memory; after a restart,
     :meth:`CandleAggregator.restore` reloads them from the forming candles storage holds.
 
+Folding (``emit_forming=False`` only)
+    Per tick, only the finest UTC bucket of a series is updated; each coarser bucket whose
+    grid nests it (``1m`` inside ``5m``, ``1h``, ``1d``, ``1w``…) takes the finest bucket's
+    candles as they close, and its own forming candle is the merge of what it holds and the
+    finest forming candle, computed when it is read or closed. Ticks late for the finest
+    bucket but inside a coarser forming one go into that coarser bucket directly; real-volume
+    sums are still added per tick, in arrival order, so every field equals per-tick updating
+    exactly (a property test compares the two). A bucket that would have to merge a finest
+    candle it never saw (after a restart or an idle close) is updated per tick until it
+    closes. Six timeframes cost about what one does.
+
 Candles are built without re-running pydantic validation (``_unchecked_candle``): every field
 is computed here from already validated ticks, and validation would cost several times the
 aggregation itself on the ingest hot path.
@@ -117,6 +128,12 @@ _MONDAY_ORIGIN_MS: Final = 4 * _DAY_MS
 _NEW_YORK_TIMEFRAMES: Final = frozenset({"4h", "1d", "1w"})
 _NEW_YORK_CLOSE_HOUR: Final = 17
 _RANGE_DIGITS: Final = 6
+#: The candle fields a bucket's ticks determine directly (the rest are derived or fixed).
+_PRICE_TIME_FIELDS: Final = ("open", "high", "low", "close", "start_time", "end_time")
+# Where a tick falls for a series' finest bucket (see CandleAggregator.update).
+_IN_FINE: Final = 0  # inside its forming candle
+_OPENS_FINE: Final = 1  # opens its next candle
+_LATE_FOR_FINE: Final = 2  # before its forming candle (or watermark): late there
 
 
 @cache
@@ -238,6 +255,9 @@ class _Bucket:
         "calendar",
         "count",
         "end",
+        "fine",
+        "folded",
+        "folds_into",
         "last_close",
         "length",
         "origin",
@@ -266,12 +286,31 @@ class _Bucket:
         self.watermark = 0  # end of the last closed bucket: anything before it is late
         self.last_close: float | None = None
         self.pip = pip  # the series' pip size, for range_pips
+        # Folding (see CandleAggregator): the series' finest bucket, when this bucket's grid
+        # nests it; whether ``values``/``count`` now hold only the ticks outside that finest
+        # bucket's forming candle; and, on the finest bucket, the buckets it folds into.
+        self.fine: _Bucket | None = None
+        self.folded = False
+        self.folds_into: list[_Bucket] = []
 
     def settle(self) -> dict[str, Any]:
-        """Write the derived fields into the forming candle's dict and return it."""
+        """Complete the forming candle's dict in place (derived fields; a folded bucket also
+        takes in the finest bucket's forming candle) and return it."""
         values = self.values
         assert values is not None  # only called on a forming bucket
-        count = self.count
+        if self.folded:
+            return self._fold_in(values)
+        return self._derive(values, self.count)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A complete copy of the forming candle's dict (the bucket's state is untouched)."""
+        values = self.values
+        assert values is not None  # only called on a forming bucket
+        if self.folded:
+            return self._fold_in(values.copy())
+        return self._derive(values, self.count).copy()
+
+    def _derive(self, values: dict[str, Any], count: int) -> dict[str, Any]:
         values["num_trades"] = count
         if self.real:
             vol = self.vol
@@ -283,11 +322,67 @@ class _Bucket:
         values["range_pips"] = round((values["high"] - values["low"]) / self.pip, _RANGE_DIGITS)
         return values
 
+    def _fold_in(self, values: dict[str, Any]) -> dict[str, Any]:
+        # Every tick of the finest forming candle is later than every tick held here, so
+        # it supplies the close and end time; high and low are the extremes of both.
+        count = self.count
+        fine = self.fine
+        assert fine is not None  # only folded buckets get here
+        current = fine.values
+        if current is not None and self.start <= fine.start < self.end:
+            if count == 0:
+                for key in _PRICE_TIME_FIELDS:
+                    values[key] = current[key]
+            else:
+                if current["high"] > values["high"]:
+                    values["high"] = current["high"]
+                if current["low"] < values["low"]:
+                    values["low"] = current["low"]
+                values["close"] = current["close"]
+                values["end_time"] = current["end_time"]
+            count += fine.count
+        return self._derive(values, count)
+
+    def absorb(self, closed: dict[str, Any]) -> None:
+        """Fold a closed candle of the finest bucket (later than every tick held here)."""
+        values = self.values
+        assert values is not None  # folded buckets are forming
+        if self.count == 0:
+            for key in _PRICE_TIME_FIELDS:
+                values[key] = closed[key]
+        else:
+            if closed["high"] > values["high"]:
+                values["high"] = closed["high"]
+            if closed["low"] < values["low"]:
+                values["low"] = closed["low"]
+            values["close"] = closed["close"]
+            values["end_time"] = closed["end_time"]
+        self.count += closed["num_trades"]
+
+    def unfold(self) -> None:
+        """Take in the finest forming candle for good: update per tick again from now on."""
+        if self.folded:
+            fine = self.fine
+            assert fine is not None
+            if fine.values is not None and self.start <= fine.start < self.end:
+                self.absorb(self._derive(fine.values.copy(), fine.count))
+            self.folded = False
+
+    def add_volume(self, price: float, volume: float) -> None:
+        """Count one tick's real volume (the first one switches the bucket to real volume)."""
+        if self.real:
+            self.vol += volume
+            self.vnum += price * volume
+        else:  # first real volume: ticks before it count 0
+            self.real = True
+            self.vol = volume
+            self.vnum = price * volume
+
 
 class _Series:
     """All timeframes of one (symbol, tick source)."""
 
-    __slots__ = ("buckets", "out_source", "pip", "source", "symbol")
+    __slots__ = ("buckets", "fine", "out_source", "pip", "source", "symbol")
 
     def __init__(self, symbol: str, source: str, out_source: str, pip: float) -> None:
         self.symbol = symbol
@@ -295,6 +390,26 @@ class _Series:
         self.out_source = out_source
         self.pip = pip
         self.buckets: list[_Bucket] = []
+        self.fine: _Bucket | None = None  # the finest bucket others fold, if any
+
+    def link_folding(self) -> None:
+        """Let the buckets whose grid nests the finest UTC bucket's fold it."""
+        utc = [b for b in self.buckets if not b.calendar]
+        if len(utc) < 2:
+            return
+        fine = min(utc, key=lambda b: b.length)
+        nested = [
+            b
+            for b in utc
+            if b is not fine
+            and b.length % fine.length == 0
+            and (b.origin - fine.origin) % fine.length == 0
+        ]
+        if nested:
+            self.fine = fine
+            fine.folds_into = nested
+            for bucket in nested:
+                bucket.fine = fine
 
 
 class CandleAggregator:
@@ -433,7 +548,25 @@ class CandleAggregator:
         if volume is None:
             volume = tick.last_size
         emit_forming = self._emit_forming
+        fine = series.fine
+        where = _IN_FINE
+        if fine is not None:
+            if fine.values is None:
+                where = _OPENS_FINE if ts >= fine.watermark else _LATE_FOR_FINE
+            elif ts >= fine.end:
+                where = _OPENS_FINE
+            elif ts < fine.start:
+                where = _LATE_FOR_FINE
         for bucket in series.buckets:
+            if bucket.folded:
+                if where == _IN_FINE:
+                    # The finest bucket takes this tick, and this bucket takes that bucket's
+                    # candle when it closes: only the volume sums are kept here per tick.
+                    if volume is not None:
+                        bucket.add_volume(price, volume)
+                    continue
+                self._update_folded(series, bucket, ts, price, volume, where, out)
+                continue
             values = bucket.values
             if values is not None:
                 if ts < bucket.end:
@@ -452,22 +585,83 @@ class CandleAggregator:
                         values["start_time"] = ts
                     bucket.count += 1
                     if volume is not None:
-                        if bucket.real:
-                            bucket.vol += volume
-                            bucket.vnum += price * volume
-                        else:  # first real volume: ticks before it count 0
-                            bucket.real = True
-                            bucket.vol = volume
-                            bucket.vnum = price * volume
+                        bucket.add_volume(price, volume)
                     if emit_forming:
-                        out.append(_unchecked_candle(bucket.settle().copy()))
+                        out.append(_unchecked_candle(bucket.snapshot()))
                     continue
                 out.append(self._close(bucket))
             elif ts < bucket.watermark:
                 self._late(series, bucket, ts)
                 continue
             self._open(series, bucket, ts, price, volume, out)
+            if bucket.fine is not None:
+                self._fold_opened(bucket, ts, where)
         return out
+
+    def _update_folded(
+        self,
+        series: _Series,
+        bucket: _Bucket,
+        ts: int,
+        price: float,
+        volume: float | None,
+        where: int,
+        out: list[CandleData],
+    ) -> None:
+        """A folded bucket's share of a tick that is not inside the finest forming candle."""
+        values = bucket.values
+        assert values is not None  # folded buckets are forming
+        if ts < bucket.end:
+            if ts < bucket.start:
+                self._late(series, bucket, ts)
+                return
+            if where == _LATE_FOR_FINE:  # late for the finest bucket only: kept here
+                if bucket.count == 0:
+                    for key in _PRICE_TIME_FIELDS:
+                        values[key] = ts if key.endswith("_time") else price
+                else:
+                    if price > values["high"]:
+                        values["high"] = price
+                    elif price < values["low"]:
+                        values["low"] = price
+                    if ts >= values["end_time"]:
+                        values["close"] = price
+                        values["end_time"] = ts
+                    elif ts < values["start_time"]:
+                        values["open"] = price
+                        values["start_time"] = ts
+                bucket.count += 1
+            # else the tick opens the finest bucket's next candle, which folds in later.
+            if volume is not None:
+                bucket.add_volume(price, volume)
+            return
+        out.append(self._close(bucket))
+        self._open(series, bucket, ts, price, volume, out)
+        self._fold_opened(bucket, ts, where)
+
+    @staticmethod
+    def _fold_opened(bucket: _Bucket, ts: int, where: int) -> None:
+        """Fold a bucket its tick just opened, when the finest bucket's forming candle is
+        (or will be) made of ticks this bucket takes: the one this tick opens, or none.
+
+        Otherwise (a forming finest candle this bucket never saw, which only a restart or a
+        bucket closed by the idle timer can leave) the bucket is updated per tick until it
+        closes.
+        """
+        fine = bucket.fine
+        assert fine is not None
+        unseen = (
+            fine.values is not None
+            and not fine.start <= ts < fine.end  # not the candle this tick opened
+            and bucket.start <= fine.start < bucket.end
+        )
+        if unseen:
+            return
+        if where == _OPENS_FINE:
+            bucket.folded = True
+            bucket.count = 0  # the opening tick lives in the finest bucket's new candle
+        elif where == _LATE_FOR_FINE and fine.values is None:
+            bucket.folded = True  # holds the opening tick itself
 
     def _open(
         self,
@@ -517,15 +711,20 @@ class CandleAggregator:
             "is_closed": False,
         }
         if self._emit_forming:
-            out.append(_unchecked_candle(bucket.settle().copy()))
+            out.append(_unchecked_candle(bucket.snapshot()))
 
     def _close(self, bucket: _Bucket) -> CandleData:
         values = bucket.settle()
         bucket.values = None
+        bucket.folded = False
         bucket.watermark = bucket.end
         bucket.last_close = values["close"]
         values["is_closed"] = True  # nothing else holds this dict: forming candles got copies
         self.stats.candles_closed += 1
+        start = bucket.start
+        for coarse in bucket.folds_into:
+            if coarse.folded and coarse.start <= start < coarse.end:
+                coarse.absorb(values)
         return _unchecked_candle(values)
 
     def _late(self, series: _Series, bucket: _Bucket, ts: int) -> None:
@@ -598,6 +797,10 @@ class CandleAggregator:
             _Bucket(tf, calendar=new_york and tf in _NEW_YORK_TIMEFRAMES, pip=pip)
             for tf in self._timeframes
         ]
+        if not self._emit_forming:
+            # Forming candles are snapshotted now and then, not per tick: coarser buckets
+            # can fold the finest one (its forming candle is merged in when they are read).
+            series.link_folding()
         self._series[(symbol, source)] = series
         return series
 
@@ -627,7 +830,7 @@ class CandleAggregator:
         if series is None:
             return []
         return [
-            _unchecked_candle(bucket.settle().copy())
+            _unchecked_candle(bucket.snapshot())
             for bucket in series.buckets
             if bucket.values is not None
         ]
@@ -635,7 +838,7 @@ class CandleAggregator:
     def forming(self) -> list[CandleData]:
         """Return a snapshot of every forming candle (``is_closed=False``)."""
         return [
-            _unchecked_candle(bucket.settle().copy())
+            _unchecked_candle(bucket.snapshot())
             for series in self._series.values()
             for bucket in series.buckets
             if bucket.values is not None
@@ -663,6 +866,8 @@ class CandleAggregator:
             key = (candle.symbol, source)
             series = self._series.get(key) or self._new_series(candle.symbol, source)
             bucket = series.buckets[self._timeframes.index(candle.timeframe)]
+            for coarse in bucket.folds_into:
+                coarse.unfold()  # restored state need not lie inside what they fold
             if bucket.values is not None or bucket.watermark:
                 logger.debug("restore skipped %s %s: already has state", key, candle.timeframe)
                 continue

@@ -210,6 +210,87 @@ def test_restore_mid_bucket_continues_exactly(data: st.DataObject) -> None:
     ]
 
 
+@st.composite
+def unruly_streams(draw: st.DrawFn) -> list[TickData]:
+    """Ticks of two sources with jumps, duplicates, out-of-order and late arrivals, real
+    volume on some, trades and plain quotes mixed (for ``price="last"``)."""
+    n = draw(st.integers(1, 60))
+    ts = T0 + draw(st.integers(0, HOUR))
+    stamps = []
+    for _ in range(n):
+        ts += draw(
+            st.one_of(
+                st.integers(0, 5_000),
+                st.sampled_from([0, 1, MINUTE, 5 * MINUTE, HOUR]),
+                st.integers(0, 2 * DAY),
+            )
+        )
+        stamps.append(ts)
+    # Move some ticks earlier in the arrival order (out of order) or later (late).
+    for _ in range(draw(st.integers(0, n // 3))):
+        i, j = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+        stamps[i], stamps[j] = stamps[j], stamps[i]
+    ticks = []
+    for ts in stamps:
+        price = draw(st.integers(100_000, 100_400)) / 100_000
+        trade = draw(st.booleans())
+        size = draw(st.one_of(st.none(), st.integers(1, 5)))
+        ticks.append(
+            tick(
+                ts,
+                price,
+                source=draw(st.sampled_from(["a", "b"])),
+                volume=None if size is None else float(size),
+                last_price=price if trade else None,
+            )
+        )
+    return ticks
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_folded_buckets_equal_per_tick_updates(data: st.DataObject) -> None:
+    """Without per-tick forming candles, coarser buckets fold the finest one; every candle,
+    counter and rebuild request must be what updating each bucket per tick gives."""
+    options: dict[str, Any] = {
+        "timeframes": data.draw(
+            st.lists(
+                st.sampled_from(["1m", "5m", "15m", "1h", "4h", "1d", "1w"]),
+                min_size=2,
+                max_size=5,
+                unique=True,
+            )
+        ),
+        "price": data.draw(st.sampled_from(["mid", "last"])),
+        "daily_close": data.draw(st.sampled_from(["utc", "new_york_17"])),
+        "late_policy": data.draw(st.sampled_from(["drop", "rebuild"])),
+        "emit_gap_candles": data.draw(st.booleans()),
+    }
+    ticks = data.draw(unruly_streams())
+    per_tick = CandleAggregator(emit_forming=True, **options)
+    folded = CandleAggregator(emit_forming=False, **options)
+    for i, t in enumerate(ticks):
+        expected = [c for c in per_tick.update(t) if c.is_closed]
+        assert folded.update(t) == expected
+        action = data.draw(st.sampled_from(["none", "none", "peek", "idle", "restart"]))
+        if action == "peek":
+            assert folded.forming() == per_tick.forming()
+            assert folded.forming_of(t.symbol, t.source) == per_tick.forming_of(t.symbol, t.source)
+        elif action == "idle":
+            now = t.timestamp + data.draw(st.sampled_from([0, MINUTE, HOUR, DAY]))
+            assert folded.close_idle(now, 1_000) == per_tick.close_idle(now, 1_000)
+        elif action == "restart" and i % 2:
+            stored = per_tick.forming()
+            assert folded.forming() == stored
+            per_tick = CandleAggregator(emit_forming=True, **options)
+            folded = CandleAggregator(emit_forming=False, **options)
+            assert folded.restore(stored) == per_tick.restore(stored)
+    assert folded.forming() == per_tick.forming()
+    assert folded.stats == per_tick.stats
+    assert folded.drain_rebuilds() == per_tick.drain_rebuilds()
+    assert folded.close_idle(2**62) == per_tick.close_idle(2**62)
+
+
 @PROPERTY_SETTINGS
 @given(data=st.data())
 def test_gap_candles_match_pandas_forward_fill(data: st.DataObject) -> None:
