@@ -241,6 +241,21 @@ def _unchecked_candle(values: dict[str, Any]) -> CandleData:
     return construct_unchecked(CandleData, values, _CANDLE_FIELDS_SET)
 
 
+def _add_price(values: dict[str, Any], ts: int, price: float) -> None:
+    """Take one priced tick into a forming candle's open/high/low/close and times: the
+    earliest tick opens, the latest closes (on equal times, first and last arrival)."""
+    if price > values["high"]:
+        values["high"] = price
+    elif price < values["low"]:
+        values["low"] = price
+    if ts >= values["end_time"]:
+        values["close"] = price
+        values["end_time"] = ts
+    elif ts < values["start_time"]:
+        values["open"] = price
+        values["start_time"] = ts
+
+
 class _Bucket:
     """State of one (symbol, source, timeframe): the forming bucket and what outlives it.
 
@@ -573,16 +588,7 @@ class CandleAggregator:
                     if ts < bucket.start:
                         self._late(series, bucket, ts)
                         continue
-                    if price > values["high"]:
-                        values["high"] = price
-                    elif price < values["low"]:
-                        values["low"] = price
-                    if ts >= values["end_time"]:
-                        values["close"] = price
-                        values["end_time"] = ts
-                    elif ts < values["start_time"]:
-                        values["open"] = price
-                        values["start_time"] = ts
+                    _add_price(values, ts, price)
                     bucket.count += 1
                     if volume is not None:
                         bucket.add_volume(price, volume)
@@ -620,16 +626,7 @@ class CandleAggregator:
                     for key in _PRICE_TIME_FIELDS:
                         values[key] = ts if key.endswith("_time") else price
                 else:
-                    if price > values["high"]:
-                        values["high"] = price
-                    elif price < values["low"]:
-                        values["low"] = price
-                    if ts >= values["end_time"]:
-                        values["close"] = price
-                        values["end_time"] = ts
-                    elif ts < values["start_time"]:
-                        values["open"] = price
-                        values["start_time"] = ts
+                    _add_price(values, ts, price)
                 bucket.count += 1
             # else the tick opens the finest bucket's next candle, which folds in later.
             if volume is not None:
