@@ -898,11 +898,16 @@ class DataRouter:
             restored = aggregator.restore(forming)
             logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
 
-    def _submit_forming(self) -> None:
+    def _materialise_derived(self) -> None:
+        """Publish the forming bars and order flow still waiting for their timer (before
+        this router reads L1, reports health or flushes)."""
         if self._forming_touched:
             self._emit_forming()
         if self._flow_touched:
             self._emit_flow()
+
+    def _submit_forming(self) -> None:
+        self._materialise_derived()
         if self._ingest is None:
             return
         if self._flow_dirty:
@@ -1816,10 +1821,7 @@ class DataRouter:
     def _staleness_from_l1(self) -> dict[str, dict[str, bool]]:
         """Staleness of the symbols this router holds, from L1 only (no I/O): True where the
         latest tick / 1m candle / order flow is older than its TTL or missing."""
-        if self._forming_touched:
-            self._emit_forming()  # the forming bars not yet materialised count too
-        if self._flow_touched:
-            self._emit_flow()
+        self._materialise_derived()  # what is not yet materialised counts too
         ttl = self._watcher.current.staleness
         now = self._clock.time_ms()
         out: dict[str, dict[str, bool]] = {}
