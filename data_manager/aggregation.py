@@ -256,6 +256,21 @@ def _add_price(values: dict[str, Any], ts: int, price: float) -> None:
         values["start_time"] = ts
 
 
+def _merge_later(values: dict[str, Any], later: dict[str, Any], *, empty: bool) -> None:
+    """Merge into ``values`` a candle whose ticks are all later than the ones ``values``
+    holds (none when ``empty``): it supplies the close and end time, both the extremes."""
+    if empty:
+        for key in _PRICE_TIME_FIELDS:
+            values[key] = later[key]
+        return
+    if later["high"] > values["high"]:
+        values["high"] = later["high"]
+    if later["low"] < values["low"]:
+        values["low"] = later["low"]
+    values["close"] = later["close"]
+    values["end_time"] = later["end_time"]
+
+
 class _Bucket:
     """State of one (symbol, source, timeframe): the forming bucket and what outlives it.
 
@@ -345,16 +360,7 @@ class _Bucket:
         assert fine is not None  # only folded buckets get here
         current = fine.values
         if current is not None and self.start <= fine.start < self.end:
-            if count == 0:
-                for key in _PRICE_TIME_FIELDS:
-                    values[key] = current[key]
-            else:
-                if current["high"] > values["high"]:
-                    values["high"] = current["high"]
-                if current["low"] < values["low"]:
-                    values["low"] = current["low"]
-                values["close"] = current["close"]
-                values["end_time"] = current["end_time"]
+            _merge_later(values, current, empty=count == 0)
             count += fine.count
         return self._derive(values, count)
 
@@ -362,16 +368,7 @@ class _Bucket:
         """Fold a closed candle of the finest bucket (later than every tick held here)."""
         values = self.values
         assert values is not None  # folded buckets are forming
-        if self.count == 0:
-            for key in _PRICE_TIME_FIELDS:
-                values[key] = closed[key]
-        else:
-            if closed["high"] > values["high"]:
-                values["high"] = closed["high"]
-            if closed["low"] < values["low"]:
-                values["low"] = closed["low"]
-            values["close"] = closed["close"]
-            values["end_time"] = closed["end_time"]
+        _merge_later(values, closed, empty=self.count == 0)
         self.count += closed["num_trades"]
 
     def unfold(self) -> None:
