@@ -7,7 +7,11 @@ caches. A background sender wakes as soon as something is pending and sends **on
 pipeline per batch**: a write-script call per item (L2, compare-and-set) followed by one
 ``PUBLISH`` of the whole batch on ``<prefix>:v1:bus``. While a pipeline is in flight new
 updates keep coalescing, so under load each symbol costs one write per round trip however
-fast it ticks. This path is independent of database batching. When L2 is down the sender
+fast it ticks. Ticks go first, in batches of their own: derived data (candles, order flow)
+arrives in bursts from the router's publish timers and is sent in chunks of at most
+``derived_batch`` items, and ticks that arrive meanwhile are sent before the next chunk, so
+a burst delays a tick by at most one chunk's round trip. This path is independent of
+database batching. When L2 is down the sender
 drops what is pending — the cache is optional and the database path is separate — counts
 it, and logs once per incident.
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import os
 import random
@@ -145,7 +150,9 @@ class CacheBus:
         origin: This router's id, carried by every message it sends; default
             ``"<pid>-<random>"``.
         reconnect_check_seconds: Bound on the time to notice a silently dead subscription.
-        max_batch: Most items per pipeline (and per message).
+        max_batch: Most ticks per pipeline (and per message).
+        derived_batch: Most candles and order-flow values per pipeline; ticks pending
+            after one such pipeline are sent before the next.
         linger_seconds: Wait this long after a wake-up before sending, to coalesce more
             (0: send at once; batches still form while a pipeline is in flight).
         backoff_initial: First resubscribe delay, seconds.
@@ -165,6 +172,7 @@ class CacheBus:
         origin: str | None = None,
         reconnect_check_seconds: float = 1.0,
         max_batch: int = 256,
+        derived_batch: int = 64,
         linger_seconds: float = 0.0,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
@@ -175,14 +183,16 @@ class CacheBus:
         if not (reconnect_check_seconds > 0 and backoff_initial > 0 and backoff_max > 0):
             msg = "reconnect_check_seconds, backoff_initial and backoff_max must be > 0"
             raise ConfigurationError(msg)
-        if max_batch < 1 or linger_seconds < 0:
+        if max_batch < 1 or derived_batch < 1 or linger_seconds < 0:
             msg = (
-                f"max_batch must be >= 1 and linger_seconds >= 0, got {max_batch}, {linger_seconds}"
+                "max_batch and derived_batch must be >= 1 and linger_seconds >= 0, got "
+                f"{max_batch}, {derived_batch}, {linger_seconds}"
             )
             raise ConfigurationError(msg)
         self._cache = cache
         self._check = reconnect_check_seconds
         self._max_batch = max_batch
+        self._derived_batch = derived_batch
         self._linger = linger_seconds
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -197,7 +207,9 @@ class CacheBus:
         """Per-process state: rebuilt after a fork."""
         self._prefix = bus_prefix(self._origin)
         self._state = _State.NEW
-        self._pending: dict[tuple[Any, ...], CacheItem] = {}
+        # Coalescing maps: ticks, and derived data (sent after pending ticks).
+        self._ticks: dict[tuple[Any, ...], CacheItem] = {}
+        self._derived: dict[tuple[Any, ...], CacheItem] = {}
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -231,7 +243,7 @@ class CacheBus:
     @property
     def pending(self) -> int:
         """Coalesced updates waiting for the sender."""
-        return len(self._pending)
+        return len(self._ticks) + len(self._derived)
 
     def stats(self) -> BusStats:
         """Counters of both directions and the subscription state."""
@@ -264,19 +276,21 @@ class CacheBus:
         cls = type(item)
         key: tuple[Any, ...]
         if cls is TickData:
-            key = (0, item.symbol, item.source)
+            key = (item.symbol, item.source)
+            pending = self._ticks
         elif cls is CandleData:
             candle: CandleData = item  # type: ignore[assignment]
-            key = (2, candle.symbol, candle.source, candle.timeframe, candle.timestamp)
+            key = (candle.symbol, candle.source, candle.timeframe, candle.timestamp)
+            pending = self._derived
         elif cls is OrderFlowMetrics:
-            key = (1, item.symbol, item.source)
+            key = (item.symbol, item.source)
+            pending = self._derived
         else:
             msg = f"cannot publish {cls.__name__} on the cache bus"
             raise CacheError(msg)
         if self._state is _State.CLOSED:
             self._counters.dropped += 1
             return
-        pending = self._pending
         old = pending.get(key)
         if old is not None:
             self._counters.coalesced += 1
@@ -305,12 +319,22 @@ class CacheBus:
             wakeup.clear()
             if self._linger > 0:
                 await asyncio.sleep(self._linger)
-            while self._pending:
-                items = list(self._pending.values())
-                self._pending = {}
-                for start in range(0, len(items), self._max_batch):
-                    await self._send(items[start : start + self._max_batch])
+            while self._ticks or self._derived:
+                await self._send(self._take())
             self._idle.set()
+
+    def _take(self) -> list[CacheItem]:
+        """The next batch: pending ticks if any, else a chunk of derived data."""
+        if self._ticks:
+            pending, limit = self._ticks, self._max_batch
+        else:
+            pending, limit = self._derived, self._derived_batch
+        if len(pending) <= limit:
+            items = list(pending.values())
+            pending.clear()
+            return items
+        keys = list(itertools.islice(pending, limit))
+        return [pending.pop(key) for key in keys]
 
     async def _send(self, items: list[CacheItem]) -> None:
         cache = self._cache
@@ -525,9 +549,7 @@ class CacheBus:
                 async with asyncio.timeout(self._close_timeout):
                     await self._idle.wait()
             except TimeoutError:
-                logger.warning(
-                    "cache bus closed with %d updates not sent to L2", len(self._pending)
-                )
+                logger.warning("cache bus closed with %d updates not sent to L2", self.pending)
         self._state = _State.CLOSED
         tasks = [t for t in (self._sender, self._reader) if t is not None]
         self._sender = self._reader = None
@@ -535,7 +557,8 @@ class CacheBus:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        self._pending.clear()
+        self._ticks.clear()
+        self._derived.clear()
         self._connected = False
 
     def reset_after_fork(self) -> None:

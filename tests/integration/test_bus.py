@@ -45,12 +45,14 @@ class Router:
 
     def __init__(self) -> None:
         self.items: list[CacheItem] = []
+        self.messages: list[list[CacheItem]] = []  # the items of each message, in order
         self.lost = 0
         self.restored = 0
         self._changed = asyncio.Event()
 
     def on_items(self, items: Sequence[CacheItem]) -> None:
         self.items.extend(items)
+        self.messages.append(list(items))
         self._changed.set()
 
     def on_lost(self) -> None:
@@ -159,9 +161,32 @@ async def test_updates_coalesce_per_symbol_with_compare_and_set(pair: Pair) -> N
     assert by_kind["TickData", "EUR/USD"].timestamp == TS + 99
     assert by_kind["CandleData", "EUR/USD"].close == 1.1  # type: ignore[union-attr]
     stats = pair.a.stats()
-    assert stats.messages_sent == 1
+    assert stats.messages_sent == 2  # the ticks, then the candle
     assert stats.coalesced == 99 + 1 + 2  # ticks, the late tick, the candle updates
     assert (await pair.cache_b.get_tick("EUR/USD")).timestamp == TS + 99  # type: ignore[union-attr]
+
+
+async def test_ticks_go_ahead_of_derived_bursts_sent_in_chunks(pair: Pair) -> None:
+    # What a publish timer does: forming bars of 50 symbols over 3 timeframes at once; a
+    # tick published right after must not wait behind all of them.
+    burst = [
+        CandleData(
+            symbol=f"S{i % 50:02d}/USD", timeframe=timeframe, timestamp=TS,
+            open=1.0, high=1.0, low=1.0, close=1.0, source="ig", is_closed=False,
+        )
+        for timeframe in ("1m", "5m", "15m")
+        for i in range(50)
+    ]  # fmt: skip
+    for candle in burst:
+        pair.a.publish(candle)
+    pair.a.publish(tick())
+    await pair.a.flush()
+    await pair.router_b.until(lambda: len(pair.router_b.items) == 151, "B to receive it all")
+    messages = pair.router_b.messages
+    assert messages[0] == [tick()]
+    assert [len(m) for m in messages[1:]] == [64, 64, 22]  # derived_batch = 64
+    assert [c for m in messages[1:] for c in m] == burst  # in the order published
+    assert pair.a.stats().messages_sent == 4
 
 
 async def test_malformed_and_foreign_messages(pair: Pair, redis_prefix: str) -> None:
