@@ -58,14 +58,20 @@ def servers() -> Iterator[Servers]:
     """Yield the servers to use; throwaway ones are stopped (and their data removed) on exit."""
     pg_url = os.environ.get(POSTGRES_ENV) or None
     redis_url = os.environ.get(REDIS_ENV) or None
-    pg_origin = f"${POSTGRES_ENV}" if pg_url else "throwaway server (tests/servers.py)"
+    pg_origin = (
+        f"${POSTGRES_ENV}"
+        if pg_url
+        else "throwaway server (tests/servers.py), PostgreSQL's default durability (fsync on)"
+    )
     redis_origin = f"${REDIS_ENV}" if redis_url else "throwaway server (tests/servers.py)"
     with contextlib.ExitStack() as stack:
         if pg_url is None or redis_url is None:
             test_servers = _load_test_servers()
             if pg_url is None:
                 print("starting a throwaway PostgreSQL server ...", flush=True)
-                pg_url = stack.enter_context(test_servers.start_postgres(database="bench")).url
+                pg_url = stack.enter_context(
+                    test_servers.start_postgres(database="bench", durable=True)
+                ).url
             if redis_url is None:
                 print("starting a throwaway Redis-protocol server ...", flush=True)
                 redis_url = stack.enter_context(test_servers.start_redis()).url

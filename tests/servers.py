@@ -324,7 +324,8 @@ def _usable_bindir(bindir: Path, root: Path, user: tuple[int, int] | None) -> Pa
 
 
 class PostgresServer(ServerProcess):
-    """A throwaway PostgreSQL cluster: trust auth, user ``postgres``, fsync off.
+    """A throwaway PostgreSQL cluster: trust auth, user ``postgres``; fsync off unless
+    ``durable``.
 
     Create it with :func:`start_postgres`.
     """
@@ -333,11 +334,19 @@ class PostgresServer(ServerProcess):
     stop_signal = signal.SIGINT  # "fast" shutdown: it does not wait for clients to leave
 
     def __init__(
-        self, root: Path, port: int, *, bindir: Path, database: str, user: tuple[int, int] | None
+        self,
+        root: Path,
+        port: int,
+        *,
+        bindir: Path,
+        database: str,
+        user: tuple[int, int] | None,
+        durable: bool = False,
     ) -> None:
         super().__init__(root, port)
         self.bindir = bindir
         self.database = database
+        self.durable = durable
         self.data_dir = root / "data"
         self._user = user
 
@@ -353,14 +362,17 @@ class PostgresServer(ServerProcess):
         settings = {
             "listen_addresses": HOST,
             "unix_socket_directories": str(self.root),
-            # Durability is not under test here; the server's data dies with the test run.
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
-            "shared_buffers": "32MB",
             "max_connections": "200",
             "log_min_messages": "warning",
         }
+        if not self.durable:
+            # Durability is not under test here; the server's data dies with the test run.
+            settings |= {
+                "fsync": "off",
+                "synchronous_commit": "off",
+                "full_page_writes": "off",
+                "shared_buffers": "32MB",
+            }
         options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
         return [
             str(self.bindir / "postgres"),
@@ -415,11 +427,16 @@ class PostgresServer(ServerProcess):
             raise ServerError(msg)
 
 
-def start_postgres(*, database: str = "test", timeout: float = START_TIMEOUT) -> PostgresServer:
+def start_postgres(
+    *, database: str = "test", durable: bool = False, timeout: float = START_TIMEOUT
+) -> PostgresServer:
     """Create, start and return a throwaway PostgreSQL server with an empty ``database``.
 
     Args:
         database: Database created for the tests (``postgres`` exists as well).
+        durable: Keep PostgreSQL's own durability settings (fsync, synchronous commit,
+            full-page writes, shared_buffers) instead of the fast, unsafe test ones; the
+            benchmarks use this so commits cost what they cost in production.
         timeout: Seconds to wait for the server to accept connections.
 
     Raises:
@@ -431,7 +448,9 @@ def start_postgres(*, database: str = "test", timeout: float = START_TIMEOUT) ->
         if user is not None:
             os.chown(root, *user)
         bindir = _usable_bindir(postgres_bindir(), root, user)
-        server = PostgresServer(root, free_port(), bindir=bindir, database=database, user=user)
+        server = PostgresServer(
+            root, free_port(), bindir=bindir, database=database, user=user, durable=durable
+        )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
