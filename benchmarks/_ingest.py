@@ -360,9 +360,11 @@ async def throughput(scratch: Scratch, group: Group, *, quick: bool) -> None:
             met=off["rate"] / per_row["rate"] >= TARGET_VS_PER_ROW,
         )
     )
-    for result, label, what in (
-        (on, "candles over 6 timeframes", "order flow off"),
-        (on_of, "candles over 6 timeframes + order flow", "everything the router derives"),
+    target = f"adds ≤ {TARGET_AGG_OVERHEAD:.0%} (≥ {1 / (1 + TARGET_AGG_OVERHEAD):.0%})"
+    # The target is candle aggregation's (issue 5); order flow on top is reported beside it.
+    for result, label, what, judged in (
+        (on, "candles over 6 timeframes", "order flow off", True),
+        (on_of, "candles over 6 timeframes + order flow", "everything the router derives", False),
     ):
         overhead = result["elapsed"] / off["elapsed"] - 1
         group.figures.append(
@@ -374,8 +376,8 @@ async def throughput(scratch: Scratch, group: Group, *, quick: bool) -> None:
                 off["rate"],
                 result["rate"] / off["rate"],
                 "%",
-                target=f"adds ≤ {TARGET_AGG_OVERHEAD:.0%} (≥ {1 / (1 + TARGET_AGG_OVERHEAD):.0%})",
-                met=overhead <= TARGET_AGG_OVERHEAD,
+                target=target if judged else f"(context; aggregation's target: {target})",
+                met=overhead <= TARGET_AGG_OVERHEAD if judged else None,
                 note=(
                     f"adds {overhead:.0%} to the run ({result['elapsed']:.1f} s vs "
                     f"{off['elapsed']:.1f} s); {what}; timeframes {', '.join(SIX_TIMEFRAMES)}; "
