@@ -11,9 +11,8 @@ fast it ticks. Ticks go first, in batches of their own: derived data (candles, o
 arrives in bursts from the router's publish timers and is sent in chunks of at most
 ``derived_batch`` items, and ticks that arrive meanwhile are sent before the next chunk, so
 a burst delays a tick by at most one chunk's round trip. This path is independent of
-database batching. When L2 is down the sender
-drops what is pending — the cache is optional and the database path is separate — counts
-it, and logs once per incident.
+database batching. When L2 is down the sender drops what is pending — the cache is optional
+and the database path is separate — counts it, and logs once per incident.
 
 The message is the codec's ``bus`` object: ``{"v":1,"type":"bus","origin":<router id>,
 "items":[...]}``, whose items are the very bytes written to L2.
