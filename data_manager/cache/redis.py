@@ -20,7 +20,8 @@ has its own TTL, refreshed by every accepted write.
 
 Every write goes through one Lua script, :data:`WRITE_SCRIPT`, called with ``EVALSHA``
 (falling back to ``EVAL`` when the server has not cached it, e.g. after a restart) in a
-pipeline, one call per item or per candle series:
+pipeline: one call per candle or candle series, and one call for all the latest values of
+a batch (per item on a cluster, whose calls must keep their keys in one hash slot):
 
 * latest values are compare-and-set on the timestamp: an older value never replaces a
   newer one, whatever order writes arrive in; on a tie the later write wins, unless both
@@ -128,13 +129,12 @@ WRITE_SCRIPT: Final = r"""
 -- data_manager L2 write script, schema v1. Runs unchanged on Redis/Valkey (Lua 5.1) and
 -- DragonflyDB (Lua 5.4): it touches only KEYS, and reads stored JSON with string patterns.
 local op, ttl = ARGV[1], ARGV[2]
-if op == 'L' then
-  -- Latest value. KEYS: per-source key, any-source key.
-  -- ARGV: 'L', ttl ms, timestamp, value, seq or '', '"source":<JSON string>'.
-  local ts, value, seq, src = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+-- Latest value: compare-and-set of one item on its per-source and any-source keys. Returns
+-- 1 if it stored the first key, plus 2 if it stored the second.
+local function latest(keys, px, ts, value, seq, src)
   local stored = 0
   for i = 1, 2 do
-    local cur = redis.call('GET', KEYS[i])
+    local cur = redis.call('GET', keys[i])
     local wins = true
     if cur then
       local cts = tonumber(string.match(cur, '"timestamp"%s*:%s*(%d+)'))
@@ -149,9 +149,28 @@ if op == 'L' then
       end
     end
     if wins then
-      redis.call('SET', KEYS[i], value, 'PX', ttl)
+      redis.call('SET', keys[i], value, 'PX', px)
       stored = stored + i
     end
+  end
+  return stored
+end
+if op == 'L' then
+  -- One item. KEYS: per-source key, any-source key.
+  -- ARGV: 'L', ttl ms, timestamp, value, seq or '', '"source":<JSON string>'.
+  return latest(KEYS, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6])
+end
+if op == 'M' then
+  -- Many items, in order. KEYS: the two keys of each item. ARGV: 'M', then per item
+  -- ttl ms, timestamp, value, seq or '', source (as for 'L'). Returns how many items
+  -- stored anything.
+  local stored, a = 0, 2
+  for k = 1, #KEYS, 2 do
+    if latest({KEYS[k], KEYS[k + 1]}, ARGV[a], tonumber(ARGV[a + 1]),
+              ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]) > 0 then
+      stored = stored + 1
+    end
+    a = a + 5
   end
   return stored
 end
@@ -226,6 +245,32 @@ _EVALSHA: Final = ("EVALSHA", WRITE_SCRIPT_SHA)
 _EVAL: Final = ("EVAL", WRITE_SCRIPT)
 # hiredis's stub types the argument as a 1-tuple; it takes any tuple of str/bytes/int.
 _pack: Final = cast("Callable[[tuple[str | bytes | int, ...]], bytes]", hiredis.pack_command)
+
+
+def _script_calls(ops: Sequence[WriteOp]) -> list[tuple[str | bytes | int, ...]]:
+    """The script calls (arguments after the SHA) that carry out ``ops`` on one server.
+
+    Every latest-value write goes into one ``M`` call, in order, so a batch of N ticks costs
+    one reply to read instead of N; candle calls go as they are. (A cluster cannot do this:
+    one call's keys must share a hash slot.)
+    """
+    keys: list[str | bytes | int] = []
+    argv: list[str | bytes | int] = ["M"]
+    calls: list[tuple[str | bytes | int, ...]] = []
+    single: tuple[str | bytes | int, ...] = ()
+    for op in ops:
+        args = op.args
+        if args[3] == "L":
+            single = args
+            keys += args[1:3]
+            argv += args[4:]
+        else:
+            calls.append(args)
+    if len(keys) == 2:
+        calls.append(single)
+    elif keys:
+        calls.append((len(keys), *keys, *argv))
+    return calls
 
 
 def _translate(exc: BaseException, target: str) -> CacheError:
@@ -954,18 +999,21 @@ class RedisCache:
             CacheError: The server refused a call.
         """
         self._admit()
-        commands = [_EVALSHA + op.args for op in ops]
+        calls = _script_calls(ops)
+        commands = [_EVALSHA + call for call in calls]
         if publish is not None:
             commands.append(("PUBLISH", *publish))
         try:
             results = await self._pipeline(commands)
             missing = [
-                op for op, r in zip(ops, results, strict=False) if isinstance(r, NoScriptError)
+                call
+                for call, r in zip(calls, results, strict=False)
+                if isinstance(r, NoScriptError)
             ]
             if missing:
                 # The server lost its script cache (restart, SCRIPT FLUSH): EVAL caches it again.
                 results = [r for r in results if not isinstance(r, NoScriptError)]
-                results += await self._pipeline([_EVAL + op.args for op in missing])
+                results += await self._pipeline([_EVAL + call for call in missing])
             for result in results:
                 if isinstance(result, Exception):
                     raise result

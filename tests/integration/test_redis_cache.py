@@ -154,6 +154,21 @@ async def test_every_key_gets_its_ttl(cache: RedisCache) -> None:
         assert 0 < pttl <= ttl_ms, key
 
 
+async def test_one_live_batch_mixes_kinds_in_order_and_keeps_each_ttl(cache: RedisCache) -> None:
+    # The bus's batch: every latest value goes in one script call, candles in their own.
+    newer, older, other = tick(TS + 1, bid=1.2), tick(TS, bid=1.1), tick(symbol="GBP/USD")
+    await live(cache, newer, flow(), candle(0), older, other)
+    assert await cache.get_tick("EUR/USD") == newer  # the older tick later in the batch lost
+    assert await cache.get_tick("EUR/USD", "ig") == newer
+    assert await cache.get_tick("GBP/USD") == other
+    assert await cache.get_order_flow("EUR/USD") == flow()
+    assert await cache.get_candles("EUR/USD", "1m", 1, "ig") == [candle(0)]
+    client = cache.client
+    assert 0 < await client.pttl(cache.tick_key("GBP/USD")) <= 30_000
+    # Each item keeps its own TTL inside the shared call (order flow's is 45 s, not 30).
+    assert 30_000 < await client.pttl(cache.order_flow_key("EUR/USD", "databento")) <= 45_000
+
+
 # ----------------------------------------------------------------------------- candles
 
 
