@@ -22,7 +22,9 @@ bound 100,000), each in a fresh schema and key prefix. Ticks carry ``seq`` and c
    next to ``asyncio.Queue.put`` paced the same way and drained by a consumer task.
 3. **Journal mode**: acknowledged ticks/s with 8 and 64 concurrent producers, next to
    ``8 ÷ fsync latency`` (median of a 256-byte write + ``fdatasync`` in the journal's folder,
-   measured in the same run).
+   measured in the same run); for context the same without derived data, ``Journal.append``
+   alone, and a bare asyncio group commit with no SDK code and no per-tick work (fsync in a
+   worker thread, and in the event loop), the ceiling any asyncio journal reaches here.
 4. **Save-to-commit latency** at 10,000 ticks/s: a statement trigger on the ticks table
    sends ``pg_notify`` with the range of ``seq`` each INSERT stored; notifications arrive at
    commit, so ``arrival − save_tick call`` is the time to a committed row.
@@ -561,6 +563,75 @@ async def _journal_alone(
     return {"rate": acked / elapsed, "acked": acked, "fsyncs": fsyncs, "elapsed": elapsed}
 
 
+async def _bare_group_commit(
+    folder: Path, producers: int, seconds: float, *, in_loop: bool
+) -> dict[str, Any]:
+    """The ceiling of any asyncio group commit here: no SDK code, no per-tick work.
+
+    Each producer appends a pre-built 128-byte record to a list and awaits the one future
+    its group shares; a committer task writes and ``fdatasync``s everything pending, in a
+    worker thread (what the SDK's journal does, minus framing and bookkeeping) or, with
+    ``in_loop``, blocking the event loop (no thread hand-offs, but nothing else runs
+    meanwhile), then resolves the future.
+    """
+    loop = asyncio.get_running_loop()
+    path = folder / f"bare-{producers}-{'loop' if in_loop else 'thread'}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sync = getattr(os, "fdatasync", os.fsync)
+    pending: list[bytes] = []
+    group: asyncio.Future[None] | None = None
+    wake = asyncio.Event()
+    acked = fsyncs = 0
+
+    def write(buf: bytes) -> None:
+        os.write(fd, buf)
+        sync(fd)
+
+    async def commit_forever() -> None:
+        nonlocal group, fsyncs
+        while True:
+            await wake.wait()
+            wake.clear()
+            if not pending:
+                continue
+            buf = b"".join(pending)
+            pending.clear()
+            done, group = group, None
+            if in_loop:
+                write(buf)
+            else:
+                await loop.run_in_executor(None, write, buf)
+            fsyncs += 1
+            assert done is not None
+            done.set_result(None)
+
+    stop = loop.time() + seconds
+    record = b"r" * 128
+
+    async def produce() -> None:
+        nonlocal group, acked
+        while loop.time() < stop:
+            pending.append(record)
+            if group is None:
+                group = loop.create_future()
+            wake.set()
+            await group
+            acked += 1
+
+    committer = asyncio.create_task(commit_forever())
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(produce() for _ in range(producers)))
+        elapsed = time.perf_counter() - started
+    finally:
+        committer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await committer
+        os.close(fd)
+        path.unlink()
+    return {"rate": acked / elapsed, "acked": acked, "fsyncs": fsyncs, "elapsed": elapsed}
+
+
 def _per_fsync(r: dict[str, Any]) -> str:
     return (
         f"{r['acked']:,} acknowledged in {r['elapsed']:.1f} s, {r['fsyncs']:,} fsyncs "
@@ -571,7 +642,8 @@ def _per_fsync(r: dict[str, Any]) -> str:
 
 async def journal(scratch: Scratch, group: Group, pool: list[Any], *, quick: bool) -> None:
     """Journal mode with 8 and 64 producers, next to N ÷ fsync latency; then the same
-    without derived data, and the journal alone, to show where the time goes."""
+    without derived data, the journal alone, and a bare asyncio group commit (the ceiling
+    of the mechanism on this machine), to show where the time goes."""
     seconds = 1.0 if quick else 5.0
     folder = Path(scratch.spec("fsync").workdir)
     sync = await asyncio.to_thread(fsync_latency, folder)
@@ -593,6 +665,10 @@ async def journal(scratch: Scratch, group: Group, pool: list[Any], *, quick: boo
             False,
         ),
     ]
+    for producers in (8, 64):
+        for in_loop, where in ((False, "fdatasync in a thread"), (True, "in the event loop")):
+            r = await _bare_group_commit(folder, producers, seconds, in_loop=in_loop)
+            runs.append((f"bare asyncio group commit, no SDK; {where}", r, producers, False))
     for label, r, producers, judged in runs:
         ideal = producers / sync
         if producers == 8:
