@@ -101,7 +101,7 @@ P = ParamSpec("P")
 #: Buckets (seconds) of the served-value age histogram.
 AGE_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0)
 
-#: How many symbols health reports staleness for (the most recently updated first).
+#: How many symbols health reports staleness for (the most recently used first).
 _HEALTH_STALENESS_SYMBOLS: Final = 200
 #: Order-flow settings that change only when metrics are published, not how they are
 #: computed: changing them keeps the calculator's state.
@@ -1826,17 +1826,12 @@ class DataRouter:
         now = self._clock.time_ms()
         out: dict[str, dict[str, bool]] = {}
         l1 = self._l1
+        # Peeks, not reads: a health check neither counts as an L1 hit or miss nor keeps
+        # entries from being evicted.
         for symbol in reversed(l1.symbols()[-_HEALTH_STALENESS_SYMBOLS:]):
-            tick = l1.get_tick(symbol)
-            flow = l1.get_order_flow(symbol)
-            candle_end = max(
-                (
-                    rows[-1].bucket_end
-                    for src in l1.candle_sources(symbol, "1m")
-                    if (rows := l1.get_candles(symbol, "1m", 1, src))
-                ),
-                default=None,
-            )
+            tick = l1.peek_tick(symbol)
+            flow = l1.peek_order_flow(symbol)
+            candle_end = l1.peek_candle_end(symbol, "1m")
             out[symbol] = {
                 "tick": tick is None or now - tick.timestamp > ttl.tick_seconds * 1000,
                 "candle": candle_end is None

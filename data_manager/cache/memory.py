@@ -623,8 +623,40 @@ class MemoryCache:
         return None
 
     def symbols(self) -> list[str]:
-        """Symbols with a latest tick in the cache (no TTL check; for health)."""
+        """Symbols with a latest tick in the cache, least recently used first (no TTL
+        check; for health)."""
         return [key for key in self._ticks if type(key) is str]
+
+    # ------------------------------------------------------------------ peeks (for health)
+
+    def peek_tick(self, symbol: str) -> TickData | None:
+        """The live any-source tick of ``symbol``, without counting a read: no hit or miss,
+        no LRU move; an expired entry is left for the next read to drop."""
+        entry = self._ticks.get(symbol)
+        if entry is None or self._now() - entry.stored_at >= self._tick_ttl:
+            return None
+        return entry.value
+
+    def peek_order_flow(self, symbol: str) -> OrderFlowMetrics | None:
+        """Like :meth:`peek_tick`, for the any-source order-flow metrics."""
+        entry = self._flows.get(symbol)
+        if entry is None or self._now() - entry.stored_at >= self._flow_ttl:
+            return None
+        return entry.value
+
+    def peek_candle_end(self, symbol: str, timeframe: str) -> int | None:
+        """The ``bucket_end`` of the newest candle in any live ring of ``(symbol,
+        timeframe)``, or None; like :meth:`peek_tick`, not a read."""
+        rings = self._ring_index.get((symbol, timeframe))
+        if not rings:
+            return None
+        now = self._now()
+        ends = [
+            ring.items[-1].bucket_end
+            for ring in rings.values()
+            if ring.items and now - ring.stored_at < self._candle_ttl
+        ]
+        return max(ends, default=None)
 
     def candle_sources(self, symbol: str, timeframe: str) -> list[str]:
         """Sources with a live (unexpired) ring for ``(symbol, timeframe)``.

@@ -314,3 +314,23 @@ async def test_health_reports_staleness_per_symbol_from_l1(tmp_path: Path) -> No
         clock.advance(3.0)  # past the 2 s tick TTL, within the 120 s candle TTL
         report = await r.health_check()
         assert report.staleness["EUR/USD"] == {"tick": True, "candle": False, "order_flow": True}
+
+
+async def test_health_check_is_not_an_l1_read(tmp_path: Path) -> None:
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    async with DataRouter(settings=settings, strategy=strategy_from_mapping({})) as r:
+        await r.save_tick(q(T0, 1.1))
+        await r.save_tick(q(T0, 1.2, symbol="GBP/USD"))
+        l1 = r.cache.l1
+        assert await r.get_latest_tick("EUR/USD") is not None  # one counted read
+        order = l1.symbols()
+        before = l1.stats()
+        report = await r.health_check()
+        assert set(report.staleness) == {"EUR/USD", "GBP/USD"}
+        after = l1.stats()
+        counted = ("tick_hits", "tick_misses", "candle_hits", "candle_misses")
+        counted += ("order_flow_hits", "order_flow_misses")
+        assert [getattr(after, n) for n in counted] == [getattr(before, n) for n in counted]
+        assert l1.symbols() == order  # nothing moved in the LRU order
