@@ -45,6 +45,7 @@ replica after a failover, answers again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -55,7 +56,6 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
-    NoScriptError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -70,14 +70,13 @@ from redis.exceptions import (
 from data_manager.cache.codec import decode_tick
 from data_manager.cache.redis import (
     _DRIVER_ERRORS,
-    _EVAL,
-    _EVALSHA,
     _NO_RETRY,
     WRITE_SCRIPT,
     WRITE_SCRIPT_SHA,
     RedisCache,
     WriteOp,
     _pack,
+    _run_script_calls,
     map_redis_errors,
 )
 from data_manager.errors import CacheError, ConfigurationError
@@ -664,15 +663,5 @@ class ClusterRedisCache(RedisCache):
     async def _apply_on(self, ops: Sequence[WriteOp], publish: tuple[str, bytes] | None) -> None:
         """Script calls on one node's keys (plus the PUBLISH), with the NOSCRIPT fallback."""
         key = str(ops[0].args[1]) if ops else self._channel if self._pin_bus else None
-        commands = [_EVALSHA + op.args for op in ops]
-        if publish is not None:
-            commands.append(("PUBLISH", *publish))
-        results = await self._run(key, commands)
-        missing = [op for op, r in zip(ops, results, strict=False) if isinstance(r, NoScriptError)]
-        if missing:
-            # This node lost its script cache (restart, failover, SCRIPT FLUSH): EVAL caches it.
-            results = [r for r in results if not isinstance(r, NoScriptError)]
-            results += await self._run(key, [_EVAL + op.args for op in missing])
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+        # One call per item: a call's keys must share a hash slot.
+        await _run_script_calls(functools.partial(self._run, key), [op.args for op in ops], publish)

@@ -64,7 +64,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, cast
 
 import hiredis
 import orjson
@@ -108,7 +108,7 @@ from data_manager.errors import (
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
     from pathlib import Path
 
     from data_manager.settings import DragonflySettings
@@ -245,9 +245,11 @@ _EVALSHA: Final = ("EVALSHA", WRITE_SCRIPT_SHA)
 _EVAL: Final = ("EVAL", WRITE_SCRIPT)
 # hiredis's stub types the argument as a 1-tuple; it takes any tuple of str/bytes/int.
 _pack: Final = cast("Callable[[tuple[str | bytes | int, ...]], bytes]", hiredis.pack_command)
+#: One call of the write script: the arguments after the SHA.
+_Call: TypeAlias = tuple[str | bytes | int, ...]
 
 
-def _script_calls(ops: Sequence[WriteOp]) -> list[tuple[str | bytes | int, ...]]:
+def _script_calls(ops: Sequence[WriteOp]) -> list[_Call]:
     """The script calls (arguments after the SHA) that carry out ``ops`` on one server.
 
     Every latest-value write goes into one ``M`` call, in order, so a batch of N ticks costs
@@ -256,8 +258,8 @@ def _script_calls(ops: Sequence[WriteOp]) -> list[tuple[str | bytes | int, ...]]
     """
     keys: list[str | bytes | int] = []
     argv: list[str | bytes | int] = ["M"]
-    calls: list[tuple[str | bytes | int, ...]] = []
-    single: tuple[str | bytes | int, ...] = ()
+    calls: list[_Call] = []
+    single: _Call = ()
     for op in ops:
         args = op.args
         if args[3] == "L":
@@ -271,6 +273,35 @@ def _script_calls(ops: Sequence[WriteOp]) -> list[tuple[str | bytes | int, ...]]
     elif keys:
         calls.append((len(keys), *keys, *argv))
     return calls
+
+
+async def _run_script_calls(
+    run: Callable[[Sequence[_Call]], Awaitable[list[Any]]],
+    calls: Sequence[_Call],
+    publish: tuple[str, bytes] | None = None,
+) -> None:
+    """Send ``calls`` of the write script (then the PUBLISH) through ``run``, one pipeline.
+
+    A call the server answers with NOSCRIPT (it lost its script cache: restart, failover,
+    SCRIPT FLUSH) is sent again with ``EVAL``, which caches the script. ``run`` sends a
+    pipeline and returns its replies, error replies included.
+
+    Raises:
+        Whatever ``run`` raises, and the first error reply.
+    """
+    commands = [_EVALSHA + call for call in calls]
+    if publish is not None:
+        commands.append(("PUBLISH", *publish))
+    results = await run(commands)
+    missing = [
+        call for call, r in zip(calls, results, strict=False) if isinstance(r, NoScriptError)
+    ]
+    if missing:
+        results = [r for r in results if not isinstance(r, NoScriptError)]
+        results += await run([_EVAL + call for call in missing])
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 def _translate(exc: BaseException, target: str) -> CacheError:
@@ -999,24 +1030,8 @@ class RedisCache:
             CacheError: The server refused a call.
         """
         self._admit()
-        calls = _script_calls(ops)
-        commands = [_EVALSHA + call for call in calls]
-        if publish is not None:
-            commands.append(("PUBLISH", *publish))
         try:
-            results = await self._pipeline(commands)
-            missing = [
-                call
-                for call, r in zip(calls, results, strict=False)
-                if isinstance(r, NoScriptError)
-            ]
-            if missing:
-                # The server lost its script cache (restart, SCRIPT FLUSH): EVAL caches it again.
-                results = [r for r in results if not isinstance(r, NoScriptError)]
-                results += await self._pipeline([_EVAL + call for call in missing])
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
+            await _run_script_calls(self._pipeline, _script_calls(ops), publish)
         except _DRIVER_ERRORS as exc:
             raise self._failure(exc) from exc
         self._counters.writes += len(ops)
