@@ -30,10 +30,18 @@ over since its last sync, writes it as one group, syncs once, and hands the whol
 to the event loop in one callback, which acknowledges its appenders in LSN order. Concurrent
 appenders thus share one sync: whoever arrives while a sync runs joins the next one (group
 commit), the event loop never blocks on the disk, and it keeps encoding the next group while
-the disk syncs the current one. A crash mid-write leaves a torn tail; opening the journal
-detects it (length or CRC check), moves the damaged bytes to a ``.corrupt-<offset>`` file
-beside the segment, logs it and carries on after the last good record. A torn record was
-never acknowledged, because acknowledgement waits for the sync.
+the disk syncs the current one.
+
+With ``sync="loop"`` there is no thread: the appends of one event-loop iteration are written
+and synced as one group by a callback at the start of the next iteration, which blocks the
+loop for the write and the sync. That saves the two thread wake-ups per group (costly on
+virtual machines) at the price of stalling everything else on the loop for as long as the
+disk takes to sync; it suits a process that mostly ingests.
+
+A crash mid-write leaves a torn tail; opening the journal detects it (length or CRC check),
+moves the damaged bytes to a ``.corrupt-<offset>`` file beside the segment, logs it and
+carries on after the last good record. A torn record was never acknowledged, because
+acknowledgement waits for the sync.
 
 The journal must sit on a local file system: ``flock`` over NFS is not dependable.
 """
@@ -65,6 +73,7 @@ from data_manager.errors import (
     ValidationError,
 )
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
+from data_manager.settings import JournalSync
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterator, Sequence
@@ -83,6 +92,7 @@ __all__ = [
     "JournalError",
     "JournalLockedError",
     "JournalStats",
+    "JournalSync",
     "decode_item",
     "encode_item",
     "find_orphans",
@@ -489,6 +499,51 @@ class _Committer:
                 self._wake.release()
 
 
+class _InlineCommitter:
+    """Group commit without a thread: each event loop commits its own appends.
+
+    :meth:`submit` queues an append and, for the first one since the loop's last commit,
+    schedules :meth:`_run` with ``call_soon``; appends made in the rest of that loop
+    iteration join the same group. ``_run`` writes and syncs the group in the event loop
+    and acknowledges it directly. ``_commit_lock`` keeps groups from two event loops (in
+    two threads) from interleaving, so file order, LSN order and acknowledgement order
+    stay one.
+    """
+
+    __slots__ = ("_commit_lock", "_journal", "_mutex", "_queues", "thread")
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = weakref.ref(journal)
+        self._mutex = threading.Lock()  # guards _queues
+        self._commit_lock = threading.Lock()
+        self._queues: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        self.thread: threading.Thread | None = None  # none: the close path has nothing to join
+
+    def submit(self, entry: _Pending) -> None:
+        """Queue ``entry`` for its event loop's next group (that loop's thread)."""
+        loop = entry.loop
+        with self._mutex:
+            queue = self._queues.get(loop)
+            if queue is not None:
+                queue.append(entry)
+                return
+            self._queues[loop] = [entry]
+        loop.call_soon(self._run, loop)
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._mutex:
+            group = self._queues.pop(loop, None)
+        journal = self._journal()
+        if group is None or journal is None:
+            return
+        with self._commit_lock:
+            outcome = journal._commit(group, None)
+        journal._settle(*outcome)
+
+    def stop(self) -> None:
+        """Nothing runs between groups; pending groups still commit when their loop runs."""
+
+
 #: A synced (or failed) group on its way back: (group, first LSN, None) or (group, None, error).
 _Outcome: TypeAlias = tuple[list[_Pending], int | None, JournalError | None]
 
@@ -548,6 +603,10 @@ class Journal:
         segment_bytes: Size after which a new segment file is started.
         checkpoint_every: Write the checkpoint file after this many records were stored
             (it is also written when a segment is deleted and on close).
+        sync: ``"thread"`` (default): a committer thread writes and syncs, and the event
+            loop never waits for the disk. ``"loop"``: the event loop writes and syncs each
+            group itself, blocking for the sync; fewer thread hand-offs, more throughput
+            where waking a thread is slow, but every other task on the loop waits too.
 
     Raises:
         ValidationError: An unusable ``instance_id`` or ``segment_bytes``.
@@ -560,6 +619,7 @@ class Journal:
         instance_id: str,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         checkpoint_every: int = 10_000,
+        sync: JournalSync = "thread",
     ) -> None:
         if not _INSTANCE_ID.match(instance_id) or instance_id == DEAD_LETTER_DIR:
             msg = f"journal instance id {instance_id!r} is not a usable folder name"
@@ -567,11 +627,15 @@ class Journal:
         if segment_bytes < 1024:
             msg = f"segment_bytes must be at least 1024, got {segment_bytes}"
             raise ValidationError(msg)
+        if sync not in ("thread", "loop"):
+            msg = f"journal sync must be 'thread' or 'loop', got {sync!r}"
+            raise ValidationError(msg)
         self.root = Path(directory)
         self.instance_id = instance_id
         self.path = self.root / instance_id
         self.segment_bytes = segment_bytes
         self.checkpoint_every = max(1, checkpoint_every)
+        self.sync: JournalSync = sync
         self.problems: list[str] = []
         self._state = _State.NEW
         self._lock = _FileLock(self.path / LOCK_NAME)
@@ -581,7 +645,7 @@ class Journal:
         self._next_lsn = 1
         self._stored_lsn = 0
         self._checkpointed = 0
-        self._committer: _Committer | None = None  # while open
+        self._committer: _Committer | _InlineCommitter | None = None  # while open
         self._stop_on_collect: weakref.finalize[[], Journal] | None = None
         self._read_cursor: tuple[int, int, int] | None = None  # (segment, offset, next lsn)
         self._appends = 0
@@ -827,6 +891,9 @@ class Journal:
             _open_journals.discard(self)
 
     def _start_committer(self) -> None:
+        if self.sync == "loop":
+            self._committer = _InlineCommitter(self)
+            return
         committer = _Committer()
         committer.thread = threading.Thread(
             target=_commit_forever,
@@ -839,7 +906,7 @@ class Journal:
         self._stop_on_collect = weakref.finalize(self, committer.stop)
         self._stop_on_collect.atexit = False  # a daemon thread: nothing to stop at exit
 
-    def _close_sync(self, committer: _Committer | None) -> None:
+    def _close_sync(self, committer: _Committer | _InlineCommitter | None) -> None:
         if self._stop_on_collect is not None:
             self._stop_on_collect.detach()
             self._stop_on_collect = None

@@ -597,7 +597,11 @@ class DataRouter:
 
     def _build_ingest(self, storage: Storage) -> IngestPipeline:
         batch = self._watcher.current.batch
-        journal = Journal(self.settings.journal_dir, instance_id=self.instance_id)
+        journal = Journal(
+            self.settings.journal_dir,
+            instance_id=self.instance_id,
+            sync=self.settings.journal_sync,
+        )
         return IngestPipeline(
             storage,
             journal=journal,

@@ -258,12 +258,12 @@ _CHILD: Final = textwrap.dedent(
     from data_manager.storage.postgres import PostgresStorage
 
     async def main() -> None:
-        url, schema, journal_dir, instance, batch = sys.argv[1:6]
+        url, schema, journal_dir, instance, batch, sync = sys.argv[1:7]
         storage = PostgresStorage(PostgresSettings(url=url, db_schema=schema))
         await storage.connect()
         pipeline = IngestPipeline(
             storage,
-            journal=Journal(journal_dir, instance_id=instance),
+            journal=Journal(journal_dir, instance_id=instance, sync=sync),
             batch_size=int(batch),
             max_batch=max(int(batch), 1000),
             flush_interval=0.02 if int(batch) < 10_000 else 3600.0,
@@ -291,9 +291,11 @@ _CHILD: Final = textwrap.dedent(
 )
 
 
-def start_child(url: str, schema: str, journal_dir: Path, instance: str, batch: int) -> Any:
+def start_child(
+    url: str, schema: str, journal_dir: Path, instance: str, batch: int, sync: str = "thread"
+) -> Any:
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, url, schema, str(journal_dir), instance, str(batch)],
+        [sys.executable, "-c", _CHILD, url, schema, str(journal_dir), instance, str(batch), sync],
         stdout=subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -322,12 +324,13 @@ def read_acks_then_kill(child: Any, kill_after: int) -> set[int]:
     return acked
 
 
+@pytest.mark.parametrize("sync", ["thread", "loop"])
 async def test_journal_mode_survives_kill_9(
-    postgres_url: str, pg_schema: str, tmp_path: Path, closing: list[Any]
+    postgres_url: str, pg_schema: str, tmp_path: Path, closing: list[Any], sync: str
 ) -> None:
     storage = await open_storage(postgres_url, pg_schema)
     closing.append(storage)
-    child = start_child(postgres_url, pg_schema, tmp_path, "child", 100)
+    child = start_child(postgres_url, pg_schema, tmp_path, "child", 100, sync)
     kill_after = random.randint(300, 3_000)
     acked = await asyncio.to_thread(read_acks_then_kill, child, kill_after)
     assert len(acked) >= kill_after

@@ -57,9 +57,9 @@ def segments(path: Path) -> list[Path]:
     return sorted(path.glob("*.seg"))
 
 
-@pytest.fixture
-async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
-    j = Journal(tmp_path, instance_id="me")
+@pytest.fixture(params=["thread", "loop"])
+async def journal(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Journal]:
+    j = Journal(tmp_path, instance_id="me", sync=request.param)
     await j.open()
     yield j
     await j.close()

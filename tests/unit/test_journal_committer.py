@@ -103,7 +103,7 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
 async def queued(journal: Journal, count: int) -> None:
     """Wait until ``count`` appends wait in the committer's queue (not yet taken)."""
     committer = journal._committer
-    assert committer is not None
+    assert isinstance(committer, journal_module._Committer)
     deadline = time.monotonic() + WAIT
     while True:
         with committer._mutex:
@@ -456,7 +456,7 @@ def test_one_group_from_two_event_loops_settles_on_each_loop(
     held = one.run(j.append([tick(1)]))
     assert hold.entered.wait(WAIT)
     committer = j._committer
-    assert committer is not None
+    assert isinstance(committer, journal_module._Committer)
     futures = []
     for i, lt in enumerate([one, two, two, one, two], start=2):
         futures.append(lt.run(j.append([tick(i)], on_durable=on_durable)))

@@ -18,6 +18,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -394,11 +395,17 @@ async def test_buffered_mode_stores_on_flush(tmp_path: Path) -> None:
         assert count_rows(path) == 300
 
 
-async def test_journal_mode_acknowledges_after_the_journal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("journal_sync", ["thread", "loop"])
+async def test_journal_mode_acknowledges_after_the_journal(
+    tmp_path: Path, journal_sync: str
+) -> None:
     path = tmp_path / "store.sqlite3"
     journal = tmp_path / "journal"
-    settings = embedded(tmp_path, write_mode="journal")
+    settings = embedded(tmp_path, write_mode="journal", journal_sync=journal_sync)
     async with DataRouter(settings, strategy=strategy(HELD)) as router:
+        name = f"journal-commit-{router.instance_id}"
+        committers = [t for t in threading.enumerate() if t.name == name]
+        assert len(committers) == (1 if journal_sync == "thread" else 0)
         for i in range(50):
             await router.save_tick(tick(T0 + i))
         assert journal_bytes(journal) > 50 * 40  # every record is on disk...

@@ -117,6 +117,15 @@ def test_invalid_values_are_configuration_errors(monkeypatch: pytest.MonkeyPatch
         DataManagerSettings()
 
 
+def test_journal_sync_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert DataManagerSettings().journal_sync == "thread"
+    monkeypatch.setenv("DATA_MANAGER_JOURNAL_SYNC", "loop")
+    assert DataManagerSettings().journal_sync == "loop"
+    monkeypatch.setenv("DATA_MANAGER_JOURNAL_SYNC", "disk")
+    with pytest.raises(ConfigurationError, match="journal_sync"):
+        DataManagerSettings()
+
+
 def test_unknown_static_key_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = write_static(tmp_path / "c", "postgresql.json", {"connection": {"hots": "typo"}})
     monkeypatch.setenv("DATA_MANAGER_CONFIG_DIR", str(cfg))
