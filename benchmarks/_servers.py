@@ -98,8 +98,9 @@ class RouterSpec:
         )
 
 
-def build_router(spec: RouterSpec) -> Any:
-    """A :class:`data_manager.DataRouter` (not yet initialised) for ``spec``.
+def build_router(spec: RouterSpec, **fields: Any) -> Any:
+    """A :class:`data_manager.DataRouter` (not yet initialised) for ``spec``; ``fields``
+    are further :class:`~data_manager.settings.DataManagerSettings` fields.
 
     The configuration folder is an empty one, so nothing in ``./config`` changes what is
     measured; the strategy is fixed (no file watching). Each router gets its own journal
@@ -124,6 +125,7 @@ def build_router(spec: RouterSpec) -> Any:
         dragonfly=dragonfly,
         journal_dir=journal_dir,
         watch_strategy=False,
+        **fields,
     )
     return DataRouter(settings=settings, strategy=strategy_from_mapping(dict(spec.strategy)))
 
