@@ -537,8 +537,16 @@ class _InlineCommitter:
         if group is None or journal is None:
             return
         with self._commit_lock:
-            outcome = journal._commit(group, None)
+            if journal.is_open:
+                outcome = journal._commit(group, None)
+            else:  # closed from another event loop since these were queued
+                outcome = (group, None, JournalError(f"{journal!r} is closed"))
         journal._settle(*outcome)
+
+    def close(self, journal: Journal) -> None:
+        """Mark ``journal`` closed once no other event loop is inside a commit."""
+        with self._commit_lock:
+            journal._state = _State.CLOSED
 
     def stop(self) -> None:
         """Nothing runs between groups; pending groups still commit when their loop runs."""
@@ -884,8 +892,11 @@ class Journal:
             self._state = _State.CLOSED
             return
         await self.wait_idle()
-        self._state = _State.CLOSED
         committer, self._committer = self._committer, None
+        if isinstance(committer, _InlineCommitter):
+            committer.close(self)  # waits for a commit of another event loop, if one runs
+        else:
+            self._state = _State.CLOSED
         await asyncio.to_thread(self._close_sync, committer)
         if _open_journals is not None:
             _open_journals.discard(self)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import data_manager.journal as journal_module
-from data_manager.errors import ValidationError
+from data_manager.errors import JournalError, ValidationError
 from data_manager.journal import Journal
 from data_manager.models import TickData
 from tests.unit.test_journal_committer import WAIT, LoopThread, seqs, tick
@@ -140,3 +140,28 @@ def test_two_event_loops_commit_in_one_lsn_order(
     one.run(j.mark_stored(200)).result(WAIT)
     one.run(j.close()).result(WAIT)
     assert not j.path.exists()
+
+
+def test_appends_queued_on_another_loop_fail_once_the_journal_is_closed(
+    tmp_path: Path, loops: tuple[LoopThread, LoopThread]
+) -> None:
+    one, two = loops
+    j = Journal(tmp_path, instance_id="late", sync="loop")
+    one.run(j.open()).result(WAIT)
+    blocked, release = threading.Event(), threading.Event()
+
+    async def queue_then_block() -> asyncio.Future[int]:
+        append = asyncio.ensure_future(j.append([tick(0)]))
+        await asyncio.sleep(0)  # the append queues its record; its commit is scheduled next
+        blocked.set()
+        release.wait(WAIT)  # hold this loop before the commit runs
+        return append
+
+    queued = two.run(queue_then_block())
+    assert blocked.wait(WAIT)
+    one.run(j.close()).result(WAIT)
+    release.set()
+    append = queued.result(WAIT)
+    with pytest.raises(JournalError, match="closed"):
+        two.run(asyncio.wait_for(append, WAIT)).result(WAIT)
+    assert not j.path.exists()  # nothing was written after close
