@@ -21,13 +21,14 @@ import pytest
 import data_manager.journal as journal_module
 from data_manager.journal import Journal, JournalError
 from data_manager.models import TickData
+from tests.unit.conftest import WAIT
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-    from typing import Any
+    from collections.abc import AsyncIterator, Callable, Sequence
+
+    from tests.unit.conftest import LoopThread
 
 T0 = 1_727_996_400_000
-WAIT = 30.0  # a deadline for threads that must not hang the suite, never a measurement
 
 
 def tick(seq: int) -> TickData:
@@ -413,31 +414,6 @@ async def test_a_forked_child_forgets_the_journal_and_the_parent_keeps_it(
 
 
 # --------------------------------------------------------------------------- several loops
-
-
-class LoopThread:
-    """An event loop running in a thread of its own."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(WAIT)
-        self.loop.close()
-
-
-@pytest.fixture
-def loops() -> Iterator[tuple[LoopThread, LoopThread]]:
-    pair = (LoopThread(), LoopThread())
-    yield pair
-    for lt in pair:
-        lt.stop()
 
 
 def test_one_group_from_two_event_loops_settles_on_each_loop(

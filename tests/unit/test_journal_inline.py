@@ -17,10 +17,13 @@ import data_manager.journal as journal_module
 from data_manager.errors import JournalError, ValidationError
 from data_manager.journal import Journal
 from data_manager.models import TickData
-from tests.unit.test_journal_committer import WAIT, LoopThread, seqs, tick
+from tests.unit.conftest import WAIT
+from tests.unit.test_journal_committer import seqs, tick
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Sequence
+    from collections.abc import AsyncIterator, Sequence
+
+    from tests.unit.conftest import LoopThread
 
 
 @pytest.fixture
@@ -29,14 +32,6 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
     await j.open()
     yield j
     await j.close()
-
-
-@pytest.fixture
-def loops() -> Iterator[tuple[LoopThread, LoopThread]]:
-    pair = (LoopThread(), LoopThread())
-    yield pair
-    for lt in pair:
-        lt.stop()
 
 
 def test_sync_must_be_thread_or_loop(tmp_path: Path) -> None:
