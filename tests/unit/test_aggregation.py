@@ -291,6 +291,26 @@ def test_folded_buckets_equal_per_tick_updates(data: st.DataObject) -> None:
     assert folded.close_idle(2**62) == per_tick.close_idle(2**62)
 
 
+def test_restore_into_a_live_series_keeps_folded_buckets_exact() -> None:
+    """restore() skips a series that already has state, but first makes the coarser buckets
+    take in the finest forming candle for good: they must still equal per-tick updating."""
+    per_tick = CandleAggregator(timeframes=["1m", "5m"], emit_forming=True)
+    folded = CandleAggregator(timeframes=["1m", "5m"], emit_forming=False)
+    first = [tick(T0 + i * 10_000, 1.1 + i * 1e-4) for i in range(9)]  # 1m closes once
+    later = [tick(T0 + 90_000 + i * 10_000, 1.2 - i * 1e-4) for i in range(30)]  # 5m closes
+    for t in first:
+        assert folded.update(t) == [c for c in per_tick.update(t) if c.is_closed]
+    stored = per_tick.forming()
+    assert folded.restore(stored) == per_tick.restore(stored) == 0
+    closed: list[CandleData] = []
+    for t in later:
+        emitted = folded.update(t)
+        assert emitted == [c for c in per_tick.update(t) if c.is_closed]
+        closed += emitted
+    assert [(c.timeframe, c.num_trades) for c in closed if c.timeframe == "5m"] == [("5m", 30)]
+    assert folded.forming() == per_tick.forming()
+
+
 @PROPERTY_SETTINGS
 @given(data=st.data())
 def test_gap_candles_match_pandas_forward_fill(data: st.DataObject) -> None:
