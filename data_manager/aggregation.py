@@ -353,16 +353,28 @@ class _Bucket:
         return values
 
     def _fold_in(self, values: dict[str, Any]) -> dict[str, Any]:
-        # Every tick of the finest forming candle is later than every tick held here, so
-        # it supplies the close and end time; high and low are the extremes of both.
-        count = self.count
+        return self._derive(values, self._take_fine(values, self.count))
+
+    def fine_candle(self) -> dict[str, Any] | None:
+        """The finest bucket's forming candle when it lies inside this bucket, else None."""
         fine = self.fine
-        assert fine is not None  # only folded buckets get here
+        assert fine is not None  # only buckets that fold it ask
         current = fine.values
         if current is not None and self.start <= fine.start < self.end:
-            _merge_later(values, current, empty=count == 0)
-            count += fine.count
-        return self._derive(values, count)
+            return current
+        return None
+
+    def _take_fine(self, values: dict[str, Any], count: int) -> int:
+        """Merge the finest forming candle (if inside this bucket) into ``values``, which
+        hold ``count`` ticks; return the ticks of both."""
+        # Every tick of the finest forming candle is later than every tick held here, so
+        # it supplies the close and end time; high and low are the extremes of both.
+        current = self.fine_candle()
+        if current is None:
+            return count
+        _merge_later(values, current, empty=count == 0)
+        assert self.fine is not None
+        return count + self.fine.count
 
     def absorb(self, closed: dict[str, Any]) -> None:
         """Fold a closed candle of the finest bucket (later than every tick held here)."""
@@ -374,10 +386,9 @@ class _Bucket:
     def unfold(self) -> None:
         """Take in the finest forming candle for good: update per tick again from now on."""
         if self.folded:
-            fine = self.fine
-            assert fine is not None
-            if fine.values is not None and self.start <= fine.start < self.end:
-                self.absorb(self._derive(fine.values.copy(), fine.count))
+            values = self.values
+            assert values is not None  # folded buckets are forming
+            self.count = self._take_fine(values, self.count)
             self.folded = False
 
     def add_volume(self, price: float, volume: float) -> None:
@@ -644,13 +655,8 @@ class CandleAggregator:
         """
         fine = bucket.fine
         assert fine is not None
-        unseen = (
-            fine.values is not None
-            and not fine.start <= ts < fine.end  # not the candle this tick opened
-            and bucket.start <= fine.start < bucket.end
-        )
-        if unseen:
-            return
+        if bucket.fine_candle() is not None and not fine.start <= ts < fine.end:
+            return  # a candle this bucket never saw (not the one this tick opened)
         if where == _OPENS_FINE:
             bucket.folded = True
             bucket.count = 0  # the opening tick lives in the finest bucket's new candle
