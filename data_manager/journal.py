@@ -23,7 +23,14 @@ a log sequence number (LSN), consecutive within a segment; a segment's file name
 LSN. Decoding re-validates the model: what comes back from disk is untrusted input.
 
 Durability: :meth:`Journal.append` returns after the bytes are written and ``fdatasync``'d
-(plus an ``fsync`` of the folder when a segment file is created). Each open journal has one
+(plus an ``fsync`` of the folder when a segment file is created). The active segment is
+extended with zeros :data:`PREALLOCATE_BYTES` at a time, ahead of the records, so a group
+overwrites blocks the file already has: its ``fdatasync`` then flushes data only, with no
+file size to commit through the file system's own journal (an append's ``fdatasync`` must
+commit the new size too, and waits behind every other process's metadata on that file
+system, e.g. a database's WAL). Only the group that extends the file pays for that. Zeros
+after the last record are the unused part of that allowance, not damage; closing the
+journal trims them. Each open journal has one
 committer thread that writes and syncs continuously: the event loop hands it the encoded
 records (waking it only when it is idle) and goes on; the thread takes everything handed
 over since its last sync, writes it as one group, syncs once, and hands the whole group back
@@ -116,6 +123,9 @@ _TMP_PREFIX: Final = ".tmp-"
 _HEADER: Final = struct.Struct("<II")
 _LENGTH: Final = struct.Struct("<I")
 _READ_CHUNK: Final = 4 * 1024 * 1024
+#: Zeros written ahead of the active segment's end, so that group writes overwrite blocks
+#: that already exist and ``fdatasync`` has no file size to commit (see the module docstring).
+PREALLOCATE_BYTES: Final = 1024 * 1024
 _TMP_STALE_SECONDS: Final = 60.0
 _INSTANCE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEGMENT_NAME: Final = re.compile(r"^(\d{20})\.seg$")
@@ -231,6 +241,22 @@ def _sync(fd: int) -> None:
         os.fdatasync(fd)
     else:  # pragma: no cover - macOS/Windows
         os.fsync(fd)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (the descriptor's position is not used)."""
+    view = memoryview(data)
+    while view:
+        if _PWRITE is not None:
+            written = _PWRITE(fd, view, offset)
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
+        view = view[written:]
+        offset += written
+
+
+_PWRITE: Final = getattr(os, "pwrite", None)
 
 
 class _FileLock:
@@ -650,6 +676,7 @@ class Journal:
         self._io = threading.Lock()  # guards _segments against the committer and workers
         self._segments: list[_Segment] = []
         self._active_fd: int | None = None
+        self._active_end = 0  # bytes in the active segment file: records, then zeros
         self._next_lsn = 1
         self._stored_lsn = 0
         self._checkpointed = 0
@@ -841,7 +868,9 @@ class Journal:
             self._problem(f"{path}: unknown segment format; moved to {aside.name}")
             return None
         payloads, pos, problem, short = _parse(data, len(MAGIC), len(data))
-        if pos < len(data):
+        if pos < len(data) and data.count(0, pos) == len(data) - pos:
+            pass  # zeros written ahead of the records (the owner did not close it)
+        elif pos < len(data):
             reason = problem or ("torn record" if short else "trailing bytes")
             self._quarantine_tail(path, data, pos, reason)
         return _Segment(first_lsn=first_lsn, path=path, records=len(payloads), size=pos)
@@ -925,9 +954,7 @@ class Journal:
             committer.stop()
             if committer.thread is not None:
                 committer.thread.join()
-        if self._active_fd is not None:
-            os.close(self._active_fd)
-            self._active_fd = None
+        self._release_active()
         try:
             if self.pending_records == 0:
                 self._remove_all()
@@ -1103,10 +1130,12 @@ class Journal:
         assert self._active_fd is not None
         fd = self._active_fd
         try:
-            view = memoryview(buf)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            end = segment.size + len(buf)
+            if end > self._active_end:
+                ahead = end + PREALLOCATE_BYTES
+                _write_at(fd, bytes(ahead - self._active_end), self._active_end)
+                self._active_end = ahead
+            _write_at(fd, buf, segment.size)
         except OSError as exc:
             self._undo_write(fd, segment)
             msg = f"cannot write the journal {segment.path}: {exc}"
@@ -1139,6 +1168,7 @@ class Journal:
         # starts on a record boundary. If even that fails the segment is abandoned.
         try:
             os.ftruncate(fd, segment.size)
+            self._active_end = segment.size  # the zeros ahead went with the rest
             _sync(fd)
         except OSError:
             logger.exception("journal %s: cannot truncate a failed write", segment.path)
@@ -1156,11 +1186,9 @@ class Journal:
             and current.first_lsn + current.records == self._next_lsn
         ):
             return current
-        if self._active_fd is not None:
-            os.close(self._active_fd)
-            self._active_fd = None
+        self._release_active()
         path = self.path / f"{self._next_lsn:020d}{SEGMENT_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, MAGIC)
             _sync(fd)
@@ -1173,7 +1201,24 @@ class Journal:
         with self._io:
             self._segments.append(segment)
         self._active_fd = fd
+        self._active_end = len(MAGIC)
         return segment
+
+    def _release_active(self) -> None:
+        """Close the active segment, cutting off the zeros written ahead of its records."""
+        fd, self._active_fd = self._active_fd, None
+        if fd is None:
+            return
+        with self._io:
+            current = self._segments[-1] if self._segments else None
+        try:
+            if current is not None and self._active_end > current.size:
+                # Not synced: zeros or not, a later scan reads the same records.
+                os.ftruncate(fd, current.size)
+        except OSError:
+            logger.warning("journal %s: cannot trim the segment %s", self.path, current)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ read / checkpoint
 

@@ -232,6 +232,88 @@ async def test_torn_tail_is_cut_off_and_kept_aside(tmp_path: Path) -> None:
     await again.close()
 
 
+def logical_size(*items: TickData) -> int:
+    """Bytes of a segment holding ``items``: the magic, then one record each."""
+    return len(MAGIC) + sum(len(journal_module._frame(encode_item(item))) for item in items)
+
+
+async def test_segment_is_extended_with_zeros_ahead_and_trimmed_on_close(
+    journal: Journal,
+) -> None:
+    await journal.append([tick(0), tick(1)])
+    (seg,) = segments(journal.path)
+    logical = logical_size(tick(0), tick(1))
+    assert journal.stats().size_bytes == logical
+    assert seg.stat().st_size == logical + journal_module.PREALLOCATE_BYTES
+    assert seg.read_bytes()[logical:] == bytes(journal_module.PREALLOCATE_BYTES)
+    await journal.append([tick(2)])  # fits in the zeros: the file does not grow
+    assert seg.stat().st_size == logical + journal_module.PREALLOCATE_BYTES
+    await journal.close()  # records not stored: the segment stays, without the zeros
+    assert seg.stat().st_size == logical_size(tick(0), tick(1), tick(2))
+
+
+async def test_a_group_larger_than_the_zeros_ahead_extends_past_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path, instance_id="big")
+    await j.open()
+    big = [tick(i) for i in range(journal_module.PREALLOCATE_BYTES // 100)]
+    await j.append(big)
+    (seg,) = segments(j.path)
+    assert seg.stat().st_size == logical_size(*big) + journal_module.PREALLOCATE_BYTES
+    await j.close()
+    again = Journal(tmp_path, instance_id="big")
+    await again.open()
+    assert [item for _, item in again.replay()] == big
+    await again.close()
+
+
+def copy_segments(source: Path, target: Path) -> None:
+    """What an owner killed mid-run leaves: its segments as they are, never closed."""
+    target.mkdir()
+    for seg in segments(source):
+        (target / seg.name).write_bytes(seg.read_bytes())
+
+
+async def test_zeros_after_the_last_record_are_not_damage(tmp_path: Path) -> None:
+    j = Journal(tmp_path, instance_id="live")
+    await j.open()
+    await j.append([tick(0), tick(1), tick(2)])
+    copy_segments(j.path, tmp_path / "dead")
+    await j.close()
+
+    again = Journal(tmp_path, instance_id="dead")
+    await again.open()
+    assert [lsn for lsn, _ in again.replay()] == [1, 2, 3]
+    assert again.problems == []
+    assert list(again.path.glob("*.corrupt-*")) == []
+    await again.append([tick(3)])  # a new segment after the old one's records
+    assert [lsn for lsn, _ in again.replay()] == [1, 2, 3, 4]
+    await again.close()
+
+
+async def test_a_record_inside_the_zeros_is_damage_kept_aside(tmp_path: Path) -> None:
+    j = Journal(tmp_path, instance_id="live")
+    await j.open()
+    await j.append([tick(0), tick(1)])
+    copy_segments(j.path, tmp_path / "dead")
+    await j.close()
+    (seg,) = segments(tmp_path / "dead")
+    data = bytearray(seg.read_bytes())
+    end = logical_size(tick(0), tick(1))
+    stray = journal_module._frame(encode_item(tick(9)))
+    data[end + 4096 : end + 4096 + len(stray)] = stray  # a record after a gap of zeros
+    seg.write_bytes(bytes(data))
+
+    again = Journal(tmp_path, instance_id="dead")
+    await again.open()
+    assert [item.seq for _, item in again.replay()] == [0, 1]  # type: ignore[union-attr]
+    assert "invalid record length 0" in again.problems[0]
+    (aside,) = again.path.glob("*.corrupt-*")
+    assert aside.name.endswith(f".corrupt-{end}")
+    assert stray in aside.read_bytes()  # kept for a person
+    assert seg.stat().st_size == end
+    await again.close()
+
+
 async def test_crc_mismatch_stops_the_segment_there(tmp_path: Path) -> None:
     j = Journal(tmp_path, instance_id="crc")
     await j.open()
