@@ -207,6 +207,10 @@ class IngestPipeline:
         journal: This instance's journal (opened by :meth:`start` if needed); ``None``
             disables ``journal`` mode, spilling and orphan adoption.
         batch_size: Flush when this many items are queued.
+        journal_batch_size: Flush when this many items are queued counting those from
+            ``journal`` mode, which are on disk already: they wait for a larger batch (fewer
+            database commits), or for the flush interval. Taken as at least ``batch_size``
+            and at most ``max_batch``.
         flush_interval: ...or when the oldest queued item is this many seconds old.
         max_batch: Upper bound of one group commit.
         max_queue: Queue bound; a submit beyond it waits (back-pressure).
@@ -235,6 +239,7 @@ class IngestPipeline:
         *,
         journal: Journal | None = None,
         batch_size: int = 100,
+        journal_batch_size: int = 2_000,
         flush_interval: float = 1.0,
         max_batch: int = 50_000,
         max_queue: int = 100_000,
@@ -268,6 +273,7 @@ class IngestPipeline:
         self._space: asyncio.Future[None] | None = None
         # Set (and checked) by configure() below.
         self._batch_size = batch_size
+        self._journal_batch_size = journal_batch_size
         self._flush_interval = flush_interval
         self._max_batch = max_batch
         self._max_queue = max_queue
@@ -278,6 +284,7 @@ class IngestPipeline:
         self._retry_jitter = retry_jitter
         self.configure(
             batch_size=batch_size,
+            journal_batch_size=journal_batch_size,
             flush_interval=flush_interval,
             max_batch=max_batch,
             max_queue=max_queue,
@@ -295,6 +302,7 @@ class IngestPipeline:
         self._state = PipelineState.NEW
         self._queue: collections.deque[_Entry] = collections.deque()
         self._oldest = 0.0  # monotonic time the oldest queued item arrived (lower bound)
+        self._urgent = 0  # queued items not (yet) on disk: buffered ones, not journal ones
         self._held: list[_Entry] | None = None  # the batch the writer is placing
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
         self._backlog: list[Journal] = []  # journals to replay, in order
@@ -360,6 +368,7 @@ class IngestPipeline:
         self,
         *,
         batch_size: int | _Unset = _UNSET,
+        journal_batch_size: int | _Unset = _UNSET,
         flush_interval: float | _Unset = _UNSET,
         max_batch: int | _Unset = _UNSET,
         max_queue: int | _Unset = _UNSET,
@@ -379,6 +388,9 @@ class IngestPipeline:
         """
         new = {
             "batch_size": self._batch_size if batch_size is _UNSET else batch_size,
+            "journal_batch_size": (
+                self._journal_batch_size if journal_batch_size is _UNSET else journal_batch_size
+            ),
             "flush_interval": (
                 self._flush_interval if flush_interval is _UNSET else flush_interval
             ),
@@ -396,7 +408,13 @@ class IngestPipeline:
         jitter = self._retry_jitter if retry_jitter is _UNSET else retry_jitter
         problems = [
             f"{name} must be >= 1"
-            for name in ("batch_size", "max_batch", "max_queue", "retry_attempts")
+            for name in (
+                "batch_size",
+                "journal_batch_size",
+                "max_batch",
+                "max_queue",
+                "retry_attempts",
+            )
             if new[name] < 1
         ]
         problems += [
@@ -414,8 +432,12 @@ class IngestPipeline:
             msg = "invalid write-path settings: " + "; ".join(problems)
             raise ConfigurationError(msg)
         self._batch_size = int(new["batch_size"])
+        self._journal_batch_size = int(new["journal_batch_size"])
         self._flush_interval = float(new["flush_interval"])
         self._max_batch = int(new["max_batch"])
+        self._journal_trigger = min(
+            max(self._batch_size, self._journal_batch_size), self._max_batch
+        )
         self._max_queue = int(new["max_queue"])
         self._retry_attempts = int(new["retry_attempts"])
         self._retry_initial = float(new["retry_initial"])
@@ -600,6 +622,7 @@ class IngestPipeline:
         leftovers = held + list(self._queue)
         self._held = None
         self._queue.clear()
+        self._urgent = 0
         fresh = [e for e in leftovers if type(e) is not tuple]
         if not fresh:
             return
@@ -693,6 +716,7 @@ class IngestPipeline:
 
     def _enqueue(self, entry: _Entry) -> None:
         queue = self._queue
+        self._urgent += 1
         if not queue:
             self._oldest = self._clock.monotonic()
             queue.append(entry)
@@ -700,9 +724,23 @@ class IngestPipeline:
                 self._wake.set()  # start the interval timer
         else:
             queue.append(entry)
-            if self._writer_idle and len(queue) >= self._batch_size:
+            if self._writer_idle and (
+                self._urgent >= self._batch_size or len(queue) >= self._journal_trigger
+            ):
                 self._wake.set()
         self._enqueued += 1
+
+    def _enqueue_durable(self, items: Sequence[IngestItem], first_lsn: int) -> None:
+        """Queue journaled items (with their LSNs) for the database."""
+        queue = self._queue
+        if not queue:
+            self._oldest = self._clock.monotonic()
+            if self._writer_idle:
+                self._wake.set()  # start the interval timer
+        queue.extend(zip(items, range(first_lsn, first_lsn + len(items)), strict=True))
+        self._enqueued += len(items)
+        if self._writer_idle and len(queue) >= self._journal_trigger:
+            self._wake.set()
 
     async def _wait_for_space(self) -> None:
         """Wait until one more item fits (back-pressure)."""
@@ -775,8 +813,7 @@ class IngestPipeline:
                 self._backlog.append(own)
             self.wake()
             return
-        for offset, item in enumerate(items):
-            self._enqueue((item, first_lsn + offset))
+        self._enqueue_durable(items, first_lsn)
 
     # ------------------------------------------------------------------ sync writes
 
@@ -879,7 +916,8 @@ class IngestPipeline:
     def _batch_due(self, now: float) -> bool:
         n = len(self._queue)
         return bool(n) and (
-            n >= self._batch_size
+            self._urgent >= self._batch_size
+            or n >= self._journal_trigger
             or self._flush_target > self._taken
             or self._state is not PipelineState.RUNNING
             or now - self._oldest >= self._flush_interval
@@ -940,6 +978,10 @@ class IngestPipeline:
         n = min(len(queue), self._max_batch)
         batch = [queue.popleft() for _ in range(n)]
         self._taken += n
+        if queue:
+            self._urgent -= sum(1 for entry in batch if type(entry) is not tuple)
+        else:
+            self._urgent = 0
         # What is left (only past max_batch) keeps the old _oldest: flushed promptly.
         self._release_space()
         return batch

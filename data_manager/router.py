@@ -606,6 +606,7 @@ class DataRouter:
             storage,
             journal=journal,
             batch_size=batch.size,
+            journal_batch_size=batch.journal_size,
             flush_interval=batch.flush_interval_seconds,
             max_batch=batch.max_batch,
             max_queue=batch.max_queue,
@@ -689,6 +690,7 @@ class DataRouter:
             b = new.batch
             self._ingest.configure(
                 batch_size=b.size,
+                journal_batch_size=b.journal_size,
                 flush_interval=b.flush_interval_seconds,
                 max_batch=b.max_batch,
                 put_timeout=b.put_timeout_seconds,

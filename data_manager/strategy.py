@@ -413,6 +413,14 @@ class BatchStrategy(_StrategyModel):
     """The write-behind batcher."""
 
     size: int = Field(default=100, ge=1, description="Flush when this many are queued.")
+    journal_size: int = Field(
+        default=2_000,
+        ge=1,
+        description=(
+            "Flush when this many are queued counting journal-mode items, which are on disk "
+            "already (fewer database commits); at least `size`, at most `max_batch`."
+        ),
+    )
     flush_interval_seconds: Seconds = Field(default=1.0, description="...or after this long.")
     max_queue: int = Field(
         default=100_000, ge=1, description="Queue bound (back-pressure); restart required."

@@ -205,6 +205,55 @@ async def test_batch_size_triggers_a_flush(make: Any, storage: FakeStorage) -> N
     assert storage.call_sizes() == [10]
 
 
+async def test_journal_mode_items_wait_for_the_journal_batch_size(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=10, journal_batch_size=30)
+    await asyncio.gather(*(pipeline.submit(tick(i), mode="journal") for i in range(29)))
+    await settle()
+    assert storage.calls == []  # past batch_size, but already on disk: no hurry
+    await pipeline.submit(tick(29), mode="journal")
+    await storage.wait_ticks(30)
+    assert storage.call_sizes() == [30]
+
+
+async def test_buffered_items_keep_their_batch_size_beside_journal_items(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=10, journal_batch_size=100, max_batch=60)
+    await asyncio.gather(*(pipeline.submit(tick(i), mode="journal") for i in range(35)))
+    for i in range(35, 44):
+        await pipeline.submit(tick(i))
+    await settle()
+    assert storage.calls == []  # 9 buffered items, below batch_size; 44 in all, below 60
+    await pipeline.submit(tick(44))
+    await storage.wait_ticks(45)
+    assert storage.call_sizes() == [45]  # the batch takes everything queued
+
+
+async def test_what_a_capped_batch_leaves_counts_toward_the_batch_size(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=10, journal_batch_size=100, max_batch=40)
+    storage.gate = asyncio.Event()
+    for i in range(10):
+        await pipeline.submit(tick(i))
+    await storage.entered.wait()  # the writer is inside the first write
+    await asyncio.gather(*(pipeline.submit(tick(i), mode="journal") for i in range(10, 45)))
+    for i in range(45, 54):
+        await pipeline.submit(tick(i))
+    storage.gate.set()
+    await until(lambda: len(storage.calls) == 2)
+    assert storage.call_sizes() == [10, 40]  # 35 journaled + 5 buffered; 4 buffered left
+    for i in range(54, 59):
+        await pipeline.submit(tick(i))
+    await settle()
+    assert len(storage.calls) == 2  # 9 buffered queued: below batch_size
+    await pipeline.submit(tick(59))
+    await storage.wait_ticks(60)
+    assert storage.call_sizes() == [10, 40, 10]
+
+
 async def test_flush_interval_triggers_a_flush(
     make: Any, storage: FakeStorage, clock: ManualClock
 ) -> None:

@@ -49,6 +49,7 @@ DATA_MANAGER_STRATEGY = {
     # Write-behind batching: flush at `size` items or after `flush_interval_seconds`.
     "batch": {
         "size": 100,
+        "journal_size": 2_000,  # ...counting journal-mode items (already on disk)
         "flush_interval_seconds": 1.0,
         "max_queue": 100_000,  # back-pressure bound; restart required
         "put_timeout_seconds": None,  # how long a save waits on a full queue; None = forever
