@@ -532,7 +532,7 @@ async def _journal_rate(
     seconds: float,
     pool: list[Any],
     strategy: dict[str, Any] | None = None,
-    journal_sync: str = "thread",
+    journal_sync: str = "auto",
 ) -> dict[str, Any]:
     spec = scratch.spec(f"journal{producers}", strategy)
     router = build_router(spec, journal_sync=journal_sync)
@@ -696,6 +696,18 @@ async def journal(scratch: Scratch, group: Group, pool: list[Any], *, quick: boo
     runs = [
         ("shipped strategy", await _journal_rate(scratch, 8, seconds, pool), 8, True),
         ("shipped strategy", await _journal_rate(scratch, 64, seconds, pool), 64, True),
+        (
+            "shipped strategy, DATA_MANAGER_JOURNAL_SYNC=thread",
+            await _journal_rate(scratch, 8, seconds, pool, journal_sync="thread"),
+            8,
+            False,
+        ),
+        (
+            "shipped strategy, DATA_MANAGER_JOURNAL_SYNC=thread",
+            await _journal_rate(scratch, 64, seconds, pool, journal_sync="thread"),
+            64,
+            False,
+        ),
         (
             "shipped strategy, DATA_MANAGER_JOURNAL_SYNC=loop",
             await _journal_rate(scratch, 8, seconds, pool, journal_sync="loop"),

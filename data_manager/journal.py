@@ -39,6 +39,13 @@ appenders thus share one sync: whoever arrives while a sync runs joins the next 
 commit), the event loop never blocks on the disk, and it keeps encoding the next group while
 the disk syncs the current one.
 
+With ``sync="aio"`` (the default ``"auto"`` picks it wherever Linux AIO works, else the
+thread) there is no thread either: the event loop writes each group to the page cache and
+submits its ``fdatasync`` to the kernel with ``io_submit``; the completion signals an
+``eventfd`` the loop watches, and the loop then acknowledges the group and writes the next
+one, gathered meanwhile. The loop never waits for the disk and no thread is woken or holds
+the GIL.
+
 With ``sync="loop"`` there is no thread: the appends of one event-loop iteration are written
 and synced as one group by a callback at the start of the next iteration, which blocks the
 loop for the write and the sync. That saves the two thread wake-ups per group (costly on
@@ -69,6 +76,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -516,6 +524,10 @@ class _Committer:
                 self._idle = True
             self._wake.acquire()
 
+    def close(self, journal: Journal) -> None:
+        """Mark ``journal`` closed (the thread is idle by now; ``stop`` ends it)."""
+        journal._state = _State.CLOSED
+
     def stop(self) -> None:
         """Let the thread finish what is queued, then exit (any thread; idempotent)."""
         with self._mutex:
@@ -578,6 +590,151 @@ class _InlineCommitter:
         """Nothing runs between groups; pending groups still commit when their loop runs."""
 
 
+class _AioCommitter:
+    """Group commit with Linux AIO: the event loop writes each group and has the kernel
+    ``fdatasync`` it in the background, then acknowledges it when the completion arrives.
+
+    The write goes to the page cache (microseconds); the sync is an ``IOCB_CMD_FDSYNC``
+    submitted with ``io_submit`` whose completion signals an ``eventfd`` the loop watches.
+    So the loop neither waits for the disk nor hands anything to a thread (no wake-ups, no
+    GIL hand-offs): while the disk syncs one group it runs other tasks and collects the next
+    group, which is written and submitted as soon as the completion is read. One sync is in
+    flight at a time, so file order, LSN order and acknowledgement order stay one. Bound to
+    the event loop that opened the journal.
+    """
+
+    __slots__ = (
+        "_block",
+        "_blocks",
+        "_ctx",
+        "_efd",
+        "_inflight",
+        "_journal",
+        "_loop",
+        "_queue",
+        "_scheduled",
+    )
+
+    thread: threading.Thread | None = None  # none: the close path has nothing to join
+
+    def __init__(self, journal: Journal, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            import libaio  # type: ignore[import-untyped]
+        except (ImportError, OSError) as exc:
+            msg = (
+                "journal sync 'aio' needs Linux and the libaio package "
+                f"(pip install 'data_manager[aio]'): {exc}"
+            )
+            raise JournalError(msg) from exc
+        self._journal = journal
+        self._loop = loop
+        self._queue: list[_Pending] = []
+        self._scheduled = False
+        self._inflight: tuple[Any, list[_Pending], _Written] | None = None
+        try:
+            self._ctx = libaio.AIOContext(4)
+            self._efd = libaio.EventFD(0, libaio.EFD_NONBLOCK | libaio.EFD_CLOEXEC)
+        except OSError as exc:
+            msg = f"cannot set up Linux AIO for {journal.path}: {exc}"
+            raise JournalError(msg) from exc
+        self._block = partial(libaio.AIOBlock, libaio.AIOBLOCK_MODE_FDSYNC, eventfd=self._efd)
+        self._blocks: tuple[int, Any] | None = None  # (fd, its sync request), reused
+        loop.add_reader(self._efd.fileno(), self._completed)
+
+    def submit(self, entry: _Pending) -> None:
+        """Queue ``entry`` for the next group (event loop thread)."""
+        if entry.loop is not self._loop:
+            msg = f"{self._journal!r} syncs with Linux AIO in another event loop"
+            raise JournalError(msg)
+        self._queue.append(entry)
+        if self._inflight is None and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._start)
+
+    def _start(self) -> None:
+        """Write what is queued as one group and submit its sync."""
+        self._scheduled = False
+        journal = self._journal
+        while self._inflight is None and self._queue:
+            group, self._queue = self._queue, []
+            try:
+                written = journal._write_group(group)
+            except JournalError as exc:
+                journal._settle(group, None, exc)
+                continue
+            except Exception as exc:
+                logger.exception("journal %s: unexpected append failure", journal.path)
+                journal._settle(group, None, JournalError(f"cannot append: {exc!r}"))
+                continue
+            if written is None:  # only wait_idle markers
+                journal._settle(group, journal._next_lsn, None)
+                continue
+            if self._blocks is None or self._blocks[0] != written.fd:
+                self._blocks = (written.fd, self._block(_FileNo(written.fd)))
+            block = self._blocks[1]
+            try:
+                self._ctx.submit([block])
+            except OSError:
+                # The kernel would not take the request: sync here instead (blocking).
+                logger.warning("journal %s: AIO sync refused; syncing in the loop", journal.path)
+                try:
+                    first = journal._sync_group(written)
+                except JournalError as exc:
+                    journal._settle(group, None, exc)
+                else:
+                    journal._settle(group, first, None)
+                continue
+            self._inflight = (block, group, written)
+
+    def _completed(self) -> None:
+        """The eventfd fired: acknowledge the synced group, start the next one."""
+        try:
+            self._efd.read()
+        except BlockingIOError:
+            return
+        if self._inflight is None:
+            return
+        events = self._ctx.getEvents(min_nr=0, nr=4, timeout=0)
+        if not events:
+            return
+        (_, res, _), *_ = events
+        _, group, written = self._inflight
+        self._inflight = None
+        journal = self._journal
+        if res < 0:
+            error = OSError(-res, os.strerror(-res))
+            journal._settle(group, None, journal._sync_failed(written, error))
+        else:
+            journal._settle(group, journal._synced(written), None)
+        self._start()
+
+    def close(self, journal: Journal) -> None:
+        """Release the AIO context (nothing is queued or in flight after ``wait_idle``)."""
+        journal._state = _State.CLOSED
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._efd.fileno())
+        self._ctx.close()
+        self._efd.close()
+
+    def stop(self) -> None:
+        """Nothing runs between groups."""
+
+
+class _FileNo:
+    """What libaio wants as a target: an object with ``fileno()``."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+_AnyCommitter: TypeAlias = "_Committer | _InlineCommitter | _AioCommitter"
+
+
 #: A synced (or failed) group on its way back: (group, first LSN, None) or (group, None, error).
 _Outcome: TypeAlias = tuple[list[_Pending], int | None, JournalError | None]
 
@@ -637,10 +794,12 @@ class Journal:
         segment_bytes: Size after which a new segment file is started.
         checkpoint_every: Write the checkpoint file after this many records were stored
             (it is also written when a segment is deleted and on close).
-        sync: ``"thread"`` (default): a committer thread writes and syncs, and the event
-            loop never waits for the disk. ``"loop"``: the event loop writes and syncs each
-            group itself, blocking for the sync; fewer thread hand-offs, more throughput
-            where waking a thread is slow, but every other task on the loop waits too.
+        sync: ``"auto"`` (default): ``"aio"`` where Linux AIO works, else ``"thread"``.
+            ``"aio"``: the loop writes each group and the kernel syncs it in the
+            background (needs the ``libaio`` package). ``"thread"``: a committer thread
+            writes and syncs, and the event loop never waits for the disk. ``"loop"``: the
+            event loop writes and syncs each group itself, blocking for the sync; no
+            hand-offs, most throughput, but every other task on the loop waits too.
 
     Raises:
         ValidationError: An unusable ``instance_id`` or ``segment_bytes``.
@@ -653,7 +812,7 @@ class Journal:
         instance_id: str,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         checkpoint_every: int = 10_000,
-        sync: JournalSync = "thread",
+        sync: JournalSync = "auto",
     ) -> None:
         if not _INSTANCE_ID.match(instance_id) or instance_id == DEAD_LETTER_DIR:
             msg = f"journal instance id {instance_id!r} is not a usable folder name"
@@ -661,8 +820,8 @@ class Journal:
         if segment_bytes < 1024:
             msg = f"segment_bytes must be at least 1024, got {segment_bytes}"
             raise ValidationError(msg)
-        if sync not in ("thread", "loop"):
-            msg = f"journal sync must be 'thread' or 'loop', got {sync!r}"
+        if sync not in ("auto", "thread", "loop", "aio"):
+            msg = f"journal sync must be 'auto', 'thread', 'loop' or 'aio', got {sync!r}"
             raise ValidationError(msg)
         self.root = Path(directory)
         self.instance_id = instance_id
@@ -680,7 +839,7 @@ class Journal:
         self._next_lsn = 1
         self._stored_lsn = 0
         self._checkpointed = 0
-        self._committer: _Committer | _InlineCommitter | None = None  # while open
+        self._committer: _AnyCommitter | None = None  # while open
         self._stop_on_collect: weakref.finalize[[], Journal] | None = None
         self._read_cursor: tuple[int, int, int] | None = None  # (segment, offset, next lsn)
         self._appends = 0
@@ -757,8 +916,12 @@ class Journal:
         except OSError as exc:
             msg = f"cannot open the journal at {self.path}: {exc}"
             raise JournalError(msg) from exc
+        try:
+            self._start_committer()
+        except BaseException:
+            await asyncio.to_thread(self._close_sync, None)
+            raise
         self._state = _State.OPEN
-        self._start_committer()
         _register_for_fork(self)
 
     def _open_sync(self, create: bool) -> None:
@@ -922,10 +1085,8 @@ class Journal:
             return
         await self.wait_idle()
         committer, self._committer = self._committer, None
-        if isinstance(committer, _InlineCommitter):
-            committer.close(self)  # waits for a commit of another event loop, if one runs
-        else:
-            self._state = _State.CLOSED
+        assert committer is not None
+        committer.close(self)
         await asyncio.to_thread(self._close_sync, committer)
         if _open_journals is not None:
             _open_journals.discard(self)
@@ -934,6 +1095,14 @@ class Journal:
         if self.sync == "loop":
             self._committer = _InlineCommitter(self)
             return
+        if self.sync in ("aio", "auto"):
+            try:
+                self._committer = _AioCommitter(self, asyncio.get_running_loop())
+                return
+            except JournalError:
+                if self.sync == "aio":
+                    raise
+                logger.debug("journal %s: no Linux AIO; a committer thread syncs", self.path)
         committer = _Committer()
         committer.thread = threading.Thread(
             target=_commit_forever,
@@ -946,7 +1115,7 @@ class Journal:
         self._stop_on_collect = weakref.finalize(self, committer.stop)
         self._stop_on_collect.atexit = False  # a daemon thread: nothing to stop at exit
 
-    def _close_sync(self, committer: _Committer | _InlineCommitter | None) -> None:
+    def _close_sync(self, committer: _AnyCommitter | None) -> None:
         if self._stop_on_collect is not None:
             self._stop_on_collect.detach()
             self._stop_on_collect = None
@@ -1146,13 +1315,20 @@ class Journal:
         """Sync a written group (committer thread); return its first LSN."""
         if written is None:
             return self._next_lsn
-        segment = written.segment
         try:
             _sync(written.fd)
         except OSError as exc:
-            self._undo_write(written.fd, segment)
-            msg = f"cannot write the journal {segment.path}: {exc}"
-            raise JournalError(msg) from exc
+            raise self._sync_failed(written, exc) from exc
+        return self._synced(written)
+
+    def _sync_failed(self, written: _Written, exc: OSError) -> JournalError:
+        """Cut a group whose sync failed off the segment; return the error to report."""
+        self._undo_write(written.fd, written.segment)
+        return JournalError(f"cannot write the journal {written.segment.path}: {exc}")
+
+    def _synced(self, written: _Written) -> int:
+        """Account for a synced group; return its first LSN."""
+        segment = written.segment
         first = self._next_lsn
         with self._io:
             segment.records += written.records

@@ -52,7 +52,7 @@ __all__ = [
 
 WriteMode = Literal["buffered", "journal", "sync"]
 #: Where a journal writes and syncs its groups: a committer ``thread`` or the event ``loop``.
-JournalSync = Literal["thread", "loop"]
+JournalSync = Literal["auto", "thread", "loop", "aio"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 #: Embedded SQLite file used when no PostgreSQL host is configured.
@@ -367,10 +367,12 @@ class DataManagerSettings(BaseSettings):
     write_mode: WriteMode = "buffered"
     journal_dir: Path = Path(".data_manager/journal")
     journal_sync: JournalSync = Field(
-        default="thread",
-        description="Who writes and fsyncs journal-mode groups: a committer 'thread' (the "
-        "event loop never waits for the disk) or the event 'loop' itself (no thread "
-        "hand-offs, more throughput, but the loop stalls for each sync).",
+        default="auto",
+        description="Who writes and fsyncs journal-mode groups: 'aio' (the loop writes, Linux "
+        "AIO syncs in the background; needs the libaio package), a committer 'thread' (the "
+        "event loop never waits for the disk), or the event 'loop' itself (no hand-offs, "
+        "most throughput, but the loop stalls for each sync); 'auto' is aio where it "
+        "works, else thread.",
     )
     init_deadline_seconds: float = Field(
         default=30.0, ge=0, description="How long initialize() keeps retrying to connect."

@@ -324,7 +324,7 @@ def read_acks_then_kill(child: Any, kill_after: int) -> set[int]:
     return acked
 
 
-@pytest.mark.parametrize("sync", ["thread", "loop"])
+@pytest.mark.parametrize("sync", ["thread", "loop", "aio"])
 async def test_journal_mode_survives_kill_9(
     postgres_url: str, pg_schema: str, tmp_path: Path, closing: list[Any], sync: str
 ) -> None:

@@ -95,7 +95,7 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> SyncGate:
 
 @pytest.fixture
 async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
-    j = Journal(tmp_path, instance_id="committer")
+    j = Journal(tmp_path, instance_id="committer", sync="thread")
     await j.open()
     yield j
     await j.close()
@@ -247,7 +247,7 @@ async def test_a_failed_group_fails_only_its_appenders(journal: Journal, gate: S
     size = journal.size_bytes
     await journal.close()
 
-    again = Journal(journal.root, instance_id=journal.instance_id)
+    again = Journal(journal.root, instance_id=journal.instance_id, sync="thread")
     await again.open()
     assert seqs(again) == [0, 3, 4, 5, 6]  # the failed bytes were cut off, not left torn
     assert again.problems == []
@@ -280,7 +280,7 @@ async def test_a_cancelled_appender_does_not_cancel_the_write(
 
 
 async def test_committer_thread_lives_from_open_to_close(tmp_path: Path) -> None:
-    j = Journal(tmp_path, instance_id="life")
+    j = Journal(tmp_path, instance_id="life", sync="thread")
     assert j._committer is None
     await j.open()
     thread = committer_thread(j)
@@ -294,7 +294,7 @@ async def test_committer_thread_lives_from_open_to_close(tmp_path: Path) -> None
 
 
 async def test_close_waits_for_pending_groups(tmp_path: Path, gate: SyncGate) -> None:
-    j = Journal(tmp_path, instance_id="closing")
+    j = Journal(tmp_path, instance_id="closing", sync="thread")
     await j.open()
     await j.append([tick(0)])
     held, hold = await hold_one_group(j, gate, 1)
@@ -312,7 +312,7 @@ async def test_close_waits_for_pending_groups(tmp_path: Path, gate: SyncGate) ->
     with pytest.raises(JournalError, match="not open"):
         await j.append([tick(5)])
 
-    again = Journal(tmp_path, instance_id="closing")  # not stored: kept for replay
+    again = Journal(tmp_path, instance_id="closing", sync="thread")  # not stored: kept for replay
     await again.open()
     assert seqs(again) == [0, 1, 2, 3]
     await again.mark_stored(again.last_lsn)
@@ -320,7 +320,7 @@ async def test_close_waits_for_pending_groups(tmp_path: Path, gate: SyncGate) ->
 
 
 async def test_append_before_open_or_after_close_raises(tmp_path: Path) -> None:
-    j = Journal(tmp_path, instance_id="states")
+    j = Journal(tmp_path, instance_id="states", sync="thread")
     with pytest.raises(JournalError, match="not open"):
         await j.append([tick(0)])
     await j.open()
@@ -349,7 +349,7 @@ async def test_wait_idle_returns_once_earlier_appends_are_settled(
 
 
 async def test_an_unclosed_journal_is_collected_and_its_thread_ends(tmp_path: Path) -> None:
-    j = Journal(tmp_path, instance_id="dropped")
+    j = Journal(tmp_path, instance_id="dropped", sync="thread")
     await j.open()
     await j.append([tick(0)])
     thread = committer_thread(j)
@@ -420,7 +420,7 @@ def test_one_group_from_two_event_loops_settles_on_each_loop(
     tmp_path: Path, gate: SyncGate, loops: tuple[LoopThread, LoopThread]
 ) -> None:
     one, two = loops
-    j = Journal(tmp_path, instance_id="loops")
+    j = Journal(tmp_path, instance_id="loops", sync="thread")
     one.run(j.open()).result(WAIT)
     one.run(j.append([tick(0)])).result(WAIT)
     calls: list[tuple[int, asyncio.AbstractEventLoop]] = []

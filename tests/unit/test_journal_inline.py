@@ -34,8 +34,8 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
     await j.close()
 
 
-def test_sync_must_be_thread_or_loop(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="'thread' or 'loop'"):
+def test_sync_must_be_a_known_committer(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="'auto', 'thread', 'loop' or 'aio'"):
         Journal(tmp_path, instance_id="x", sync="disk")  # type: ignore[arg-type]
 
 

@@ -395,7 +395,7 @@ async def test_buffered_mode_stores_on_flush(tmp_path: Path) -> None:
         assert count_rows(path) == 300
 
 
-@pytest.mark.parametrize("journal_sync", ["thread", "loop"])
+@pytest.mark.parametrize("journal_sync", ["thread", "loop", "aio"])
 async def test_journal_mode_acknowledges_after_the_journal(
     tmp_path: Path, journal_sync: str
 ) -> None:

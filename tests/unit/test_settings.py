@@ -118,9 +118,11 @@ def test_invalid_values_are_configuration_errors(monkeypatch: pytest.MonkeyPatch
 
 
 def test_journal_sync_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert DataManagerSettings().journal_sync == "thread"
+    assert DataManagerSettings().journal_sync == "auto"
     monkeypatch.setenv("DATA_MANAGER_JOURNAL_SYNC", "loop")
     assert DataManagerSettings().journal_sync == "loop"
+    monkeypatch.setenv("DATA_MANAGER_JOURNAL_SYNC", "aio")
+    assert DataManagerSettings().journal_sync == "aio"
     monkeypatch.setenv("DATA_MANAGER_JOURNAL_SYNC", "disk")
     with pytest.raises(ConfigurationError, match="journal_sync"):
         DataManagerSettings()
