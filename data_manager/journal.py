@@ -251,6 +251,9 @@ def _sync(fd: int) -> None:
         os.fsync(fd)
 
 
+_PWRITE: Final = getattr(os, "pwrite", None)
+
+
 def _write_at(fd: int, data: bytes, offset: int) -> None:
     """Write all of ``data`` at ``offset`` (the descriptor's position is not used)."""
     view = memoryview(data)
@@ -262,9 +265,6 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
             written = os.write(fd, view)
         view = view[written:]
         offset += written
-
-
-_PWRITE: Final = getattr(os, "pwrite", None)
 
 
 class _FileLock:
@@ -604,14 +604,14 @@ class _AioCommitter:
     """
 
     __slots__ = (
-        "_block",
-        "_blocks",
         "_ctx",
         "_efd",
         "_inflight",
         "_journal",
         "_loop",
+        "_new_request",
         "_queue",
+        "_request",
         "_scheduled",
     )
 
@@ -622,8 +622,8 @@ class _AioCommitter:
             import libaio  # type: ignore[import-untyped]
         except (ImportError, OSError) as exc:
             msg = (
-                "journal sync 'aio' needs Linux and the libaio package "
-                f"(pip install 'data_manager[aio]'): {exc}"
+                "journal sync 'aio' needs Linux, the libaio package (installed with "
+                f"data_manager on Linux) and the system's libaio.so.1: {exc}"
             )
             raise JournalError(msg) from exc
         self._journal = journal
@@ -637,8 +637,8 @@ class _AioCommitter:
         except OSError as exc:
             msg = f"cannot set up Linux AIO for {journal.path}: {exc}"
             raise JournalError(msg) from exc
-        self._block = partial(libaio.AIOBlock, libaio.AIOBLOCK_MODE_FDSYNC, eventfd=self._efd)
-        self._blocks: tuple[int, Any] | None = None  # (fd, its sync request), reused
+        self._new_request = partial(libaio.AIOBlock, libaio.AIOBLOCK_MODE_FDSYNC, eventfd=self._efd)
+        self._request: tuple[int, Any] | None = None  # (fd, its sync request), reused
         loop.add_reader(self._efd.fileno(), self._completed)
 
     def submit(self, entry: _Pending) -> None:
@@ -659,19 +659,15 @@ class _AioCommitter:
             group, self._queue = self._queue, []
             try:
                 written = journal._write_group(group)
-            except JournalError as exc:
-                journal._settle(group, None, exc)
-                continue
             except Exception as exc:
-                logger.exception("journal %s: unexpected append failure", journal.path)
-                journal._settle(group, None, JournalError(f"cannot append: {exc!r}"))
+                journal._settle(group, None, journal._append_error(exc))
                 continue
             if written is None:  # only wait_idle markers
                 journal._settle(group, journal._next_lsn, None)
                 continue
-            if self._blocks is None or self._blocks[0] != written.fd:
-                self._blocks = (written.fd, self._block(_FileNo(written.fd)))
-            block = self._blocks[1]
+            if self._request is None or self._request[0] != written.fd:
+                self._request = (written.fd, self._new_request(_FileNo(written.fd)))
+            block = self._request[1]
             try:
                 self._ctx.submit([block])
             except OSError:
@@ -1221,12 +1217,17 @@ class Journal:
                 if synced is not None:
                     self._hand_back(*synced)
             first = self._sync_group(written)
-        except JournalError as exc:
-            return group, None, exc
         except Exception as exc:
-            logger.exception("journal %s: unexpected append failure", self.path)
-            return group, None, JournalError(f"cannot append to {self.path}: {exc!r}")
+            return group, None, self._append_error(exc)
         return group, first, None
+
+    def _append_error(self, exc: Exception) -> JournalError:
+        """What a failed group's appenders get: a :class:`JournalError` as it is, anything
+        else (a bug) logged with its traceback and wrapped. Call it in the ``except``."""
+        if isinstance(exc, JournalError):
+            return exc
+        logger.exception("journal %s: unexpected append failure", self.path)
+        return JournalError(f"cannot append to {self.path}: {exc!r}")
 
     def _hand_back(
         self, group: list[_Pending], first: int | None, error: JournalError | None
@@ -1312,7 +1313,7 @@ class Journal:
         return _Written(segment, fd, len(parts) // 2, len(buf))
 
     def _sync_group(self, written: _Written | None) -> int:
-        """Sync a written group (committer thread); return its first LSN."""
+        """Sync a written group (where the committer runs); return its first LSN."""
         if written is None:
             return self._next_lsn
         try:

@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 WriteMode = Literal["buffered", "journal", "sync"]
-#: Where a journal writes and syncs its groups: a committer ``thread`` or the event ``loop``.
+#: Who writes and syncs a journal's groups: Linux ``aio`` from the event loop, a committer
+#: ``thread``, or the event ``loop`` blocking for each sync; ``auto`` is aio, else thread.
 JournalSync = Literal["auto", "thread", "loop", "aio"]
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
