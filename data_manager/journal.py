@@ -30,17 +30,18 @@ file size to commit through the file system's own journal (an append's ``fdatasy
 commit the new size too, and waits behind every other process's metadata on that file
 system, e.g. a database's WAL). Only the group that extends the file pays for that. Zeros
 after the last record are the unused part of that allowance, not damage; closing the
-journal trims them. Each open journal has one
-committer thread that writes and syncs continuously: the event loop hands it the encoded
-records (waking it only when it is idle) and goes on; the thread takes everything handed
-over since its last sync, writes it as one group, syncs once, and hands the whole group back
-to the event loop in one callback, which acknowledges its appenders in LSN order. Concurrent
-appenders thus share one sync: whoever arrives while a sync runs joins the next one (group
-commit), the event loop never blocks on the disk, and it keeps encoding the next group while
-the disk syncs the current one.
+journal trims them.
+
+With ``sync="thread"``, each open journal has one committer thread that writes and syncs
+continuously: the event loop hands it the encoded records (waking it only when it is idle)
+and goes on; the thread takes everything handed over since its last sync, writes it as one
+group, syncs once, and hands the whole group back to the event loop in one callback, which
+acknowledges its appenders in LSN order. Concurrent appenders thus share one sync: whoever
+arrives while a sync runs joins the next one (group commit), the event loop never blocks on
+the disk, and it keeps encoding the next group while the disk syncs the current one.
 
 With ``sync="aio"`` (the default ``"auto"`` picks it wherever Linux AIO works, else the
-thread) there is no thread either: the event loop writes each group to the page cache and
+thread) there is no thread: the event loop writes each group to the page cache and
 submits its ``fdatasync`` to the kernel with ``io_submit``; the completion signals an
 ``eventfd`` the loop watches, and the loop then acknowledges the group and writes the next
 one, gathered meanwhile. The loop never waits for the disk and no thread is woken or holds
@@ -1027,9 +1028,9 @@ class Journal:
             self._problem(f"{path}: unknown segment format; moved to {aside.name}")
             return None
         payloads, pos, problem, short = _parse(data, len(MAGIC), len(data))
-        if pos < len(data) and data.count(0, pos) == len(data) - pos:
-            pass  # zeros written ahead of the records (the owner did not close it)
-        elif pos < len(data):
+        # Zeros after the last record were written ahead of it (the owner did not close the
+        # segment): only any other tail is damage.
+        if data.count(0, pos) < len(data) - pos:
             reason = problem or ("torn record" if short else "trailing bytes")
             self._quarantine_tail(path, data, pos, reason)
         return _Segment(first_lsn=first_lsn, path=path, records=len(payloads), size=pos)

@@ -42,10 +42,10 @@ __all__ = [
     "DEFAULT_SQLITE_PATH",
     "DataManagerSettings",
     "DragonflySettings",
+    "JournalSync",
     "PostgresReplicaSettings",
     "PostgresSettings",
     "RetentionSettings",
-    "JournalSync",
     "WriteMode",
     "resolve_config_dir",
 ]
