@@ -51,7 +51,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks._report import Figure, Group, pct
+from benchmarks._report import CpuMeter, Figure, Group, pct
 from benchmarks._servers import RouterSpec, Scratch, build_router
 
 SOURCE = "bench"
@@ -563,9 +563,11 @@ async def _journal_rate(
                 lags.append(loop.time() - due)
 
         before = _ingest_stats(router)
-        started = time.perf_counter()
+        cpu = CpuMeter()
+        cpu.start()
         await asyncio.gather(probe_lag(), *(produce(k) for k in range(producers)))
-        elapsed = time.perf_counter() - started
+        cpu.stop()
+        elapsed = cpu.wall_seconds
         stats = _ingest_stats(router)
         await router.flush()
     finally:
@@ -578,6 +580,7 @@ async def _journal_rate(
         "fsyncs": fsyncs,
         "elapsed": elapsed,
         "lag_p99": lag,
+        "cpu": cpu.describe(acked, "acknowledged tick"),
     }
 
 
@@ -603,14 +606,22 @@ async def _journal_alone(
                 i += producers
 
         before = journal.stats().fsyncs
-        started = time.perf_counter()
+        cpu = CpuMeter()
+        cpu.start()
         await asyncio.gather(*(produce(k) for k in range(producers)))
-        elapsed = time.perf_counter() - started
+        cpu.stop()
+        elapsed = cpu.wall_seconds
         fsyncs = journal.stats().fsyncs - before
         await journal.mark_stored(journal.last_lsn)  # nothing to replay: let close remove it
     finally:
         await journal.close()
-    return {"rate": acked / elapsed, "acked": acked, "fsyncs": fsyncs, "elapsed": elapsed}
+    return {
+        "rate": acked / elapsed,
+        "acked": acked,
+        "fsyncs": fsyncs,
+        "elapsed": elapsed,
+        "cpu": cpu.describe(acked, "acknowledged tick"),
+    }
 
 
 async def _bare_group_commit(
@@ -663,16 +674,24 @@ async def _bare_group_commit(
             acked += 1
 
     committer = asyncio.create_task(commit_forever())
+    cpu = CpuMeter()
     try:
-        started = time.perf_counter()
+        cpu.start()
         await asyncio.gather(*(produce() for _ in range(producers)))
-        elapsed = time.perf_counter() - started
+        cpu.stop()
+        elapsed = cpu.wall_seconds
     finally:
         committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await committer
         target.close()
-    return {"rate": acked / elapsed, "acked": acked, "fsyncs": fsyncs, "elapsed": elapsed}
+    return {
+        "rate": acked / elapsed,
+        "acked": acked,
+        "fsyncs": fsyncs,
+        "elapsed": elapsed,
+        "cpu": cpu.describe(acked, "acknowledged tick"),
+    }
 
 
 def _per_fsync(r: dict[str, Any]) -> str:
@@ -682,6 +701,7 @@ def _per_fsync(r: dict[str, Any]) -> str:
         f"({r['acked'] / max(1, r['fsyncs']):.1f} ticks per fsync, "
         f"{1000 * r['elapsed'] / max(1, r['fsyncs']):.2f} ms per group commit)"
         + ("" if lag is None else f"; a 1 ms timer on the loop fires {lag * 1e3:.2f} ms late (p99)")
+        + f"; {r['cpu']}"
     )
 
 

@@ -31,7 +31,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,6 +39,7 @@ from benchmarks._report import (
     Group,
     describe_servers,
     group_markdown,
+    machine_cpu_times,
     machine_lines,
     print_group,
     today,
@@ -153,19 +153,13 @@ def command_line(argv: list[str]) -> str:
     return " ".join([*env, "python -m benchmarks", *argv])
 
 
-def _cpu_times() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields), idle
-
-
 def background_busy(seconds: float = 1.0) -> float | None:
     """Share of the machine's CPU time that other processes used over ``seconds`` while
     this suite was idle (None where /proc/stat does not exist)."""
     try:
-        total0, idle0 = _cpu_times()
+        total0, idle0 = machine_cpu_times()
         time.sleep(seconds)
-        total1, idle1 = _cpu_times()
+        total1, idle1 = machine_cpu_times()
     except OSError:
         return None
     total = total1 - total0
