@@ -4,8 +4,9 @@ Publishing. :meth:`CacheBus.publish` is synchronous and never blocks: it puts th
 a coalescing map keyed by (kind, symbol, source) — plus (timeframe, bucket) for candles —
 where a newer value replaces an older one under the same compare-and-set rule as the
 caches. A background sender wakes as soon as something is pending and sends **one
-pipeline per batch**: a write-script call per item (L2, compare-and-set) followed by one
-``PUBLISH`` of the whole batch on ``<prefix>:v1:bus``. While a pipeline is in flight new
+pipeline per batch**, on a connection of its own outside the cache's pool: the batch's
+write-script calls (L2, compare-and-set) followed by one ``PUBLISH`` of the whole batch on
+``<prefix>:v1:bus``. While a pipeline is in flight new
 updates keep coalescing, so under load each symbol costs one write per round trip however
 fast it ticks. Ticks go first, in batches of their own: derived data (candles, order flow)
 arrives in bursts from the router's publish timers and is sent in chunks of at most
@@ -340,7 +341,7 @@ class CacheBus:
         try:
             ops = [cache.write_op(item) for item in items]
             message = encode_bus_message(self._prefix, [op.payload for op in ops])
-            await cache.apply(ops, publish=(cache.channel, message))
+            await cache.apply(ops, publish=(cache.channel, message), own_connection=True)
         except CacheError as exc:
             self._counters.dropped += len(items)
             if not self._dropping:

@@ -620,7 +620,11 @@ class ClusterRedisCache(RedisCache):
     # ------------------------------------------------------------------ writes
 
     async def apply(
-        self, ops: Sequence[WriteOp], *, publish: tuple[str, bytes] | None = None
+        self,
+        ops: Sequence[WriteOp],
+        *,
+        publish: tuple[str, bytes] | None = None,
+        own_connection: bool = False,
     ) -> None:
         """Run write-script calls, grouped by owning node, then optionally one PUBLISH.
 
@@ -628,6 +632,8 @@ class ClusterRedisCache(RedisCache):
         carries the PUBLISH at its end and is sent only after every other node's writes
         succeeded, so a subscriber that reads L2 after the message sees the values it
         announces. A batch on one node costs one round trip, as on a single server.
+        ``own_connection`` is accepted and ignored: a batch may need several nodes, and
+        each node's pool serves it.
 
         Raises:
             CacheUnavailableError: A node is unreachable, too slow, or the breaker is open.

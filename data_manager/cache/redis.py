@@ -497,6 +497,9 @@ class RedisCache:
         # so nothing in the child touches the parent's sockets or event loop.
         self._abandoned: list[object] = []
         self._client: Redis = self._make_client()
+        # The cache bus's own connection (see apply): outside the pool, one pipeline at a time.
+        self._writer: AbstractConnection | None = None
+        self._writer_busy = False
 
     @classmethod
     def from_settings(
@@ -669,7 +672,10 @@ class RedisCache:
         if self._closed:
             return
         self._closed = True
+        writer, self._writer = self._writer, None
         with map_redis_errors(self.target):
+            if writer is not None:
+                await writer.disconnect(nowait=True)
             await self._client.aclose()
 
     def reset_after_fork(self) -> None:
@@ -680,6 +686,10 @@ class RedisCache:
         """
         self._abandoned.append(self._client)
         self._client = self._make_client()
+        if self._writer is not None:
+            self._abandoned.append(self._writer)
+            self._writer = None
+        self._writer_busy = False
         self._breaker.reset()
         self._incident = False
         self._closed = False
@@ -1018,20 +1028,33 @@ class RedisCache:
             await self.apply(self.backfill_ops(candles, complete=complete))
 
     async def apply(
-        self, ops: Sequence[WriteOp], *, publish: tuple[str, bytes] | None = None
+        self,
+        ops: Sequence[WriteOp],
+        *,
+        publish: tuple[str, bytes] | None = None,
+        own_connection: bool = False,
     ) -> None:
         """Run write-script calls, then optionally one PUBLISH, in a single pipeline.
 
         The PUBLISH comes last, so a subscriber that reads L2 after the message sees the
         values it announces.
 
+        Args:
+            ops: The write-script calls.
+            publish: ``(channel, message)`` to publish after them.
+            own_connection: Send on the cache's write connection, which stays outside the
+                pool (the cache bus's sender, one batch at a time): no pool checkout per
+                batch, and never a wait behind reads that hold every pooled connection.
+                While it is busy, a pooled connection is used.
+
         Raises:
             CacheUnavailableError: Unreachable, too slow, or the breaker is open.
             CacheError: The server refused a call.
         """
         self._admit()
+        run = self._write_pipeline if own_connection else self._pipeline
         try:
-            await _run_script_calls(self._pipeline, _script_calls(ops), publish)
+            await _run_script_calls(run, _script_calls(ops), publish)
         except _DRIVER_ERRORS as exc:
             raise self._failure(exc) from exc
         self._counters.writes += len(ops)
@@ -1064,17 +1087,43 @@ class RedisCache:
         pool = self._client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
-            replies: list[Any] = []
-            async with asyncio.timeout(self._socket_timeout):
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # an error reply: the stream stays in step
-                        replies.append(exc)
+            return await self._exchange(conn, commands)
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         finally:
             await pool.release(conn)
+
+    async def _write_pipeline(self, commands: Sequence[tuple[str | bytes | int, ...]]) -> list[Any]:
+        """:meth:`_pipeline` on the write connection (see :meth:`apply`), opened on first use
+        and again after a failure closed it."""
+        if self._writer_busy:
+            return await self._pipeline(commands)
+        conn = self._writer
+        if conn is None:
+            conn = self._writer = self.new_connection()
+        self._writer_busy = True
+        try:
+            if not conn.is_connected:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            return await self._exchange(conn, commands)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            self._writer_busy = False
+
+    async def _exchange(
+        self, conn: AbstractConnection, commands: Sequence[tuple[str | bytes | int, ...]]
+    ) -> list[Any]:
+        """Send ``commands`` in one write on ``conn`` and read every reply under one deadline
+        of ``socket_timeout``; error replies are returned, not raised."""
+        await conn.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
+        replies: list[Any] = []
+        async with asyncio.timeout(self._socket_timeout):
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:  # an error reply: the stream stays in step
+                    replies.append(exc)
         return replies

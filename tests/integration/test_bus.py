@@ -368,6 +368,10 @@ async def test_forked_child_opens_its_own_connections(redis_url: str, redis_pref
     assert await cache.client.client_id() == parent_id
     assert await cache.get_tick("EUR/USD") == tick()
     assert bus.connected
+    bus.publish(tick(TS + 2))  # the sender's own connection too
+    await bus.flush()
+    assert bus.stats().dropped == 0
+    assert await cache.get_tick("EUR/USD") == tick(TS + 2)
     await bus.aclose()
     await cache.aclose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
+from redis.asyncio import Redis
 
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache.redis import WRITE_SCRIPT_SHA, RedisCache
@@ -296,6 +298,65 @@ async def test_lost_script_cache_falls_back_to_eval(
         assert await l2.client.script_exists(WRITE_SCRIPT_SHA) == [True]
     finally:
         await l2.aclose()
+
+
+# ----------------------------------------------------------------------------- write connection
+
+
+async def test_bus_writes_go_through_when_readers_hold_every_pooled_connection(
+    redis_url: str, redis_prefix: str
+) -> None:
+    l2 = RedisCache(url=redis_url, key_prefix=redis_prefix, max_connections=1, pool_timeout=0.2)
+    try:
+        await l2.connect()
+        pool = l2.client.connection_pool
+        reader = await pool.get_connection()  # a slow reader holds the only pooled connection
+        try:
+            with pytest.raises(CacheUnavailableError):
+                await live(l2, tick())  # a pooled write waits pool_timeout, then gives up
+            await l2.apply([l2.write_op(tick(TS + 1))], own_connection=True)
+        finally:
+            await pool.release(reader)
+        assert await l2.get_tick("EUR/USD") == tick(TS + 1)
+    finally:
+        await l2.aclose()
+
+
+async def test_concurrent_writes_share_the_write_connection_safely(cache: RedisCache) -> None:
+    # Only one pipeline at a time may use the write connection; the others take pooled ones.
+    symbols = [f"S{i}/USD" for i in range(8)]
+    await asyncio.gather(
+        *(cache.apply([cache.write_op(tick(symbol=s))], own_connection=True) for s in symbols)
+    )
+    assert await cache.get_ticks(symbols) == {s: tick(symbol=s) for s in symbols}
+
+
+async def _connections_named(client: Redis, name: str) -> list[dict[str, str]]:
+    return [c for c in await client.client_list() if c.get("name") == name]
+
+
+async def test_write_connection_reopens_after_the_server_drops_it_and_closes_with_the_cache(
+    redis_url: str, redis_prefix: str
+) -> None:
+    name = f"{redis_prefix}-writer"
+    l2 = RedisCache(url=redis_url, key_prefix=redis_prefix, client_name=name)
+    admin = Redis.from_url(redis_url)
+    try:
+        await l2.connect()
+        await l2.apply([l2.write_op(tick())], own_connection=True)
+        (writer,) = [c for c in await _connections_named(admin, name) if c["cmd"] == "evalsha"]
+        await admin.client_kill_filter(_id=writer["id"])
+        with pytest.raises(CacheUnavailableError):
+            await l2.apply([l2.write_op(tick(TS + 1))], own_connection=True)
+        await l2.apply([l2.write_op(tick(TS + 2))], own_connection=True)  # a new connection
+        assert await l2.get_tick("EUR/USD") == tick(TS + 2)
+        await l2.aclose()
+        async with asyncio.timeout(5):
+            while await _connections_named(admin, name):  # noqa: ASYNC110 - server-side state
+                await asyncio.sleep(0.01)
+    finally:
+        await l2.aclose()
+        await admin.aclose()
 
 
 # ----------------------------------------------------------------------------- degradation
