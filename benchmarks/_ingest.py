@@ -526,6 +526,18 @@ def fsync_latency(folder: Path, rounds: int = 200, *, append: bool = False) -> f
     return statistics.median(samples)
 
 
+def _commit_figures(acked: int, fsyncs: int, cpu: CpuMeter) -> dict[str, Any]:
+    """A group-commit run's figures: acknowledgements per second of the metered wall time,
+    and the CPU note."""
+    return {
+        "rate": acked / cpu.wall_seconds,
+        "acked": acked,
+        "fsyncs": fsyncs,
+        "elapsed": cpu.wall_seconds,
+        "cpu": cpu.describe(acked, "acknowledged tick"),
+    }
+
+
 async def _journal_rate(
     scratch: Scratch,
     producers: int,
@@ -567,21 +579,13 @@ async def _journal_rate(
         cpu.start()
         await asyncio.gather(probe_lag(), *(produce(k) for k in range(producers)))
         cpu.stop()
-        elapsed = cpu.wall_seconds
         stats = _ingest_stats(router)
         await router.flush()
     finally:
         await router.close()
     fsyncs = stats.journal_fsyncs - before.journal_fsyncs if stats and before else 0
     lag = pct(lags, 0.99) if lags else float("nan")
-    return {
-        "rate": acked / elapsed,
-        "acked": acked,
-        "fsyncs": fsyncs,
-        "elapsed": elapsed,
-        "lag_p99": lag,
-        "cpu": cpu.describe(acked, "acknowledged tick"),
-    }
+    return {**_commit_figures(acked, fsyncs, cpu), "lag_p99": lag}
 
 
 async def _journal_alone(
@@ -610,18 +614,11 @@ async def _journal_alone(
         cpu.start()
         await asyncio.gather(*(produce(k) for k in range(producers)))
         cpu.stop()
-        elapsed = cpu.wall_seconds
         fsyncs = journal.stats().fsyncs - before
         await journal.mark_stored(journal.last_lsn)  # nothing to replay: let close remove it
     finally:
         await journal.close()
-    return {
-        "rate": acked / elapsed,
-        "acked": acked,
-        "fsyncs": fsyncs,
-        "elapsed": elapsed,
-        "cpu": cpu.describe(acked, "acknowledged tick"),
-    }
+    return _commit_figures(acked, fsyncs, cpu)
 
 
 async def _bare_group_commit(
@@ -679,19 +676,12 @@ async def _bare_group_commit(
         cpu.start()
         await asyncio.gather(*(produce() for _ in range(producers)))
         cpu.stop()
-        elapsed = cpu.wall_seconds
     finally:
         committer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await committer
         target.close()
-    return {
-        "rate": acked / elapsed,
-        "acked": acked,
-        "fsyncs": fsyncs,
-        "elapsed": elapsed,
-        "cpu": cpu.describe(acked, "acknowledged tick"),
-    }
+    return _commit_figures(acked, fsyncs, cpu)
 
 
 def _per_fsync(r: dict[str, Any]) -> str:
