@@ -6,12 +6,12 @@ where a newer value replaces an older one under the same compare-and-set rule as
 caches. A background sender wakes as soon as something is pending and sends **one
 pipeline per batch**, on a connection of its own outside the cache's pool: the batch's
 write-script calls (L2, compare-and-set) followed by one ``PUBLISH`` of the whole batch on
-``<prefix>:v1:bus``. While a pipeline is in flight new
-updates keep coalescing, so under load each symbol costs one write per round trip however
-fast it ticks. Ticks go first, in batches of their own: derived data (candles, order flow)
-arrives in bursts from the router's publish timers and is sent in chunks of at most
-``derived_batch`` items, and ticks that arrive meanwhile are sent before the next chunk, so
-a burst delays a tick by at most one chunk's round trip. This path is independent of
+``<prefix>:v1:bus``. While a pipeline is in flight new updates keep coalescing, so under
+load each symbol costs one write per round trip however fast it ticks. Ticks go first, in
+batches of their own: derived data (candles, order flow) arrives in bursts from the
+router's publish timers and is sent in chunks of at most ``derived_batch`` items, and ticks
+that arrive meanwhile are sent before the next chunk, so a burst delays a tick by at most
+one chunk's round trip. This path is independent of
 database batching. When L2 is down the sender drops what is pending — the cache is optional
 and the database path is separate — counts it, and logs once per incident.
 

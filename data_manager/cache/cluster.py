@@ -75,7 +75,6 @@ from data_manager.cache.redis import (
     WRITE_SCRIPT_SHA,
     RedisCache,
     WriteOp,
-    _pack,
     _run_script_calls,
     map_redis_errors,
 )
@@ -379,14 +378,7 @@ class ClusterRedisCache(RedisCache):
             self._avoid[name] = time.monotonic()
             raise
         try:
-            await conn.send_packed_command(b"".join(map(_pack, commands)), check_health=False)
-            replies: list[Any] = []
-            async with asyncio.timeout(self._socket_timeout):
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response(timeout=float("inf")))
-                    except ResponseError as exc:  # an error reply: the stream stays in step
-                        replies.append(exc)
+            return await self._exchange(conn, commands)
         except BaseException as exc:
             await conn.disconnect(nowait=True)
             if isinstance(exc, _CONNECTION_ERRORS):
@@ -394,7 +386,6 @@ class ClusterRedisCache(RedisCache):
             raise
         finally:
             await pool.release(conn)
-        return replies
 
     async def _run(
         self, key: str | None, commands: Sequence[tuple[str | bytes | int, ...]]
