@@ -2,7 +2,9 @@
 
 Every test ends with the same check: the rows in the table are exactly what was accepted
 (acknowledged), each once. Servers are stopped and started for real
-(``postgres_server_factory``); producers are separate processes killed with SIGKILL.
+(``postgres_server_factory``); producers are separate processes killed with SIGKILL. A
+power loss is simulated with LazyFS, which drops every byte the journal did not sync
+(``tests/servers_lazyfs.py``; runs only when ``DATA_MANAGER_TEST_LAZYFS`` is set).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from data_manager.ingest import IngestPipeline
 from data_manager.journal import Journal, find_orphans
 from data_manager.models import TickData
 from data_manager.settings import PostgresSettings
+from tests.servers_lazyfs import LAZYFS_ENV, LazyFS, lazyfs_binary, start_lazyfs
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -348,6 +351,43 @@ async def test_journal_mode_survives_kill_9(
     assert not missing, f"{len(missing)} acknowledged ticks lost, e.g. {sorted(missing)[:5]}"
     left = await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
     assert left == [tmp_path / "survivor"]  # the orphan was replayed, then removed
+
+
+@pytest.fixture
+def lazyfs() -> Iterator[LazyFS]:
+    """A throwaway LazyFS mount (skips without ``DATA_MANAGER_TEST_LAZYFS``)."""
+    binary = lazyfs_binary()
+    if binary is None:
+        pytest.skip(f"set {LAZYFS_ENV} to a lazyfs executable to simulate power losses")
+    with start_lazyfs(binary) as fs:
+        yield fs
+
+
+@pytest.mark.parametrize("sync", ["thread", "loop", "aio"])
+async def test_journal_mode_survives_power_loss(
+    postgres_url: str, pg_schema: str, lazyfs: LazyFS, closing: list[Any], sync: str
+) -> None:
+    storage = await open_storage(postgres_url, pg_schema)
+    closing.append(storage)
+    # The child never flushes (huge batch): what it acknowledged is only in its journal,
+    # which it writes through LazyFS. SIGKILL, then LazyFS drops every unsynced byte: what
+    # is left in its backing folder is what the disk would hold after a power loss.
+    child = start_child(postgres_url, pg_schema, lazyfs.mount, "child", 1_000_000, sync)
+    acked = await asyncio.to_thread(read_acks_then_kill, child, random.randint(300, 3_000))
+    await asyncio.to_thread(lazyfs.power_loss)
+    assert await stored_seqs(postgres_url, pg_schema, source="child") == []
+
+    survivor = IngestPipeline(
+        storage, journal=Journal(lazyfs.disk, instance_id="survivor"), **pipeline_options()
+    )
+    closing.append(survivor)
+    await survivor.start()
+    await survivor.flush(timeout=DEADLINE)
+    rows = await stored_seqs(postgres_url, pg_schema, source="child")
+    assert len(rows) == len(set(rows))
+    missing = acked - set(rows)
+    assert not missing, f"{len(missing)} acknowledged ticks lost, e.g. {sorted(missing)[:5]}"
+    assert survivor.stats().orphans_adopted == 1
 
 
 async def test_running_pipeline_adopts_a_dead_neighbours_journal(
