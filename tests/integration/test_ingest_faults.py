@@ -133,6 +133,16 @@ def schema() -> str:
 
 
 @pytest.fixture
+def lazyfs() -> Iterator[LazyFS]:
+    """A throwaway LazyFS mount (skips without ``DATA_MANAGER_TEST_LAZYFS``)."""
+    binary = lazyfs_binary()
+    if binary is None:
+        pytest.skip(f"set {LAZYFS_ENV} to a lazyfs executable to simulate power losses")
+    with start_lazyfs(binary) as fs:
+        yield fs
+
+
+@pytest.fixture
 async def closing() -> AsyncIterator[list[Any]]:
     """Close pipelines and storages a test leaves open, whatever happened."""
     resources: list[Any] = []
@@ -222,31 +232,44 @@ async def test_full_queue_pushes_back_and_loses_nothing(
     assert await stored_seqs(server.url, schema) == sorted(accepted)
 
 
+@pytest.mark.parametrize("power_loss", [False, True], ids=["restart", "power-loss"])
 async def test_close_with_database_down_is_replayed_by_the_next_start(
-    server: PostgresServer, schema: str, tmp_path: Path, closing: list[Any]
+    server: PostgresServer,
+    schema: str,
+    tmp_path: Path,
+    closing: list[Any],
+    request: pytest.FixtureRequest,
+    power_loss: bool,
 ) -> None:
+    # With power_loss, the journal goes through LazyFS and the machine "loses power" right
+    # after close() returns: what close() left must already be synced.
+    fs: LazyFS | None = request.getfixturevalue("lazyfs") if power_loss else None
+    folder = tmp_path if fs is None else fs.mount
     storage = await open_storage(server.url, schema)
     closing.append(storage)
     first = IngestPipeline(
-        storage, journal=Journal(tmp_path, instance_id="first"), **pipeline_options()
+        storage, journal=Journal(folder, instance_id="first"), **pipeline_options()
     )
     await first.start()
     await asyncio.to_thread(server.stop)
     for seq in range(500):
         await first.submit(tick(seq))
     await first.close(timeout=DEADLINE)
-    assert find_orphans(tmp_path) == [tmp_path / "first"]  # left for the next router
+    assert find_orphans(folder) == [folder / "first"]  # left for the next router
+    if fs is not None:
+        await asyncio.to_thread(fs.power_loss)
+        folder = fs.disk
 
     await asyncio.to_thread(server.start)
     second = IngestPipeline(
-        storage, journal=Journal(tmp_path, instance_id="second"), **pipeline_options()
+        storage, journal=Journal(folder, instance_id="second"), **pipeline_options()
     )
     closing.append(second)
     await second.start()
     assert second.stats().orphans_adopted == 1
     await second.flush(timeout=DEADLINE)
     assert await stored_seqs(server.url, schema) == list(range(500))
-    assert not (tmp_path / "first").exists()
+    assert not (folder / "first").exists()
 
 
 # --------------------------------------------------------------------------- kill -9
@@ -351,16 +374,6 @@ async def test_journal_mode_survives_kill_9(
     assert not missing, f"{len(missing)} acknowledged ticks lost, e.g. {sorted(missing)[:5]}"
     left = await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
     assert left == [tmp_path / "survivor"]  # the orphan was replayed, then removed
-
-
-@pytest.fixture
-def lazyfs() -> Iterator[LazyFS]:
-    """A throwaway LazyFS mount (skips without ``DATA_MANAGER_TEST_LAZYFS``)."""
-    binary = lazyfs_binary()
-    if binary is None:
-        pytest.skip(f"set {LAZYFS_ENV} to a lazyfs executable to simulate power losses")
-    with start_lazyfs(binary) as fs:
-        yield fs
 
 
 @pytest.mark.parametrize("sync", ["thread", "loop", "aio"])
