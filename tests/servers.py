@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final, Self, TypeVar
 
 import psutil
 
@@ -228,6 +228,29 @@ class ServerProcess:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self.running else "stopped"
         return f"<{type(self).__name__} {self.url} {state}>"
+
+
+_S = TypeVar("_S", bound=ServerProcess)
+
+
+def launch(prefix: str, build: Callable[[Path], _S], start: Callable[[_S], None]) -> _S:
+    """``build`` a server in a fresh temporary folder named ``prefix…``, then ``start`` it.
+
+    Whatever fails leaves nothing behind: the folder is removed if ``build`` raises, the
+    server is closed (and its folder removed) if ``start`` raises.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        server = build(root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    try:
+        start(server)
+    except BaseException:
+        server.close()
+        raise
+    return server
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -442,27 +465,23 @@ def start_postgres(
     Raises:
         ServerError: No binaries, or initdb/start-up failed (the log tail is in the message).
     """
-    root = Path(tempfile.mkdtemp(prefix="dm-test-pg-"))
-    try:
+
+    def build(root: Path) -> PostgresServer:
         user = _server_user()
         if user is not None:
             os.chown(root, *user)
         bindir = _usable_bindir(postgres_bindir(), root, user)
-        server = PostgresServer(
+        return PostgresServer(
             root, free_port(), bindir=bindir, database=database, user=user, durable=durable
         )
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    try:
+
+    def start(server: PostgresServer) -> None:
         server.initdb()
         server.start(timeout)
         if database != "postgres":
             server.createdb()
-    except BaseException:
-        server.close()
-        raise
-    return server
+
+    return launch("dm-test-pg-", build, start)
 
 
 # --- Redis protocol -----------------------------------------------------------------------
@@ -535,15 +554,8 @@ def start_redis(*, timeout: float = START_TIMEOUT) -> RedisServer:
     Raises:
         ServerError: No binary, or start-up failed (the log tail is in the message).
     """
-    root = Path(tempfile.mkdtemp(prefix="dm-test-redis-"))
-    try:
-        server = RedisServer(root, free_port(), binary=redis_binary())
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    try:
-        server.start(timeout)
-    except BaseException:
-        server.close()
-        raise
-    return server
+    return launch(
+        "dm-test-redis-",
+        lambda root: RedisServer(root, free_port(), binary=redis_binary()),
+        lambda server: server.start(timeout),
+    )

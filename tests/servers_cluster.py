@@ -18,7 +18,6 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
@@ -29,6 +28,7 @@ from tests.servers import (
     RedisServer,
     ServerError,
     free_port,
+    launch,
     redis_binary,
 )
 
@@ -222,14 +222,12 @@ def start_redis_cluster(masters: int = 3, *, timeout: float = START_TIMEOUT) -> 
     handle = RedisClusterHandle(nodes)
     try:
         for _ in range(masters):
-            root = Path(tempfile.mkdtemp(prefix="dm-test-rcluster-"))
-            try:
-                node = ClusterNodeServer(root, free_port(), binary=binary)
-            except BaseException:
-                shutil.rmtree(root, ignore_errors=True)
-                raise
+            node = launch(
+                "dm-test-rcluster-",
+                lambda root: ClusterNodeServer(root, free_port(), binary=binary),
+                lambda node: node.start(timeout),
+            )
             nodes.append(node)
-            node.start(timeout)
         handle.create(timeout)
     except BaseException:
         with contextlib.suppress(ServerError):

@@ -16,15 +16,13 @@ in a fresh temporary directory that :meth:`LazyFS.close` removes.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Final
 
-from tests.servers import START_TIMEOUT, STOP_TIMEOUT, ServerError, ServerProcess
+from tests.servers import START_TIMEOUT, STOP_TIMEOUT, ServerError, ServerProcess, launch
 
 LAZYFS_ENV: Final = "DATA_MANAGER_TEST_LAZYFS"
 _POLL_INTERVAL: Final = 0.02
@@ -128,15 +126,8 @@ def start_lazyfs(binary: Path, *, timeout: float = START_TIMEOUT) -> LazyFS:
         ServerError: It did not mount within ``timeout`` seconds (the log tail is in the
             message).
     """
-    root = Path(tempfile.mkdtemp(prefix="dm-test-lazyfs-"))
-    try:
-        fs = LazyFS(root, binary=binary)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    try:
-        fs.start(timeout)
-    except BaseException:
-        fs.close()
-        raise
-    return fs
+    return launch(
+        "dm-test-lazyfs-",
+        lambda root: LazyFS(root, binary=binary),
+        lambda fs: fs.start(timeout),
+    )

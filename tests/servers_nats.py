@@ -19,11 +19,10 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Final
 
-from tests.servers import HOST, START_TIMEOUT, ServerError, ServerProcess, free_port
+from tests.servers import HOST, START_TIMEOUT, ServerError, ServerProcess, free_port, launch
 
 _FALLBACK_DIRS: Final = (Path("/usr/sbin"), Path("/usr/local/bin"))
 
@@ -100,15 +99,8 @@ def start_nats(*, timeout: float = START_TIMEOUT) -> NatsServer:
         ServerError: No binary, or start-up failed (the log tail is in the message).
     """
     binary = nats_binary()
-    root = Path(tempfile.mkdtemp(prefix="dm-test-nats-"))
-    try:
-        server = NatsServer(root, free_port(), binary=binary)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    try:
-        server.start(timeout)
-    except BaseException:
-        server.close()
-        raise
-    return server
+    return launch(
+        "dm-test-nats-",
+        lambda root: NatsServer(root, free_port(), binary=binary),
+        lambda server: server.start(timeout),
+    )

@@ -19,8 +19,6 @@ directory, a free loopback port, and ``nobody`` as the server user when the suit
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tests.servers import (
@@ -31,6 +29,7 @@ from tests.servers import (
     _server_user,
     _usable_bindir,
     free_port,
+    launch,
     postgres_bindir,
 )
 
@@ -96,13 +95,13 @@ def start_replica(primary: PostgresServer, *, timeout: float = START_TIMEOUT) ->
         ServerError: No binaries, or ``pg_basebackup`` or start-up failed (the tool's output
             or the log tail is in the message).
     """
-    root = Path(tempfile.mkdtemp(prefix="dm-test-pg-replica-"))
-    try:
+
+    def build(root: Path) -> ReplicaServer:
         user = _server_user()
         if user is not None:
             os.chown(root, *user)
         bindir = _usable_bindir(postgres_bindir(), root, user)
-        replica = ReplicaServer(
+        return ReplicaServer(
             root,
             free_port(),
             bindir=bindir,
@@ -110,13 +109,9 @@ def start_replica(primary: PostgresServer, *, timeout: float = START_TIMEOUT) ->
             user=user,
             primary=primary,
         )
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    try:
+
+    def start(replica: ReplicaServer) -> None:
         replica.base_backup()
         replica.start(timeout)
-    except BaseException:
-        replica.close()
-        raise
-    return replica
+
+    return launch("dm-test-pg-replica-", build, start)

@@ -350,6 +350,29 @@ def read_acks_then_kill(child: Any, kill_after: int) -> set[int]:
     return acked
 
 
+async def adopt_and_check(
+    storage: PostgresStorage,
+    url: str,
+    schema: str,
+    folder: Path,
+    acked: set[int],
+    closing: list[Any],
+) -> None:
+    """A new pipeline on ``folder`` adopts the dead child's journal; then every tick the
+    child acknowledged is stored, each once."""
+    survivor = IngestPipeline(
+        storage, journal=Journal(folder, instance_id="survivor"), **pipeline_options()
+    )
+    closing.append(survivor)
+    await survivor.start()
+    await survivor.flush(timeout=DEADLINE)
+    rows = await stored_seqs(url, schema, source="child")
+    assert len(rows) == len(set(rows))  # each row once
+    missing = acked - set(rows)
+    assert not missing, f"{len(missing)} acknowledged ticks lost, e.g. {sorted(missing)[:5]}"
+    assert survivor.stats().orphans_adopted == 1
+
+
 @pytest.mark.parametrize("sync", ["thread", "loop", "aio"])
 async def test_journal_mode_survives_kill_9(
     postgres_url: str, pg_schema: str, tmp_path: Path, closing: list[Any], sync: str
@@ -361,17 +384,7 @@ async def test_journal_mode_survives_kill_9(
     acked = await asyncio.to_thread(read_acks_then_kill, child, kill_after)
     assert len(acked) >= kill_after
 
-    survivor = IngestPipeline(
-        storage, journal=Journal(tmp_path, instance_id="survivor"), **pipeline_options()
-    )
-    closing.append(survivor)
-    await survivor.start()
-    assert survivor.stats().orphans_adopted == 1
-    await survivor.flush(timeout=DEADLINE)
-    rows = await stored_seqs(postgres_url, pg_schema, source="child")
-    assert len(rows) == len(set(rows))  # each row once
-    missing = acked - set(rows)
-    assert not missing, f"{len(missing)} acknowledged ticks lost, e.g. {sorted(missing)[:5]}"
+    await adopt_and_check(storage, postgres_url, pg_schema, tmp_path, acked, closing)
     left = await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
     assert left == [tmp_path / "survivor"]  # the orphan was replayed, then removed
 
@@ -390,17 +403,7 @@ async def test_journal_mode_survives_power_loss(
     await asyncio.to_thread(lazyfs.power_loss)
     assert await stored_seqs(postgres_url, pg_schema, source="child") == []
 
-    survivor = IngestPipeline(
-        storage, journal=Journal(lazyfs.disk, instance_id="survivor"), **pipeline_options()
-    )
-    closing.append(survivor)
-    await survivor.start()
-    await survivor.flush(timeout=DEADLINE)
-    rows = await stored_seqs(postgres_url, pg_schema, source="child")
-    assert len(rows) == len(set(rows))
-    missing = acked - set(rows)
-    assert not missing, f"{len(missing)} acknowledged ticks lost, e.g. {sorted(missing)[:5]}"
-    assert survivor.stats().orphans_adopted == 1
+    await adopt_and_check(storage, postgres_url, pg_schema, lazyfs.disk, acked, closing)
 
 
 async def test_running_pipeline_adopts_a_dead_neighbours_journal(
