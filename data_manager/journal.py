@@ -828,6 +828,7 @@ class Journal:
         self.sync: JournalSync = sync
         self.problems: list[str] = []
         self._state = _State.NEW
+        self._closing = False  # close() has begun: new appends are refused
         self._lock = _FileLock(self.path / LOCK_NAME)
         self._io = threading.Lock()  # guards _segments against the committer and workers
         self._segments: list[_Segment] = []
@@ -1080,6 +1081,10 @@ class Journal:
         if self._state is not _State.OPEN:
             self._state = _State.CLOSED
             return
+        # Appends requested before this call complete; later ones are refused, so none can
+        # slip in between the wait below and the committer's shutdown (unsynced, or cut off
+        # the segment by the close after it was acknowledged).
+        self._closing = True
         await self.wait_idle()
         committer, self._committer = self._committer, None
         assert committer is not None
@@ -1186,12 +1191,13 @@ class Journal:
 
         Raises:
             ValidationError: An item is not a supported model.
-            JournalError: The journal is not open, or the write or sync failed (nothing of
-                this group was kept).
+            JournalError: The journal is not open (or :meth:`close` has begun), or the
+                write or sync failed (nothing of this group was kept).
         """
         committer = self._committer
-        if self._state is not _State.OPEN or committer is None:
-            msg = f"{self!r} is not open"
+        if self._state is not _State.OPEN or committer is None or self._closing:
+            closing = self._closing and self._state is _State.OPEN
+            msg = f"{self!r} is {'closing' if closing else 'not open'}"
             raise JournalError(msg)
         payloads = [encode_item(item) for item in items]
         if not payloads:

@@ -32,6 +32,8 @@ from data_manager.journal import (
     new_instance_id,
 )
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
+from tests.unit.conftest import WAIT
+from tests.unit.test_journal_committer import seqs
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -471,6 +473,39 @@ async def test_closed_journal_with_records_is_an_orphan_for_the_next_one(
     await j.close()
     assert find_orphans(tmp_path, exclude={"new"}) == [j.path]
     assert find_orphans(tmp_path, exclude={"old"}) == []
+
+
+async def test_appends_racing_close_are_kept_or_refused(journal: Journal) -> None:
+    # Producers keep appending while close() runs: each append is either acknowledged and
+    # then on disk, or refused with JournalError; none is acknowledged and then lost.
+    acked: list[int] = []
+    refused: list[JournalError] = []
+    going = asyncio.Event()
+
+    async def produce(first: int) -> None:
+        seq = first
+        try:
+            while True:
+                await journal.append([tick(seq)])
+                acked.append(seq)
+                if len(acked) >= 200:
+                    going.set()
+                seq += 4
+        except JournalError as exc:
+            refused.append(exc)
+
+    producers = [asyncio.create_task(produce(k)) for k in range(4)]
+    await asyncio.wait_for(going.wait(), WAIT)
+    await journal.close()
+    await asyncio.wait_for(asyncio.gather(*producers), WAIT)
+    assert len(refused) == 4
+    assert "closing" in str(refused[0]) or "not open" in str(refused[0])
+    reopened = Journal(journal.root, instance_id=journal.instance_id, sync="loop")
+    await reopened.open()
+    try:
+        assert sorted(seqs(reopened)) == sorted(acked)
+    finally:
+        await reopened.close()
 
 
 # --------------------------------------------------------------------------- dead letters
