@@ -305,6 +305,10 @@ class IngestPipeline:
         self._urgent = 0  # queued items not (yet) on disk: buffered ones, not journal ones
         self._held: list[_Entry] | None = None  # the batch the writer is placing
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
+        # Items of journal-mode calls cancelled mid-append (id → item), until their append
+        # settles; see _release_if_lost.
+        self._cancelled: dict[int, IngestItem] = {}
+        self._followups: set[asyncio.Task[None]] = set()
         self._backlog: list[Journal] = []  # journals to replay, in order
         self._retry_at = 0.0  # no storage attempt before this (monotonic)
         self._spill_retry_at = 0.0  # no journal append before this (after a disk error)
@@ -795,15 +799,39 @@ class IngestPipeline:
         try:
             await journal.append((item,), on_durable=self._on_durable)
         except asyncio.CancelledError:
-            raise  # the append goes on; _on_durable releases the slot
+            self._release_if_lost(journal, item)  # the append goes on without this caller
+            raise
         except BaseException:
             self._reserved -= 1  # _on_durable will not run for a failed append
             raise
         self._accepted += 1
 
+    def _release_if_lost(self, journal: Journal, item: IngestItem) -> None:
+        """Give a cancelled call's queue slot back if its append fails.
+
+        If the append is kept, ``_on_durable`` releases the slot as usual; if it fails,
+        nobody is told (the caller is gone), so a follow-up waits until every append
+        requested so far has settled and releases the slot if ``_on_durable`` never saw
+        the item.
+        """
+        self._cancelled[id(item)] = item
+
+        async def follow_up() -> None:
+            await journal.wait_idle()
+            if self._cancelled.pop(id(item), None) is not None:
+                self._reserved -= 1
+                self._release_space()
+
+        task = asyncio.get_running_loop().create_task(follow_up())
+        self._followups.add(task)
+        task.add_done_callback(self._followups.discard)
+
     def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
         """Journal callback: the items are on disk; queue them (in LSN order)."""
         self._reserved -= len(items)
+        if self._cancelled:
+            for item in items:
+                self._cancelled.pop(id(item), None)
         own = self._journal
         if self._backlog and own is not None:
             # Backlog mode: the replay will read them from the journal.

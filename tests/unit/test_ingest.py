@@ -17,6 +17,7 @@ from data_manager.errors import (
     CircuitBreakerOpenError,
     ConfigurationError,
     DatabaseConnectionError,
+    JournalError,
     QueryExecutionError,
     QueryTimeoutError,
     RetryExhaustedError,
@@ -549,6 +550,32 @@ async def test_journal_mode_group_fsync_and_checkpoint(make: Any, storage: FakeS
     assert storage.stored_seqs() == list(range(64))
     assert journal.stored_lsn == 64
     assert pipeline.stats().journal_records == 0
+
+
+async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
+    make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = await make(max_queue=2, put_timeout=0.01)
+
+    def failing_write(self: Journal, group: Any) -> Any:
+        raise JournalError("disk full")
+
+    monkeypatch.setattr(Journal, "_write_group", failing_write)
+    for seq in range(2):  # each caller gives up (a timeout, say) before its append fails
+        call = asyncio.create_task(pipeline.submit(tick(seq), mode="journal"))
+        await asyncio.sleep(0)  # the append is queued for the next group
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    journal = pipeline.journal
+    assert journal is not None
+    await journal.wait_idle()  # both appends have failed by now
+    monkeypatch.undo()
+    await journal.wait_idle()  # and the follow-ups have run
+    await pipeline.submit(tick(7))  # both slots are free again: no BackpressureTimeoutError
+    await pipeline.submit(tick(8))
+    await pipeline.flush()
+    assert storage.stored_seqs() == [7, 8]
 
 
 async def test_journal_mode_without_journal_is_a_configuration_error(make: Any) -> None:
