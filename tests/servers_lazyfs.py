@@ -22,10 +22,16 @@ import time
 from pathlib import Path
 from typing import Final
 
-from tests.servers import START_TIMEOUT, STOP_TIMEOUT, ServerError, ServerProcess, launch
+from tests.servers import (
+    _POLL_INTERVAL,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    ServerError,
+    ServerProcess,
+    launch,
+)
 
 LAZYFS_ENV: Final = "DATA_MANAGER_TEST_LAZYFS"
-_POLL_INTERVAL: Final = 0.02
 
 
 def lazyfs_binary() -> Path | None:
