@@ -666,10 +666,10 @@ class _AioCommitter:
             if written is None:  # only wait_idle markers
                 journal._settle(group, journal._next_lsn, None)
                 continue
-            if self._request is None or self._request[0] != written.fd:
-                self._request = (written.fd, self._new_request(_FileNo(written.fd)))
-            block = self._request[1]
             try:
+                if self._request is None or self._request[0] != written.fd:
+                    self._request = (written.fd, self._new_request(_FileNo(written.fd)))
+                block = self._request[1]
                 self._ctx.submit([block])
             except OSError:
                 # The kernel would not take the request: sync here instead (blocking).
@@ -680,6 +680,11 @@ class _AioCommitter:
                     journal._settle(group, None, exc)
                 else:
                     journal._settle(group, first, None)
+                continue
+            except Exception as exc:
+                # Not the kernel's answer but a fault of ours: fail the group, never strand it.
+                self._request = None
+                journal._settle(group, None, journal._sync_failed(written, exc))
                 continue
             self._inflight = (block, group, written)
 
@@ -1329,7 +1334,7 @@ class Journal:
             raise self._sync_failed(written, exc) from exc
         return self._synced(written)
 
-    def _sync_failed(self, written: _Written, exc: OSError) -> JournalError:
+    def _sync_failed(self, written: _Written, exc: Exception) -> JournalError:
         """Cut a group whose sync failed off the segment; return the error to report."""
         self._undo_write(written.fd, written.segment)
         return JournalError(f"cannot write the journal {written.segment.path}: {exc}")
@@ -1371,6 +1376,12 @@ class Journal:
         ):
             return current
         self._release_active()
+        if current is not None and current.records == 0:
+            # Abandoned before its first record was durable (a write failed and could not
+            # be cut off): nothing in it was acknowledged, and the new one takes its name.
+            with self._io:
+                self._segments.remove(current)
+            current.path.unlink(missing_ok=True)
         path = self.path / f"{self._next_lsn:020d}{SEGMENT_SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

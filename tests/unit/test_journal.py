@@ -211,6 +211,37 @@ async def test_a_failed_write_is_undone_and_the_journal_goes_on(
     assert [item.seq for _, item in journal.replay()] == [0, 2]  # type: ignore[union-attr]
 
 
+async def test_a_new_segment_whose_failed_write_cannot_be_undone_is_replaced(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first write to a fresh segment fails, and so does cutting it off: the segment is
+    # abandoned with nothing acknowledged in it, under the name the next segment needs.
+    real_write, real_truncate = journal_module._write_at, os.ftruncate
+    failures = {"write": 1, "truncate": 1}
+
+    def write_failing_once(fd: int, data: bytes, offset: int) -> None:
+        if failures["write"]:
+            failures["write"] -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(fd, data, offset)
+
+    def truncate_failing_once(fd: int, size: int) -> None:
+        if failures["truncate"]:
+            failures["truncate"] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_truncate(fd, size)
+
+    monkeypatch.setattr(journal_module, "_write_at", write_failing_once)
+    monkeypatch.setattr(os, "ftruncate", truncate_failing_once)
+    with pytest.raises(JournalError, match="No space"):
+        await journal.append([tick(1)])
+    assert failures == {"write": 0, "truncate": 0}
+    assert await journal.append([tick(2)]) == 1
+    assert await journal.append([tick(3)]) == 2
+    assert [item.seq for _, item in journal.replay()] == [2, 3]  # type: ignore[union-attr]
+    assert len(segments(journal.path)) == 1
+
+
 async def test_segments_rotate_and_stored_ones_are_deleted(tmp_path: Path) -> None:
     j = Journal(tmp_path, instance_id="seg", segment_bytes=2048)
     await j.open()

@@ -108,6 +108,28 @@ async def test_a_refused_request_is_synced_in_the_loop_instead(
     assert seqs(journal) == [0, 1]
 
 
+async def test_an_unexpected_error_submitting_fails_the_group_instead_of_stranding_it(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await journal.append([tick(0)])
+    c = committer(journal)
+
+    class Broken:
+        def submit(self, blocks: list[object]) -> int:
+            raise RuntimeError("not the kernel's answer")
+
+        def close(self) -> None:
+            pass
+
+    real_ctx = c._ctx
+    monkeypatch.setattr(c, "_ctx", Broken())
+    with pytest.raises(JournalError, match="not the kernel's answer"):
+        await asyncio.wait_for(journal.append([tick(1)]), WAIT)
+    monkeypatch.setattr(c, "_ctx", real_ctx)
+    assert await asyncio.wait_for(journal.append([tick(2)]), WAIT) == 2
+    assert seqs(journal) == [0, 2]
+
+
 def test_appends_from_another_event_loop_are_refused(
     tmp_path: Path, loops: tuple[LoopThread, LoopThread]
 ) -> None:
