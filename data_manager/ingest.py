@@ -304,6 +304,8 @@ class IngestPipeline:
         self._oldest = 0.0  # monotonic time the oldest queued item arrived (lower bound)
         self._urgent = 0  # queued items not (yet) on disk: buffered ones, not journal ones
         self._held: list[_Entry] | None = None  # the batch the writer is placing
+        self._held_barrier = 0  # _journaled_lsn when _held was taken
+        self._journaled_lsn = 0  # newest record of our journal acknowledged or spilled
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
         # Items of journal-mode calls cancelled mid-append (id → item), until their append
         # settles; see _release_if_lost.
@@ -481,6 +483,7 @@ class IngestPipeline:
         if journal is not None:
             if not journal.is_open:
                 await journal.open()
+            self._journaled_lsn = journal.last_lsn
             if journal.pending_records:
                 # Leftovers of an earlier run under the same instance id.
                 self._backlog.append(journal)
@@ -627,13 +630,13 @@ class IngestPipeline:
         self._held = None
         self._queue.clear()
         self._urgent = 0
-        fresh = [e for e in leftovers if type(e) is not tuple]
+        fresh, _ = _to_write(leftovers, journaled_to=_ALL_JOURNALED)
         if not fresh:
             return
         journal = self._journal
         if journal is not None and journal.is_open:
             try:
-                await journal.append(fresh)  # type: ignore[arg-type]
+                await journal.append(fresh)
             except JournalError:
                 logger.exception(
                     "write path: %d items could neither be stored nor journaled", len(fresh)
@@ -829,12 +832,15 @@ class IngestPipeline:
     def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
         """Journal callback: the items are on disk; queue them (in LSN order)."""
         self._reserved -= len(items)
+        self._journaled_lsn = max(self._journaled_lsn, first_lsn + len(items) - 1)
         if self._cancelled:
             for item in items:
                 self._cancelled.pop(id(item), None)
         own = self._journal
-        if self._backlog and own is not None:
-            # Backlog mode: the replay will read them from the journal.
+        if self._backlog and own is not None and not (self._urgent or self._held is not None):
+            # Backlog mode: the replay will read them from the journal. (With buffered items
+            # waiting in memory they are queued too, below: those go to the journal after
+            # them, and an upsert must then be written once more after them; see _to_write.)
             if self._backup is not None:
                 self._backup.publish_batch(items)  # these never pass through _take_batch
             if own not in self._backlog:
@@ -911,6 +917,7 @@ class IngestPipeline:
                 now = self._clock.monotonic()
                 if self._held is None and self._batch_due(now):
                     self._held = self._take_batch()
+                    self._held_barrier = self._journaled_lsn
                     if self._backup is not None:
                         # Every accepted batch goes to the backup stream, whatever the
                         # database does with it (it is the backup for database outages).
@@ -920,8 +927,7 @@ class IngestPipeline:
                 if self._held is not None and now >= self._held_ready_at():
                     await self._place_held()
                 if (
-                    self._backlog
-                    and self._held is None
+                    self._replay_wanted()
                     and self._clock.monotonic() >= self._retry_at
                     and self._breaker.state is not BreakerState.OPEN
                 ):
@@ -964,13 +970,13 @@ class IngestPipeline:
                 return 0.0
             if self._queue:
                 waits.append(self._oldest + self._flush_interval - now)
-            if self._backlog:
-                if now >= self._retry_at:
-                    if self._breaker.state is not BreakerState.OPEN:
-                        return 0.0
-                    # Opened by someone else since; look again in a while.
-                    self._retry_at = now + max(self._breaker.reset_timeout, 0.001)
-                waits.append(self._retry_at - now)
+        if self._replay_wanted():
+            if now >= self._retry_at:
+                if self._breaker.state is not BreakerState.OPEN:
+                    return 0.0
+                # Opened by someone else since; look again in a while.
+                self._retry_at = now + max(self._breaker.reset_timeout, 0.001)
+            waits.append(self._retry_at - now)
         if self._next_scan is not None:
             if now >= self._next_scan:
                 return 0.0
@@ -997,9 +1003,32 @@ class IngestPipeline:
 
     def _held_ready_at(self) -> float:
         """When the batch in hand can next be placed: stored, or else journaled."""
-        if self._can_spill():
+        if not self._can_spill():
+            return self._retry_at
+        if self._older_backlog() or self._breaker.state is BreakerState.OPEN:
             return self._spill_retry_at
-        return self._retry_at
+        return min(self._retry_at, self._spill_retry_at)
+
+    def _older_backlog(self) -> bool:
+        """Whether a journal in the backlog holds records older than the batch in hand.
+
+        The batch then waits for the replay (it goes to the journal behind them), so that
+        what was accepted first is stored first.
+        """
+        backlog = self._backlog
+        if not backlog:
+            return False
+        own = self._journal
+        return len(backlog) > 1 or backlog[0] is not own or own.stored_lsn < self._held_barrier
+
+    def _replay_wanted(self) -> bool:
+        """Whether the replay has work: any, or with a batch in hand, what is older.
+
+        A batch in hand normally goes to the journal behind the backlog at once; it stays
+        in hand only when that append failed (a full disk, say). The replay then goes on
+        up to the batch, which is stored next, so a journal that cannot grow still drains.
+        """
+        return bool(self._backlog) and (self._held is None or self._older_backlog())
 
     def _take_batch(self) -> list[_Entry]:
         queue = self._queue
@@ -1020,22 +1049,12 @@ class IngestPipeline:
         assert batch is not None
         own = self._journal
         if (
-            not self._backlog
+            not self._older_backlog()
             and self._breaker.state is not BreakerState.OPEN
             and self._clock.monotonic() >= self._retry_at
         ):
-            stored_lsn = own.stored_lsn if own is not None else 0
-            items: list[IngestItem] = []
-            top_lsn = 0
-            for entry in batch:
-                if type(entry) is tuple:
-                    item, lsn = entry
-                    if lsn <= stored_lsn:
-                        continue  # the replay stored it already
-                    top_lsn = lsn
-                    items.append(item)
-                else:
-                    items.append(entry)  # type: ignore[arg-type]
+            # Journal-mode entries the replay stored already are skipped.
+            items, top_lsn = _to_write(batch, journaled_to=own.stored_lsn if own else 0)
             try:
                 await self._store_batch(items)
             except _StoreFailed:
@@ -1047,12 +1066,12 @@ class IngestPipeline:
                 self._placed += len(batch)
                 return
         if own is not None and own.is_open:
-            fresh = [e for e in batch if type(e) is not tuple]
+            fresh, _ = _to_write(batch, journaled_to=_ALL_JOURNALED)
             if fresh:
                 # Shielded so that close() can tell whether a cancelled writer got it written.
-                self._spill = asyncio.ensure_future(own.append(fresh))  # type: ignore[arg-type]
+                self._spill = asyncio.ensure_future(own.append(fresh))
                 try:
-                    await asyncio.shield(self._spill)
+                    last = await asyncio.shield(self._spill)
                 except JournalError:
                     self._spill = None
                     logger.exception("write path: cannot journal a batch; holding it in memory")
@@ -1061,6 +1080,7 @@ class IngestPipeline:
                     )
                     return
                 self._spill = None
+                self._journaled_lsn = max(self._journaled_lsn, last)
             self._spilled += len(fresh)
             if own not in self._backlog:
                 logger.warning(
@@ -1073,18 +1093,23 @@ class IngestPipeline:
         # No journal: keep the batch and try again when the breaker lets a probe through.
         self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
 
-    async def _store_batch(self, items: list[IngestItem]) -> None:
+    async def _store_batch(
+        self, items: list[IngestItem], refused: list[tuple[bytes, BaseException]] | None = None
+    ) -> None:
         """Store a mixed batch, isolating refused items.
+
+        What is refused (``refused`` adds records that could not even be decoded) goes to
+        the dead-letter file only once the whole batch is settled: a batch that fails now is
+        placed again later as a whole, and its refused items must not be kept twice.
 
         Raises:
             _StoreFailed: Some of it could not be stored now (retry later, as a whole).
         """
-        if not items:
-            return
+        refused = [] if refused is None else refused
         started = time.perf_counter()
         try:
             for kind, group in _group(items):
-                await self._store_isolating(kind, group)
+                await self._store_isolating(kind, group, refused)
         except (RetryExhaustedError, CircuitBreakerOpenError) as exc:
             self._store_failures += 1
             self._retry_at = self._clock.monotonic() + self._breaker_wait()
@@ -1101,8 +1126,11 @@ class IngestPipeline:
                 "storage-bug", "write path: unexpected storage error for a batch of %d", len(items)
             )
             raise _StoreFailed from exc
-        self._stored += len(items)
-        self._record_batch(len(items), time.perf_counter() - started)
+        if refused:
+            await self._dead_letter(refused)
+        if items:
+            self._stored += len(items)
+            self._record_batch(len(items), time.perf_counter() - started)
 
     def _breaker_wait(self) -> float:
         """How long to leave the database alone after a failed batch."""
@@ -1114,34 +1142,41 @@ class IngestPipeline:
             return min(max(self._breaker.reset_timeout, 0.001), 0.1)
         return 0.0
 
-    async def _store_isolating(self, kind: type[Any], items: list[Any]) -> None:
-        """Write ``items``; on a refusal, split until the refused ones are alone."""
+    async def _store_isolating(
+        self, kind: type[Any], items: list[Any], refused: list[tuple[bytes, BaseException]]
+    ) -> None:
+        """Write ``items``; on a refusal, split until the refused ones are alone (collected
+        in ``refused``)."""
         try:
             await self._write_with_retry(kind, items)
         except _REFUSED as exc:
             if len(items) == 1:
-                await self._dead_letter(encode_item(items[0]), exc)
+                refused.append((encode_item(items[0]), exc))
                 return
             mid = len(items) // 2
-            await self._store_isolating(kind, items[:mid])
-            await self._store_isolating(kind, items[mid:])
+            await self._store_isolating(kind, items[:mid], refused)
+            await self._store_isolating(kind, items[mid:], refused)
 
-    async def _dead_letter(self, payload: bytes, exc: BaseException) -> None:
-        self._dead_lettered += 1
-        reason = f"{type(exc).__name__}: {exc}"
+    async def _dead_letter(self, refused: list[tuple[bytes, BaseException]]) -> None:
+        self._dead_lettered += len(refused)
+        entries = [(payload, f"{type(exc).__name__}: {exc}") for payload, exc in refused]
         if self._dead_letters is None:
-            logger.error("write path: refused item (no dead-letter file): %r (%s)", payload, reason)
+            for payload, reason in entries:
+                logger.error(
+                    "write path: refused item (no dead-letter file): %r (%s)", payload, reason
+                )
             return
         self._log.error(
             "refused-item",
-            "write path: the database refused an item; kept in %s: %s",
+            "write path: the database refused %d item(s); kept in %s: %s",
+            len(entries),
             self._dead_letters.path,
-            reason,
+            entries[0][1],
         )
         try:
-            await self._dead_letters.write([(payload, reason)], time_ms=self._clock.time_ms())
+            await self._dead_letters.write(entries, time_ms=self._clock.time_ms())
         except JournalError:
-            logger.exception("write path: refused item could not be kept: %r", payload)
+            logger.exception("write path: refused items could not be kept: %r", entries)
 
     async def _replay_step(self) -> None:
         """Store the next chunk of the oldest journal in the backlog."""
@@ -1149,7 +1184,14 @@ class IngestPipeline:
         if journal.stored_lsn >= journal.last_lsn:
             await self._finish_backlog(journal)
             return
-        chunk = await journal.read(journal.stored_lsn, max_records=self._replay_batch)
+        limit = journal.last_lsn
+        if self._held is not None and journal is self._journal:
+            limit = min(limit, self._held_barrier)  # the batch in hand comes after these
+        if limit <= journal.stored_lsn:
+            return
+        chunk = await journal.read(
+            journal.stored_lsn, max_records=min(self._replay_batch, limit - journal.stored_lsn)
+        )
         if not chunk.records and chunk.end_lsn <= journal.stored_lsn:
             # Records counted but not readable (files changed under us): say so, move on.
             logger.error(
@@ -1162,15 +1204,16 @@ class IngestPipeline:
             await self._finish_backlog(journal)
             return
         items: list[IngestItem] = []
+        undecodable: list[tuple[bytes, BaseException]] = []
         for start in range(0, len(chunk.records), _DECODE_SLICE):
             for _, payload in chunk.records[start : start + _DECODE_SLICE]:
                 try:
                     items.append(decode_item(payload))
                 except ValidationError as exc:
-                    await self._dead_letter(payload, exc)
+                    undecodable.append((payload, exc))
             await asyncio.sleep(0)  # decoding is CPU work: let producers in between
         try:
-            await self._store_batch(items)
+            await self._store_batch(items, undecodable)
         except _StoreFailed:
             return
         await journal.mark_stored(chunk.end_lsn)
@@ -1295,6 +1338,39 @@ def _backoff(initial: float, cap: float, jitter: float) -> wait_exponential_jitt
         return wait_exponential_jitter(multiplier=initial, max=cap, jitter=jitter)  # type: ignore[call-arg,unused-ignore]
     except TypeError:  # tenacity < 9.1 calls it ``initial`` (9.1+ deprecates that name)
         return wait_exponential_jitter(initial=initial, max=cap, jitter=jitter)
+
+
+_ALL_JOURNALED: Final = 1 << 62  # ``journaled_to`` meaning every journal-mode entry
+
+
+def _to_write(batch: Sequence[_Entry], *, journaled_to: int) -> tuple[list[IngestItem], int]:
+    """The items of ``batch`` to write (to the database, or to the journal), in order.
+
+    Buffered entries are all written. A journal-mode entry with an LSN up to
+    ``journaled_to`` is written elsewhere (the replay stored it, or it is in the journal
+    already) and is skipped, unless it is a candle or order-flow upsert that follows a
+    buffered entry: written after it once more, so that the older buffered version, which
+    lands after it in the journal or the database, cannot overwrite it. Ticks are never
+    overwritten, so their order does not matter.
+
+    Returns:
+        The items, and the highest LSN among the journal-mode entries written (0: none).
+    """
+    items: list[IngestItem] = []
+    top_lsn = 0
+    behind_buffered = False
+    for entry in batch:
+        if type(entry) is tuple:
+            item, lsn = entry
+            if lsn > journaled_to:
+                top_lsn = lsn
+                items.append(item)
+            elif behind_buffered and type(item) is not TickData:
+                items.append(item)
+        else:
+            behind_buffered = True
+            items.append(entry)  # type: ignore[arg-type]
+    return items, top_lsn
 
 
 def _group(items: list[IngestItem]) -> list[tuple[type[Any], list[Any]]]:

@@ -28,6 +28,7 @@ from data_manager.ingest import IngestPipeline, PipelineState
 from data_manager.journal import DEAD_LETTER_DIR, Journal
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 from data_manager.storage.base import tick_content_key
+from tests.unit.conftest import WAIT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -778,3 +779,98 @@ async def test_real_sqlite_store_with_a_refused_tick(tmp_path: Path, clock: Manu
     finally:
         await pipeline.close()
         await sqlite.close()
+
+
+# --------------------------------------------------------------------------- faults on the way
+
+
+async def test_a_full_disk_in_backlog_mode_does_not_wedge_the_replay(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = await make(batch_size=5)
+    storage.down = True
+    for i in range(5):
+        await pipeline.submit(tick(i))
+    await until(lambda: pipeline.stats().spilled == 5)  # backlog mode: the journal first
+
+    def full_disk(self: Journal, group: Any) -> Any:
+        raise JournalError("No space left on device")
+
+    monkeypatch.setattr(Journal, "_write_group", full_disk)
+    for i in range(5, 10):
+        await pipeline.submit(tick(i))  # taken, but cannot follow the others into the journal
+    await until(lambda: pipeline.stats().queue_depth == 5)
+    await settle()
+    assert pipeline.stats().spilled == 5
+
+    storage.down = False  # the database is back, the disk is still full
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush(timeout=WAIT)
+    written = [t.seq for _, items in storage.calls for t in items]
+    assert written == list(range(10))  # the journal's older records first, then the batch
+    stats = pipeline.stats()
+    assert (stats.journal_records, stats.backlog_journals, stats.breaker_state) == (0, 0, "closed")
+
+
+@pytest.mark.parametrize("phase", ["first-failure", "backlog-mode"])
+async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    phase: str,
+) -> None:
+    # A buffered version of a forming candle, then a newer one in journal mode: the newer is
+    # on disk first, the older follows it there when its batch cannot be stored.
+    pipeline = await make(batch_size=2, journal_batch_size=2)
+    storage.down = True
+    if phase == "backlog-mode":
+        await pipeline.submit(tick(0))
+        await pipeline.submit(tick(1))
+        await until(lambda: pipeline.stats().spilled == 2)
+    await pipeline.submit(candle(0, 1.0, is_closed=False))
+    await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
+    await until(lambda: pipeline.stats().queue_depth == 0 and pipeline.stats().spilled >= 2)
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush(timeout=WAIT)
+    (stored,) = storage.candles.values()
+    assert stored.close == 2.0  # the newer version, as accepted last
+
+
+async def test_an_item_refused_before_its_batch_failed_is_dead_lettered_once(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    tmp_path: Path,
+) -> None:
+    storage.refuse = lambda item: getattr(item, "seq", None) == 1
+    real_write = storage.write_ticks
+    outage = True
+
+    async def flaky(ticks: Sequence[TickData]) -> int:
+        if outage and ticks[0].seq == 2:  # the other half of the split meets an outage
+            raise DatabaseConnectionError("connection reset")
+        return await real_write(ticks)
+
+    storage.write_ticks = flaky  # type: ignore[method-assign]
+    pipeline = await make(batch_size=4, journal="refusing")
+    for i in range(4):
+        await pipeline.submit(tick(i))
+    await until(lambda: pipeline.stats().spilled == 4)  # refused 1, stored 0, failed on 2-3
+    assert pipeline.stats().dead_lettered == 0  # not yet: the batch is not settled
+    outage = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush(timeout=WAIT)
+    assert storage.stored_seqs() == [0, 2, 3]
+    assert pipeline.stats().dead_lettered == 1
+    lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "refusing.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["data"]["seq"] for line in lines] == [1]
