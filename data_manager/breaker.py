@@ -121,6 +121,11 @@ class CircuitBreaker:
             self._state = BreakerState.OPEN
             self._opened_at = self._clock.monotonic()
 
+    def release(self) -> None:
+        """A call ended without an answer (its caller was cancelled): count nothing, and let
+        a half-open breaker send another probe."""
+        self._probe_in_flight = False
+
     def reset(self) -> None:
         """Forget all failures (used after a fork or a reconnect)."""
         self._state = BreakerState.CLOSED

@@ -511,8 +511,17 @@ class IngestPipeline:
         adopted = 0
         for path in paths:
             orphan = Journal(path.parent, instance_id=path.name, segment_bytes=own.segment_bytes)
+            # The open runs in a worker thread that a cancellation does not stop: if we are
+            # cancelled, let it finish and give back the lock it took, or the orphan would
+            # stay locked (and never replayed) for as long as this process lives.
+            opening = asyncio.ensure_future(orphan.open(create=False))
             try:
-                await orphan.open(create=False)
+                await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await opening
+                    await orphan.close()
+                raise
             except JournalLockedError:
                 continue  # alive after all, or another router was quicker
             except JournalError:
@@ -576,10 +585,18 @@ class IngestPipeline:
             await self._closed.wait()  # a concurrent close() finishes the job
             return
         if self._state is PipelineState.NEW:
+            # Never started, or start() failed part-way: give back every lock it took.
             self._state = PipelineState.CLOSED
-            if self._journal is not None and self._journal.is_open:
-                await self._journal.close()
-            self._closed.set()
+            journals = [j for j in self._backlog if j is not self._journal]
+            self._backlog.clear()
+            if self._journal is not None:
+                journals.append(self._journal)
+            try:
+                for held in journals:
+                    if held.is_open:
+                        await held.close()
+            finally:
+                self._closed.set()
             return
         self._state = PipelineState.CLOSING
         self._release_space()
@@ -902,9 +919,11 @@ class IngestPipeline:
         except _REFUSED:
             breaker.record_success()  # it answered: the database is up, the data is bad
             raise
+        except asyncio.CancelledError:
+            breaker.release()  # our caller left: no answer either way
+            raise
         except BaseException:
-            # Transient errors, bugs and cancellation all release a half-open probe.
-            breaker.record_failure()
+            breaker.record_failure()  # transient errors and bugs
             raise
         breaker.record_success()
 

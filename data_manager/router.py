@@ -59,7 +59,7 @@ from data_manager.health import (
     WritePathHealth,
     overall_status,
 )
-from data_manager.ingest import IngestPipeline
+from data_manager.ingest import IngestPipeline, PipelineState
 from data_manager.journal import Journal
 from data_manager.metrics import HistogramRecorder
 from data_manager.models import (
@@ -443,6 +443,11 @@ class DataRouter:
             task.cancel()
         self._background.clear()
         closers: list[Callable[[], Coroutine[Any, Any, None]]] = [self._watcher.aclose]
+        ingest = self._ingest
+        if ingest is not None and ingest.state is not PipelineState.CLOSED:
+            # initialize() failed after the write path started (or part-way through its
+            # start): stop its writer and give back the journal locks it took.
+            closers.insert(0, functools.partial(ingest.close, 0))
         if self._bus is not None:
             closers.append(self._bus.aclose)
         if self._l2 is not None:

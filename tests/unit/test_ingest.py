@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from data_manager.errors import (
     ValidationError,
 )
 from data_manager.ingest import IngestPipeline, PipelineState
-from data_manager.journal import DEAD_LETTER_DIR, Journal
+from data_manager.journal import DEAD_LETTER_DIR, Journal, JournalLockedError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 from data_manager.storage.base import tick_content_key
 from tests.unit.conftest import WAIT
@@ -874,3 +875,112 @@ async def test_an_item_refused_before_its_batch_failed_is_dead_lettered_once(
     assert pipeline.stats().dead_lettered == 1
     lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "refusing.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["data"]["seq"] for line in lines] == [1]
+
+
+async def test_a_cancelled_caller_does_not_count_against_the_database(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    pipeline = await make()
+    storage.gate = asyncio.Event()
+    for seq in range(breaker.failure_threshold + 1):  # callers that give up mid-write
+        storage.entered.clear()
+        call = asyncio.create_task(pipeline.submit(tick(seq), mode="sync"))
+        await storage.entered.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert (breaker.state, breaker.consecutive_failures) == (BreakerState.CLOSED, 0)
+
+    # A half-open probe whose caller leaves lets the next caller probe.
+    storage.gate = None
+    for _ in range(breaker.failure_threshold):
+        breaker.record_failure()
+    clock.advance(breaker.reset_timeout)
+    assert breaker.allow()  # someone's probe...
+    breaker.release()  # ...whose caller was cancelled
+    await pipeline.submit(tick(99), mode="sync")
+    assert breaker.state is BreakerState.CLOSED
+    assert storage.stored_seqs() == [99]
+
+
+class _BlockingOpen:
+    """Hold the worker thread that opens the journal ``name`` until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.done = threading.Event()
+        real = Journal._open_sync
+
+        def open_sync(journal: Journal, create: bool) -> None:
+            if journal.instance_id != name:
+                real(journal, create)
+                return
+            self.entered.set()
+            self.release.wait(WAIT)
+            try:
+                real(journal, create)
+            finally:
+                self.done.set()
+
+        monkeypatch.setattr(Journal, "_open_sync", open_sync)
+
+
+async def dead_journal(root: Path, name: str) -> Journal:
+    """A journal left with records by a process that died (unlocked)."""
+    dead = Journal(root, instance_id=name)
+    await dead.open()
+    await dead.append([tick(1)])
+    await dead.close()
+    return dead
+
+
+async def lock_is_free(journal: Journal) -> bool:
+    probe = Journal(journal.root, instance_id=journal.instance_id)
+    try:
+        await probe.open(create=False)
+    except JournalLockedError:
+        return False
+    await probe.close()
+    return True
+
+
+async def test_cancelled_orphan_adoption_gives_the_orphans_lock_back(
+    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = await make(journal="scanner")
+    orphan = await dead_journal(tmp_path / "journal", "dead")
+    blocking = _BlockingOpen(monkeypatch, "dead")
+    adopting = asyncio.create_task(pipeline.adopt_orphans())
+    assert await asyncio.to_thread(blocking.entered.wait, WAIT)
+    adopting.cancel()  # while the open runs in its thread (close() stopping the writer, say)
+    blocking.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await adopting
+    assert await asyncio.to_thread(blocking.done.wait, WAIT)
+    monkeypatch.undo()
+    assert await lock_is_free(orphan)  # the next router can still adopt it
+
+
+async def test_a_start_cancelled_while_adopting_gives_every_lock_back(
+    storage: FakeStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "journal"
+    first = await dead_journal(root, "a-dead")
+    second = await dead_journal(root, "b-dead")
+    blocking = _BlockingOpen(monkeypatch, "b-dead")
+    own = Journal(root, instance_id="starting")
+    pipeline = IngestPipeline(storage, journal=own, orphan_scan_interval=None)  # type: ignore[arg-type]
+    starting = asyncio.create_task(pipeline.start())
+    assert await asyncio.to_thread(blocking.entered.wait, WAIT)  # "a-dead" adopted by now
+    starting.cancel()
+    blocking.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await asyncio.to_thread(blocking.done.wait, WAIT)
+    monkeypatch.undo()
+    await pipeline.close()  # what a router does when its initialize() fails
+    assert pipeline.state is PipelineState.CLOSED
+    assert [await lock_is_free(j) for j in (first, second)] == [True, True]
+    assert not own.is_open
+    assert not own.path.exists()  # nothing in it: removed at close

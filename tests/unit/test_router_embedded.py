@@ -7,6 +7,7 @@ back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import inspect
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -201,6 +203,24 @@ async def test_lifecycle(tmp_path: Path) -> None:
         assert got is not None
         assert got.timestamp == T0
     assert state_of(again) is RouterState.CLOSED
+
+
+async def test_a_failed_initialize_stops_the_write_path_and_unlocks_its_journal(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as busy:  # the metrics port is taken: initialize() fails last
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        router = DataRouter(
+            embedded(tmp_path, metrics_port=port, metrics_addr="127.0.0.1"), strategy=strategy()
+        )
+        with pytest.raises(ConfigurationError, match="cannot serve metrics"):
+            await router.initialize()
+    names = [task.get_name() for task in asyncio.all_tasks()]
+    assert "data_manager-ingest-writer" not in names
+    # Its journal was closed (empty: removed), not left locked by a live writer.
+    assert not (tmp_path / "journal" / router.instance_id).exists()
 
 
 #: Several concurrent initialize() calls on one router, in a child process so that whatever
