@@ -1524,15 +1524,16 @@ class Journal:
                 raise JournalError(msg) from exc
 
     def _checkpoint_and_delete(self, dead: list[_Segment]) -> None:
-        # Checkpoint first: a crash in between then replays less, never skips anything.
+        # Delete first: on a full disk the checkpoint (a new file) can be written only once
+        # stored segments are gone. A crash in between loses nothing: the older checkpoint
+        # replays a little more (idempotently), and the segments left are all newer.
+        if dead:
+            with self._io:
+                self._segments = [s for s in self._segments if s not in dead]
+            for segment in dead:
+                segment.path.unlink(missing_ok=True)
+            _fsync_dir(self.path)
         self._write_checkpoint()
-        if not dead:
-            return
-        with self._io:
-            self._segments = [s for s in self._segments if s not in dead]
-        for segment in dead:
-            segment.path.unlink(missing_ok=True)
-        _fsync_dir(self.path)
 
     def _write_checkpoint(self) -> None:
         stored = self._stored_lsn

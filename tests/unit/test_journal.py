@@ -270,6 +270,33 @@ async def test_segments_rotate_and_stored_ones_are_deleted(tmp_path: Path) -> No
     assert not again.path.exists()  # fully stored: removed
 
 
+async def test_stored_segments_are_deleted_even_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path, instance_id="full", segment_bytes=2048)
+    await j.open()
+    for i in range(0, 60, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    before = len(segments(j.path))
+    real_checkpoint = Journal._write_checkpoint
+
+    def needs_space(journal: Journal) -> None:
+        if len(segments(journal.path)) == before:  # no room for a new file until some goes
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_checkpoint(journal)
+
+    monkeypatch.setattr(Journal, "_write_checkpoint", needs_space)
+    await j.mark_stored(30)
+    assert len(segments(j.path)) < before
+    assert (j.path / "checkpoint").read_text().strip() == "30"
+    monkeypatch.undo()
+    await j.close()
+    again = Journal(tmp_path, instance_id="full", segment_bytes=2048)
+    await again.open()
+    assert [lsn for lsn, _ in again.replay()] == list(range(31, 61))
+    await again.close()
+
+
 # --------------------------------------------------------------------------- damage
 
 
