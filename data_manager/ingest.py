@@ -86,6 +86,7 @@ from data_manager.journal import (
     DeadLetterFile,
     IngestItem,
     Journal,
+    JournalBatch,
     JournalError,
     JournalLockedError,
     decode_item,
@@ -306,6 +307,9 @@ class IngestPipeline:
         self._held: list[_Entry] | None = None  # the batch the writer is placing
         self._held_barrier = 0  # _journaled_lsn when _held was taken
         self._journaled_lsn = 0  # newest record of our journal acknowledged or spilled
+        # A queued journal-mode upsert at or below this LSN is written once more: items
+        # accepted before it were since journaled after it, or stored after its replay.
+        self._reorder_lsn = 0
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
         # Items of journal-mode calls cancelled mid-append (id → item), until their append
         # settles; see _release_if_lost.
@@ -594,7 +598,10 @@ class IngestPipeline:
             try:
                 for held in journals:
                     if held.is_open:
-                        await held.close()
+                        try:
+                            await held.close()
+                        except JournalError:
+                            logger.exception("write path: cannot close the journal %s", held.path)
             finally:
                 self._closed.set()
             return
@@ -606,11 +613,17 @@ class IngestPipeline:
         def finished() -> bool:
             return done() or (journal is not None and self._breaker.state is BreakerState.OPEN)
 
+        cancelled = False
         try:
             async with asyncio.timeout(timeout):
                 await self._wait_progress(finished)
         except TimeoutError:
             logger.warning("write path: close() gave up flushing after %ss", timeout)
+        except asyncio.CancelledError:
+            # Our caller gave up waiting (an outer timeout): shut down as after our own
+            # timeout, then let the cancellation through. Left CLOSING, the writer would run
+            # on and every later close() would wait for ever.
+            cancelled = True
         except Exception:
             logger.exception("write path: flush at close failed")
         try:
@@ -626,6 +639,8 @@ class IngestPipeline:
             self._state = PipelineState.CLOSED
             self._closed.set()
             self._notify_progress()
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -647,7 +662,7 @@ class IngestPipeline:
         self._held = None
         self._queue.clear()
         self._urgent = 0
-        fresh, _ = _to_write(leftovers, journaled_to=_ALL_JOURNALED)
+        fresh, _ = _to_write(leftovers, journaled_to=_ALL_JOURNALED, reorder_to=self._reorder_lsn)
         if not fresh:
             return
         journal = self._journal
@@ -914,13 +929,15 @@ class IngestPipeline:
         if not breaker.allow():
             msg = f"circuit {breaker.name} is open; not calling the database"
             raise CircuitBreakerOpenError(msg)
+        probe = breaker.state is BreakerState.HALF_OPEN
         try:
             await write(items)
         except _REFUSED:
             breaker.record_success()  # it answered: the database is up, the data is bad
             raise
         except asyncio.CancelledError:
-            breaker.release()  # our caller left: no answer either way
+            if probe:
+                breaker.release()  # our caller left: no answer either way
             raise
         except BaseException:
             breaker.record_failure()  # transient errors and bugs
@@ -1073,7 +1090,9 @@ class IngestPipeline:
             and self._clock.monotonic() >= self._retry_at
         ):
             # Journal-mode entries the replay stored already are skipped.
-            items, top_lsn = _to_write(batch, journaled_to=own.stored_lsn if own else 0)
+            items, top_lsn = _to_write(
+                batch, journaled_to=own.stored_lsn if own else 0, reorder_to=self._reorder_lsn
+            )
             try:
                 await self._store_batch(items)
             except _StoreFailed:
@@ -1081,11 +1100,13 @@ class IngestPipeline:
             else:
                 if top_lsn and own is not None:
                     await own.mark_stored(top_lsn)
+                if own is not None:
+                    self._reorder_lsn = max(self._reorder_lsn, own.stored_lsn)
                 self._held = None
                 self._placed += len(batch)
                 return
         if own is not None and own.is_open:
-            fresh, _ = _to_write(batch, journaled_to=_ALL_JOURNALED)
+            fresh, _ = _to_write(batch, journaled_to=_ALL_JOURNALED, reorder_to=self._reorder_lsn)
             if fresh:
                 # Shielded so that close() can tell whether a cancelled writer got it written.
                 self._spill = asyncio.ensure_future(own.append(fresh))
@@ -1100,6 +1121,7 @@ class IngestPipeline:
                     return
                 self._spill = None
                 self._journaled_lsn = max(self._journaled_lsn, last)
+                self._reorder_lsn = max(self._reorder_lsn, last - len(fresh))
             self._spilled += len(fresh)
             if own not in self._backlog:
                 logger.warning(
@@ -1211,6 +1233,8 @@ class IngestPipeline:
         chunk = await journal.read(
             journal.stored_lsn, max_records=min(self._replay_batch, limit - journal.stored_lsn)
         )
+        if chunk.end_lsn > limit:  # LSNs skip a gap (segments deleted before a crash)
+            chunk = JournalBatch(records=[r for r in chunk.records if r[0] <= limit], end_lsn=limit)
         if not chunk.records and chunk.end_lsn <= journal.stored_lsn:
             # Records counted but not readable (files changed under us): say so, move on.
             logger.error(
@@ -1362,15 +1386,18 @@ def _backoff(initial: float, cap: float, jitter: float) -> wait_exponential_jitt
 _ALL_JOURNALED: Final = 1 << 62  # ``journaled_to`` meaning every journal-mode entry
 
 
-def _to_write(batch: Sequence[_Entry], *, journaled_to: int) -> tuple[list[IngestItem], int]:
+def _to_write(
+    batch: Sequence[_Entry], *, journaled_to: int, reorder_to: int
+) -> tuple[list[IngestItem], int]:
     """The items of ``batch`` to write (to the database, or to the journal), in order.
 
     Buffered entries are all written. A journal-mode entry with an LSN up to
     ``journaled_to`` is written elsewhere (the replay stored it, or it is in the journal
-    already) and is skipped, unless it is a candle or order-flow upsert that follows a
-    buffered entry: written after it once more, so that the older buffered version, which
-    lands after it in the journal or the database, cannot overwrite it. Ticks are never
-    overwritten, so their order does not matter.
+    already) and is skipped, unless it is a candle or order-flow upsert that items accepted
+    before it may overtake: one that follows a buffered entry of the batch, or one at or
+    below ``reorder_to`` (earlier batches were journaled after it, or stored after its
+    replay). Such an upsert is written once more, in its place, so the older version cannot
+    overwrite it. Ticks are never overwritten, so their order does not matter.
 
     Returns:
         The items, and the highest LSN among the journal-mode entries written (0: none).
@@ -1384,7 +1411,7 @@ def _to_write(batch: Sequence[_Entry], *, journaled_to: int) -> tuple[list[Inges
             if lsn > journaled_to:
                 top_lsn = lsn
                 items.append(item)
-            elif behind_buffered and type(item) is not TickData:
+            elif (behind_buffered or lsn <= reorder_to) and type(item) is not TickData:
                 items.append(item)
         else:
             behind_buffered = True

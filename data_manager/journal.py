@@ -1379,9 +1379,9 @@ class Journal:
         if current is not None and current.records == 0:
             # Abandoned before its first record was durable (a write failed and could not
             # be cut off): nothing in it was acknowledged, and the new one takes its name.
+            current.path.unlink(missing_ok=True)
             with self._io:
                 self._segments.remove(current)
-            current.path.unlink(missing_ok=True)
         path = self.path / f"{self._next_lsn:020d}{SEGMENT_SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

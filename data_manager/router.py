@@ -444,9 +444,10 @@ class DataRouter:
         self._background.clear()
         closers: list[Callable[[], Coroutine[Any, Any, None]]] = [self._watcher.aclose]
         ingest = self._ingest
-        if ingest is not None and ingest.state is not PipelineState.CLOSED:
+        if ingest is not None and ingest.state in (PipelineState.NEW, PipelineState.RUNNING):
             # initialize() failed after the write path started (or part-way through its
-            # start): stop its writer and give back the journal locks it took.
+            # start): stop its writer and give back the journal locks it took. (A pipeline
+            # whose own close() was cancelled is CLOSING: waiting for it would never end.)
             closers.insert(0, functools.partial(ingest.close, 0))
         if self._bus is not None:
             closers.append(self._bus.aclose)

@@ -818,6 +818,7 @@ async def test_a_full_disk_in_backlog_mode_does_not_wedge_the_replay(
     assert (stats.journal_records, stats.backlog_journals, stats.breaker_state) == (0, 0, "closed")
 
 
+@pytest.mark.parametrize("batch", [2, 1], ids=["one-batch", "two-batches"])
 @pytest.mark.parametrize("phase", ["first-failure", "backlog-mode"])
 async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
     make: Any,
@@ -825,10 +826,11 @@ async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
     clock: ManualClock,
     breaker: CircuitBreaker,
     phase: str,
+    batch: int,
 ) -> None:
     # A buffered version of a forming candle, then a newer one in journal mode: the newer is
     # on disk first, the older follows it there when its batch cannot be stored.
-    pipeline = await make(batch_size=2, journal_batch_size=2)
+    pipeline = await make(batch_size=batch, journal_batch_size=batch)
     storage.down = True
     if phase == "backlog-mode":
         await pipeline.submit(tick(0))
@@ -984,3 +986,24 @@ async def test_a_start_cancelled_while_adopting_gives_every_lock_back(
     assert [await lock_is_free(j) for j in (first, second)] == [True, True]
     assert not own.is_open
     assert not own.path.exists()  # nothing in it: removed at close
+
+
+async def test_a_cancelled_close_still_shuts_down_and_journals_the_rest(
+    make: Any, storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    pipeline = await make(batch_size=100, journal="leaving")
+    storage.gate = asyncio.Event()  # the database hangs
+    for i in range(5):
+        await pipeline.submit(tick(i))
+    closing = asyncio.create_task(pipeline.close(timeout=None))
+    await storage.entered.wait()  # close() is waiting for the flush
+    closing.cancel()  # its caller gives up (an outer timeout)
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert pipeline.state is PipelineState.CLOSED
+    await asyncio.wait_for(pipeline.close(0), WAIT)  # returns, as a teardown's would
+    storage.gate = None
+    again = await make(journal="again")
+    assert again.stats().orphans_adopted == 1
+    await again.flush(timeout=WAIT)
+    assert storage.stored_seqs() == list(range(5))
