@@ -864,7 +864,8 @@ class IngestPipeline:
     def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
         """Journal callback: the items are on disk; queue them (in LSN order)."""
         self._reserved -= len(items)
-        self._journaled_lsn = max(self._journaled_lsn, first_lsn + len(items) - 1)
+        # Callbacks run in LSN order, after any spill settled before them: the newest so far.
+        self._journaled_lsn = first_lsn + len(items) - 1
         if self._cancelled:
             for item in items:
                 self._cancelled.pop(id(item), None)
