@@ -290,6 +290,20 @@ def _check_text(value: object, *, field: str, max_length: int) -> str:
     return text
 
 
+#: Free-text fields (any characters); they must still be storable as UTF-8.
+_FREE_TEXT: Final = ("event_type", "use_case")
+
+
+def _check_encodable(text: str, *, field: str) -> None:
+    """Refuse a string with a lone surrogate: PostgreSQL, the cache and the journal all
+    store UTF-8, so such a value would be accepted here and fail later, far from its caller."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        msg = f"{field} {text!r} is not valid Unicode text ({exc.reason})"
+        raise ValidationError(msg) from exc
+
+
 def to_epoch_ms(value: object, *, field: str = "timestamp") -> int:
     """Convert a timestamp given as Unix ms or an aware ``datetime`` into Unix ms.
 
@@ -411,6 +425,10 @@ class _MarketModel(BaseModel):
             data["source"] = _check_text(
                 data["source"], field="source", max_length=MAX_SOURCE_LENGTH
             )
+        for name in _FREE_TEXT:
+            value = data.get(name)
+            if type(value) is str and not value.isascii():
+                _check_encodable(value, field=name)
         for name in cls._derived:
             data.pop(name, None)
         return data

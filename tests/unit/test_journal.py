@@ -94,6 +94,13 @@ def test_records_round_trip_every_kind() -> None:
     assert b"mid" not in encode_item(items[0])
 
 
+def test_a_value_json_cannot_carry_is_refused_with_the_sdks_error() -> None:
+    # Validation refuses lone surrogates; a model built without it still gets a clear error.
+    bad = TickData.model_construct(**{**tick(1).__dict__, "use_case": "x\ud800"})
+    with pytest.raises(ValidationError, match="cannot journal this TickData"):
+        encode_item(bad)
+
+
 def test_decoding_revalidates_data_from_disk() -> None:
     payload = encode_item(tick(1))
     data = orjson.loads(payload[1:])

@@ -99,12 +99,19 @@ def test_models_are_immutable() -> None:
         ("symbol", "{EUR}/USD", "braces"),
         ("symbol", 42, "string"),
         ("source", "", "printable"),
+        ("source", "feed\ud800", "printable"),
+        ("use_case", "backtest\ud800", "not valid Unicode"),
+        ("event_type", "\udfffquote", "not valid Unicode"),
         ("unknown_field", 1, "Extra inputs"),
     ],
 )
 def test_tick_rejections(field: str, value: object, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         tick(**{field: value})
+
+
+def test_free_text_takes_any_unicode() -> None:
+    assert tick(use_case="démo ✓", event_type="trade").use_case == "démo ✓"
 
 
 def test_validation_error_is_a_data_manager_error_not_pydantic() -> None:
@@ -168,6 +175,7 @@ def test_symbol_normaliser(raw: str, expected: str) -> None:
         ({"num_trades": -1}, "greater than or equal"),
         ({"start_time": TS + 10, "end_time": TS}, "end_time"),
         ({"timestamp": 1_727_996_400}, "seconds"),
+        ({"event_type": "ohlcv\ud800"}, "not valid Unicode"),
     ],
 )
 def test_candle_rejections(over: dict[str, Any], message: str) -> None:
