@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
+import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,8 +62,29 @@ async def _get(queue: Any, wait: float, procs: list[Any]) -> Any:
                 msg = f"reader process exited with code {dead[0].exitcode} (see its traceback)"
                 raise RuntimeError(msg) from None
             if time.monotonic() > deadline:
-                msg = f"no answer from the reader processes within {wait:g} s"
+                alive = [p for p in procs if p.is_alive() and p.pid is not None]
+                for proc in alive:  # ask for their asyncio tasks (see _dump_tasks_on_signal)
+                    os.kill(proc.pid, signal.SIGUSR1)
+                await asyncio.sleep(1)
+                msg = (
+                    f"no answer from the reader processes within {wait:g} s "
+                    f"({len(alive)} still running; their asyncio tasks are printed above)"
+                )
                 raise TimeoutError(msg) from None
+
+
+def _dump_tasks_on_signal() -> None:
+    """In a reader process: print every asyncio task's stack on SIGUSR1, so a reader that
+    never answers shows where it waits."""
+
+    def dump() -> None:
+        tasks = asyncio.all_tasks()
+        print(f"reader {os.getpid()}: {len(tasks)} asyncio tasks", file=sys.stderr, flush=True)
+        for task in tasks:
+            task.print_stack(file=sys.stderr)
+        sys.stderr.flush()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
 def _stop_all(procs: list[Any]) -> None:
@@ -104,6 +128,7 @@ async def _propagation_reader(
 ) -> None:
     from redis.asyncio import Redis
 
+    _dump_tasks_on_signal()
     router = build_router(spec)
     await router.initialize()
     got: dict[tuple[str, int], int] = {}
@@ -318,6 +343,7 @@ class _Tiers:
 async def _hitrate_reader(
     spec: RouterSpec, index: int, cfg: dict[str, float], ready: Any, go: Any, out: Any
 ) -> None:
+    _dump_tasks_on_signal()
     router = build_router(spec)
     await router.initialize()
     ready.put(index)
