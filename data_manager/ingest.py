@@ -115,6 +115,7 @@ _ITEM_TYPES: Final = frozenset({TickData, CandleData, OrderFlowMetrics})
 # Errors that say "this data is refused", as opposed to "the database is not answering".
 _REFUSED: Final = (QueryExecutionError, ValidationError)
 _DECODE_SLICE: Final = 500  # records decoded between two yields to the event loop
+_RECENT_DEAD_LETTERS: Final = 4_096  # refused records remembered, so none is kept twice
 
 
 class PipelineState(enum.Enum):
@@ -346,6 +347,7 @@ class IngestPipeline:
         self._replayed = 0
         self._orphans_adopted = 0
         self._dead_lettered = 0
+        self._recent_dead: dict[bytes, None] = {}  # oldest first
         self._bp_waits = 0
         self._bp_timeouts = 0
         self._lost = 0
@@ -1200,13 +1202,34 @@ class IngestPipeline:
             await self._store_isolating(kind, items[mid:], refused)
 
     async def _dead_letter(self, refused: list[tuple[bytes, BaseException]]) -> None:
-        self._dead_lettered += len(refused)
-        entries = [(payload, f"{type(exc).__name__}: {exc}") for payload, exc in refused]
+        """Keep refused items (the dead-letter file, else the log), each record once.
+
+        A candle or order-flow upsert written again behind older versions (see
+        :func:`_to_write`) is refused twice, as the journal's record and as its copy, when
+        they are stored apart; a record identical to one kept recently is not kept again.
+        """
+        recent = self._recent_dead
+        entries: list[tuple[bytes, str]] = []
+        seen: set[bytes] = set()
+        for payload, exc in refused:
+            if payload in recent or payload in seen:
+                continue
+            seen.add(payload)
+            entries.append((payload, f"{type(exc).__name__}: {exc}"))
+        if len(entries) < len(refused):
+            logger.info(
+                "write path: %d refused record(s) were kept already",
+                len(refused) - len(entries),
+            )
+        if not entries:
+            return
+        self._dead_lettered += len(entries)
         if self._dead_letters is None:
             for payload, reason in entries:
                 logger.error(
                     "write path: refused item (no dead-letter file): %r (%s)", payload, reason
                 )
+            self._remember_dead(entries)
             return
         self._log.error(
             "refused-item",
@@ -1219,6 +1242,15 @@ class IngestPipeline:
             await self._dead_letters.write(entries, time_ms=self._clock.time_ms())
         except JournalError:
             logger.exception("write path: refused items could not be kept: %r", entries)
+        else:
+            self._remember_dead(entries)
+
+    def _remember_dead(self, entries: list[tuple[bytes, str]]) -> None:
+        recent = self._recent_dead
+        for payload, _ in entries:
+            recent[payload] = None
+        while len(recent) > _RECENT_DEAD_LETTERS:
+            del recent[next(iter(recent))]
 
     async def _replay_step(self) -> None:
         """Store the next chunk of the oldest journal in the backlog."""

@@ -847,6 +847,36 @@ async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
     assert stored.close == 2.0  # the newer version, as accepted last
 
 
+@pytest.mark.parametrize("phase", ["first-failure", "backlog-mode"])
+async def test_a_refused_upsert_written_again_behind_older_ones_is_dead_lettered_once(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    tmp_path: Path,
+    phase: str,
+) -> None:
+    # As in the test above, the journal-mode version is journaled again behind the older
+    # buffered one; the database refuses it, both as the original record and as the copy.
+    storage.refuse = lambda item: getattr(item, "close", None) == 2.0
+    pipeline = await make(batch_size=2, journal_batch_size=2, journal="refusing", replay_batch=1)
+    storage.down = True
+    if phase == "backlog-mode":
+        await pipeline.submit(tick(0))
+        await pipeline.submit(tick(1))
+        await until(lambda: pipeline.stats().spilled == 2)
+    await pipeline.submit(candle(0, 1.0, is_closed=False))
+    await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
+    await until(lambda: pipeline.stats().queue_depth == 0 and pipeline.stats().spilled >= 2)
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush(timeout=WAIT)
+    assert pipeline.stats().dead_lettered == 1
+    lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "refusing.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["data"]["close"] for line in lines] == [2.0]
+
+
 async def test_an_item_refused_before_its_batch_failed_is_dead_lettered_once(
     make: Any,
     storage: FakeStorage,
