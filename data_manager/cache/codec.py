@@ -123,6 +123,8 @@ _KINDS: Final[Mapping[str, _Kind]] = {
     _ORDER_FLOW: _Kind(OrderFlowMetrics, _ORDER_FLOW),
 }
 _TICK_KIND: Final = _KINDS[_TICK]
+_TICK_HEAD: Final = b'{"v":1,"type":"tick",'
+_dumps: Final = orjson.dumps
 _CANDLE_KIND: Final = _KINDS[_CANDLE]
 _ORDER_FLOW_KIND: Final = _KINDS[_ORDER_FLOW]
 
@@ -131,9 +133,27 @@ _ORDER_FLOW_KIND: Final = _KINDS[_ORDER_FLOW]
 
 
 def encode_tick(tick: TickData) -> bytes:
-    """Encode a tick as a version-1 ``tick`` object (with derived ``mid``/``spread``)."""
-    return orjson.dumps(
-        {"v": 1, "type": _TICK, **tick.__dict__, "mid": tick.mid, "spread": tick.spread}
+    """Encode a tick as a version-1 ``tick`` object (with derived ``mid``/``spread``).
+
+    The bytes of ``orjson.dumps({"v": 1, "type": "tick", **fields, "mid": …, "spread": …})``,
+    spliced from the field dict's JSON instead of built from a merged dict, with ``mid`` and
+    ``spread`` computed as :class:`TickData` does (its properties cost 0.17 µs each): 0.9
+    instead of 1.5 µs, and the bus encodes every tick it sends. A unit test checks the bytes
+    against the merged dict's.
+    """
+    fields = tick.__dict__
+    bid, ask = fields["bid"], fields["ask"]
+    dumps = _dumps
+    return b"".join(
+        (
+            _TICK_HEAD,
+            dumps(fields)[1:-1],
+            b',"mid":',
+            dumps((bid + ask) / 2),
+            b',"spread":',
+            dumps(ask - bid),
+            b"}",
+        )
     )
 
 

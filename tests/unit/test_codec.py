@@ -129,6 +129,12 @@ def test_tick_round_trip(tick: TickData) -> None:
     assert decode_tick(data, validate=True) == tick
 
 
+@given(ticks())
+def test_encoded_tick_is_the_json_of_one_merged_dict(tick: TickData) -> None:
+    merged = {"v": 1, "type": "tick", **tick.__dict__, "mid": tick.mid, "spread": tick.spread}
+    assert encode_tick(tick) == orjson.dumps(merged)
+
+
 @given(candles())
 def test_candle_round_trip(candle: CandleData) -> None:
     data = encode_candle(candle)
