@@ -1194,6 +1194,8 @@ class Journal:
             items: Models to journal, in order.
             on_durable: Called as ``on_durable(first_lsn, items)`` right after the sync, in
                 LSN order across callers and before any caller resumes; it must not raise.
+                Appends of one group that follow each other with the same callback are
+                reported in one call (``items`` then holds all of theirs, in order).
 
         Raises:
             ValidationError: An item is not a supported model.
@@ -1276,19 +1278,41 @@ class Journal:
                 if not entry.future.done():
                     entry.future.set_exception(error)
             return
+        # Consecutive appends with the same callback are reported in one call (their LSNs
+        # follow each other): one call per group of producers instead of one per producer.
+        lsn = first
+        callback: Callable[[int, Sequence[IngestItem]], None] | None = None
+        run_first = 0
+        run: list[IngestItem] = []
+        for entry in group:
+            count = len(entry.payloads)
+            if not count:
+                continue
+            if entry.on_durable is not None and entry.on_durable == callback:
+                run.extend(entry.items)
+            else:
+                if callback is not None:
+                    self._report_durable(callback, run_first, run)
+                callback, run_first, run = entry.on_durable, lsn, list(entry.items)
+            lsn += count
+        if callback is not None:
+            self._report_durable(callback, run_first, run)
+        # Setting a result only schedules its appender: every callback above has run before
+        # any appender resumes.
         lsn = first
         for entry in group:
             count = len(entry.payloads)
-            if count and entry.on_durable is not None:
-                try:
-                    entry.on_durable(lsn, entry.items)
-                except Exception:
-                    logger.exception("journal %s: on_durable callback failed", self.path)
-            # Setting the result only schedules the appender: every on_durable of the group
-            # runs before any appender resumes.
             if not entry.future.done():
                 entry.future.set_result(lsn + count - 1)
             lsn += count
+
+    def _report_durable(
+        self, callback: Callable[[int, Sequence[IngestItem]], None], first: int, items: list[Any]
+    ) -> None:
+        try:
+            callback(first, items)
+        except Exception:
+            logger.exception("journal %s: on_durable callback failed", self.path)
 
     def _write_group(self, group: list[_Pending]) -> _Written | None:
         """Write one group's records (committer thread); ``None`` when it holds none."""

@@ -36,7 +36,7 @@ from tests.unit.conftest import WAIT
 from tests.unit.test_journal_committer import seqs
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
 T0 = 1_727_996_400_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,6 +166,29 @@ async def test_concurrent_appends_share_one_fsync(
         assert stats.fsyncs == syncs - 1  # the segment creation's own sync is not counted
     assert 1 <= stats.fsyncs < 64
     assert stats.records_appended == 64
+
+
+async def test_callbacks_name_each_items_own_lsn_when_appends_share_them(
+    journal: Journal,
+) -> None:
+    # Neighbouring appends with one callback are reported together; another callback, or
+    # none, in between starts a new report, so every reported item's LSN stays its own.
+    reported: dict[str, dict[int, int | None]] = {"a": {}, "b": {}}
+
+    def recorder(name: str) -> Callable[[int, Sequence[TickData]], None]:
+        def on_durable(first: int, items: Sequence[TickData]) -> None:
+            for offset, item in enumerate(items):
+                reported[name][first + offset] = item.seq
+
+        return on_durable
+
+    a, b = recorder("a"), recorder("b")
+    plan = [a, a, None, a, b, b, a, None, None, b]
+    lsns = await asyncio.gather(
+        *(journal.append([tick(i)], on_durable=cb) for i, cb in enumerate(plan))
+    )
+    assert reported["a"] == {lsns[i]: i for i, cb in enumerate(plan) if cb is a}
+    assert reported["b"] == {lsns[i]: i for i, cb in enumerate(plan) if cb is b}
 
 
 def fail_the_next_sync(journal: Journal, monkeypatch: pytest.MonkeyPatch, code: int) -> None:

@@ -173,10 +173,10 @@ async def test_lsns_follow_the_order_of_the_calls_and_callbacks_come_first(
     journal: Journal, gate: SyncGate
 ) -> None:
     await journal.append([tick(0)])
-    events: list[tuple[str, int]] = []
+    events: list[tuple[str, int] | tuple[str, int, list[int | None]]] = []
 
-    def on_durable(first: int, items: Sequence[object]) -> None:
-        events.append(("durable", first))
+    def on_durable(first: int, items: Sequence[TickData]) -> None:
+        events.append(("durable", first, [t.seq for t in items]))
 
     async def append(batch: list[int]) -> None:
         last = await journal.append([tick(s) for s in batch], on_durable=on_durable)
@@ -188,12 +188,10 @@ async def test_lsns_follow_the_order_of_the_calls_and_callbacks_come_first(
     await queued(journal, len(tasks))
     hold.release.set()
     await asyncio.gather(first, *tasks)
-    # One group: every callback ran (in LSN order) before any appender resumed.
+    # One group: its appends, one after the other with one callback, are reported in one
+    # call (from the first one's LSN, in order), before any appender resumed.
     assert events == [
-        ("durable", 3),
-        ("durable", 5),
-        ("durable", 6),
-        ("durable", 9),
+        ("durable", 3, [2, 3, 4, 5, 6, 7, 8]),
         ("resumed", 4),
         ("resumed", 5),
         ("resumed", 8),
@@ -423,10 +421,10 @@ def test_one_group_from_two_event_loops_settles_on_each_loop(
     j = Journal(tmp_path, instance_id="loops", sync="thread")
     one.run(j.open()).result(WAIT)
     one.run(j.append([tick(0)])).result(WAIT)
-    calls: list[tuple[int, asyncio.AbstractEventLoop]] = []
+    calls: list[tuple[int, asyncio.AbstractEventLoop, list[int | None]]] = []
 
-    def on_durable(first: int, items: Sequence[object]) -> None:
-        calls.append((first, asyncio.get_running_loop()))
+    def on_durable(first: int, items: Sequence[TickData]) -> None:
+        calls.append((first, asyncio.get_running_loop(), [t.seq for t in items]))
 
     hold = gate.hold()
     held = one.run(j.append([tick(1)]))
@@ -447,11 +445,10 @@ def test_one_group_from_two_event_loops_settles_on_each_loop(
     assert held.result(WAIT) == 2
     assert [f.result(WAIT) for f in futures] == [3, 4, 5, 6, 7]
     assert sorted(calls, key=lambda c: c[0]) == [
-        (3, one.loop),
-        (4, two.loop),
-        (5, two.loop),
-        (6, one.loop),
-        (7, two.loop),
+        (3, one.loop, [2]),
+        (4, two.loop, [3, 4]),  # neighbours on one loop: one call
+        (6, one.loop, [5]),
+        (7, two.loop, [6]),
     ]
     assert gate.calls >= 3
     one.run(j.mark_stored(7)).result(WAIT)

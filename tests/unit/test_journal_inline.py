@@ -59,16 +59,16 @@ async def test_no_thread_and_the_sync_runs_on_the_event_loop(
 async def test_the_appends_of_one_loop_iteration_share_one_sync(journal: Journal) -> None:
     await journal.append([tick(0)])
     before = journal.stats().fsyncs
-    order: list[int] = []
+    order: list[tuple[int, list[int | None]]] = []
 
-    def on_durable(first: int, items: Sequence[object]) -> None:
-        order.append(first)
+    def on_durable(first: int, items: Sequence[TickData]) -> None:
+        order.append((first, [t.seq for t in items]))
 
     lsns = await asyncio.gather(
         *(journal.append([tick(i)], on_durable=on_durable) for i in range(1, 11))
     )
     assert lsns == list(range(2, 12))  # in the order of the calls
-    assert order == lsns  # callbacks in LSN order
+    assert order == [(2, list(range(1, 11)))]  # reported together, in LSN order
     assert journal.stats().fsyncs == before + 1
     assert seqs(journal) == list(range(11))
 
