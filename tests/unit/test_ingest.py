@@ -818,19 +818,16 @@ async def test_a_full_disk_in_backlog_mode_does_not_wedge_the_replay(
     assert (stats.journal_records, stats.backlog_journals, stats.breaker_state) == (0, 0, "closed")
 
 
-@pytest.mark.parametrize("batch", [2, 1], ids=["one-batch", "two-batches"])
-@pytest.mark.parametrize("phase", ["first-failure", "backlog-mode"])
-async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
-    make: Any,
+async def _journal_a_newer_candle_before_an_older_one(
+    pipeline: IngestPipeline,
     storage: FakeStorage,
     clock: ManualClock,
     breaker: CircuitBreaker,
     phase: str,
-    batch: int,
 ) -> None:
-    # A buffered version of a forming candle, then a newer one in journal mode: the newer is
-    # on disk first, the older follows it there when its batch cannot be stored.
-    pipeline = await make(batch_size=batch, journal_batch_size=batch)
+    """A buffered version of a forming candle, then a newer one in journal mode, while the
+    database is down: the newer is on disk first, the older follows it there when its batch
+    cannot be stored. Then the database comes back and everything is flushed."""
     storage.down = True
     if phase == "backlog-mode":
         await pipeline.submit(tick(0))
@@ -843,6 +840,20 @@ async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
     clock.advance(breaker.reset_timeout)
     pipeline.wake()
     await pipeline.flush(timeout=WAIT)
+
+
+@pytest.mark.parametrize("batch", [2, 1], ids=["one-batch", "two-batches"])
+@pytest.mark.parametrize("phase", ["first-failure", "backlog-mode"])
+async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    phase: str,
+    batch: int,
+) -> None:
+    pipeline = await make(batch_size=batch, journal_batch_size=batch)
+    await _journal_a_newer_candle_before_an_older_one(pipeline, storage, clock, breaker, phase)
     (stored,) = storage.candles.values()
     assert stored.close == 2.0  # the newer version, as accepted last
 
@@ -856,22 +867,12 @@ async def test_a_refused_upsert_written_again_behind_older_ones_is_dead_lettered
     tmp_path: Path,
     phase: str,
 ) -> None:
-    # As in the test above, the journal-mode version is journaled again behind the older
-    # buffered one; the database refuses it, both as the original record and as the copy.
+    # The journal-mode version is journaled again behind the older buffered one; the
+    # database refuses it, both as the original record and as the copy (stored apart: one
+    # record per replay chunk).
     storage.refuse = lambda item: getattr(item, "close", None) == 2.0
     pipeline = await make(batch_size=2, journal_batch_size=2, journal="refusing", replay_batch=1)
-    storage.down = True
-    if phase == "backlog-mode":
-        await pipeline.submit(tick(0))
-        await pipeline.submit(tick(1))
-        await until(lambda: pipeline.stats().spilled == 2)
-    await pipeline.submit(candle(0, 1.0, is_closed=False))
-    await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
-    await until(lambda: pipeline.stats().queue_depth == 0 and pipeline.stats().spilled >= 2)
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
-    await pipeline.flush(timeout=WAIT)
+    await _journal_a_newer_candle_before_an_older_one(pipeline, storage, clock, breaker, phase)
     assert pipeline.stats().dead_lettered == 1
     lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "refusing.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line)["data"]["close"] for line in lines] == [2.0]
