@@ -52,7 +52,7 @@ MIN_TIMESTAMP_MS: Final = 100_000_000_000
 #: Largest accepted timestamp (2286-11-20T17:46:40Z). Anything larger is µs or ns.
 MAX_TIMESTAMP_MS: Final = 10_000_000_000_000
 MAX_SYMBOL_LENGTH: Final = 32
-_INT64_MAX: Final = 2**63 - 1  # seq and exchange are stored as BIGINT
+_INT64_MAX: Final = 2**63 - 1  # integer fields are stored as BIGINT
 MAX_SOURCE_LENGTH: Final = 64
 
 Timeframe = Literal["1m", "5m", "15m", "30m", "1h", "4h", "1d", "1w"]
@@ -401,9 +401,9 @@ class _MarketModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _normalise_input(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
+        if not isinstance(data, Mapping):
             return data
-        data = dict(data)  # never mutate the caller's mapping
+        data = dict(data)  # never mutate the caller's mapping (nor skip a non-dict one)
         if "timestamp_ms" in data:
             alias = data.pop("timestamp_ms")
             given = data.get("timestamp")
@@ -499,7 +499,7 @@ class CandleData(_MarketModel):
     volume: NonNegative | None = None
     vwap: Price | None = None
     range_pips: NonNegative | None = None
-    num_trades: int | None = Field(default=None, ge=0)
+    num_trades: int | None = Field(default=None, ge=0, le=_INT64_MAX)
     start_time: EpochMs | None = None
     end_time: EpochMs | None = None
     event_type: str = "ohlcv"
@@ -540,7 +540,7 @@ class OrderFlowMetrics(_MarketModel):
 
     symbol: str
     timestamp: EpochMs
-    window_ms: int = Field(gt=0)
+    window_ms: int = Field(gt=0, le=_INT64_MAX)
     ofi: float = 0.0
     volume_delta: float = 0.0
     buy_volume: NonNegative = 0.0
@@ -548,7 +548,7 @@ class OrderFlowMetrics(_MarketModel):
     imbalance: float = Field(default=0.0, ge=-1.0, le=1.0)
     vwap: Price | None = None
     toxicity: float | None = Field(default=None, ge=0.0, le=1.0)
-    num_trades: int = Field(default=0, ge=0)
+    num_trades: int = Field(default=0, ge=0, le=_INT64_MAX)
     source: str = "sdk"
 
 

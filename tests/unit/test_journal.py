@@ -94,11 +94,34 @@ def test_records_round_trip_every_kind() -> None:
     assert b"mid" not in encode_item(items[0])
 
 
-def test_a_value_json_cannot_carry_is_refused_with_the_sdks_error() -> None:
-    # Validation refuses lone surrogates; a model built without it still gets a clear error.
-    bad = TickData.model_construct(**{**tick(1).__dict__, "use_case": "x\ud800"})
+@pytest.mark.parametrize(
+    "over", [{"use_case": "x\ud800"}, {"seq": 2**70}], ids=["lone-surrogate", "beyond-64-bits"]
+)
+def test_what_orjson_refuses_is_still_journaled_and_refused_on_reading(
+    over: dict[str, object],
+) -> None:
+    # Validation refuses both; a model built without it is kept all the same (the write path
+    # then dead-letters it with its bytes instead of wedging on it).
+    unchecked = TickData.model_construct(**{**tick(1).__dict__, **over})
+    payload = encode_item(unchecked)
+    with pytest.raises(ValidationError):
+        decode_item(payload)
+
+
+def test_a_value_that_is_not_json_is_refused_with_the_sdks_error() -> None:
+    bad = TickData.model_construct(**{**tick(1).__dict__, "use_case": object()})
     with pytest.raises(ValidationError, match="cannot journal this TickData"):
         encode_item(bad)
+
+
+def test_records_written_without_null_fields_still_read() -> None:
+    # Records written before nulls were: pydantic's JSON without None fields and derived ones.
+    item = tick(1)
+    old = b"t" + item.__pydantic_serializer__.to_json(
+        item, exclude={"mid", "spread"}, exclude_none=True
+    )
+    assert b"null" not in old
+    assert decode_item(old) == item
 
 
 def test_decoding_revalidates_data_from_disk() -> None:

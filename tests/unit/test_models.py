@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -176,6 +177,7 @@ def test_symbol_normaliser(raw: str, expected: str) -> None:
         ({"start_time": TS + 10, "end_time": TS}, "end_time"),
         ({"timestamp": 1_727_996_400}, "seconds"),
         ({"event_type": "ohlcv\ud800"}, "not valid Unicode"),
+        ({"num_trades": 2**63}, "less than or equal"),
     ],
 )
 def test_candle_rejections(over: dict[str, Any], message: str) -> None:
@@ -205,7 +207,15 @@ def test_order_flow_fields_and_bounds() -> None:
         num_trades=7,
     )
     assert m.symbol == "EUR/USD"
-    for bad in ({"imbalance": 1.5}, {"toxicity": -0.1}, {"window_ms": 0}, {"buy_volume": -1}):
+    too_big = 2**63  # the columns are BIGINT
+    for bad in (
+        {"imbalance": 1.5},
+        {"toxicity": -0.1},
+        {"window_ms": 0},
+        {"window_ms": too_big},
+        {"num_trades": too_big},
+        {"buy_volume": -1},
+    ):
         with pytest.raises(ValidationError):
             OrderFlowMetrics(**{"symbol": "EUR/USD", "timestamp": TS, "window_ms": 1000, **bad})
 
@@ -224,6 +234,13 @@ def test_model_validate_does_not_mutate_input() -> None:
     before = dict(data)
     TickData.model_validate(data)
     assert data == before
+
+
+def test_any_mapping_is_normalised_and_checked_like_a_dict() -> None:
+    data = {"symbol": "eurusd", "timestamp": TS, "bid": 1.0, "ask": 1.1, "source": "x"}
+    assert TickData.model_validate(MappingProxyType(data)).symbol == "EUR/USD"
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        TickData.model_validate(MappingProxyType({**data, "use_case": "\udfff"}))
 
 
 def test_stamp_received_copies_without_touching_the_original() -> None:
