@@ -162,7 +162,8 @@ class IngestStats:
         replayed: Items stored from a journal.
         backlog_journals: Journals waiting to be replayed (0 in normal operation).
         orphans_adopted: Journals of dead instances taken over.
-        dead_lettered: Items the database refused, kept in the dead-letter file.
+        dead_lettered: Records the database refused, kept in the dead-letter file (or, without
+            one, logged); a record identical to one of the last 4,096 kept is counted once.
         backpressure_waits: Submits that found the queue full and waited.
         backpressure_timeouts: Submits that gave up with BackpressureTimeoutError.
         lost_on_close: Items that could not be stored nor journaled at close (only
@@ -347,7 +348,7 @@ class IngestPipeline:
         self._replayed = 0
         self._orphans_adopted = 0
         self._dead_lettered = 0
-        self._recent_dead: dict[bytes, None] = {}  # oldest first
+        self._recent_dead: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._bp_waits = 0
         self._bp_timeouts = 0
         self._lost = 0
@@ -1223,7 +1224,6 @@ class IngestPipeline:
             )
         if not entries:
             return
-        self._dead_lettered += len(entries)
         if self._dead_letters is None:
             for payload, reason in entries:
                 logger.error(
@@ -1241,16 +1241,19 @@ class IngestPipeline:
         try:
             await self._dead_letters.write(entries, time_ms=self._clock.time_ms())
         except JournalError:
+            # Logged in full instead; not remembered, so a later refusal tries the file again.
             logger.exception("write path: refused items could not be kept: %r", entries)
         else:
             self._remember_dead(entries)
 
     def _remember_dead(self, entries: list[tuple[bytes, str]]) -> None:
+        """Count ``entries`` as kept and remember the newest ``_RECENT_DEAD_LETTERS``."""
+        self._dead_lettered += len(entries)
         recent = self._recent_dead
-        for payload, _ in entries:
+        for payload, _ in entries[-_RECENT_DEAD_LETTERS:]:
             recent[payload] = None
         while len(recent) > _RECENT_DEAD_LETTERS:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
 
     async def _replay_step(self) -> None:
         """Store the next chunk of the oldest journal in the backlog."""

@@ -140,7 +140,7 @@ data_manager_write_backpressure_waits_total (counter)
 data_manager_write_backpressure_timeouts_total (counter)
     Saves that gave up waiting for queue space (BackpressureTimeoutError).
 data_manager_write_dead_lettered_total (counter)
-    Items the database refused, kept in the dead-letter file.
+    Records the database refused, kept in the dead-letter file (identical ones once).
 data_manager_write_lost_total (counter)
     Items neither stored nor journaled at close (possible only without a journal).
 data_manager_writer_errors_total (counter)
@@ -387,7 +387,7 @@ _TABLE: Final[tuple[tuple[str, MetricType, tuple[str, ...], str], ...]] = (
     ("data_manager_write_backpressure_timeouts_total", "counter", (),
      "Saves that gave up waiting for queue space (BackpressureTimeoutError)."),
     ("data_manager_write_dead_lettered_total", "counter", (),
-     "Items the database refused, kept in the dead-letter file."),
+     "Records the database refused, kept in the dead-letter file (identical ones once)."),
     ("data_manager_write_lost_total", "counter", (),
      "Items neither stored nor journaled at close (possible only without a journal)."),
     ("data_manager_writer_errors_total", "counter", (),

@@ -26,7 +26,7 @@ from data_manager.errors import (
     ValidationError,
 )
 from data_manager.ingest import IngestPipeline, PipelineState
-from data_manager.journal import DEAD_LETTER_DIR, Journal, JournalLockedError
+from data_manager.journal import DEAD_LETTER_DIR, DeadLetterFile, Journal, JournalLockedError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 from data_manager.storage.base import tick_content_key
 from tests.unit.conftest import WAIT
@@ -536,6 +536,43 @@ async def test_refused_item_is_isolated_and_dead_lettered(
     await pipeline.submit(tick(100))
     await pipeline.flush()
     assert 100 in storage.stored_seqs()
+
+
+async def test_every_distinct_refused_record_is_kept_past_the_remembered_ones(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    n = 4_200  # more than the 4,096 records remembered against keeping one twice
+    pipeline = await make(batch_size=n, max_batch=n, journal="poison")
+    storage.refuse = lambda item: True
+    for i in range(n):
+        pipeline.submit_nowait(tick(i))
+    await pipeline.flush(timeout=WAIT)
+    assert pipeline.stats().dead_lettered == n
+    lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "poison.jsonl").read_bytes().splitlines()
+    assert sorted(orjson.loads(line)["data"]["seq"] for line in lines) == list(range(n))
+
+
+async def test_a_refused_record_the_file_could_not_take_is_kept_when_refused_again(
+    make: Any, storage: FakeStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = await make(batch_size=1, journal="poison")
+    storage.refuse = lambda item: True
+    real_write = DeadLetterFile.write
+
+    async def full_disk(self: DeadLetterFile, *args: Any, **kwargs: Any) -> None:
+        raise JournalError("No space left on device")
+
+    monkeypatch.setattr(DeadLetterFile, "write", full_disk)
+    await pipeline.submit(tick(7))
+    await pipeline.flush(timeout=WAIT)
+    assert pipeline.stats().dead_lettered == 0  # logged in full, not kept, not remembered
+
+    monkeypatch.setattr(DeadLetterFile, "write", real_write)
+    await pipeline.submit(tick(7))  # the same record, refused again
+    await pipeline.flush(timeout=WAIT)
+    assert pipeline.stats().dead_lettered == 1
+    lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "poison.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["data"]["seq"] for line in lines] == [7]
 
 
 # --------------------------------------------------------------------------- journal mode
