@@ -22,13 +22,14 @@ now − the tick's timestamp, and now − the last candle's ``end_time`` (the ne
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import multiprocessing
 import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -68,21 +69,47 @@ async def _get(queue: Any, wait: float, procs: list[Any]) -> Any:
                 await asyncio.sleep(1)
                 msg = (
                     f"no answer from the reader processes within {wait:g} s "
-                    f"({len(alive)} still running; their asyncio tasks are printed above)"
+                    f"({len(alive)} still running; where they wait is printed above)"
                 )
                 raise TimeoutError(msg) from None
 
 
+def _run_reader(main: Coroutine[Any, Any, None]) -> None:
+    """Run a reader process's ``main``; SIGUSR1 prints where it waits.
+
+    Outside the event loop (starting, or after the loop closed) the handler is
+    :mod:`faulthandler`'s: every thread's Python stack. While the loop runs it is
+    :func:`_dump_tasks_on_signal`'s: every asyncio task's chain of awaits.
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        asyncio.run(main)
+    finally:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # asyncio reset it
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """``file:line in function`` of each coroutine ``coro`` awaits, outermost first."""
+    where: list[str] = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return where
+
+
 def _dump_tasks_on_signal() -> None:
-    """In a reader process: print every asyncio task's stack on SIGUSR1, so a reader that
-    never answers shows where it waits."""
+    """In a reader process: print every asyncio task's chain of awaits on SIGUSR1, so a
+    reader that never answers shows where it waits."""
 
     def dump() -> None:
         tasks = asyncio.all_tasks()
-        print(f"reader {os.getpid()}: {len(tasks)} asyncio tasks", file=sys.stderr, flush=True)
+        lines = [f"reader {os.getpid()}: {len(tasks)} asyncio tasks"]
         for task in tasks:
-            task.print_stack(file=sys.stderr)
-        sys.stderr.flush()
+            lines.append(f"  {task.get_name()}:")
+            lines += [f"    {place}" for place in _await_chain(task.get_coro())]
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
@@ -100,7 +127,7 @@ def _stop_all(procs: list[Any]) -> None:
 
 def propagation_reader(spec: RouterSpec, index: int, ready: Any, stop: Any, out: Any) -> None:
     """Subprocess entry point: record when each tick (and baseline message) arrives."""
-    asyncio.run(_propagation_reader(spec, index, ready, stop, out))
+    _run_reader(_propagation_reader(spec, index, ready, stop, out))
 
 
 def _wrap_bus(router: Any, on_tick: Callable[[Any, int], None]) -> None:
@@ -313,7 +340,7 @@ def hitrate_reader(
     spec: RouterSpec, index: int, cfg: dict[str, float], ready: Any, go: Any, out: Any
 ) -> None:
     """Subprocess entry point: read random symbols, count tiers and ages."""
-    asyncio.run(_hitrate_reader(spec, index, cfg, ready, go, out))
+    _run_reader(_hitrate_reader(spec, index, cfg, ready, go, out))
 
 
 class _Tiers:
