@@ -356,8 +356,9 @@ EpochMs = Annotated[int, Field(ge=MIN_TIMESTAMP_MS, le=MAX_TIMESTAMP_MS)]
 
 def _format_pydantic_error(cls_name: str, exc: PydanticValidationError) -> str:
     parts = []
+    nested = f"invalid {cls_name}: "  # our __init__'s own error, when pydantic called it
     for err in exc.errors(include_url=False, include_input=False):
-        text = err["msg"].removeprefix("Value error, ")
+        text = err["msg"].removeprefix("Value error, ").removeprefix(nested)
         loc = ".".join(str(p) for p in err["loc"])
         parts.append(f"{loc}: {text}" if loc else text)
     return f"invalid {cls_name}: " + "; ".join(parts)

@@ -227,6 +227,10 @@ def test_model_validate_and_json_map_errors() -> None:
         TickData.model_validate_json(b'{"symbol": "EUR/USD", "bid": 1}')
     good = tick()
     assert TickData.model_validate_json(good.model_dump_json()) == good
+    # Said once, not once by the model's __init__ and again around it.
+    with pytest.raises(ValidationError) as caught:
+        TickData.model_validate_json(good.model_dump_json().replace('"seq":null', '"seq":-1'))
+    assert str(caught.value).count("invalid TickData") == 1
 
 
 def test_model_validate_does_not_mutate_input() -> None:
