@@ -79,19 +79,24 @@ async def test_appends_during_a_sync_form_the_next_group(journal: Journal) -> No
     assert seqs(journal) == list(range(12))
 
 
+class _SubmitRaises:
+    """An AIO context whose ``submit`` raises ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def submit(self, blocks: list[object]) -> int:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
 async def test_a_refused_request_is_synced_in_the_loop_instead(
     journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await journal.append([tick(0)])
     c = committer(journal)
-
-    class Refusing:
-        def submit(self, blocks: list[object]) -> int:
-            raise OSError(errno.EINVAL, "Invalid argument")
-
-        def close(self) -> None:
-            pass
-
     blocking: list[int] = []
     real_sync = journal_module._sync
 
@@ -100,7 +105,7 @@ async def test_a_refused_request_is_synced_in_the_loop_instead(
         real_sync(fd)
 
     real_ctx = c._ctx
-    monkeypatch.setattr(c, "_ctx", Refusing())
+    monkeypatch.setattr(c, "_ctx", _SubmitRaises(OSError(errno.EINVAL, "Invalid argument")))
     monkeypatch.setattr(journal_module, "_sync", recording_sync)
     assert await journal.append([tick(1)]) == 2  # acknowledged, durable all the same
     assert len(blocking) == 1
@@ -113,16 +118,8 @@ async def test_an_unexpected_error_submitting_fails_the_group_instead_of_strandi
 ) -> None:
     await journal.append([tick(0)])
     c = committer(journal)
-
-    class Broken:
-        def submit(self, blocks: list[object]) -> int:
-            raise RuntimeError("not the kernel's answer")
-
-        def close(self) -> None:
-            pass
-
     real_ctx = c._ctx
-    monkeypatch.setattr(c, "_ctx", Broken())
+    monkeypatch.setattr(c, "_ctx", _SubmitRaises(RuntimeError("not the kernel's answer")))
     with pytest.raises(JournalError, match="not the kernel's answer"):
         await asyncio.wait_for(journal.append([tick(1)]), WAIT)
     monkeypatch.setattr(c, "_ctx", real_ctx)
