@@ -68,6 +68,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from data_manager._tasks import finish_despite_cancel
 from data_manager.breaker import BreakerState, CircuitBreaker
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
@@ -519,15 +520,14 @@ class IngestPipeline:
         for path in paths:
             orphan = Journal(path.parent, instance_id=path.name, segment_bytes=own.segment_bytes)
             # The open runs in a worker thread that a cancellation does not stop: if we are
-            # cancelled, let it finish and give back the lock it took, or the orphan would
-            # stay locked (and never replayed) for as long as this process lives.
+            # cancelled, let it finish and give back the lock it took (however often we are
+            # cancelled meanwhile), or the orphan would stay locked (and never replayed) for
+            # as long as this process lives.
             opening = asyncio.ensure_future(orphan.open(create=False))
             try:
                 await asyncio.shield(opening)
             except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await opening
-                    await orphan.close()
+                await finish_despite_cancel(_close_once_open(orphan, opening))
                 raise
             except JournalLockedError:
                 continue  # alive after all, or another router was quicker
@@ -1409,6 +1409,13 @@ class IngestPipeline:
             flush_seconds_histogram=self._flush_seconds.snapshot(),
             breaker_opens=self._breaker.opened_count,
         )
+
+
+async def _close_once_open(journal: Journal, opening: asyncio.Future[None]) -> None:
+    """Close ``journal`` once its pending ``opening`` has succeeded (nothing if it failed)."""
+    with contextlib.suppress(Exception):
+        await opening
+        await journal.close()
 
 
 def _backoff(initial: float, cap: float, jitter: float) -> wait_exponential_jitter:

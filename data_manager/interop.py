@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 
+from data_manager._tasks import finish_despite_cancel
 from data_manager.errors import ConfigurationError, ValidationError
 from data_manager.models import (
     MAX_TIMESTAMP_MS,
@@ -761,14 +762,19 @@ async def import_file(
         raise
     finally:
         report.seconds = time.perf_counter() - started
-        running = [f for f in parses if not f.done()]
-        if running:
-            await asyncio.wait(running)
-        for f in parses:
-            if not f.cancelled():
-                f.exception()  # marks it retrieved; a failure was already raised above
-        await asyncio.to_thread(src.close)
+        await finish_despite_cancel(_close_after_parses(src, parses))
     return report
+
+
+async def _close_after_parses(src: _RowSource, parses: list[asyncio.Future[Any]]) -> None:
+    """Close ``src`` once no parse is reading it any more."""
+    running = [f for f in parses if not f.done()]
+    if running:
+        await asyncio.wait(running)
+    for f in parses:
+        if not f.cancelled():
+            f.exception()  # marks it retrieved; a failure was already raised above
+    await asyncio.to_thread(src.close)
 
 
 @dataclass

@@ -1015,15 +1015,22 @@ async def lock_is_free(journal: Journal) -> bool:
     return True
 
 
+@pytest.mark.parametrize("cancels", [1, 2])
 async def test_cancelled_orphan_adoption_gives_the_orphans_lock_back(
-    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancels: int
 ) -> None:
     pipeline = await make(journal="scanner")
     orphan = await dead_journal(tmp_path / "journal", "dead")
     blocking = _BlockingOpen(monkeypatch, "dead")
     adopting = asyncio.create_task(pipeline.adopt_orphans())
     assert await asyncio.to_thread(blocking.entered.wait, WAIT)
-    adopting.cancel()  # while the open runs in its thread (close() stopping the writer, say)
+    for _ in range(cancels):
+        # While the open runs in its thread (close() stopping the writer, say); a second
+        # cancel lands while the task waits for that open to give the lock back.
+        adopting.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert not adopting.done()
     blocking.release.set()
     with pytest.raises(asyncio.CancelledError):
         await adopting
