@@ -137,6 +137,10 @@ _READ_CHUNK: Final = 4 * 1024 * 1024
 #: that already exist and ``fdatasync`` has no file size to commit (see the module docstring).
 PREALLOCATE_BYTES: Final = 1024 * 1024
 _TMP_STALE_SECONDS: Final = 60.0
+#: Opening a journal whose lock is taken tries this often, this many seconds apart: another
+#: router's orphan scan (:func:`find_orphans`) holds a live journal's lock for microseconds.
+_LOCK_ATTEMPTS: Final = 5
+_LOCK_RETRY_SECONDS: Final = 0.005
 _INSTANCE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEGMENT_NAME: Final = re.compile(r"^(\d{20})\.seg$")
 
@@ -361,8 +365,9 @@ def find_orphans(directory: Path | str, *, exclude: Collection[str] = ()) -> lis
     """Return the instance folders under ``directory`` whose owner is dead, oldest first.
 
     A folder counts when it holds a lock file that can be locked without waiting (the
-    kernel released it when its owner exited). The probe lock is dropped again at once;
-    :meth:`Journal.open` takes it for real and fails if another router was quicker.
+    kernel released it when its owner exited). The probe lock is dropped again at once (an
+    owner opening its journal meanwhile waits for it); :meth:`Journal.open` takes it for
+    real and fails if another router was quicker.
     Leftovers of an interrupted folder creation (``.tmp-*``) whose lock is free are removed.
     Blocking file I/O: call it with ``asyncio.to_thread`` from async code.
 
@@ -951,7 +956,7 @@ class Journal:
                 if self._lock.fd is not None or self._lock._fallback is not None:
                     break
             try:
-                if not self._lock.try_acquire():
+                if not self._acquire_lock():
                     msg = f"journal {self.path} is held by another running process"
                     raise JournalLockedError(msg)
                 break
@@ -966,6 +971,16 @@ class Journal:
         except BaseException:
             self._lock.release()
             raise
+
+    def _acquire_lock(self) -> bool:
+        """Take the lock, waiting a few milliseconds for a holder that lets go at once
+        (another router probing for orphans) before calling the journal taken."""
+        for attempt in range(_LOCK_ATTEMPTS):
+            if attempt:
+                time.sleep(_LOCK_RETRY_SECONDS)  # the open's worker thread, not the loop
+            if self._lock.try_acquire():
+                return True
+        return False
 
     def _create_locked(self) -> None:
         # Create under a temporary name, lock, then rename: a folder is never visible under

@@ -11,7 +11,7 @@ import textwrap
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
@@ -499,6 +499,33 @@ async def test_a_held_journal_cannot_be_opened_twice(journal: Journal, tmp_path:
     with pytest.raises(JournalLockedError):
         await other.open()
     assert find_orphans(tmp_path) == []  # alive: not an orphan
+
+
+async def test_an_owner_waits_out_another_routers_probe_of_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = Journal(tmp_path, instance_id="fixed")
+    await first.open()
+    await first.append([tick(1)])
+    await first.close()  # a restart with a fixed instance id: the journal is still there
+    probe = journal_module._FileLock(first.path / journal_module.LOCK_NAME)
+    assert probe.try_acquire(create=False)  # find_orphans in another router, mid-probe
+    real = journal_module._FileLock.try_acquire
+    attempts: list[bool] = []
+
+    def try_acquire(lock: Any, *, create: bool = True) -> bool:
+        got = real(lock, create=create)
+        attempts.append(got)
+        if not got:
+            probe.release()  # the probe lets go right after its check
+        return got
+
+    monkeypatch.setattr(journal_module._FileLock, "try_acquire", try_acquire)
+    again = Journal(tmp_path, instance_id="fixed")
+    await again.open()
+    assert attempts == [False, True]
+    assert [item.seq for _, item in again.replay()] == [1]  # type: ignore[union-attr]
+    await again.close()
 
 
 _CHILD = textwrap.dedent(
