@@ -174,8 +174,9 @@ def encode_item(item: IngestItem) -> bytes:
     validation, and the write path dead-letters it with its bytes.
 
     Raises:
-        ValidationError: ``item`` is not a TickData, CandleData or OrderFlowMetrics, or
-            holds a value that is not JSON at all.
+        ValidationError: ``item`` is not a TickData, CandleData or OrderFlowMetrics,
+            holds a value that is not JSON at all, or encodes to more than
+            ``MAX_RECORD_BYTES`` (possible only without validation).
     """
     cls = type(item)
     kind = _KIND_OF.get(cls)
@@ -183,15 +184,25 @@ def encode_item(item: IngestItem) -> bytes:
         msg = f"cannot journal a {cls.__name__}; expected TickData, CandleData or OrderFlowMetrics"
         raise ValidationError(msg)
     try:
-        return kind + _dumps(item.__dict__)
+        payload = kind + _dumps(item.__dict__)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
-        pass
-    try:
-        text = json.dumps(item.__dict__, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        msg = f"cannot journal this {cls.__name__}: {exc}"
-        raise ValidationError(msg) from exc
-    return kind + text.encode()
+        try:
+            text = json.dumps(
+                item.__dict__, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            )
+        except (TypeError, ValueError) as exc:
+            msg = f"cannot journal this {cls.__name__}: {exc}"
+            raise ValidationError(msg) from exc
+        payload = kind + text.encode()
+    if len(payload) > MAX_RECORD_BYTES:
+        # Only a model built without validation gets here (its text fields are bounded):
+        # refused before it is acknowledged, since reading would take it for a torn record.
+        msg = (
+            f"cannot journal this {cls.__name__}: {len(payload):,} bytes, above the "
+            f"{MAX_RECORD_BYTES:,}-byte record limit"
+        )
+        raise ValidationError(msg)
+    return payload
 
 
 def decode_item(payload: bytes) -> IngestItem:

@@ -33,6 +33,7 @@ from data_manager.errors import ValidationError
 __all__ = [
     "MAX_SOURCE_LENGTH",
     "MAX_SYMBOL_LENGTH",
+    "MAX_TEXT_LENGTH",
     "MAX_TIMESTAMP_MS",
     "MIN_TIMESTAMP_MS",
     "TIMEFRAMES",
@@ -54,6 +55,9 @@ MAX_TIMESTAMP_MS: Final = 10_000_000_000_000
 MAX_SYMBOL_LENGTH: Final = 32
 _INT64_MAX: Final = 2**63 - 1  # integer fields are stored as BIGINT
 MAX_SOURCE_LENGTH: Final = 64
+#: Longest ``event_type`` / ``use_case`` (characters): labels, not documents. Keeps every valid
+#: model far below the journal's record limit.
+MAX_TEXT_LENGTH: Final = 1024
 
 Timeframe = Literal["1m", "5m", "15m", "30m", "1h", "4h", "1d", "1w"]
 
@@ -456,8 +460,8 @@ class TickData(_MarketModel):
     source: str
     volume: NonNegative | None = None
     exchange: int | None = Field(default=None, ge=-_INT64_MAX - 1, le=_INT64_MAX)
-    event_type: str = "quote"
-    use_case: str = ""
+    event_type: str = Field(default="quote", max_length=MAX_TEXT_LENGTH)
+    use_case: str = Field(default="", max_length=MAX_TEXT_LENGTH)
     bid_size: NonNegative | None = None
     ask_size: NonNegative | None = None
     last_price: Price | None = None
@@ -503,7 +507,7 @@ class CandleData(_MarketModel):
     num_trades: int | None = Field(default=None, ge=0, le=_INT64_MAX)
     start_time: EpochMs | None = None
     end_time: EpochMs | None = None
-    event_type: str = "ohlcv"
+    event_type: str = Field(default="ohlcv", max_length=MAX_TEXT_LENGTH)
     is_closed: bool = True
 
     @model_validator(mode="after")

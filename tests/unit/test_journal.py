@@ -114,6 +114,34 @@ def test_a_value_that_is_not_json_is_refused_with_the_sdks_error() -> None:
         encode_item(bad)
 
 
+async def test_a_record_above_the_read_limit_is_refused_before_it_is_acknowledged(
+    tmp_path: Path,
+) -> None:
+    # Reading takes a length above MAX_RECORD_BYTES for a torn record, so writing one would
+    # acknowledge it and then lose it with the rest of its segment. Only a model built
+    # without validation can be that large (text fields are bounded).
+    big = TickData.model_construct(
+        **{**tick(2).__dict__, "use_case": "x" * journal_module.MAX_RECORD_BYTES}
+    )
+    with pytest.raises(ValidationError, match="record limit"):
+        encode_item(big)
+    j = Journal(tmp_path, instance_id="big")
+    await j.open()
+    assert await j.append([tick(1)]) == 1
+    with pytest.raises(ValidationError, match="record limit"):
+        await j.append([tick(2), big])
+    assert await j.append([tick(3)]) == 2  # nothing of the refused call was written
+    records = (await j.read(0)).records
+    assert [decode_item(p).seq for _, p in records] == [1, 3]  # type: ignore[union-attr]
+    await j.close()
+    again = Journal(tmp_path, instance_id="big")
+    await again.open()
+    assert [item.seq for _, item in again.replay()] == [1, 3]  # type: ignore[union-attr]
+    assert again.problems == []
+    await again.mark_stored(again.last_lsn)
+    await again.close()
+
+
 def test_records_written_without_null_fields_still_read() -> None:
     # Records written before nulls were: pydantic's JSON without None fields and derived ones.
     item = tick(1)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from data_manager import CandleData, OrderFlowMetrics, TickData, ValidationError, normalize_symbol
-from data_manager.models import MAX_SYMBOL_LENGTH, stamp_received, to_epoch_ms
+from data_manager.models import MAX_SYMBOL_LENGTH, MAX_TEXT_LENGTH, stamp_received, to_epoch_ms
 
 TS = 1_727_996_400_000
 
@@ -103,6 +103,8 @@ def test_models_are_immutable() -> None:
         ("source", "feed\ud800", "printable"),
         ("use_case", "backtest\ud800", "not valid Unicode"),
         ("event_type", "\udfffquote", "not valid Unicode"),
+        ("use_case", "x" * (MAX_TEXT_LENGTH + 1), "at most 1024 characters"),
+        ("event_type", "é" * (MAX_TEXT_LENGTH + 1), "at most 1024 characters"),
         ("unknown_field", 1, "Extra inputs"),
     ],
 )
@@ -113,6 +115,7 @@ def test_tick_rejections(field: str, value: object, message: str) -> None:
 
 def test_free_text_takes_any_unicode() -> None:
     assert tick(use_case="démo ✓", event_type="trade").use_case == "démo ✓"
+    assert len(tick(use_case="✓" * MAX_TEXT_LENGTH).use_case) == MAX_TEXT_LENGTH
 
 
 def test_validation_error_is_a_data_manager_error_not_pydantic() -> None:
@@ -177,6 +180,7 @@ def test_symbol_normaliser(raw: str, expected: str) -> None:
         ({"start_time": TS + 10, "end_time": TS}, "end_time"),
         ({"timestamp": 1_727_996_400}, "seconds"),
         ({"event_type": "ohlcv\ud800"}, "not valid Unicode"),
+        ({"event_type": "x" * (MAX_TEXT_LENGTH + 1)}, "at most 1024 characters"),
         ({"num_trades": 2**63}, "less than or equal"),
     ],
 )
