@@ -68,7 +68,6 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from data_manager._tasks import finish_despite_cancel
 from data_manager.breaker import BreakerState, CircuitBreaker
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
@@ -519,16 +518,9 @@ class IngestPipeline:
         adopted = 0
         for path in paths:
             orphan = Journal(path.parent, instance_id=path.name, segment_bytes=own.segment_bytes)
-            # The open runs in a worker thread that a cancellation does not stop: if we are
-            # cancelled, let it finish and give back the lock it took (however often we are
-            # cancelled meanwhile), or the orphan would stay locked (and never replayed) for
-            # as long as this process lives.
-            opening = asyncio.ensure_future(orphan.open(create=False))
             try:
-                await asyncio.shield(opening)
-            except asyncio.CancelledError:
-                await finish_despite_cancel(_close_once_open(orphan, opening))
-                raise
+                # Cancelled, it still gives back the lock its worker thread took.
+                await orphan.open(create=False)
             except JournalLockedError:
                 continue  # alive after all, or another router was quicker
             except JournalError:
@@ -1409,13 +1401,6 @@ class IngestPipeline:
             flush_seconds_histogram=self._flush_seconds.snapshot(),
             breaker_opens=self._breaker.opened_count,
         )
-
-
-async def _close_once_open(journal: Journal, opening: asyncio.Future[None]) -> None:
-    """Close ``journal`` once its pending ``opening`` has succeeded (nothing if it failed)."""
-    with contextlib.suppress(Exception):
-        await opening
-        await journal.close()
 
 
 def _backoff(initial: float, cap: float, jitter: float) -> wait_exponential_jitter:

@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import orjson
 
+from data_manager._tasks import finish_despite_cancel
 from data_manager.errors import (
     JournalError,
     JournalLockedError,
@@ -942,11 +943,22 @@ class Journal:
         if self._state is not _State.NEW:
             msg = f"{self!r} was already opened"
             raise JournalError(msg)
+        # The open runs in a worker thread that a cancellation does not stop: if we are
+        # cancelled, wait for it and give back what it took (the lock above all), or the
+        # folder would stay locked, never adopted, for as long as this process lives.
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_sync, create))
         try:
-            await asyncio.to_thread(self._open_sync, create)
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            await finish_despite_cancel(self._undo_open(opening))
+            raise
         except OSError as exc:
             msg = f"cannot open the journal at {self.path}: {exc}"
             raise JournalError(msg) from exc
+        if self._closed_meanwhile():
+            await asyncio.to_thread(self._close_sync, None)
+            msg = f"{self!r} was closed while it was being opened"
+            raise JournalError(msg)
         try:
             self._start_committer()
         except BaseException:
@@ -954,6 +966,19 @@ class Journal:
             raise
         self._state = _State.OPEN
         _register_for_fork(self)
+
+    def _closed_meanwhile(self) -> bool:
+        """Whether :meth:`close` was called while :meth:`open`'s thread ran."""
+        return self._state is _State.CLOSED
+
+    async def _undo_open(self, opening: asyncio.Future[None]) -> None:
+        """After a cancelled :meth:`open`: once its thread is done, close what it opened."""
+        try:
+            await opening
+        except Exception:  # it failed, and gave back what it took itself
+            return
+        await asyncio.to_thread(self._close_sync, None)
+        self._state = _State.CLOSED
 
     def _open_sync(self, create: bool) -> None:
         if not self.root.is_dir():

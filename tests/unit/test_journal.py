@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -554,6 +555,78 @@ async def test_an_owner_waits_out_another_routers_probe_of_its_lock(
     assert attempts == [False, True]
     assert [item.seq for _, item in again.replay()] == [1]  # type: ignore[union-attr]
     await again.close()
+
+
+class _SlowLoad:
+    """Hold ``Journal._load`` (in the open's worker thread) until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.release, self.loaded = (threading.Event() for _ in range(3))
+        real = Journal._load
+
+        def slow_load(journal: Journal) -> None:
+            self.entered.set()
+            assert self.release.wait(WAIT)
+            try:
+                real(journal)
+            finally:
+                self.loaded.set()
+
+        monkeypatch.setattr(Journal, "_load", slow_load)
+
+
+async def orphan_with_one_record(root: Path) -> None:
+    first = Journal(root, instance_id="orphan")
+    await first.open()
+    await first.append([tick(1)])
+    await first.close()
+
+
+async def assert_adoptable(root: Path) -> None:
+    other = Journal(root, instance_id="orphan")
+    await other.open(create=False)  # JournalLockedError if a lost open still held it
+    assert [item.seq for _, item in other.replay()] == [1]  # type: ignore[union-attr]
+    await other.mark_stored(other.last_lsn)
+    await other.close()
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_a_cancelled_open_gives_back_the_lock_its_thread_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancels: int
+) -> None:
+    await orphan_with_one_record(tmp_path)
+    slow = _SlowLoad(monkeypatch)
+    adopter = Journal(tmp_path, instance_id="orphan")
+    opening = asyncio.ensure_future(adopter.open(create=False))
+    assert await asyncio.to_thread(slow.entered.wait, WAIT)  # the lock is taken by now
+    for _ in range(cancels):
+        opening.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert not opening.done()  # waits for the thread, whatever it is told
+    slow.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    monkeypatch.undo()
+    assert not adopter.is_open
+    await assert_adoptable(tmp_path)
+
+
+async def test_a_journal_closed_while_its_open_runs_ends_closed_and_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await orphan_with_one_record(tmp_path)
+    slow = _SlowLoad(monkeypatch)
+    adopter = Journal(tmp_path, instance_id="orphan")
+    opening = asyncio.ensure_future(adopter.open(create=False))
+    assert await asyncio.to_thread(slow.entered.wait, WAIT)
+    await adopter.close()
+    slow.release.set()
+    with pytest.raises(JournalError, match="closed while it was being opened"):
+        await opening
+    monkeypatch.undo()
+    assert not adopter.is_open
+    await assert_adoptable(tmp_path)
 
 
 _CHILD = textwrap.dedent(
