@@ -66,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import json
 import logging
 import os
@@ -294,6 +295,16 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
             written = os.write(fd, view)
         view = view[written:]
         offset += written
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the descriptor's position (``write`` may take only part)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:  # pragma: no cover - write(2) reports errors instead
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 class _FileLock:
@@ -1108,7 +1119,7 @@ class Journal:
         aside = path.with_name(f"{path.name}.corrupt-{pos}")
         fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, data[pos:])
+            _write_all(fd, data[pos:])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -1595,8 +1606,12 @@ class Journal:
         """Record that every record up to ``lsn`` is stored; delete segments wholly below.
 
         Raises:
-            JournalError: A segment could not be deleted.
+            JournalError: A segment could not be deleted, or the journal is not open (once
+                closed, its folder may belong to the router that adopted it).
         """
+        if self._state is not _State.OPEN:
+            msg = f"{self!r} is not open; cannot mark records stored"
+            raise JournalError(msg)
         lsn = min(lsn, self.last_lsn)
         if lsn <= self._stored_lsn:
             return
@@ -1697,7 +1712,7 @@ class DeadLetterFile:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, data)
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

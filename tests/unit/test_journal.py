@@ -629,6 +629,45 @@ async def test_a_journal_closed_while_its_open_runs_ends_closed_and_unlocked(
     await assert_adoptable(tmp_path)
 
 
+async def test_a_closed_journal_leaves_the_folder_its_adopter_now_owns_alone(
+    tmp_path: Path,
+) -> None:
+    old = Journal(tmp_path, instance_id="x", segment_bytes=1024)
+    await old.open()
+    for i in range(0, 30, 3):
+        await old.append([tick(i), tick(i + 1), tick(i + 2)])
+    await old.close()  # 30 records pending: the folder stays, unlocked (an orphan)
+    adopter = Journal(tmp_path, instance_id="x", segment_bytes=1024)
+    await adopter.open(create=False)
+    with pytest.raises(JournalError, match="not open"):
+        await old.mark_stored(30)  # a late call on the stale object
+    assert [lsn for lsn, _ in adopter.replay()] == list(range(1, 31))
+    await adopter.mark_stored(adopter.last_lsn)
+    await adopter.close()
+
+
+async def test_a_short_write_to_the_dead_letter_file_is_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    calls: list[int] = []
+
+    def short_write(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:  # what write(2) may do as the disk fills up
+            return real_write(fd, bytes(data)[: len(data) // 2])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_module.os, "write", short_write)
+    dead = DeadLetterFile(tmp_path / DEAD_LETTER_DIR / "x.jsonl")
+    await dead.write([(encode_item(tick(i)), "refused") for i in range(4)], time_ms=T0)
+    await dead.write([(encode_item(tick(9)), "refused")], time_ms=T0)
+    monkeypatch.undo()
+    lines = dead.path.read_bytes().splitlines()
+    assert [orjson.loads(line)["data"]["seq"] for line in lines] == [0, 1, 2, 3, 9]
+    assert len(calls) == 3  # the first write was finished by a second one
+
+
 _CHILD = textwrap.dedent(
     """
     import asyncio, sys, time
