@@ -68,6 +68,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from data_manager._tasks import finish_despite_cancel
 from data_manager.breaker import BreakerState, CircuitBreaker
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
@@ -622,20 +623,27 @@ class IngestPipeline:
         except Exception:
             logger.exception("write path: flush at close failed")
         try:
-            await self._stop_writer()
-            await self._journal_leftovers()
-            for backlog in self._backlog:
-                if backlog is not journal:
-                    await backlog.close()  # unlocked: the next router adopts what is left
-            self._backlog.clear()
-            if journal is not None:
-                await journal.close()
+            # Cancelled meanwhile, the shutdown still runs to its end: cut short, it would
+            # leave queued items neither stored nor journaled, and the journal locked.
+            await finish_despite_cancel(self._shut_down())
         finally:
             self._state = PipelineState.CLOSED
             self._closed.set()
             self._notify_progress()
         if cancelled:
             raise asyncio.CancelledError
+
+    async def _shut_down(self) -> None:
+        """Stop the writer, journal what is left, close every journal (end of close())."""
+        journal = self._journal
+        await self._stop_writer()
+        await self._journal_leftovers()
+        for backlog in self._backlog:
+            if backlog is not journal:
+                await backlog.close()  # unlocked: the next router adopts what is left
+        self._backlog.clear()
+        if journal is not None:
+            await journal.close()
 
     async def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None

@@ -1063,6 +1063,55 @@ async def test_a_start_cancelled_while_adopting_gives_every_lock_back(
     assert not own.path.exists()  # nothing in it: removed at close
 
 
+async def test_a_close_cancelled_during_its_shutdown_still_journals_the_rest(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    own = Journal(tmp_path / "journal", instance_id="leaving", sync="thread")
+    pipeline = IngestPipeline(
+        storage, journal=own, batch_size=100, flush_interval=3600, breaker=breaker, clock=clock
+    )
+    await pipeline.start()
+    storage.down = True
+    for _ in range(breaker.failure_threshold):
+        breaker.record_failure()  # the database is known to be down: close() does not wait
+    for i in range(5):
+        await pipeline.submit(tick(i))  # buffered, queued
+    entered, release = threading.Event(), threading.Event()
+    real_sync = Journal._sync_group
+
+    def slow_sync(journal: Journal, written: Any) -> int:
+        if written is not None:
+            entered.set()
+            assert release.wait(WAIT)
+        return real_sync(journal, written)
+
+    monkeypatch.setattr(Journal, "_sync_group", slow_sync)
+    journaled = asyncio.create_task(pipeline.submit(tick(100), mode="journal"))
+    assert await asyncio.to_thread(entered.wait, WAIT)  # its fsync is slow
+    closing = asyncio.create_task(pipeline.close(timeout=10))
+    await settle()  # close() stopped the writer and waits for that fsync
+    closing.cancel()  # an outer timeout lands during the shutdown
+    await settle()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await journaled
+    monkeypatch.undo()
+    assert pipeline.state is PipelineState.CLOSED
+    assert not own.is_open  # unlocked for the next router
+    assert pipeline.stats().lost_on_close == 0
+    storage.down = False
+    clock.advance(60)
+    again = await make(journal="again")
+    await again.flush(timeout=WAIT)
+    assert storage.stored_seqs() == [0, 1, 2, 3, 4, 100]
+
+
 async def test_a_cancelled_close_still_shuts_down_and_journals_the_rest(
     make: Any, storage: FakeStorage, clock: ManualClock, tmp_path: Path
 ) -> None:
