@@ -660,7 +660,13 @@ class IngestPipeline:
         held = self._held or []
         spill = self._spill
         if spill is not None and spill.done() and not spill.cancelled() and not spill.exception():
-            held = []  # the writer was stopped after journaling it, before it noted so
+            # The writer was stopped after journaling it, before it noted so: note it here as
+            # _place_held would (queued upserts up to it were overtaken by the spilled items;
+            # the spill's own LSNs belong to no queued entry, so its last one bounds them).
+            held = []
+            last = spill.result()
+            self._journaled_lsn = max(self._journaled_lsn, last)
+            self._reorder_lsn = max(self._reorder_lsn, last)
         leftovers = held + list(self._queue)
         self._held = None
         self._queue.clear()
@@ -873,10 +879,11 @@ class IngestPipeline:
             for item in items:
                 self._cancelled.pop(id(item), None)
         own = self._journal
-        if self._backlog and own is not None and not (self._urgent or self._held is not None):
-            # Backlog mode: the replay will read them from the journal. (With buffered items
-            # waiting in memory they are queued too, below: those go to the journal after
-            # them, and an upsert must then be written once more after them; see _to_write.)
+        if self._backlog and own is not None and not (self._queue or self._held is not None):
+            # Backlog mode: the replay will read them from the journal. (With anything waiting
+            # in memory they are queued too, below, to keep their place: buffered items go to
+            # the journal after them, and an older upsert may be written once more; a newer
+            # upsert must then be written again after it; see _to_write.)
             if self._backup is not None:
                 self._backup.publish_batch(items)  # these never pass through _take_batch
             if own not in self._backlog:
@@ -1430,27 +1437,29 @@ def _to_write(
     Buffered entries are all written. A journal-mode entry with an LSN up to
     ``journaled_to`` is written elsewhere (the replay stored it, or it is in the journal
     already) and is skipped, unless it is a candle or order-flow upsert that items accepted
-    before it may overtake: one that follows a buffered entry of the batch, or one at or
-    below ``reorder_to`` (earlier batches were journaled after it, or stored after its
-    replay). Such an upsert is written once more, in its place, so the older version cannot
-    overwrite it. Ticks are never overwritten, so their order does not matter.
+    before it may overtake: one that follows a buffered entry or such a copy in the batch,
+    or one at or below ``reorder_to`` (earlier batches were journaled after it, or stored
+    after its replay). Such an upsert is written once more, in its place, so the older
+    version cannot overwrite it. Ticks are never overwritten, so their order does not
+    matter.
 
     Returns:
         The items, and the highest LSN among the journal-mode entries written (0: none).
     """
     items: list[IngestItem] = []
     top_lsn = 0
-    behind_buffered = False
+    behind = False  # something older was written in this batch: upserts after it follow
     for entry in batch:
         if type(entry) is tuple:
             item, lsn = entry
             if lsn > journaled_to:
                 top_lsn = lsn
                 items.append(item)
-            elif (behind_buffered or lsn <= reorder_to) and type(item) is not TickData:
+            elif (behind or lsn <= reorder_to) and type(item) is not TickData:
                 items.append(item)
+                behind = True  # a copy of an older version: newer ones go after it too
         else:
-            behind_buffered = True
+            behind = True
             items.append(entry)  # type: ignore[arg-type]
     return items, top_lsn
 

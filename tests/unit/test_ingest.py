@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,12 +131,16 @@ class FakeStorage:
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the event loop until ``condition`` holds (bounded; never a timed sleep)."""
-    for _ in range(200_000):
-        if condition():
-            return
+    """Yield to the event loop until ``condition`` holds (never a timed sleep).
+
+    Bounded by a deadline, not a number of turns: what it waits for may run in a worker
+    thread (opening an adopted journal, say), which a busy machine can hold up for seconds.
+    """
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
         await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 async def settle() -> None:
@@ -893,6 +898,177 @@ async def test_mixed_mode_upserts_keep_their_order_through_the_journal(
     await _journal_a_newer_candle_before_an_older_one(pipeline, storage, clock, breaker, phase)
     (stored,) = storage.candles.values()
     assert stored.close == 2.0  # the newer version, as accepted last
+
+
+async def test_a_journal_mode_series_keeps_its_newest_version_through_an_outage(
+    make: Any, storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker
+) -> None:
+    # One write mode per series (candles in journal mode, ticks buffered): v1 is queued while
+    # a tick's batch fails and is spilled after it, so v1 is written once more; v2, accepted
+    # after that in backlog mode, must keep its place behind v1's copy.
+    pipeline = await make(batch_size=1, journal_batch_size=1000, flush_interval=3600)
+    storage.down = True
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(0))  # its batch is being written...
+    await storage.entered.wait()
+    await pipeline.submit(candle(0, 1.0, is_closed=False), mode="journal")  # ...v1 queued
+    storage.gate.set()  # the batch fails and is spilled (behind v1)
+    await until(lambda: pipeline.stats().spilled == 1)
+    storage.gate = None
+    await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush(timeout=WAIT)
+    (stored,) = storage.candles.values()
+    assert stored.close == 2.0
+
+
+@pytest.mark.parametrize("ending", ["spill", "close"])
+async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    tmp_path: Path,
+    ending: str,
+) -> None:
+    # v1 and v2 (journal mode) end up queued in one batch below and above the spill's
+    # watermark: v1 is written again (it was overtaken), so v2 must be written after it.
+    spill_next = asyncio.Event()
+    real_write_ticks = storage.write_ticks
+    attempts = 0
+
+    async def write_ticks(ticks: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:  # the last attempt: the batch is spilled right after it fails
+            spill_next.set()
+        return await real_write_ticks(ticks)
+
+    storage.write_ticks = write_ticks  # type: ignore[method-assign]
+    root = tmp_path / "journal"
+    pipeline = IngestPipeline(
+        storage,
+        journal=Journal(root, instance_id="a", sync="loop"),
+        batch_size=1,
+        journal_batch_size=1000,
+        flush_interval=3600,
+        retry_attempts=2,
+        retry_initial=0,
+        retry_max_backoff=0,
+        retry_jitter=0,
+        breaker=breaker,
+        clock=clock,
+        orphan_scan_interval=None,
+    )
+    await pipeline.start()
+
+    async def newer() -> None:  # another journal-mode caller, during the spill
+        await spill_next.wait()
+        await asyncio.sleep(0)
+        await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
+
+    second = asyncio.create_task(newer())
+    storage.down = True
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(0))
+    await storage.entered.wait()
+    await pipeline.submit(candle(0, 1.0, is_closed=False), mode="journal")
+    storage.gate.set()
+    await asyncio.wait_for(second, WAIT)
+    await until(lambda: pipeline.stats().spilled >= 1)
+    storage.gate = None
+    if ending == "spill":
+        pipeline.configure(journal_batch_size=2)  # the queued pair is taken and spilled
+        await until(lambda: pipeline.stats().queue_depth == 0)
+        storage.down = False
+        clock.advance(breaker.reset_timeout)
+        pipeline.wake()
+        await pipeline.flush(timeout=WAIT)
+        await pipeline.close()
+    else:
+        await pipeline.close(timeout=WAIT)  # the database is down: the rest to the journal
+        storage.down = False
+        clock.advance(60)
+        breaker.reset()
+        following = IngestPipeline(
+            storage, journal=Journal(root, instance_id="b"), clock=clock, breaker=breaker
+        )
+        await following.start()
+        await following.flush(timeout=WAIT)
+        await following.close()
+    (stored,) = storage.candles.values()
+    assert stored.close == 2.0
+
+
+@pytest.mark.parametrize("when", ["mid-spill", "after-spill"])
+async def test_a_close_that_stops_a_spill_keeps_the_newest_upsert(
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+) -> None:
+    root = tmp_path / "journal"
+    pipeline = IngestPipeline(
+        storage,
+        journal=Journal(root, instance_id="a", sync="thread"),
+        batch_size=2,
+        journal_batch_size=1000,
+        flush_interval=3600,
+        retry_attempts=2,
+        retry_initial=0,
+        retry_max_backoff=0,
+        retry_jitter=0,
+        breaker=breaker,
+        clock=clock,
+        orphan_scan_interval=None,
+    )
+    await pipeline.start()
+    storage.down = True
+    storage.gate = asyncio.Event()
+    await pipeline.submit(tick(1))
+    await pipeline.submit(candle(0, 1.0, is_closed=False), mode="journal")
+    await pipeline.submit(tick(2))  # the batch [t1, v1, t2] is taken
+    await storage.entered.wait()
+    await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")  # queued behind
+    entered, release = threading.Event(), threading.Event()
+    real_sync = Journal._sync_group
+
+    def slow_sync(journal: Journal, written: Any) -> int:
+        if written is not None:
+            entered.set()
+            assert release.wait(WAIT)
+        return real_sync(journal, written)
+
+    monkeypatch.setattr(Journal, "_sync_group", slow_sync)
+    storage.gate.set()  # the batch fails; its spill is in flight
+    assert await asyncio.to_thread(entered.wait, WAIT)
+    if when == "after-spill":
+        release.set()
+        await until(lambda: pipeline.stats().spilled >= 3)
+    closing = asyncio.create_task(pipeline.close(timeout=WAIT))  # stops the writer
+    await settle()
+    release.set()
+    await asyncio.wait_for(closing, WAIT)
+    monkeypatch.undo()
+    storage.down = False
+    storage.gate = None
+    breaker.reset()
+    clock.advance(60)
+    following = IngestPipeline(
+        storage,
+        journal=Journal(root, instance_id="b"),
+        clock=clock,
+        breaker=breaker,
+        replay_batch=1,
+    )
+    await following.start()
+    await following.flush(timeout=WAIT)
+    await following.close()
+    (stored,) = storage.candles.values()
+    assert stored.close == 2.0
 
 
 @pytest.mark.parametrize("phase", ["first-failure", "backlog-mode"])
