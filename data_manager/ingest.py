@@ -1357,9 +1357,14 @@ class IngestPipeline:
                 if self._placed < target:
                     return False
                 lsn_target = own.last_lsn if own is not None else 0
-            return (own is None or not own.is_open or own.stored_lsn >= lsn_target) and not any(
-                j in self._backlog for j in others
-            )
+            if own is not None and own.is_open and own.stored_lsn < lsn_target:
+                if self._enqueued > self._flush_target:
+                    # Journal-mode items acknowledged meanwhile hold LSNs up to the target:
+                    # write them now instead of when their batch fills or its interval ends.
+                    self._flush_target = self._enqueued
+                    self.wake()
+                return False
+            return not any(j in self._backlog for j in others)
 
         return done
 

@@ -755,6 +755,20 @@ async def test_flush_timeout_raises_and_keeps_the_data(
     assert storage.stored_seqs() == list(range(4))
 
 
+async def test_flush_does_not_wait_an_interval_for_what_was_journaled_meanwhile(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make(batch_size=10, flush_interval=3600)  # the clock never gets there
+    await pipeline.submit(tick(0))
+    storage.gate = asyncio.Event()
+    flushing = asyncio.create_task(pipeline.flush())
+    await storage.entered.wait()  # tick 0's batch is being written
+    await pipeline.submit(tick(1), mode="journal")  # acknowledged after flush() was called
+    storage.gate.set()
+    await asyncio.wait_for(flushing, WAIT)
+    assert storage.stored_seqs() == [0, 1]
+
+
 async def test_running_pipeline_adopts_orphans_on_its_scan_interval(
     make: Any, storage: FakeStorage, clock: ManualClock, tmp_path: Path
 ) -> None:
