@@ -67,6 +67,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import itertools
 import json
 import logging
 import os
@@ -1061,6 +1062,9 @@ class Journal:
             segment = self._scan_segment(path, int(match.group(1)))
             if segment is not None:
                 segments.append(segment)
+        for older, newer in itertools.pairwise(segments):
+            if older.records and older.last_lsn >= newer.first_lsn:
+                self._cut_overlap(older, newer.first_lsn - older.first_lsn)
         last = max((s.last_lsn for s in segments if s.records), default=0)
         self._next_lsn = max(last, checkpoint) + 1
         self._stored_lsn = min(checkpoint, self._next_lsn - 1)
@@ -1114,6 +1118,20 @@ class Journal:
             reason = problem or ("torn record" if short else "trailing bytes")
             self._quarantine_tail(path, data, pos, reason)
         return _Segment(first_lsn=first_lsn, path=path, records=len(payloads), size=pos)
+
+    def _cut_overlap(self, segment: _Segment, keep: int) -> None:
+        """Set aside the records of ``segment`` after its first ``keep``: the next segment
+        starts at those LSNs. Only a group whose write or sync failed and whose records could
+        not be cut off leaves such records (refused to its callers, then the segment was
+        abandoned and the next one took the same LSNs), so they are not replayed."""
+        data = segment.path.read_bytes()
+        pos = len(MAGIC)
+        for _ in range(keep):  # whole records, checked by the scan
+            (length,) = _LENGTH.unpack_from(data, pos)
+            pos += _HEADER.size + length
+        reason = f"{segment.records - keep} records overlapping the next segment's LSNs"
+        self._quarantine_tail(segment.path, data, pos, reason)
+        segment.records, segment.size = keep, pos
 
     def _quarantine_tail(self, path: Path, data: bytes, pos: int, reason: str) -> None:
         aside = path.with_name(f"{path.name}.corrupt-{pos}")

@@ -324,6 +324,48 @@ async def test_a_new_segment_whose_failed_write_cannot_be_undone_is_replaced(
     assert len(segments(journal.path)) == 1
 
 
+@pytest.mark.parametrize("sync", ["thread", "loop"])
+async def test_a_failed_group_left_in_an_abandoned_segment_is_not_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+) -> None:
+    # The sync of a written group fails and cutting it off fails too: its records stay in
+    # the abandoned segment, and the next segment takes the same LSNs. Reopened, the
+    # acknowledged records must win and the refused one must not come back.
+    j = Journal(tmp_path, instance_id="ab", sync=sync)
+    await j.open()
+    assert await j.append([tick(0)]) == 1
+    real_sync, real_truncate = journal_module._sync, os.ftruncate
+    failures = {"sync": 1, "truncate": 1}
+
+    def sync_failing_once(fd: int) -> None:
+        if failures["sync"]:
+            failures["sync"] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_sync(fd)
+
+    def truncate_failing_once(fd: int, size: int) -> None:
+        if failures["truncate"]:
+            failures["truncate"] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_truncate(fd, size)
+
+    monkeypatch.setattr(journal_module, "_sync", sync_failing_once)
+    monkeypatch.setattr(os, "ftruncate", truncate_failing_once)
+    with pytest.raises(JournalError):
+        await j.append([tick(1)])  # refused: its caller is told it is not kept
+    monkeypatch.undo()
+    assert failures == {"sync": 0, "truncate": 0}
+    assert await j.append([tick(2)]) == 2  # in a new segment, the refused one's LSN
+    assert await j.append([tick(3)]) == 3
+    await j.close()
+    again = Journal(tmp_path, instance_id="ab", sync=sync)
+    await again.open()
+    assert [item.seq for _, item in again.replay()] == [0, 2, 3]  # type: ignore[union-attr]
+    assert any("overlapping the next segment" in problem for problem in again.problems)
+    await again.mark_stored(again.last_lsn)
+    await again.close()
+
+
 async def test_segments_rotate_and_stored_ones_are_deleted(tmp_path: Path) -> None:
     j = Journal(tmp_path, instance_id="seg", segment_bytes=2048)
     await j.open()
