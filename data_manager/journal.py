@@ -316,7 +316,7 @@ class _FileLock:
     elsewhere.
     """
 
-    __slots__ = ("_fallback", "fd", "path")
+    __slots__ = ("__weakref__", "_fallback", "fd", "path")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -344,6 +344,7 @@ class _FileLock:
             os.close(fd)
             raise
         self.fd = fd
+        _held_locks.add(self)
         return True
 
     def write_owner(self) -> None:
@@ -357,6 +358,7 @@ class _FileLock:
             self._fallback = None
         if self.fd is not None:
             fd, self.fd = self.fd, None
+            _held_locks.discard(self)
             os.close(fd)  # closing the last descriptor drops the flock
 
     def forget(self) -> None:
@@ -369,6 +371,22 @@ class _FileLock:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
+        _held_locks.discard(self)
+
+
+#: Every lock holding a descriptor: a child forked while one is held (an open journal, or
+#: another router's orphan probe in a worker thread) closes its copy, or the lock would
+#: live as long as the child (``flock`` belongs to the shared open file description).
+_held_locks: weakref.WeakSet[_FileLock] = weakref.WeakSet()
+
+
+def _forget_locks_after_fork() -> None:
+    for lock in list(_held_locks):
+        lock.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
 def _lock_is_free(lock_path: Path) -> bool:

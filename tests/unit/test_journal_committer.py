@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import data_manager.journal as journal_module
-from data_manager.journal import Journal, JournalError
+from data_manager.journal import Journal, JournalError, find_orphans
 from data_manager.models import TickData
 from tests.unit.conftest import WAIT
 
@@ -454,3 +454,47 @@ def test_one_group_from_two_event_loops_settles_on_each_loop(
     one.run(j.mark_stored(7)).result(WAIT)
     one.run(j.close()).result(WAIT)
     assert not j.path.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+async def test_a_child_forked_during_an_orphan_probe_does_not_keep_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = Journal(tmp_path, instance_id="dead", sync="loop")
+    await dead.open()
+    await dead.append([tick(1)])
+    await dead.close()  # an orphan
+
+    probing, forked = threading.Event(), threading.Event()
+    real_release = journal_module._FileLock.release
+
+    def release(lock: journal_module._FileLock) -> None:
+        if lock.path.parent.name == "dead" and not probing.is_set():
+            probing.set()
+            assert forked.wait(WAIT)  # another thread forks while the probe holds the lock
+        real_release(lock)
+
+    monkeypatch.setattr(journal_module._FileLock, "release", release)
+    scan = asyncio.ensure_future(asyncio.to_thread(find_orphans, tmp_path))
+    assert await asyncio.to_thread(probing.wait, WAIT)
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: a long-lived worker that knows nothing of journals
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        forked.set()
+        assert [p.name for p in await scan] == ["dead"]
+        monkeypatch.undo()
+        adopter = Journal(tmp_path, instance_id="dead", sync="loop")
+        await adopter.open(create=False)  # JournalLockedError while the child lives
+        assert [i.seq for _, i in adopter.replay()] == [1]
+        await adopter.close()
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        await asyncio.to_thread(wait_for_child, pid)
