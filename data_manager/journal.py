@@ -893,6 +893,7 @@ class Journal:
         self.problems: list[str] = []
         self._state = _State.NEW
         self._closing = False  # close() has begun: new appends are refused
+        self._close_done: asyncio.Event | None = None  # set once close() has finished
         self._lock = _FileLock(self.path / LOCK_NAME)
         self._io = threading.Lock()  # guards _segments against the committer and workers
         self._segments: list[_Segment] = []
@@ -1193,6 +1194,9 @@ class Journal:
         A journal with records still to store stays on disk, unlocked, so the next router
         to start adopts it.
         """
+        if self._close_done is not None:  # a concurrent close() does the job
+            await self._close_done.wait()
+            return
         if self._state is not _State.OPEN:
             self._state = _State.CLOSED
             return
@@ -1200,13 +1204,17 @@ class Journal:
         # slip in between the wait below and the committer's shutdown (unsynced, or cut off
         # the segment by the close after it was acknowledged).
         self._closing = True
-        await self.wait_idle()
-        committer, self._committer = self._committer, None
-        assert committer is not None
-        committer.close(self)
-        await asyncio.to_thread(self._close_sync, committer)
-        if _open_journals is not None:
-            _open_journals.discard(self)
+        done = self._close_done = asyncio.Event()
+        try:
+            await self.wait_idle()
+            committer, self._committer = self._committer, None
+            assert committer is not None
+            committer.close(self)
+            await asyncio.to_thread(self._close_sync, committer)
+            if _open_journals is not None:
+                _open_journals.discard(self)
+        finally:
+            done.set()
 
     def _start_committer(self) -> None:
         if self.sync == "loop":

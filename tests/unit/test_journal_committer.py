@@ -317,6 +317,21 @@ async def test_close_waits_for_pending_groups(tmp_path: Path, gate: SyncGate) ->
     await again.close()
 
 
+async def test_concurrent_closes_both_return_once_closed(tmp_path: Path, gate: SyncGate) -> None:
+    j = Journal(tmp_path, instance_id="twice", sync="thread")
+    await j.open()
+    hold = gate.hold()
+    pending = asyncio.create_task(j.append([tick(1)]))
+    assert await asyncio.to_thread(hold.entered.wait, WAIT)  # close() must wait for it
+    closes = asyncio.gather(j.close(), j.close())
+    await asyncio.sleep(0)
+    hold.release.set()
+    await asyncio.wait_for(closes, WAIT)
+    assert await pending == 1
+    assert not j.is_open
+    assert j.path.is_dir()  # one record not stored: kept for the next router
+
+
 async def test_append_before_open_or_after_close_raises(tmp_path: Path) -> None:
     j = Journal(tmp_path, instance_id="states", sync="thread")
     with pytest.raises(JournalError, match="not open"):
