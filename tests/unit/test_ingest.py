@@ -35,6 +35,8 @@ from tests.unit.conftest import WAIT
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
+    from data_manager.settings import JournalSync
+
 T0 = 1_727_996_400_000
 
 
@@ -171,11 +173,13 @@ async def make(
     """Build started pipelines with zero backoff; close them all afterwards."""
     made: list[IngestPipeline] = []
 
-    async def build(*, journal: bool | str = True, **kwargs: Any) -> IngestPipeline:
+    async def build(
+        *, journal: bool | str = True, sync: JournalSync = "auto", **kwargs: Any
+    ) -> IngestPipeline:
         j = None
         if journal:
             name = journal if isinstance(journal, str) else f"inst{len(made)}"
-            j = Journal(tmp_path / "journal", instance_id=name)
+            j = Journal(tmp_path / "journal", instance_id=name, sync=sync)
         options: dict[str, Any] = {
             "batch_size": 10,
             "flush_interval": 1.0,
@@ -940,6 +944,7 @@ async def test_a_journal_mode_series_keeps_its_newest_version_through_an_outage(
 
 @pytest.mark.parametrize("ending", ["spill", "close"])
 async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
+    make: Any,
     storage: FakeStorage,
     clock: ManualClock,
     breaker: CircuitBreaker,
@@ -960,22 +965,9 @@ async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
         return await real_write_ticks(ticks)
 
     storage.write_ticks = write_ticks  # type: ignore[method-assign]
-    root = tmp_path / "journal"
-    pipeline = IngestPipeline(
-        storage,
-        journal=Journal(root, instance_id="a", sync="loop"),
-        batch_size=1,
-        journal_batch_size=1000,
-        flush_interval=3600,
-        retry_attempts=2,
-        retry_initial=0,
-        retry_max_backoff=0,
-        retry_jitter=0,
-        breaker=breaker,
-        clock=clock,
-        orphan_scan_interval=None,
+    pipeline = await make(
+        journal="a", sync="loop", batch_size=1, journal_batch_size=1000, flush_interval=3600
     )
-    await pipeline.start()
 
     async def newer() -> None:  # another journal-mode caller, during the spill
         await spill_next.wait()
@@ -1005,18 +997,15 @@ async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
         storage.down = False
         clock.advance(60)
         breaker.reset()
-        following = IngestPipeline(
-            storage, journal=Journal(root, instance_id="b"), clock=clock, breaker=breaker
-        )
-        await following.start()
+        following = await make(journal="b")
         await following.flush(timeout=WAIT)
-        await following.close()
     (stored,) = storage.candles.values()
     assert stored.close == 2.0
 
 
 @pytest.mark.parametrize("when", ["mid-spill", "after-spill"])
 async def test_a_close_that_stops_a_spill_keeps_the_newest_upsert(
+    make: Any,
     storage: FakeStorage,
     clock: ManualClock,
     breaker: CircuitBreaker,
@@ -1024,22 +1013,9 @@ async def test_a_close_that_stops_a_spill_keeps_the_newest_upsert(
     monkeypatch: pytest.MonkeyPatch,
     when: str,
 ) -> None:
-    root = tmp_path / "journal"
-    pipeline = IngestPipeline(
-        storage,
-        journal=Journal(root, instance_id="a", sync="thread"),
-        batch_size=2,
-        journal_batch_size=1000,
-        flush_interval=3600,
-        retry_attempts=2,
-        retry_initial=0,
-        retry_max_backoff=0,
-        retry_jitter=0,
-        breaker=breaker,
-        clock=clock,
-        orphan_scan_interval=None,
+    pipeline = await make(
+        journal="a", sync="thread", batch_size=2, journal_batch_size=1000, flush_interval=3600
     )
-    await pipeline.start()
     storage.down = True
     storage.gate = asyncio.Event()
     await pipeline.submit(tick(1))
@@ -1071,16 +1047,8 @@ async def test_a_close_that_stops_a_spill_keeps_the_newest_upsert(
     storage.gate = None
     breaker.reset()
     clock.advance(60)
-    following = IngestPipeline(
-        storage,
-        journal=Journal(root, instance_id="b"),
-        clock=clock,
-        breaker=breaker,
-        replay_batch=1,
-    )
-    await following.start()
+    following = await make(journal="b", replay_batch=1)
     await following.flush(timeout=WAIT)
-    await following.close()
     (stored,) = storage.candles.values()
     assert stored.close == 2.0
 

@@ -43,6 +43,20 @@ T0 = 1_727_996_400_000
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def failing_once(
+    real: Callable[..., Any], failures: dict[str, int], key: str, code: int = errno.EIO
+) -> Callable[..., Any]:
+    """``real``, except that it raises ``OSError(code)`` while ``failures[key]`` counts down."""
+
+    def call(*args: Any) -> Any:
+        if failures[key]:
+            failures[key] -= 1
+            raise OSError(code, os.strerror(code))
+        return real(*args)
+
+    return call
+
+
 def tick(seq: int) -> TickData:
     return TickData(
         symbol="EUR/USD",
@@ -298,23 +312,13 @@ async def test_a_new_segment_whose_failed_write_cannot_be_undone_is_replaced(
 ) -> None:
     # The first write to a fresh segment fails, and so does cutting it off: the segment is
     # abandoned with nothing acknowledged in it, under the name the next segment needs.
-    real_write, real_truncate = journal_module._write_at, os.ftruncate
     failures = {"write": 1, "truncate": 1}
-
-    def write_failing_once(fd: int, data: bytes, offset: int) -> None:
-        if failures["write"]:
-            failures["write"] -= 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(fd, data, offset)
-
-    def truncate_failing_once(fd: int, size: int) -> None:
-        if failures["truncate"]:
-            failures["truncate"] -= 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_truncate(fd, size)
-
-    monkeypatch.setattr(journal_module, "_write_at", write_failing_once)
-    monkeypatch.setattr(os, "ftruncate", truncate_failing_once)
+    monkeypatch.setattr(
+        journal_module,
+        "_write_at",
+        failing_once(journal_module._write_at, failures, "write", errno.ENOSPC),
+    )
+    monkeypatch.setattr(os, "ftruncate", failing_once(os.ftruncate, failures, "truncate"))
     with pytest.raises(JournalError, match="No space"):
         await journal.append([tick(1)])
     assert failures == {"write": 0, "truncate": 0}
@@ -334,23 +338,11 @@ async def test_a_failed_group_left_in_an_abandoned_segment_is_not_replayed(
     j = Journal(tmp_path, instance_id="ab", sync=sync)
     await j.open()
     assert await j.append([tick(0)]) == 1
-    real_sync, real_truncate = journal_module._sync, os.ftruncate
     failures = {"sync": 1, "truncate": 1}
-
-    def sync_failing_once(fd: int) -> None:
-        if failures["sync"]:
-            failures["sync"] -= 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_sync(fd)
-
-    def truncate_failing_once(fd: int, size: int) -> None:
-        if failures["truncate"]:
-            failures["truncate"] -= 1
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_truncate(fd, size)
-
-    monkeypatch.setattr(journal_module, "_sync", sync_failing_once)
-    monkeypatch.setattr(os, "ftruncate", truncate_failing_once)
+    monkeypatch.setattr(
+        journal_module, "_sync", failing_once(journal_module._sync, failures, "sync")
+    )
+    monkeypatch.setattr(os, "ftruncate", failing_once(os.ftruncate, failures, "truncate"))
     with pytest.raises(JournalError):
         await j.append([tick(1)])  # refused: its caller is told it is not kept
     monkeypatch.undo()
