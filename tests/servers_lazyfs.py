@@ -133,7 +133,10 @@ def start_lazyfs(binary: Path, *, timeout: float = START_TIMEOUT) -> LazyFS:
             message).
     """
     return launch(
-        "dm-test-lazyfs-",
+        # No "-" before the random part: LazyFS ignores a --config-path value containing
+        # "-o" (any case; it takes it for the next option) and looks for config/default.toml,
+        # which mkdtemp's random letters made happen about once in 37 starts.
+        "dm-test-lazyfs_",
         lambda root: LazyFS(root, binary=binary),
         lambda fs: fs.start(timeout),
     )
