@@ -1214,8 +1214,9 @@ class DataRouter:
     async def save_ticks(self, ticks: Iterable[TickData]) -> int:
         """Bulk-store ticks synchronously (COPY on PostgreSQL); idempotent.
 
-        Bulk imports bypass the live aggregator and the pub/sub fast path; the newest tick
-        of each symbol still updates the caches (compare-and-set).
+        Bulk imports bypass the live aggregator; the caches take every tick in batch order
+        through their compare-and-set, as from :meth:`save_tick` (so each source's newest
+        tick, and the symbol's, end up there; the bus coalesces them per source).
 
         Returns:
             How many rows were new.
@@ -1225,14 +1226,10 @@ class DataRouter:
         if not batch:
             return 0
         stored = await self.storage.write_ticks(batch)
-        newest: dict[str, TickData] = {}
-        for tick in batch:
-            cur = newest.get(tick.symbol)
-            if cur is None or tick.timestamp >= cur.timestamp:
-                newest[tick.symbol] = tick
         route = self._watcher.current.routing.save_tick
-        for tick in newest.values():
-            self._l1.put_tick(tick)
+        put_tick = self._l1.put_tick
+        for tick in batch:
+            put_tick(tick)
             self._publish(route, tick)  # L2 (compare-and-set) and the other routers' L1
         await self._settle_bus()
         return stored
@@ -1274,7 +1271,11 @@ class DataRouter:
 
     @staticmethod
     def _check_all(items: Iterable[Any], cls: type[T]) -> list[T]:
-        batch = list(items)
+        try:
+            batch = list(items)
+        except TypeError as exc:
+            msg = f"expected an iterable of {cls.__name__}, got {type(items).__name__}"
+            raise ValidationError(msg) from exc
         for i, item in enumerate(batch):
             if type(item) is not cls:
                 msg = f"item {i} is {type(item).__name__}, expected {cls.__name__}"

@@ -179,6 +179,38 @@ async def test_in_memory_stores_are_private(tmp_path: Path) -> None:
         assert (await a.health_check()).databases["sqlite"].embedded
 
 
+async def test_save_ticks_leaves_each_sources_newest_tick_in_l1(tmp_path: Path) -> None:
+    async with DataRouter(embedded(tmp_path), strategy=strategy(HELD)) as router:
+        await router.save_tick(tick(T0, source="b"))
+        await router.save_ticks([tick(T0 + 10, source="b"), tick(T0 + 20, source="a")])
+        newest_b = await router.get_latest_tick(SYM, source="b")
+        newest = await router.get_latest_tick(SYM)
+    assert newest_b is not None
+    assert newest_b.timestamp == T0 + 10
+    assert newest is not None
+    assert (newest.source, newest.timestamp) == ("a", T0 + 20)
+
+
+async def test_save_ticks_breaks_ties_like_save_tick(tmp_path: Path) -> None:
+    # Same feed, same millisecond: the higher seq is the newer, whatever the batch order.
+    high = TickData(symbol=SYM, timestamp=T0, bid=1.1, ask=1.1001, source="p", seq=5)
+    low = TickData(symbol=SYM, timestamp=T0, bid=1.2, ask=1.2001, source="p", seq=3)
+    async with DataRouter(embedded(tmp_path), strategy=strategy(HELD)) as router:
+        await router.save_ticks([high, low])
+        newest = await router.get_latest_tick(SYM)
+    assert newest is not None
+    assert newest.seq == 5
+
+
+@pytest.mark.parametrize("bad", [None, 5, object()])
+async def test_bulk_saves_refuse_what_is_not_iterable(tmp_path: Path, bad: Any) -> None:
+    async with DataRouter(embedded(tmp_path), strategy=strategy()) as router:
+        with pytest.raises(ValidationError, match="expected an iterable of TickData"):
+            await router.save_ticks(bad)
+        with pytest.raises(ValidationError, match="expected an iterable of CandleData"):
+            await router.save_candles_bulk(bad)
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
