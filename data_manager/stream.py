@@ -31,7 +31,9 @@ where each item is exactly the :mod:`data_manager.cache.codec` version-1 object 
 content key; ``mid``/``spread`` are derived and ignored when read). ``batch_id`` is unique
 per message: ``<origin>:<session>:<n>``, where ``session`` is random per stream object, so
 a router restarted under the same instance id never reuses an id (JetStream would drop the
-new message as a duplicate); spooled data gets ``<spool instance>:<session>:s<LSN>.<n>``.
+new message as a duplicate); spooled data gets
+``<spool instance>:<session>:s<first LSN>-<last LSN>.<n>`` (the whole range: a chunk read
+again after a lost acknowledgement may hold more records, and must not pass for a copy).
 ``origin`` is the publishing router's instance id. A batch larger than the message limit
 (1 MiB, NATS's default ``max_payload``) is split into several messages; batches queued
 while the stream was slow are coalesced (up to ``coalesce_items``), so a message can hold
@@ -1037,12 +1039,17 @@ class _BackupStreamBase:
             if index % _DECODE_SLICE == 0:
                 await asyncio.sleep(0)  # decoding is CPU work: let the write path in between
         first = chunk.records[0][0] if chunk.records else chunk.end_lsn
+        last = chunk.records[-1][0] if chunk.records else chunk.end_lsn
         part = 0
 
         def spool_id() -> str:
+            # The id names the chunk's whole LSN range: a chunk read again after a lost
+            # acknowledgement holds more records when more were spooled meanwhile, and with
+            # an id naming only its start JetStream would drop it as a duplicate of the
+            # smaller one (and the records added since with it).
             nonlocal part
             part += 1
-            return f"{spool.instance_id}:{self._session}:s{first}.{part}"
+            return f"{spool.instance_id}:{self._session}:s{first}-{last}.{part}"
 
         try:
             await self._publish_items(items, origin=spool.instance_id, make_id=spool_id)

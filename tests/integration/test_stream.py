@@ -441,6 +441,62 @@ async def test_spool_of_a_closed_instance_is_adopted_and_published(
     )
 
 
+@pytest.fixture
+async def nats_target(nats_url: str) -> AsyncIterator[Target]:
+    names = nats_names()
+    yield Target("nats", nats_url, names)
+    await delete_nats_stream(nats_url, names["stream"])
+
+
+class _AckLostOnce(NatsBackupStream):
+    """The server stores the first spooled message but its acknowledgement never comes back
+    (a publish timeout, the client delivering it anyway); more batches are spooled meanwhile."""
+
+    lost = False
+
+    async def _send(self, message: Any) -> None:
+        await super()._send(message)
+        if not self.lost and ":s" in message.batch_id:
+            self.lost = True
+            self.publish_batch(ticks(3, 5))  # in backlog: to the spool, behind the chunk
+            spool = self._spool
+            assert spool is not None
+            await until(lambda: spool.last_lsn >= 8, "the new batch to be spooled")
+            msg = "publish timed out (acknowledgement lost)"
+            raise BackupStreamError(msg)
+
+
+async def test_a_spool_chunk_sent_again_after_a_lost_ack_is_not_taken_for_a_duplicate(
+    nats_target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    spool_root = tmp_path / "stream-spool"
+    down = NatsBackupStream(
+        dead_nats_url(),
+        spool_dir=spool_root,
+        instance_id="inst-a",
+        connect_timeout=0.2,
+        **nats_target.names,
+    )
+    await down.start()
+    down.publish_batch(ticks(0, 3))
+    await until(lambda: down.stats().spool_records == 3, "3 records spooled")
+    await down.aclose(timeout=0.2)
+    up = _AckLostOnce(
+        nats_target.url,
+        spool_dir=spool_root,
+        instance_id="inst-a",
+        breaker=CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.05),
+        retry_interval=0.01,
+        **nats_target.names,
+    )
+    await up.start()
+    await up.flush(timeout=30)
+    await up.aclose()
+    assert up.lost
+    await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(ticks(0, 8))
+
+
 async def test_without_a_spool_a_down_stream_keeps_a_bounded_outbox(target: Target) -> None:
     url = dead_nats_url() if target.backend == "nats" else "redis://127.0.0.1:1/0"
     stream = (
