@@ -416,6 +416,11 @@ class DataRouter:
                 be, because the database is down) stays in the journal and is replayed by
                 the next router that starts.
         """
+        if self._state is RouterState.UNOPENED and self._init_lock.locked():
+            # initialize() is under way: let it finish (or fail), then close what it opened.
+            # Tearing its backends down under it would leave it to open the router anyway.
+            async with self._init_lock:
+                pass
         if self._state is RouterState.CLOSED:
             return
         was_open = self._state is RouterState.OPEN
@@ -443,6 +448,11 @@ class DataRouter:
             task.cancel()
         self._background.clear()
         closers: list[Callable[[], Coroutine[Any, Any, None]]] = [self._watcher.aclose]
+        if self._backup is not None:
+            # initialize() failed after the backup stream started: stop it and give back
+            # its spool (close() closes it itself, before this).
+            backup, self._backup = self._backup, None
+            closers.insert(0, functools.partial(backup.aclose, 0))
         ingest = self._ingest
         if ingest is not None and ingest.state in (PipelineState.NEW, PipelineState.RUNNING):
             # initialize() failed after the write path started (or part-way through its

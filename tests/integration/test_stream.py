@@ -21,10 +21,19 @@ from redis.asyncio import Redis
 
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache import codec
-from data_manager.errors import ConfigurationError, ValidationError
+from data_manager.errors import (
+    ConfigurationError,
+    JournalError,
+    JournalLockedError,
+    ValidationError,
+)
+from data_manager.ingest import IngestPipeline
+from data_manager.journal import Journal
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
-from data_manager.settings import PostgresSettings
+from data_manager.router import DataRouter
+from data_manager.settings import DataManagerSettings, PostgresSettings
 from data_manager.stream import (
+    SPOOL_DIR,
     BackupStreamError,
     NatsBackupStream,
     RedisBackupStream,
@@ -34,6 +43,7 @@ from data_manager.stream import (
     parse_since,
     replay_from_stream,
 )
+from tests.integration.test_router_foundation import pg_settings, plain_strategy
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -632,3 +642,43 @@ async def test_redis_approximate_maxlen_keeps_at_least_maxlen(
         await client.aclose()
     # Whole nodes are trimmed: at least maxlen entries remain, and far fewer than 300.
     assert 10 <= length < 300
+
+
+@pytest.mark.postgres
+async def test_a_failed_initialize_stops_the_backup_stream_and_frees_its_spool(
+    postgres_url: str,
+    pg_schema: str,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = f"t{secrets.token_hex(4)}:revrouter"
+
+    async def failing_start(self: IngestPipeline) -> None:
+        raise JournalError("simulated: the write path cannot start")
+
+    monkeypatch.setattr(IngestPipeline, "start", failing_start)
+    settings = DataManagerSettings(
+        postgres=pg_settings(postgres_url, pg_schema),
+        watch_strategy=False,
+        journal_dir=tmp_path / "journal",
+        backup_stream_url=redis_url,
+        backup_stream_key=key,
+    )
+    router = DataRouter(settings, strategy=plain_strategy())
+    try:
+        with pytest.raises(JournalError):
+            await router.initialize()  # as `async with DataRouter(...)` does: no close() after
+        leftover = router._backup
+        assert leftover is None  # stopped by the teardown
+        spool = Journal(tmp_path / "journal" / SPOOL_DIR, instance_id=router.instance_id)
+        try:
+            await spool.open()  # its lock is free (the folder may be gone: nothing was left)
+        except JournalLockedError as exc:
+            pytest.fail(f"backup stream still running after a failed initialize: {exc}")
+        await spool.close()
+        await router.close()
+    finally:
+        client = Redis.from_url(redis_url)
+        await client.unlink(key)
+        await client.aclose()

@@ -43,6 +43,7 @@ from data_manager.demo import PAIRS, DemoResult, run_demo
 from data_manager.health import CacheHealth, PoolHealth
 from data_manager.router import RouterState
 from data_manager.strategy import RoutingStrategy, strategy_from_mapping
+from tests.unit.conftest import WAIT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -212,6 +213,31 @@ async def test_bulk_saves_refuse_what_is_not_iterable(tmp_path: Path, bad: Any) 
 
 
 # --------------------------------------------------------------------------- lifecycle
+
+
+async def test_a_close_during_initialize_waits_for_it_then_closes(tmp_path: Path) -> None:
+    router = DataRouter(embedded(tmp_path), strategy=strategy(HELD))
+    reached, release = asyncio.Event(), asyncio.Event()
+    real = router._start_backup_stream
+
+    async def paused() -> None:  # a step of initialize() that awaits
+        reached.set()
+        await release.wait()
+        await real()
+
+    router._start_backup_stream = paused  # type: ignore[method-assign]
+    opening = asyncio.create_task(router.initialize())
+    await asyncio.wait_for(reached.wait(), WAIT)
+    closing = asyncio.create_task(router.close())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing.done()  # it waits for initialize() instead of tearing down under it
+    release.set()
+    await asyncio.wait_for(asyncio.gather(opening, closing), WAIT)
+    assert router.state is RouterState.CLOSED
+    assert router._storage is None  # what initialize() opened is closed again
+    with pytest.raises(RouterClosedError):
+        await router.save_tick(tick())
 
 
 async def test_lifecycle(tmp_path: Path) -> None:
