@@ -515,6 +515,17 @@ class DataRouter:
         self._l2 = None
         self._l1.clear()
         self._flight = SingleFlight()
+        # The series the parent aggregates stay the parent's: started from its in-memory
+        # bars, this child's close() or maintenance would store stale candles (closed ones
+        # too) over the parent's newer rows. The child restores from the database instead.
+        strat = self._watcher.current
+        self._aggregator = self._build_aggregator(strat)
+        self._orderflow = self._build_orderflow(strat)
+        self._forming_dirty = {}
+        self._forming_touched = {}
+        self._agg_restored = set()
+        self._flow_dirty = {}
+        self._flow_touched = {}
         # The parent loop's handles; they never fire here.
         self._forming_timer = self._flow_timer = None
         storage = self._build_storage()

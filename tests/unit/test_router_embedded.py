@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -44,6 +45,7 @@ from data_manager.health import CacheHealth, PoolHealth
 from data_manager.router import RouterState
 from data_manager.strategy import RoutingStrategy, strategy_from_mapping
 from tests.unit.conftest import WAIT
+from tests.unit.test_journal_committer import wait_for_child
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -238,6 +240,66 @@ async def test_a_close_during_initialize_waits_for_it_then_closes(tmp_path: Path
     assert router._storage is None  # what initialize() opened is closed again
     with pytest.raises(RouterClosedError):
         await router.save_tick(tick())
+
+
+_AGG_1M: Final[dict[str, Any]] = {
+    "aggregation": {"timeframes": ["1m"], "publish_interval_seconds": 0},
+    "order_flow": {"enabled": False},
+    "batch": {"size": 100_000, "max_batch": 100_000, "flush_interval_seconds": 3600},
+}
+
+
+def _fork_router_user(router: DataRouter, go: int, maintenance: bool) -> int:
+    """Fork a child that, once told, uses ``router`` (a read), maybe runs maintenance, and
+    closes it; the child never saves anything."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # pragma: no cover - the child's exit code is what the parent checks
+    try:  # pragma: no cover
+        os.read(go, 1)
+
+        async def child() -> None:
+            async with asyncio.timeout(WAIT):
+                await router.get_latest_tick(SYM)  # first use after the fork: reconnects
+                if maintenance:
+                    await router.run_maintenance()
+                await router.close()
+
+        asyncio.run(child())
+        code = 0
+    finally:  # pragma: no cover
+        os._exit(code)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("maintenance", [False, True], ids=["close", "maintenance"])
+async def test_a_forked_child_leaves_the_parents_candles_alone(
+    tmp_path: Path, maintenance: bool
+) -> None:
+    bucket = "SELECT num_trades, high, is_closed FROM candles WHERE timeframe='1m' AND ts=?"
+    async with DataRouter(embedded(tmp_path), strategy=strategy(_AGG_1M)) as router:
+        await router.save_tick(tick(T0, bid=1.1))
+        await router.save_tick(tick(T0 + 1000, bid=1.1))
+        await asyncio.sleep(0)  # the publish timer (interval 0) materialises the bar
+        go_read, go_write = os.pipe()
+        pid = _fork_router_user(router, go_read, maintenance)
+        # The parent goes on: a third tick in the bucket (and, with maintenance, one in the
+        # next bucket, which closes it).
+        await router.save_tick(tick(T0 + 2000, bid=1.3))
+        if maintenance:
+            await router.save_tick(tick(T0 + 60_000, bid=1.3))
+        await router.flush()
+        with contextlib.closing(sqlite3.connect(tmp_path / "store.sqlite3")) as db:
+            before = db.execute(bucket, (T0,)).fetchall()
+        os.write(go_write, b"x")
+        assert await asyncio.to_thread(wait_for_child, pid) == 0
+        with contextlib.closing(sqlite3.connect(tmp_path / "store.sqlite3")) as db:
+            after = db.execute(bucket, (T0,)).fetchall()
+    assert before[0][0] == 3
+    assert after == before  # the child wrote none of its inherited, older bars
 
 
 async def test_lifecycle(tmp_path: Path) -> None:
