@@ -83,6 +83,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from data_manager._tasks import finish_despite_cancel
 from data_manager.breaker import BreakerState, CircuitBreaker
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
@@ -531,6 +532,7 @@ class _BackupStreamBase:
         self._spool: Journal | None = None
         self._spools: list[Journal] = []  # adopted ones first, our own last
         self._life = _Life.NEW
+        self._closed = asyncio.Event()  # set once aclose() has finished
         self._outbox: collections.deque[_Batch] = collections.deque()
         self._outbox_items = 0
         self._inflight: list[_Batch] | None = None
@@ -617,7 +619,14 @@ class _BackupStreamBase:
             spool = Journal(self._spool_root, instance_id=self.instance_id)
             await spool.open()
             self._spool = spool
-            await self._adopt_spools()
+            try:
+                await self._adopt_spools()
+            except BaseException:
+                # Cancelled or failed part-way: give back every spool taken so far, or they
+                # would stay locked (never drained, never adopted) for the life of the process.
+                taken, self._spools, self._spool = [*self._spools, spool], [], None
+                await finish_despite_cancel(self._close_spools(taken))
+                raise
             self._spools.append(spool)
             if any(s.pending_records for s in self._spools):
                 self._enter_backlog()
@@ -693,11 +702,15 @@ class _BackupStreamBase:
         spool, which the next start (or another instance, once this one is gone) drains.
         Without a spool what is left is dropped, counted and logged.
         """
-        if self._life in (_Life.CLOSING, _Life.CLOSED):
+        if self._life is _Life.CLOSING:
+            await self._closed.wait()  # a concurrent aclose() finishes the job
+            return
+        if self._life is _Life.CLOSED:
             return
         if self._life is _Life.NEW:
             self._life = _Life.CLOSED
             self._settle_leftovers()  # batches handed over before start: nowhere to go
+            self._closed.set()
             return
         self._life = _Life.CLOSING
         self._wake.set()
@@ -705,6 +718,7 @@ class _BackupStreamBase:
         def finished() -> bool:
             return self._idle() or (self._spool is not None and self._down)
 
+        cancelled = False
         try:
             async with asyncio.timeout(timeout):
                 await self._wait_until(finished)
@@ -712,6 +726,22 @@ class _BackupStreamBase:
             logger.warning(
                 "backup stream %s: close gave up waiting after %ss", self.target, timeout
             )
+        except asyncio.CancelledError:
+            # Our caller gave up (an outer timeout): shut down as after our own timeout,
+            # then let the cancellation through; left CLOSING, the pump would run on and
+            # what is pending would never reach the spool.
+            cancelled = True
+        try:
+            await finish_despite_cancel(self._shut_down())
+        finally:
+            self._life = _Life.CLOSED
+            self._closed.set()
+            self._notify_progress()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _shut_down(self) -> None:
+        """Stop the pump, spool what is left, close the spools, disconnect (end of aclose)."""
         await self._stop_task(self._pump_task)
         self._pump_task = None
         self._settle_leftovers()
@@ -719,16 +749,18 @@ class _BackupStreamBase:
         spooler, self._spooler_task = self._spooler_task, None
         if spooler is not None:
             await spooler  # it exits once everything handed to it is written
-        for spool in self._spools:
-            await spool.close()  # kept on disk when not fully published
-        self._spools.clear()
+        spools, self._spools = self._spools, []
+        await self._close_spools(spools)
         self._spool = None
         try:
             await self._disconnect()
         except BackupStreamError as exc:
             logger.warning("backup stream %s: disconnect failed: %s", self.target, exc)
-        self._life = _Life.CLOSED
-        self._notify_progress()
+
+    async def _close_spools(self, spools: list[Journal]) -> None:
+        for spool in spools:
+            if spool.is_open:
+                await spool.close()  # kept on disk when not fully published
 
     @staticmethod
     async def _stop_task(task: asyncio.Task[None] | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -19,6 +20,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+import data_manager.stream as stream_module
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache import codec
 from data_manager.errors import (
@@ -682,3 +684,111 @@ async def test_a_failed_initialize_stops_the_backup_stream_and_frees_its_spool(
         client = Redis.from_url(redis_url)
         await client.unlink(key)
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_key(redis_url: str) -> AsyncIterator[str]:
+    key = f"t{secrets.token_hex(4)}:backup"
+    yield key
+    client = Redis.from_url(redis_url)
+    try:
+        await client.unlink(key)
+    finally:
+        await client.aclose()
+
+
+class _Hanging(RedisBackupStream):
+    """A stream server that accepts the connection but never answers (until released)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sending = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _send(self, message: Any) -> None:
+        self.sending.set()
+        await self.release.wait()
+        await super()._send(message)
+
+
+async def _adopted_records(redis_url: str, key: str, root: Path) -> int:
+    """Start another instance on the same spool root; how many records it adopted."""
+    other = RedisBackupStream(redis_url, key=key, spool_dir=root)
+    await other.start()
+    try:
+        return other.stats().spool_records
+    finally:
+        # Do not publish (keeps the check simple): close at once, the spool stays on disk.
+        await other.aclose(timeout=0)
+
+
+async def test_a_cancelled_aclose_still_spools_what_is_pending_and_unlocks(
+    redis_url: str, redis_key: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "stream-spool"
+    stream = _Hanging(redis_url, key=redis_key, spool_dir=root)
+    await stream.start()
+    stream.publish_batch(ticks(0, 100))
+    await asyncio.wait_for(stream.sending.wait(), 10)
+
+    closing = asyncio.create_task(stream.aclose(timeout=None))
+    await until(lambda: stream.stats().state == "closing", "close to begin")
+    closing.cancel()  # the caller's own deadline (e.g. a CLI's second signal)
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    # A later close must finish the job (or the cancelled one must have).
+    async with asyncio.timeout(10):
+        await stream.aclose(timeout=1)
+    assert stream.stats().state == "closed"
+    # The 100 accepted items are in the spool on disk and another instance can adopt them.
+    assert await _adopted_records(redis_url, redis_key, root) == 100
+
+
+async def test_a_second_aclose_waits_for_the_first(
+    redis_url: str, redis_key: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "stream-spool"
+    stream = _Hanging(redis_url, key=redis_key, spool_dir=root)
+    await stream.start()
+    stream.publish_batch(ticks(0, 100))
+    await asyncio.wait_for(stream.sending.wait(), 10)
+
+    first = asyncio.create_task(stream.aclose(timeout=1.0))
+    await until(lambda: stream.stats().state == "closing", "close to begin")
+    await stream.aclose()  # e.g. router.close() and an `async with` exit racing
+    state = stream.stats().state
+    await first
+    assert state == "closed", "the second aclose() returned before the shutdown was done"
+
+
+async def test_a_cancelled_start_gives_back_its_spool(
+    redis_url: str, redis_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "stream-spool"
+    gate = threading.Event()
+    entered = threading.Event()
+    real = stream_module.find_orphans
+
+    def slow_find_orphans(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        gate.wait(10)  # a slow scan of the spool folder
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "find_orphans", slow_find_orphans)
+    stream = RedisBackupStream(redis_url, key=redis_key, spool_dir=root, instance_id="inst-s")
+    starting = asyncio.create_task(stream.start())
+    await until(entered.is_set, "adoption to begin")
+    starting.cancel()  # e.g. router.initialize() under a timeout
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await stream.aclose()
+    monkeypatch.setattr(stream_module, "find_orphans", real)
+
+    # The same instance restarting in this process (a retried initialize) must get its spool.
+    again = RedisBackupStream(redis_url, key=redis_key, spool_dir=root, instance_id="inst-s")
+    try:
+        await again.start()
+    except JournalLockedError as exc:
+        pytest.fail(f"the cancelled start() still holds its spool: {exc}")
+    await again.aclose()
