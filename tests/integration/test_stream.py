@@ -234,6 +234,14 @@ async def delete_redis_key(url: str, key: str) -> None:
         await client.aclose()
 
 
+@pytest.fixture
+async def redis_key(redis_url: str) -> AsyncIterator[str]:
+    """A fresh Redis stream key, removed afterwards."""
+    key = f"t{secrets.token_hex(4)}:backup"
+    yield key
+    await delete_redis_key(redis_url, key)
+
+
 @pytest.fixture(params=["nats", pytest.param("redis", marks=pytest.mark.redis)])
 async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
     """A fresh destination on the session's server: its own JetStream stream or Redis key.
@@ -651,11 +659,10 @@ async def test_a_failed_initialize_stops_the_backup_stream_and_frees_its_spool(
     postgres_url: str,
     pg_schema: str,
     redis_url: str,
+    redis_key: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    key = f"t{secrets.token_hex(4)}:revrouter"
-
     async def failing_start(self: IngestPipeline) -> None:
         raise JournalError("simulated: the write path cannot start")
 
@@ -665,36 +672,19 @@ async def test_a_failed_initialize_stops_the_backup_stream_and_frees_its_spool(
         watch_strategy=False,
         journal_dir=tmp_path / "journal",
         backup_stream_url=redis_url,
-        backup_stream_key=key,
+        backup_stream_key=redis_key,
     )
     router = DataRouter(settings, strategy=plain_strategy())
+    with pytest.raises(JournalError):
+        await router.initialize()  # as `async with DataRouter(...)` does: no close() after
+    assert router._backup is None  # stopped by the teardown
+    spool = Journal(tmp_path / "journal" / SPOOL_DIR, instance_id=router.instance_id)
     try:
-        with pytest.raises(JournalError):
-            await router.initialize()  # as `async with DataRouter(...)` does: no close() after
-        leftover = router._backup
-        assert leftover is None  # stopped by the teardown
-        spool = Journal(tmp_path / "journal" / SPOOL_DIR, instance_id=router.instance_id)
-        try:
-            await spool.open()  # its lock is free (the folder may be gone: nothing was left)
-        except JournalLockedError as exc:
-            pytest.fail(f"backup stream still running after a failed initialize: {exc}")
-        await spool.close()
-        await router.close()
-    finally:
-        client = Redis.from_url(redis_url)
-        await client.unlink(key)
-        await client.aclose()
-
-
-@pytest.fixture
-async def redis_key(redis_url: str) -> AsyncIterator[str]:
-    key = f"t{secrets.token_hex(4)}:backup"
-    yield key
-    client = Redis.from_url(redis_url)
-    try:
-        await client.unlink(key)
-    finally:
-        await client.aclose()
+        await spool.open()  # its lock is free (the folder may be gone: nothing was left)
+    except JournalLockedError as exc:
+        pytest.fail(f"backup stream still running after a failed initialize: {exc}")
+    await spool.close()
+    await router.close()
 
 
 class _Hanging(RedisBackupStream):
@@ -722,17 +712,24 @@ async def _adopted_records(redis_url: str, key: str, root: Path) -> int:
         await other.aclose(timeout=0)
 
 
+async def _closing_with_100_pending(
+    redis_url: str, key: str, root: Path, close_timeout: float | None
+) -> tuple[_Hanging, asyncio.Task[None]]:
+    """A stream whose server hangs on 100 accepted ticks, and its aclose() under way."""
+    stream = _Hanging(redis_url, key=key, spool_dir=root)
+    await stream.start()
+    stream.publish_batch(ticks(0, 100))
+    await asyncio.wait_for(stream.sending.wait(), 10)
+    closing = asyncio.create_task(stream.aclose(timeout=close_timeout))
+    await until(lambda: stream.stats().state == "closing", "close to begin")
+    return stream, closing
+
+
 async def test_a_cancelled_aclose_still_spools_what_is_pending_and_unlocks(
     redis_url: str, redis_key: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "stream-spool"
-    stream = _Hanging(redis_url, key=redis_key, spool_dir=root)
-    await stream.start()
-    stream.publish_batch(ticks(0, 100))
-    await asyncio.wait_for(stream.sending.wait(), 10)
-
-    closing = asyncio.create_task(stream.aclose(timeout=None))
-    await until(lambda: stream.stats().state == "closing", "close to begin")
+    stream, closing = await _closing_with_100_pending(redis_url, redis_key, root, None)
     closing.cancel()  # the caller's own deadline (e.g. a CLI's second signal)
     with pytest.raises(asyncio.CancelledError):
         await closing
@@ -748,13 +745,7 @@ async def test_a_second_aclose_waits_for_the_first(
     redis_url: str, redis_key: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "stream-spool"
-    stream = _Hanging(redis_url, key=redis_key, spool_dir=root)
-    await stream.start()
-    stream.publish_batch(ticks(0, 100))
-    await asyncio.wait_for(stream.sending.wait(), 10)
-
-    first = asyncio.create_task(stream.aclose(timeout=1.0))
-    await until(lambda: stream.stats().state == "closing", "close to begin")
+    stream, first = await _closing_with_100_pending(redis_url, redis_key, root, 1.0)
     await stream.aclose()  # e.g. router.close() and an `async with` exit racing
     state = stream.stats().state
     await first
