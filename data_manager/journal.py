@@ -892,8 +892,8 @@ class Journal:
         self.sync: JournalSync = sync
         self.problems: list[str] = []
         self._state = _State.NEW
-        self._closing = False  # close() has begun: new appends are refused
-        self._close_done: asyncio.Event | None = None  # set once close() has finished
+        # Set once close() has begun (new appends are refused), then once it has finished.
+        self._close_done: asyncio.Event | None = None
         self._lock = _FileLock(self.path / LOCK_NAME)
         self._io = threading.Lock()  # guards _segments against the committer and workers
         self._segments: list[_Segment] = []
@@ -1203,7 +1203,6 @@ class Journal:
         # Appends requested before this call complete; later ones are refused, so none can
         # slip in between the wait below and the committer's shutdown (unsynced, or cut off
         # the segment by the close after it was acknowledged).
-        self._closing = True
         done = self._close_done = asyncio.Event()
         try:
             await self.wait_idle()
@@ -1280,7 +1279,7 @@ class Journal:
         _fsync_dir(self.root)
 
     def _forget_after_fork(self) -> None:
-        self._lock.forget()
+        # The lock's descriptor is closed by _forget_locks_after_fork, like every held lock.
         if self._active_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._active_fd)
@@ -1320,8 +1319,8 @@ class Journal:
                 write or sync failed (nothing of this group was kept).
         """
         committer = self._committer
-        if self._state is not _State.OPEN or committer is None or self._closing:
-            closing = self._closing and self._state is _State.OPEN
+        if self._state is not _State.OPEN or committer is None or self._close_done is not None:
+            closing = self._close_done is not None and self._state is _State.OPEN
             msg = f"{self!r} is {'closing' if closing else 'not open'}"
             raise JournalError(msg)
         payloads = [encode_item(item) for item in items]
