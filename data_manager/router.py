@@ -289,22 +289,9 @@ class DataRouter:
         self._bus: CacheBus | None = None
         self._storage: Storage | None = None
         self._ingest: IngestPipeline | None = None
-        self._aggregator = self._build_aggregator(strat)
-        # Forming candles are upserted once per maintenance pass (and on flush), not once
-        # per tick: only the newest state of each forming bucket needs to reach the database.
-        self._forming_dirty: dict[tuple[str, str, str], CandleData] = {}
-        # (symbol, tick source) series whose forming bars changed since _emit_forming ran,
-        # and the timer that runs it (aggregation.publish_interval_seconds after the first).
-        self._forming_touched: dict[tuple[str, str], Sequence[str]] = {}
-        self._forming_timer: asyncio.Handle | None = None
-        self._agg_restored: set[tuple[str, str]] = set()
+        self._start_derived(strat)
         self._processors = ProcessorRegistry()
         self._has_processors = False
-        self._orderflow = self._build_orderflow(strat)
-        self._flow_dirty: dict[str, OrderFlowMetrics] = {}
-        # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
-        self._flow_touched: dict[str, Sequence[str]] = {}
-        self._flow_timer: asyncio.Handle | None = None
         self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
         # Per-operation tier counters (plain ints: metrics read them at scrape time).
@@ -327,6 +314,23 @@ class DataRouter:
         self.cache = CacheManager(self)
         self.pool_manager = PoolManager(self)
         _live_routers.add(self)
+
+    def _start_derived(self, strat: RoutingStrategy) -> None:
+        """Empty aggregation and order-flow state (a new router, or a forked child)."""
+        self._aggregator = self._build_aggregator(strat)
+        # Forming candles are upserted once per maintenance pass (and on flush), not once
+        # per tick: only the newest state of each forming bucket needs to reach the database.
+        self._forming_dirty: dict[tuple[str, str, str], CandleData] = {}
+        # (symbol, tick source) series whose forming bars changed since _emit_forming ran,
+        # and the timer that runs it (aggregation.publish_interval_seconds after the first).
+        self._forming_touched: dict[tuple[str, str], Sequence[str]] = {}
+        self._forming_timer: asyncio.Handle | None = None
+        self._agg_restored: set[tuple[str, str]] = set()
+        self._orderflow = self._build_orderflow(strat)
+        self._flow_dirty: dict[str, OrderFlowMetrics] = {}
+        # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
+        self._flow_touched: dict[str, Sequence[str]] = {}
+        self._flow_timer: asyncio.Handle | None = None
 
     @property
     def _counters(self) -> _TierCounters:
@@ -517,17 +521,9 @@ class DataRouter:
         self._flight = SingleFlight()
         # The series the parent aggregates stay the parent's: started from its in-memory
         # bars, this child's close() or maintenance would store stale candles (closed ones
-        # too) over the parent's newer rows. The child restores from the database instead.
-        strat = self._watcher.current
-        self._aggregator = self._build_aggregator(strat)
-        self._orderflow = self._build_orderflow(strat)
-        self._forming_dirty = {}
-        self._forming_touched = {}
-        self._agg_restored = set()
-        self._flow_dirty = {}
-        self._flow_touched = {}
-        # The parent loop's handles; they never fire here.
-        self._forming_timer = self._flow_timer = None
+        # too) over the parent's newer rows. The child restores from the database instead,
+        # and drops the parent loop's timer handles (they never fire here).
+        self._start_derived(self._watcher.current)
         storage = self._build_storage()
         if self._storage is not None:
             self._storage.reset_after_fork()
