@@ -759,8 +759,7 @@ class _BackupStreamBase:
 
     async def _close_spools(self, spools: list[Journal]) -> None:
         for spool in spools:
-            if spool.is_open:
-                await spool.close()  # kept on disk when not fully published
+            await spool.close()  # kept on disk when not fully published; no-op if not open
 
     @staticmethod
     async def _stop_task(task: asyncio.Task[None] | None) -> None:
