@@ -145,6 +145,22 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0)
 
 
+def hold_group_syncs(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make each journal group's sync (thread and in-loop committers) wait for ``release``;
+    ``entered`` is set when one starts waiting."""
+    entered, release = threading.Event(), threading.Event()
+    real_sync = Journal._sync_group
+
+    def slow_sync(journal: Journal, written: Any) -> int:
+        if written is not None:
+            entered.set()
+            assert release.wait(WAIT)
+        return real_sync(journal, written)
+
+    monkeypatch.setattr(Journal, "_sync_group", slow_sync)
+    return entered, release
+
+
 async def settle() -> None:
     """Let every ready task run (asserting that something did *not* happen)."""
     for _ in range(20):
@@ -948,7 +964,6 @@ async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
     storage: FakeStorage,
     clock: ManualClock,
     breaker: CircuitBreaker,
-    tmp_path: Path,
     ending: str,
 ) -> None:
     # v1 and v2 (journal mode) end up queued in one batch below and above the spill's
@@ -1009,7 +1024,6 @@ async def test_a_close_that_stops_a_spill_keeps_the_newest_upsert(
     storage: FakeStorage,
     clock: ManualClock,
     breaker: CircuitBreaker,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     when: str,
 ) -> None:
@@ -1023,16 +1037,7 @@ async def test_a_close_that_stops_a_spill_keeps_the_newest_upsert(
     await pipeline.submit(tick(2))  # the batch [t1, v1, t2] is taken
     await storage.entered.wait()
     await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")  # queued behind
-    entered, release = threading.Event(), threading.Event()
-    real_sync = Journal._sync_group
-
-    def slow_sync(journal: Journal, written: Any) -> int:
-        if written is not None:
-            entered.set()
-            assert release.wait(WAIT)
-        return real_sync(journal, written)
-
-    monkeypatch.setattr(Journal, "_sync_group", slow_sync)
+    entered, release = hold_group_syncs(monkeypatch)
     storage.gate.set()  # the batch fails; its spill is in flight
     assert await asyncio.to_thread(entered.wait, WAIT)
     if when == "after-spill":
@@ -1239,16 +1244,7 @@ async def test_a_close_cancelled_during_its_shutdown_still_journals_the_rest(
         breaker.record_failure()  # the database is known to be down: close() does not wait
     for i in range(5):
         await pipeline.submit(tick(i))  # buffered, queued
-    entered, release = threading.Event(), threading.Event()
-    real_sync = Journal._sync_group
-
-    def slow_sync(journal: Journal, written: Any) -> int:
-        if written is not None:
-            entered.set()
-            assert release.wait(WAIT)
-        return real_sync(journal, written)
-
-    monkeypatch.setattr(Journal, "_sync_group", slow_sync)
+    entered, release = hold_group_syncs(monkeypatch)
     journaled = asyncio.create_task(pipeline.submit(tick(100), mode="journal"))
     assert await asyncio.to_thread(entered.wait, WAIT)  # its fsync is slow
     closing = asyncio.create_task(pipeline.close(timeout=10))
