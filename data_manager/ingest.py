@@ -37,7 +37,9 @@ backlog mode until they are replayed. :meth:`start` does not wait for the replay
 Order. Buffered and journal-mode items are stored in the order they were queued (a
 journal-mode item is queued once it is durable, so it can land after a buffered item
 submitted while its sync ran). ``sync`` writes go straight to the database and may overtake
-queued items. Within a batch, only the last version of a candle or order-flow key is sent.
+queued items. Within a batch, only the last version of a candle or order-flow key is sent;
+should the database refuse it, the batch's other versions of that key are written in its
+place, so the row ends as one upsert after another would leave it.
 
 Data the database refuses (``QueryExecutionError``/``ValidationError`` for a batch) must not
 wedge the queue: the batch is split in halves until the refused items are isolated, the rest
@@ -1160,8 +1162,8 @@ class IngestPipeline:
         refused = [] if refused is None else refused
         started = time.perf_counter()
         try:
-            for kind, group in _group(items):
-                await self._store_isolating(kind, group, refused)
+            for kind, group, versions in _group(items):
+                await self._store_isolating(kind, group, refused, versions)
         except (RetryExhaustedError, CircuitBreakerOpenError) as exc:
             self._store_failures += 1
             self._retry_at = self._clock.monotonic() + self._breaker_wait()
@@ -1195,19 +1197,53 @@ class IngestPipeline:
         return 0.0
 
     async def _store_isolating(
-        self, kind: type[Any], items: list[Any], refused: list[tuple[bytes, BaseException]]
+        self,
+        kind: type[Any],
+        items: list[Any],
+        refused: list[tuple[bytes, BaseException]],
+        versions: dict[int, list[Any]],
     ) -> None:
         """Write ``items``; on a refusal, split until the refused ones are alone (collected
-        in ``refused``)."""
+        in ``refused``). A refused upsert that stood for other versions of its key in the
+        batch (``versions``, see :func:`_group`) makes way for them."""
         try:
             await self._write_with_retry(kind, items)
         except _REFUSED as exc:
             if len(items) == 1:
                 refused.append((encode_item(items[0]), exc))
+                if versions:
+                    await self._store_displaced(kind, items[0], versions, refused)
                 return
             mid = len(items) // 2
-            await self._store_isolating(kind, items[:mid], refused)
-            await self._store_isolating(kind, items[mid:], refused)
+            await self._store_isolating(kind, items[:mid], refused, versions)
+            await self._store_isolating(kind, items[mid:], refused, versions)
+
+    async def _store_displaced(
+        self,
+        kind: type[Any],
+        item: Any,
+        versions: dict[int, list[Any]],
+        refused: list[tuple[bytes, BaseException]],
+    ) -> None:
+        """After the database refused ``item``, store what the batch's other versions of its
+        key leave, as one upsert after another would have: the version :func:`_group` picks
+        among them is written, and while that is refused too, the next one.
+
+        Every version is then stored (the row holds it, or a version that supersedes it) or
+        refused; one round trip per version refused, a cost only refusals pay.
+        """
+        rest = versions.pop(id(item), [])
+        while True:
+            rest = [version for version in rest if version is not item]
+            if not rest:
+                return
+            ((_, (item,), _),) = _group(rest)
+            try:
+                await self._write_with_retry(kind, [item])
+            except _REFUSED as exc:
+                refused.append((encode_item(item), exc))
+            else:
+                return
 
     async def _dead_letter(self, refused: list[tuple[bytes, BaseException]]) -> None:
         """Keep refused items (the dead-letter file, else the log), each record once.
@@ -1469,17 +1505,28 @@ def _to_write(
     return items, top_lsn
 
 
-def _group(items: list[IngestItem]) -> list[tuple[type[Any], list[Any]]]:
+def _group(
+    items: list[IngestItem],
+) -> list[tuple[type[Any], list[Any], dict[int, list[Any]]]]:
     """Split a mixed batch by kind (ticks, candles, order flow), keeping order.
 
     Candles and order-flow rows are upserts: within one batch only the last version of a key
     matters (and a forming candle never replaces a closed one, as in storage), so earlier
     versions are dropped here rather than sent; it also keeps one statement from touching
     the same row twice.
+
+    Returns:
+        ``(kind, items, versions)`` per kind present, where ``versions`` maps the ``id`` of
+        each item sent for a key the batch holds more than once to every version of that
+        key, in order: should the database refuse the one sent, the others are still due
+        (see ``IngestPipeline._store_displaced``).
     """
     ticks: list[TickData] = []
     candles: dict[tuple[str, str, str, int], CandleData] = {}
     flows: dict[tuple[str, str, int, int], OrderFlowMetrics] = {}
+    # Keys met more than once, with all their versions (rare: no cost for the others).
+    repeated_candles: dict[tuple[str, str, str, int], list[CandleData]] = {}
+    repeated_flows: dict[tuple[str, str, int, int], list[OrderFlowMetrics]] = {}
     for item in items:
         cls = type(item)
         if cls is TickData:
@@ -1488,16 +1535,36 @@ def _group(items: list[IngestItem]) -> list[tuple[type[Any], list[Any]]]:
             candle: CandleData = item  # type: ignore[assignment]
             key = (candle.symbol, candle.timeframe, candle.source, candle.timestamp)
             seen = candles.get(key)
-            if seen is None or candle.is_closed or not seen.is_closed:
+            if seen is None:
+                candles[key] = candle
+                continue
+            _add_version(repeated_candles, key, seen, candle)
+            if candle.is_closed or not seen.is_closed:
                 candles[key] = candle
         else:
             flow: OrderFlowMetrics = item  # type: ignore[assignment]
-            flows[(flow.symbol, flow.source, flow.timestamp, flow.window_ms)] = flow
-    out: list[tuple[type[Any], list[Any]]] = []
+            flow_key = (flow.symbol, flow.source, flow.timestamp, flow.window_ms)
+            seen_flow = flows.get(flow_key)
+            if seen_flow is not None:
+                _add_version(repeated_flows, flow_key, seen_flow, flow)
+            flows[flow_key] = flow
+    out: list[tuple[type[Any], list[Any], dict[int, list[Any]]]] = []
     if ticks:
-        out.append((TickData, ticks))
+        out.append((TickData, ticks, {}))
     if candles:
-        out.append((CandleData, list(candles.values())))
+        versions: dict[int, list[Any]] = {id(candles[k]): v for k, v in repeated_candles.items()}
+        out.append((CandleData, list(candles.values()), versions))
     if flows:
-        out.append((OrderFlowMetrics, list(flows.values())))
+        versions = {id(flows[k]): v for k, v in repeated_flows.items()}
+        out.append((OrderFlowMetrics, list(flows.values()), versions))
     return out
+
+
+def _add_version(repeated: dict[Any, list[Any]], key: Any, seen: Any, version: Any) -> None:
+    """Note ``version`` of ``key``, met before as ``seen`` (its only version until now when
+    the key is not in ``repeated`` yet)."""
+    known = repeated.get(key)
+    if known is None:
+        repeated[key] = [seen, version]
+    else:
+        known.append(version)

@@ -58,8 +58,8 @@ def candle(minute: int, close: float, *, is_closed: bool = True) -> CandleData:
     )
 
 
-def flow(window: int) -> OrderFlowMetrics:
-    return OrderFlowMetrics(symbol="EUR/USD", timestamp=T0, window_ms=window, ofi=1.0)
+def flow(window: int, *, ofi: float = 1.0) -> OrderFlowMetrics:
+    return OrderFlowMetrics(symbol="EUR/USD", timestamp=T0, window_ms=window, ofi=ofi)
 
 
 class FakeStorage:
@@ -561,6 +561,37 @@ async def test_refused_item_is_isolated_and_dead_lettered(
     await pipeline.submit(tick(100))
     await pipeline.flush()
     assert 100 in storage.stored_seqs()
+
+
+async def test_a_refused_candle_leaves_the_version_it_displaced_in_its_batch(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    # The closed version wins the batch over the forming ones around it; refused, it makes
+    # way for the newest forming one, refused too, then for the first.
+    storage.refuse = lambda item: item.close in (1.5, 2.0)
+    pipeline = await make(batch_size=3, journal="refusing")
+    await pipeline.submit(candle(0, 1.0, is_closed=False))
+    await pipeline.submit(candle(0, 1.5, is_closed=True))
+    await pipeline.submit(candle(0, 2.0, is_closed=False))
+    await pipeline.flush(timeout=WAIT)
+    (stored,) = storage.candles.values()
+    assert (stored.close, stored.is_closed) == (1.0, False)
+    assert pipeline.stats().dead_lettered == 2
+    lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "refusing.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["data"]["close"] for line in lines] == [1.5, 2.0]
+
+
+async def test_a_refused_order_flow_row_leaves_the_version_it_displaced_in_its_batch(
+    make: Any, storage: FakeStorage
+) -> None:
+    storage.refuse = lambda item: item.ofi == 2.0
+    pipeline = await make(batch_size=4)
+    for ofi in (1.0, 2.0):
+        await pipeline.submit(flow(1000, ofi=ofi))
+        await pipeline.submit(flow(2000, ofi=ofi + 2))  # another key, stored as it is
+    await pipeline.flush(timeout=WAIT)
+    assert sorted(m.ofi for m in storage.flows.values()) == [1.0, 4.0]
+    assert pipeline.stats().dead_lettered == 1
 
 
 async def test_every_distinct_refused_record_is_kept_past_the_remembered_ones(
