@@ -1316,14 +1316,17 @@ class IngestPipeline:
             chunk = JournalBatch(records=[r for r in chunk.records if r[0] <= limit], end_lsn=limit)
         if not chunk.records and chunk.end_lsn <= journal.stored_lsn:
             # Records counted but not readable (files changed under us): say so, move on.
+            # Only up to the limit: records appended since (during the read, say) are
+            # readable, and in backlog mode this replay is the only way they are stored.
             logger.error(
                 "write path: journal %s records %d..%d cannot be read; skipping them",
                 journal.path,
                 journal.stored_lsn + 1,
-                journal.last_lsn,
+                limit,
             )
-            await journal.mark_stored(journal.last_lsn)
-            await self._finish_backlog(journal)
+            await journal.mark_stored(limit)
+            if journal.stored_lsn >= journal.last_lsn:
+                await self._finish_backlog(journal)
             return
         items: list[IngestItem] = []
         undecodable: list[tuple[bytes, BaseException]] = []

@@ -27,7 +27,13 @@ from data_manager.errors import (
     ValidationError,
 )
 from data_manager.ingest import IngestPipeline, PipelineState
-from data_manager.journal import DEAD_LETTER_DIR, DeadLetterFile, Journal, JournalLockedError
+from data_manager.journal import (
+    DEAD_LETTER_DIR,
+    DeadLetterFile,
+    Journal,
+    JournalBatch,
+    JournalLockedError,
+)
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 from data_manager.storage.base import tick_content_key
 from tests.unit.conftest import WAIT
@@ -923,6 +929,40 @@ async def test_a_full_disk_in_backlog_mode_does_not_wedge_the_replay(
     assert written == list(range(10))  # the journal's older records first, then the batch
     stats = pipeline.stats()
     assert (stats.journal_records, stats.backlog_journals, stats.breaker_state) == (0, 0, "closed")
+
+
+async def test_unreadable_records_skipped_in_a_replay_are_only_those_before_it(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = await make(batch_size=1)
+    storage.down = True
+    await pipeline.submit(tick(0))
+    await until(lambda: pipeline.stats().spilled == 1)  # backlog mode: LSN 1
+    real_read = Journal.read
+    reads = 0
+
+    async def unreadable_once(journal: Journal, after_lsn: int, **kwargs: Any) -> JournalBatch:
+        # LSN 1 is counted but cannot be read (the disk changed under us); meanwhile a
+        # journal-mode call is acknowledged as LSN 2, which only the replay will store.
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            return await real_read(journal, after_lsn, **kwargs)
+        await pipeline.submit(tick(1), mode="journal")
+        return JournalBatch(records=[], end_lsn=after_lsn)
+
+    monkeypatch.setattr(Journal, "read", unreadable_once)
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+    await pipeline.flush(timeout=WAIT)  # up to LSN 1
+    await pipeline.flush(timeout=WAIT)  # up to LSN 2, accepted during the first
+    assert storage.stored_seqs() == [1]
+    assert pipeline.stats().journal_records == 0
 
 
 async def _journal_a_newer_candle_before_an_older_one(
