@@ -35,9 +35,13 @@ new message as a duplicate); spooled data gets
 ``<spool instance>:<session>:s<first LSN>-<last LSN>.<n>`` (the whole range: a chunk read
 again after a lost acknowledgement may hold more records, and must not pass for a copy).
 ``origin`` is the publishing router's instance id. A batch larger than the message limit
-(1 MiB, NATS's default ``max_payload``) is split into several messages; batches queued
-while the stream was slow are coalesced (up to ``coalesce_items``), so a message can hold
-several batches.
+(1 MiB, NATS's default ``max_payload``; lower when the server's ``max_payload`` or an
+existing JetStream stream's ``max_msg_size`` is, headers included) is split into several
+messages; batches queued while the stream was slow are coalesced (up to
+``coalesce_items``), so a message can hold several batches. A message the server refuses
+for its size (the stream's limit was lowered meanwhile) is not an outage: it is cut
+smaller and sent again at once, and an item too large to fit alone is dropped (counted in
+``dropped_items``, logged as an error) instead of being retried for ever.
 Readers ignore members they do not know and refuse any other ``"v"``.
 
 Never blocking the write path. :meth:`BackupStream.publish_batch` is synchronous: it
@@ -115,6 +119,7 @@ if TYPE_CHECKING:
     )
 
     from nats.aio.client import Client as NatsClient
+    from nats.js.api import StreamInfo
     from nats.js.client import JetStreamContext
     from redis.asyncio import Redis
 
@@ -153,8 +158,13 @@ DEFAULT_REDIS_KEY: Final = "dm:backup:v1"
 SPOOL_DIR: Final = "stream-spool"
 #: NATS's default ``max_payload``; also the default message limit for Redis.
 DEFAULT_MESSAGE_BYTES: Final = 1024 * 1024
-# Room left under the server's max_payload for the headers (Nats-Msg-Id, expected stream).
-_HEADER_ROOM: Final = 1024
+# What the headers of a JetStream publish take besides the message id and the stream name
+# ("NATS/1.0", "Nats-Msg-Id", "Nats-Expected-Stream", separators), with room to spare: the
+# server counts headers into both max_payload and a stream's max_msg_size.
+_NATS_HEADER_BYTES: Final = 128
+# JetStream's error code for "message size exceeds maximum allowed" (the stream's
+# max_msg_size): refused on every attempt, however often it is sent.
+_JS_MESSAGE_TOO_LARGE: Final = 10054
 _DECODE_SLICE: Final = 500  # spooled records decoded between two yields to the event loop
 _NATS_SCHEMES: Final = frozenset({"nats", "tls"})
 _REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
@@ -219,8 +229,9 @@ class BackupStreamStats:
         lag_seconds: Age of the oldest unpublished batch (since the stream went down, for
             spooled data); 0 when nothing is pending.
         dropped_items: Items given up: no spool and the outbox overflowed, the spool could
-            not be written, a spooled record could not be read back, or published after
-            close. Logged as errors.
+            not be written, a spooled record could not be read back, an item too large for
+            a message on its own (the stream's ``max_msg_size``), or published after close.
+            Logged as errors.
         last_error: The last failure, kept after recovery (``None``: there was none).
         adopted_spools: Spools of dead instances taken over.
     """
@@ -377,7 +388,15 @@ class _Message:
     kind: StreamKind
     batch_id: str
     payload: bytes
-    count: int
+    items: list[IngestItem]  # kept to cut the message again if the server refuses its size
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+
+class _TooLarge(BackupStreamError):
+    """The server refused a message for its size: sending it again can never succeed."""
 
 
 def _group_by_kind(
@@ -409,16 +428,23 @@ def _group_by_kind(
 class _Encoder:
     """Cuts items of one kind into messages under the size limit.
 
-    It remembers how many bytes an item of each kind took last time, so a large batch is
-    cut before it is encoded (encoding it whole only to find it too big would double the
-    work).
+    The limit is on the whole message as the server counts it: the payload plus
+    ``overhead(batch_id)`` (a JetStream message's headers). It remembers how many bytes an
+    item of each kind took last time, so a large batch is cut before it is encoded
+    (encoding it whole only to find it too big would double the work).
     """
 
-    __slots__ = ("_per_item", "limit", "on_refused")
+    __slots__ = ("_per_item", "limit", "on_refused", "overhead")
 
-    def __init__(self, limit: int, on_refused: Callable[[object, str], None]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_refused: Callable[[object, str], None],
+        overhead: Callable[[str], int],
+    ) -> None:
         self.limit = limit
         self.on_refused = on_refused
+        self.overhead = overhead
         self._per_item: dict[StreamKind, float] = {}
 
     def messages(
@@ -446,15 +472,16 @@ class _Encoder:
         batch_id = make_id()
         payload = _encode(kind, batch_id, origin, items)
         self._per_item[kind] = len(payload) / len(items)
-        if len(payload) <= self.limit:
-            yield _Message(kind, batch_id, payload, len(items))
+        size = len(payload) + self.overhead(batch_id)
+        if size <= self.limit:
+            yield _Message(kind, batch_id, payload, items)
             return
         if len(items) == 1:
             self.on_refused(
-                items[0], f"it encodes to {len(payload)} bytes, over the {self.limit}-byte limit"
+                items[0], f"its message takes {size} bytes, over the {self.limit}-byte limit"
             )
             return
-        parts = min(len(items), max(2, math.ceil(len(payload) * 1.25 / self.limit)))
+        parts = min(len(items), max(2, math.ceil(size * 1.25 / self.limit)))
         step = math.ceil(len(items) / parts)
         for start in range(0, len(items), step):
             yield from self._encode_within(kind, items[start : start + step], origin, make_id)
@@ -556,6 +583,7 @@ class _BackupStreamBase:
         # restart under the same instance id: a repeated id is dropped as a duplicate.
         self._session = secrets.token_hex(4)
         self._encoder_: _Encoder | None = None
+        self._refused_limit = 0  # below the size of a message the server refused (0: none)
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
         self._accepted_items = 0
@@ -583,7 +611,25 @@ class _BackupStreamBase:
         raise NotImplementedError
 
     def _message_limit(self) -> int:
+        """Largest message (payload and headers) the server takes, as far as known."""
+        if self._refused_limit:
+            return min(self._limit, self._refused_limit)
         return self._limit
+
+    def _message_overhead(self, batch_id: str) -> int:
+        """Bytes the server counts into a message besides its payload."""
+        del batch_id
+        return 0
+
+    async def _message_refused(self, size: int, exc: _TooLarge) -> None:
+        """The server refused a message of ``size`` bytes as too large (for good).
+
+        Whatever the server's limit turns out to be, it is below ``size``: later messages
+        are cut under it. Subclasses look the actual limit up first.
+        """
+        del exc
+        limit = self._message_limit()
+        self._refused_limit = min(limit, size - 1)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1016,15 +1062,46 @@ class _BackupStreamBase:
         """
         await self._connect()
         for message in self._encoder().messages(items, origin=origin, make_id=make_id):
+            await self._send_fitting(message, origin=origin, make_id=make_id)
+
+    async def _send_fitting(
+        self, message: _Message, *, origin: str, make_id: Callable[[], str]
+    ) -> None:
+        """Send ``message``; if the server refuses its size, cut it smaller and send that.
+
+        A refusal for size is not an outage: the server answers, and the same message
+        would be refused on every attempt, holding up everything queued behind it. The
+        limit is lowered below the refused size and the items are encoded again under it;
+        one item that cannot fit alone is dropped (counted, logged as an error).
+
+        Raises:
+            BackupStreamError: A send failed for any other reason.
+        """
+        try:
             await self._send(message)
-            self._published_messages += 1
-            self._published_items += message.count
+        except _TooLarge as exc:
+            size = len(message.payload) + self._message_overhead(message.batch_id)
+            await self._message_refused(size, exc)
+            logger.warning(
+                "backup stream %s refused a %d-byte message as too large (%s); cutting it "
+                "under %d bytes",
+                self.target,
+                size,
+                exc,
+                self._message_limit(),
+            )
+            encoder = self._encoder()
+            for part in encoder.messages(message.items, origin=origin, make_id=make_id):
+                await self._send_fitting(part, origin=origin, make_id=make_id)
+            return
+        self._published_messages += 1
+        self._published_items += message.count
 
     def _encoder(self) -> _Encoder:
         encoder = self._encoder_
         limit = self._message_limit()
         if encoder is None or encoder.limit != limit:
-            encoder = self._encoder_ = _Encoder(limit, self._refused)
+            encoder = self._encoder_ = _Encoder(limit, self._refused, self._message_overhead)
         return encoder
 
     def _direct_id(self) -> str:
@@ -1214,8 +1291,9 @@ class NatsBackupStream(_BackupStreamBase):
     The stream is created when missing (``create_stream=True``): file storage, limits
     retention (``max_age``, ``max_bytes``; oldest messages discarded first), subjects
     ``<subject_prefix>.>``. An existing stream is used as it is (its limits are the
-    operator's). The client reconnects by itself; publishing waits at most
-    ``publish_timeout`` per message.
+    operator's): its ``max_msg_size`` caps the messages, read again on every connection
+    and whenever the server refuses a message for its size. The client reconnects by
+    itself; publishing waits at most ``publish_timeout`` per message.
 
     Args:
         url: ``nats://host:4222`` (``tls://`` for TLS; credentials in the URL are never
@@ -1235,8 +1313,8 @@ class NatsBackupStream(_BackupStreamBase):
             messages); default a fresh one.
         max_pending_items: Outbox bound in items.
         coalesce_items: Most items published together when batches queue up.
-        max_message_bytes: Message size limit (further capped by the server's
-            ``max_payload``).
+        max_message_bytes: Message size limit, headers included (further capped by the
+            server's ``max_payload`` and the stream's ``max_msg_size``).
         drain_records: Spool records read per drain step.
         retry_interval: Seconds before the next attempt after a failure, until the breaker
             opens.
@@ -1305,7 +1383,7 @@ class NatsBackupStream(_BackupStreamBase):
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._stream_ready = False
-        self._server_limit = 0
+        self._stream_limit = 0  # the stream's max_msg_size (0: none)
 
     def _check_client(self) -> None:
         try:
@@ -1314,9 +1392,46 @@ class NatsBackupStream(_BackupStreamBase):
             raise _nats_missing() from exc
 
     def _message_limit(self) -> int:
-        if self._server_limit:
-            return min(self._limit, self._server_limit)
-        return self._limit
+        """The smallest of our own limit, the server's max_payload (it may change on a
+        reconnect) and the stream's max_msg_size (the operator's)."""
+        limit = super()._message_limit()
+        nc = self._nc
+        if nc is not None and nc.max_payload > 0:
+            limit = min(limit, nc.max_payload)
+        if self._stream_limit:
+            limit = min(limit, self._stream_limit)
+        return limit
+
+    def _message_overhead(self, batch_id: str) -> int:
+        return _NATS_HEADER_BYTES + len(batch_id.encode()) + len(self.stream.encode())
+
+    async def _message_refused(self, size: int, exc: _TooLarge) -> None:
+        # The stream's max_msg_size may have been lowered since it was read: read it again
+        # (an error here is an outage like any other; the unit is sent again later).
+        import nats.errors
+
+        js = self._js
+        assert js is not None
+        try:
+            self._note_stream_limit(await js.stream_info(self.stream))
+        except (nats.errors.Error, OSError) as lookup:
+            msg = f"cannot look up the stream {self.stream!r} on {self.target}: {lookup!r}"
+            raise BackupStreamError(msg) from lookup
+        await super()._message_refused(size, exc)
+
+    def _note_stream_limit(self, info: StreamInfo) -> None:
+        """Cap messages at the stream's own ``max_msg_size`` (-1 or 0: no limit)."""
+        configured = info.config.max_msg_size or 0
+        limit = configured if configured > 0 else 0
+        if limit != self._stream_limit and limit and limit < self._limit:
+            logger.info(
+                "backup stream %s: stream %s takes messages of at most %d bytes; messages "
+                "are cut to fit",
+                self.target,
+                self.stream,
+                limit,
+            )
+        self._stream_limit = limit
 
     async def _connect(self) -> None:
         nc = self._nc
@@ -1333,10 +1448,11 @@ class NatsBackupStream(_BackupStreamBase):
             )
             self._nc = nc
             self._js = nc.jetstream(timeout=self._publish_timeout)
-            self._server_limit = max(4096, nc.max_payload - _HEADER_ROOM)
         if not self._stream_ready:
             assert self._js is not None
             await self._ensure_stream(self._js)
+            # Read afresh with the stream: what a refusal taught holds until then.
+            self._refused_limit = 0
             self._stream_ready = True
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
@@ -1345,7 +1461,7 @@ class NatsBackupStream(_BackupStreamBase):
         from nats.js import api
 
         try:
-            await js.stream_info(self.stream)
+            self._note_stream_limit(await js.stream_info(self.stream))
             return
         except nats.js.errors.NotFoundError:
             if not self._create:
@@ -1367,12 +1483,12 @@ class NatsBackupStream(_BackupStreamBase):
             num_replicas=self._replicas,
         )
         try:
-            await js.add_stream(config)
+            self._note_stream_limit(await js.add_stream(config))
         except nats.js.errors.BadRequestError as exc:
             # Created meanwhile by another router with the same settings is fine; anything
             # else (overlapping subjects...) is an error the operator must see.
             try:
-                await js.stream_info(self.stream)
+                self._note_stream_limit(await js.stream_info(self.stream))
             except (nats.errors.Error, OSError):
                 msg = f"cannot create the stream {self.stream!r} on {self.target}: {exc}"
                 raise BackupStreamError(msg) from exc
@@ -1405,6 +1521,15 @@ class NatsBackupStream(_BackupStreamBase):
             # behind the same address). Look it up (and create it) before the next try.
             self._stream_ready = False
             msg = f"no JetStream stream answers on {self.target}"
+            raise BackupStreamError(msg) from exc
+        except nats.errors.MaxPayloadError as exc:
+            msg = "over the server's max_payload"
+            raise _TooLarge(msg) from exc
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _JS_MESSAGE_TOO_LARGE:
+                msg = f"stream {self.stream!r}: {exc.description or 'message too large'}"
+                raise _TooLarge(msg) from exc
+            msg = f"publish to {self.target} failed: {exc!r}"
             raise BackupStreamError(msg) from exc
         except (nats.errors.Error, OSError) as exc:
             msg = f"publish to {self.target} failed: {exc!r}"

@@ -517,6 +517,117 @@ async def test_a_spool_chunk_sent_again_after_a_lost_ack_is_not_taken_for_a_dupl
     assert await tick_rows(postgres_url, pg_schema) == expected_ticks(ticks(0, 8))
 
 
+# --------------------------------------------------------------------------- JetStream limits
+
+
+async def set_nats_stream(target: Target, **config: Any) -> None:
+    """Create the test's JetStream stream with ``config``, or change an existing one."""
+    import nats
+    import nats.js.errors
+    from nats.js import api
+
+    nc = await nats.connect(target.url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        name = target.names["stream"]
+        try:
+            current = (await js.stream_info(name)).config
+        except nats.js.errors.NotFoundError:
+            subjects = [f"{target.names['subject_prefix']}.>"]
+            await js.add_stream(api.StreamConfig(name=name, subjects=subjects, **config))
+        else:
+            for field, value in config.items():
+                setattr(current, field, value)
+            await js.update_stream(current)
+    finally:
+        await nc.close()
+
+
+async def test_an_existing_streams_max_msg_size_caps_the_messages(
+    nats_target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    # The operator's stream takes messages of 16 KiB at most; a batch of 1000 ticks encodes
+    # to about 330 KB, well under the SDK's own 1 MiB limit.
+    await set_nats_stream(nats_target, max_msg_size=16 * 1024)
+    stream = nats_target.make(spool_dir=tmp_path)
+    await stream.start()
+    batch = ticks(0, 1000)
+    stream.publish_batch(batch)
+    await stream.flush(timeout=10)
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.state == "up"
+    assert stats.published_items == 1000
+    assert stats.published_messages >= 20  # cut to fit
+    assert stats.failures == stats.dropped_items == 0
+    await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(batch)
+
+
+async def test_a_message_the_stream_refuses_as_too_large_is_cut_smaller(
+    nats_target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    stream = nats_target.make(spool_dir=tmp_path)
+    await stream.start()
+    before = ticks(0, 1000)
+    stream.publish_batch(before)
+    await stream.flush(timeout=10)
+    assert stream.stats().published_messages == 1
+    # The operator lowers the limit while the router runs: the server now refuses what the
+    # stream object was told it could send.
+    await set_nats_stream(nats_target, max_msg_size=16 * 1024)
+    after = ticks(1000, 1000)
+    stream.publish_batch(after)
+    await stream.flush(timeout=10)
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.state == "up"
+    assert stats.published_items == 2000
+    assert stats.published_messages >= 21
+    assert stats.dropped_items == 0
+    await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(before + after)
+
+
+@pytest.mark.parametrize("limit_known", [True, False], ids=["known", "lowered-later"])
+async def test_a_record_larger_than_the_stream_allows_is_dropped_not_retried(
+    nats_target: Target,
+    storage: PostgresStorage,
+    postgres_url: str,
+    pg_schema: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    limit_known: bool,
+) -> None:
+    # About 330 bytes per ordinary tick: a few fit in a 1.5 KiB message; a tick carrying a
+    # 1024-character use_case never does.
+    limit = 1536
+    if limit_known:
+        await set_nats_stream(nats_target, max_msg_size=limit)
+    stream = nats_target.make(spool_dir=tmp_path)
+    await stream.start()
+    if not limit_known:
+        stream.publish_batch(ticks(0, 1))  # the stream is created with no size limit
+        await stream.flush(timeout=10)
+        await set_nats_stream(nats_target, max_msg_size=limit)
+    small = ticks(1, 30)
+    huge = ticks(31, 1)[0].model_copy(update={"use_case": "u" * 1024})
+    stream.publish_batch([*small[:15], huge, *small[15:]])
+    await stream.flush(timeout=10)
+    later = ticks(100, 10)
+    stream.publish_batch(later)  # the stream is not wedged behind the refused record
+    await stream.flush(timeout=10)
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.state == "up"
+    assert stats.dropped_items == 1
+    assert stats.published_items == stats.accepted_items - 1
+    assert any(r.levelname == "ERROR" and "not published" in r.getMessage() for r in caplog.records)
+    await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
+    published = [*(ticks(0, 1) if not limit_known else []), *small, *later]
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(published)
+
+
 async def test_without_a_spool_a_down_stream_keeps_a_bounded_outbox(target: Target) -> None:
     url = dead_nats_url() if target.backend == "nats" else "redis://127.0.0.1:1/0"
     stream = (
