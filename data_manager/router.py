@@ -242,6 +242,17 @@ class _TierCounters:
         self.db_reads = 0
 
 
+class _FormingRestore:
+    """The forming-candle restore of one (symbol, tick source) series under way, and the
+    ticks that arrived meanwhile (aggregated, in arrival order, once it has run)."""
+
+    __slots__ = ("task", "ticks")
+
+    def __init__(self) -> None:
+        self.ticks: list[tuple[TickData, Sequence[str]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+
 class DataRouter:
     """The single entry point to market data.
 
@@ -325,7 +336,10 @@ class DataRouter:
         # and the timer that runs it (aggregation.publish_interval_seconds after the first).
         self._forming_touched: dict[tuple[str, str], Sequence[str]] = {}
         self._forming_timer: asyncio.Handle | None = None
+        # Series whose forming candles were restored (the hot path's one set lookup), and
+        # the restores under way: their ticks wait there, in arrival order.
         self._agg_restored: set[tuple[str, str]] = set()
+        self._agg_restoring: dict[tuple[str, str], _FormingRestore] = {}
         self._orderflow = self._build_orderflow(strat)
         self._flow_dirty: dict[str, OrderFlowMetrics] = {}
         # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
@@ -451,6 +465,9 @@ class DataRouter:
         for task in list(self._background):
             task.cancel()
         self._background.clear()
+        for restore in self._agg_restoring.values():
+            if restore.task is not None:
+                restore.task.cancel()
         closers: list[Callable[[], Coroutine[Any, Any, None]]] = [self._watcher.aclose]
         if self._backup is not None:
             # initialize() failed after the backup stream started: stop it and give back
@@ -818,9 +835,10 @@ class DataRouter:
         self._l1.put_tick(tick)
         self._publish(route, tick)
         if self._aggregator is not None:
-            if (tick.symbol, tick.source) not in self._agg_restored:
-                await self._restore_forming(tick.symbol, tick.source)
-            self._feed_aggregator(tick, route)
+            if (tick.symbol, tick.source) in self._agg_restored:
+                self._feed_aggregator(tick, route)
+            else:
+                await self._aggregate_after_restore(tick, route)
         if self._orderflow is not None:
             self._feed_orderflow(tick, route)
         if self._has_processors:
@@ -911,21 +929,53 @@ class DataRouter:
                     self._subs.dispatch(candle)
                 dirty[(candle.symbol, candle.source, candle.timeframe)] = candle
 
-    async def _restore_forming(self, symbol: str, source: str) -> None:
-        """Continue the buckets a previous router of this (symbol, source) left forming."""
-        self._agg_restored.add((symbol, source))
-        aggregator = self._aggregator
-        if aggregator is None:
-            return
-        agg_source = f"{aggregator.source_prefix}{source}"
+    async def _aggregate_after_restore(self, tick: TickData, route: Sequence[str]) -> None:
+        """Aggregate one of the first ticks of a series since this router started: once the
+        forming candles a previous router left for it are restored.
+
+        Concurrent first ticks of a series share one restore (one storage read per
+        timeframe); their ticks wait in it and are aggregated in arrival order when it
+        ends, so none can open a bucket the restore then skips.
+        """
+        key = (tick.symbol, tick.source)
+        restore = self._agg_restoring.get(key)
+        if restore is None:
+            restore = self._agg_restoring[key] = _FormingRestore()
+        restore.ticks.append((tick, route))
+        if restore.task is None:
+            restore.task = asyncio.get_running_loop().create_task(
+                self._restore_forming(key, restore)
+            )
+        # Shielded: a caller that gives up waiting leaves its tick (and the others') in the
+        # restore, which goes on.
+        await asyncio.shield(restore.task)
+
+    async def _restore_forming(self, key: tuple[str, str], restore: _FormingRestore) -> None:
+        """Continue the buckets a previous router of this (symbol, source) left forming,
+        then aggregate the ticks that waited for it."""
+        symbol, source = key
         forming: list[CandleData] = []
-        for tf in aggregator.timeframes:
-            rows = await self.storage.latest_candles(symbol, tf, 1, source=agg_source)
-            if rows and not rows[-1].is_closed:
-                forming.append(rows[-1])
+        aggregator = self._aggregator
+        try:
+            if aggregator is not None:
+                agg_source = f"{aggregator.source_prefix}{source}"
+                for tf in aggregator.timeframes:
+                    rows = await self.storage.latest_candles(symbol, tf, 1, source=agg_source)
+                    if rows and not rows[-1].is_closed:
+                        forming.append(rows[-1])
+        finally:
+            if self._agg_restoring.get(key) is restore:
+                del self._agg_restoring[key]
+        # From here on nothing awaits: no tick of the series can come in between.
+        aggregator = self._aggregator  # a strategy reload may have replaced it meanwhile
+        if aggregator is None or key in self._agg_restored:
+            return
         if forming:
             restored = aggregator.restore(forming)
             logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
+        self._agg_restored.add(key)
+        for tick, route in restore.ticks:
+            self._feed_aggregator(tick, route)
 
     def _materialise_derived(self) -> None:
         """Publish the forming bars and order flow still waiting for their timer (before

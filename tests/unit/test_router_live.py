@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from data_manager import DataManagerSettings, DataRouter, TickData
+from data_manager import CandleData, DataManagerSettings, DataRouter, TickData
 from data_manager.clock import ManualClock
 from data_manager.processors import IncrementalSMA
 from data_manager.strategy import strategy_from_mapping
@@ -74,17 +75,55 @@ async def test_idle_bucket_closed_by_maintenance_with_manual_clock(tmp_path: Pat
         assert stored[-1].is_closed is True
 
 
-async def test_forming_bucket_restored_by_the_next_router(tmp_path: Path) -> None:
+ONE_MINUTE = strategy_from_mapping({"aggregation": {"timeframes": ["1m"]}})
+
+
+async def after_a_restart(tmp_path: Path, *, clock: ManualClock | None = None) -> DataRouter:
+    """An unopened router on a SQLite file where a previous router left the 1m bar of T0
+    forming, from ticks at T0 + 1 s (bid 1.1000) and T0 + 2 s (bid 1.1050)."""
     path = str(tmp_path / "db.sqlite3")
-    strategy = strategy_from_mapping({"aggregation": {"timeframes": ["1m"]}})
 
-    def settings(j: str) -> DataManagerSettings:
-        return DataManagerSettings(sqlite_path=path, watch_strategy=False, journal_dir=tmp_path / j)
+    def settings(journal: str) -> DataManagerSettings:
+        return DataManagerSettings(
+            sqlite_path=path, watch_strategy=False, journal_dir=tmp_path / journal
+        )
 
-    async with DataRouter(settings=settings("a"), strategy=strategy) as first:
+    async with DataRouter(settings=settings("a"), strategy=ONE_MINUTE) as first:
         await first.save_tick(q(T0 + 1_000, 1.1000))
         await first.save_tick(q(T0 + 2_000, 1.1050))
-    async with DataRouter(settings=settings("b"), strategy=strategy) as second:
+    return DataRouter(settings=settings("b"), clock=clock, strategy=ONE_MINUTE)
+
+
+class HeldReads:
+    """Holds a router's storage ``latest_candles`` reads (the forming-candle restore) until
+    :meth:`release`; the first ``failures`` reads then raise the given errors."""
+
+    def __init__(
+        self, router: DataRouter, monkeypatch: pytest.MonkeyPatch, *failures: Exception
+    ) -> None:
+        storage = router.storage
+        read = storage.latest_candles
+        self.started = asyncio.Event()
+        self.reads = 0
+        self._go = asyncio.Event()
+        self._failures = list(failures)
+
+        async def held(*args: Any, **kwargs: Any) -> list[CandleData]:
+            self.reads += 1
+            self.started.set()
+            await self._go.wait()
+            if self._failures:
+                raise self._failures.pop(0)
+            return await read(*args, **kwargs)
+
+        monkeypatch.setattr(storage, "latest_candles", held)
+
+    def release(self) -> None:
+        self._go.set()
+
+
+async def test_forming_bucket_restored_by_the_next_router(tmp_path: Path) -> None:
+    async with await after_a_restart(tmp_path) as second:
         await second.save_tick(q(T0 + 3_000, 1.0950))
         await second.flush()
         candle = (await second.get_latest_candles("EUR/USD", "1m", 1))[-1]
@@ -93,6 +132,29 @@ async def test_forming_bucket_restored_by_the_next_router(tmp_path: Path) -> Non
     assert candle.high == pytest.approx(1.1051)
     assert candle.low == pytest.approx(1.0951)
     assert candle.num_trades == 3
+
+
+async def test_concurrent_first_ticks_after_a_restart_share_one_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await after_a_restart(tmp_path) as second:
+        reads = HeldReads(second, monkeypatch)
+        saves = [
+            asyncio.create_task(second.save_tick(q(T0 + 3_000, 1.0950))),
+            asyncio.create_task(second.save_tick(q(T0 + 4_000, 1.1100))),
+        ]
+        await reads.started.wait()  # both saves have run up to the restore by now
+        reads.release()
+        await asyncio.gather(*saves)
+        assert reads.reads == 1  # one read per timeframe, shared by both saves
+        await second.flush()
+        candle = (await second.get_latest_candles("EUR/USD", "1m", 1))[-1]
+    # The restored bar took both ticks: none opened a bucket the restore then skipped.
+    assert candle.num_trades == 4
+    assert candle.open == pytest.approx(1.1001)
+    assert candle.high == pytest.approx(1.1101)
+    assert candle.low == pytest.approx(1.0951)
+    assert candle.close == pytest.approx(1.1101)
 
 
 async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
@@ -220,19 +282,20 @@ async def test_publish_interval_zero_publishes_every_event_loop_pass(tmp_path: P
     )
     async with DataRouter(settings=settings, strategy=strategy) as router:
         sub = router.subscribe_candles("EUR/USD", "1m")
+        # The series' first tick is aggregated once its restore has run, in a pass of its own.
         await router.save_tick(q(T0, 1.1))
-        await router.save_tick(q(T0 + 1_000, 1.2))  # same pass: one snapshot for both
+        assert (await asyncio.wait_for(anext(sub), 1.0)).num_trades == 1
+        await router.save_tick(q(T0 + 1_000, 1.2))
+        await router.save_tick(q(T0 + 2_000, 1.3))  # same pass: one snapshot for both
         bar = await asyncio.wait_for(anext(sub), 1.0)
-        assert bar.num_trades == 2
-        await router.save_tick(q(T0 + 2_000, 1.3))
-        assert (await asyncio.wait_for(anext(sub), 1.0)).num_trades == 3
+        assert bar.num_trades == 3
+        await router.save_tick(q(T0 + 3_000, 1.4))
+        assert (await asyncio.wait_for(anext(sub), 1.0)).num_trades == 4
 
 
 async def test_explicit_candles_win_over_aggregated_ones_without_a_source(
     router: DataRouter,
 ) -> None:
-    from data_manager import CandleData
-
     await router.save_tick(q(T0 + 1_000, 1.1000))
     await router.flush()
     assert (await router.get_latest_candles("EUR/USD", "1m", 1))[-1].source == "agg:feed"
