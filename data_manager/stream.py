@@ -103,6 +103,7 @@ from data_manager.journal import (
     IngestItem,
     Journal,
     decode_item,
+    encode_item,
     find_orphans,
     new_instance_id,
 )
@@ -264,7 +265,12 @@ class BackupStream(Protocol):
         ...
 
     def publish_batch(self, items: Sequence[IngestItem]) -> None:
-        """Queue one accepted batch for publishing; returns at once, never raises."""
+        """Queue one accepted batch for publishing; returns at once.
+
+        Raises:
+            ValidationError: An item is not a TickData, CandleData or OrderFlowMetrics
+                (nothing of the batch is queued).
+        """
         ...
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -470,7 +476,18 @@ class _Encoder:
         make_id: Callable[[], str],
     ) -> Iterator[_Message]:
         batch_id = make_id()
-        payload = _encode(kind, batch_id, origin, items)
+        try:
+            payload = _encode(kind, batch_id, origin, items)
+        except orjson.JSONEncodeError as exc:
+            # A value that is not JSON (only a model built without validation holds one):
+            # find the item by halving, and publish the others.
+            if len(items) == 1:
+                self.on_refused(items[0], f"it cannot be encoded: {exc}")
+                return
+            half = len(items) // 2
+            yield from self._encode_within(kind, items[:half], origin, make_id)
+            yield from self._encode_within(kind, items[half:], origin, make_id)
+            return
         self._per_item[kind] = len(payload) / len(items)
         size = len(payload) + self.overhead(batch_id)
         if size <= self.limit:
@@ -488,6 +505,20 @@ class _Encoder:
 
 
 # --------------------------------------------------------------------------- publishing
+
+
+def _check_publishable(items: Sequence[object]) -> None:
+    """Raise ValidationError unless every item is one of the three models."""
+    first = type(items[0])
+    if first in _KIND_OF and all(type(item) is first for item in items):
+        return  # the usual batch: one kind only
+    for item in items:
+        if type(item) not in _KIND_OF:
+            msg = (
+                f"cannot publish a {type(item).__name__} to the backup stream; expected "
+                "TickData, CandleData or OrderFlowMetrics"
+            )
+            raise ValidationError(msg)
 
 
 @dataclass(slots=True)
@@ -849,14 +880,20 @@ class _BackupStreamBase:
     # ------------------------------------------------------------------ publish
 
     def publish_batch(self, items: Sequence[IngestItem]) -> None:
-        """Queue one accepted batch; returns at once and never raises.
+        """Queue one accepted batch; returns at once.
 
         The items are copied (the caller may reuse its list). While the stream is down the
         batch goes to the spool instead of the outbox.
+
+        Raises:
+            ValidationError: An item is not a TickData, CandleData or OrderFlowMetrics;
+                nothing of the batch is queued. (The write path never passes one; refused
+                here, at the call, rather than found later by the background tasks.)
         """
         count = len(items)
         if not count:
             return
+        _check_publishable(items)
         if self._life in (_Life.CLOSING, _Life.CLOSED):
             self._dropped += count
             logger.error(
@@ -940,7 +977,14 @@ class _BackupStreamBase:
             self._spooling = len(group)
             self._spooling_from = spool.last_lsn
             try:
-                await spool.append(group)
+                try:
+                    await spool.append(group)
+                except ValidationError:
+                    # An item the journal cannot encode refuses the whole group (nothing of
+                    # it was written): drop that item, spool the others.
+                    group = self._spoolable(group)
+                    self._spooling = len(group)
+                    await spool.append(group)
             except JournalError as exc:
                 self._dropped += len(group)
                 self._last_error = f"spool: {exc}"
@@ -951,12 +995,34 @@ class _BackupStreamBase:
                     len(group),
                     exc,
                 )
+            except Exception as exc:
+                # A bug, not a spool failure: this group is lost to the stream, but the task
+                # must go on, or the stream stops for good without a word.
+                self._dropped += len(group)
+                self._last_error = f"internal error: {exc!r}"
+                logger.exception(
+                    "backup stream %s: unexpected error; %d items not spooled",
+                    self.target,
+                    len(group),
+                )
             else:
                 self._spooled += len(group)
             finally:
                 self._spooling = 0
                 self._wake.set()
                 self._notify_progress()
+
+    def _spoolable(self, group: list[IngestItem]) -> list[IngestItem]:
+        """``group`` without the items the journal refuses (each dropped and logged)."""
+        kept: list[IngestItem] = []
+        for item in group:
+            try:
+                encode_item(item)
+            except ValidationError as exc:
+                self._refused(item, f"it cannot be spooled: {exc}")
+            else:
+                kept.append(item)
+        return kept
 
     # ------------------------------------------------------------------ the pump
 
