@@ -1192,7 +1192,8 @@ class Journal:
         """Finish pending appends, release the lock; remove the folder when fully stored.
 
         A journal with records still to store stays on disk, unlocked, so the next router
-        to start adopts it.
+        to start adopts it. A cancelled call still closes the journal before the
+        cancellation goes through.
         """
         if self._close_done is not None:  # a concurrent close() does the job
             await self._close_done.wait()
@@ -1205,15 +1206,21 @@ class Journal:
         # the segment by the close after it was acknowledged).
         done = self._close_done = asyncio.Event()
         try:
-            await self.wait_idle()
-            committer, self._committer = self._committer, None
-            assert committer is not None
-            committer.close(self)
-            await asyncio.to_thread(self._close_sync, committer)
-            if _open_journals is not None:
-                _open_journals.discard(self)
+            # Cut short, the close would leave the journal open and locked (never adopted
+            # while this process lives), and every later close() would return at once.
+            await finish_despite_cancel(self._shut_down())
         finally:
             done.set()
+
+    async def _shut_down(self) -> None:
+        """The work of :meth:`close` once it has begun: drain, stop the committer, unlock."""
+        await self.wait_idle()
+        committer, self._committer = self._committer, None
+        assert committer is not None
+        committer.close(self)
+        await asyncio.to_thread(self._close_sync, committer)
+        if _open_journals is not None:
+            _open_journals.discard(self)
 
     def _start_committer(self) -> None:
         if self.sync == "loop":

@@ -1297,6 +1297,30 @@ async def test_a_start_cancelled_while_adopting_gives_every_lock_back(
     assert not own.path.exists()  # nothing in it: removed at close
 
 
+async def test_a_close_during_the_removal_of_a_replayed_orphan_still_removes_it(
+    make: Any, storage: FakeStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orphan = await dead_journal(tmp_path / "journal", "dead")
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_wait_idle = Journal.wait_idle
+
+    async def slow_wait_idle(journal: Journal) -> None:
+        if journal.instance_id == "dead":  # its close() waits for its committer a while
+            entered.set()
+            await release.wait()
+        await real_wait_idle(journal)
+
+    monkeypatch.setattr(Journal, "wait_idle", slow_wait_idle)
+    pipeline = await make(journal="adopter")
+    await asyncio.wait_for(entered.wait(), WAIT)  # replayed; the writer is closing it
+    closing = asyncio.create_task(pipeline.close(timeout=WAIT))  # cancels the writer
+    await settle()
+    release.set()
+    await asyncio.wait_for(closing, WAIT)
+    assert storage.stored_seqs() == [1]
+    assert not orphan.path.exists()  # fully stored: removed, not left open and locked
+
+
 async def test_a_close_cancelled_during_its_shutdown_still_journals_the_rest(
     make: Any,
     storage: FakeStorage,

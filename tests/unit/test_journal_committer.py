@@ -332,6 +332,26 @@ async def test_concurrent_closes_both_return_once_closed(tmp_path: Path, gate: S
     assert j.path.is_dir()  # one record not stored: kept for the next router
 
 
+async def test_a_cancelled_close_still_closes_and_unlocks(tmp_path: Path, gate: SyncGate) -> None:
+    j = Journal(tmp_path, instance_id="cancelled", sync="thread")
+    await j.open()
+    held, hold = await hold_one_group(j, gate, 1)
+    closing = asyncio.create_task(j.close())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    closing.cancel()  # while close() waits for the group in its sync
+    hold.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert await held == 1
+    assert not j.is_open
+    again = Journal(tmp_path, instance_id="cancelled", sync="thread")
+    await again.open(create=False)  # unlocked: the next router adopts it
+    assert seqs(again) == [1]
+    await again.mark_stored(again.last_lsn)
+    await again.close()
+
+
 async def test_append_before_open_or_after_close_raises(tmp_path: Path) -> None:
     j = Journal(tmp_path, instance_id="states", sync="thread")
     with pytest.raises(JournalError, match="not open"):
