@@ -1667,11 +1667,25 @@ async def _nats_connect(
                 reconnected_cb=on_reconnect,
             )
     except (nats.errors.Error, OSError) as exc:  # TimeoutError is an OSError
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await nc.close()
+        await _close_client(nc, within=connect_timeout)
         msg = f"cannot connect to {_redact(url)}: {exc!r}"
         raise BackupStreamError(msg) from exc
+    except BaseException:
+        # Cancelled part-way (a closing stream stops its pump, a replay is abandoned): the
+        # client may already hold an open socket and tasks of its own, and nobody else has
+        # a reference to close it.
+        await finish_despite_cancel(_close_client(nc, within=connect_timeout))
+        raise
     return nc
+
+
+async def _close_client(nc: NatsClient, *, within: float) -> None:
+    """Close a client that may be half-connected; errors are of no interest any more."""
+    import nats.errors
+
+    with contextlib.suppress(nats.errors.Error, OSError):
+        async with asyncio.timeout(within):
+            await nc.close()
 
 
 # --------------------------------------------------------------------------- Redis

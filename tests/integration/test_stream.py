@@ -517,6 +517,39 @@ async def test_a_spool_chunk_sent_again_after_a_lost_ack_is_not_taken_for_a_dupl
     assert await tick_rows(postgres_url, pg_schema) == expected_ticks(ticks(0, 8))
 
 
+async def test_a_pump_cancelled_while_connecting_leaves_no_connection_open(tmp_path: Path) -> None:
+    # A server that accepts the connection and never greets: the client waits in connect.
+    accepted = asyncio.Event()
+    client_gone = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        accepted.set()
+        await reader.read()  # b"" once the client has closed its end
+        client_gone.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        stream = NatsBackupStream(
+            f"nats://127.0.0.1:{port}", connect_timeout=10, spool_dir=tmp_path, **nats_names()
+        )
+        await stream.start()
+        stream.publish_batch(ticks(0, 1))
+        await asyncio.wait_for(accepted.wait(), DEADLINE)
+        await stream.aclose(timeout=0)  # cancels the pump inside the connect
+        try:
+            await asyncio.wait_for(client_gone.wait(), 5)
+        except TimeoutError:
+            pytest.fail("the half-built NATS client kept its connection open")
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 # --------------------------------------------------------------------------- JetStream limits
 
 
