@@ -274,6 +274,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs(path: Path) -> None:
+    """Create the directory ``path`` and its missing parents, each one durably: the entry
+    of every directory created is synced in its parent (a power loss may otherwise take
+    the whole new branch, and what was written under it)."""
+    missing: list[Path] = []
+    level = path
+    while not level.is_dir() and level.parent != level:
+        missing.append(level)
+        level = level.parent
+    if not missing:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(created.parent)
+
+
 def _sync(fd: int) -> None:
     # fdatasync also flushes the size change an append makes; it skips mtime.
     if hasattr(os, "fdatasync"):
@@ -1012,9 +1028,7 @@ class Journal:
         self._state = _State.CLOSED
 
     def _open_sync(self, create: bool) -> None:
-        if not self.root.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root.parent)  # a new root must survive a power loss too
+        _make_dirs(self.root)  # a new root must survive a power loss too
         for _ in range(3):
             if not self.path.exists():
                 if not create:
@@ -1688,10 +1702,19 @@ class Journal:
         self._write_checkpoint()
 
     def _write_checkpoint(self) -> None:
+        # Synced before the rename, and the rename synced: a power loss leaves the old
+        # checkpoint or the new one, never an empty file in its place (which would only
+        # replay everything again, idempotently, but for nothing).
         stored = self._stored_lsn
         tmp = self.path / f"{CHECKPOINT_NAME}.tmp"
-        tmp.write_text(f"{stored}\n", encoding="ascii")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, f"{stored}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self.path / CHECKPOINT_NAME)
+        _fsync_dir(self.path)
         self._checkpointed = stored
 
     def replay(self) -> Iterator[tuple[int, IngestItem]]:
@@ -1758,7 +1781,7 @@ class DeadLetterFile:
         return orjson.dumps(record) + b"\n"
 
     def _append(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(self.path.parent)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:

@@ -413,6 +413,67 @@ async def test_stored_segments_are_deleted_even_when_the_disk_is_full(
     await again.close()
 
 
+def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record every ``os.fsync`` and ``os.replace`` from now on, in order, as ``("fsync",
+    inode synced)`` and ``("replace", inode renamed)``."""
+    events: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+async def test_the_checkpoint_is_synced_before_it_replaces_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
+    await j.open()
+    await j.append([tick(1), tick(2)])
+    events = record_syncs(monkeypatch)
+    await j.mark_stored(1)
+    monkeypatch.undo()
+    checkpoint = (j.path / "checkpoint").stat().st_ino
+    replaced = events.index(("replace", checkpoint))
+    assert ("fsync", checkpoint) in events[:replaced]  # its bytes, before it takes the name
+    assert ("fsync", j.path.stat().st_ino) in events[replaced:]  # then the rename
+    await j.close()
+
+
+async def test_a_new_journal_root_is_durable_at_every_level_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "a" / "b" / "journal"
+    events = record_syncs(monkeypatch)
+    j = Journal(root, instance_id="deep")
+    await j.open()
+    monkeypatch.undo()
+    synced = {inode for kind, inode in events if kind == "fsync"}
+    for parent in (tmp_path, tmp_path / "a", tmp_path / "a" / "b", root):
+        assert parent.stat().st_ino in synced, parent
+    await j.close()
+
+
+async def test_a_new_dead_letter_folder_is_durable_at_every_level_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = DeadLetterFile(tmp_path / "a" / "b" / "x.jsonl")
+    events = record_syncs(monkeypatch)
+    await dead.write([(encode_item(tick(7)), "refused")], time_ms=T0)
+    monkeypatch.undo()
+    synced = {inode for kind, inode in events if kind == "fsync"}
+    for parent in (tmp_path, tmp_path / "a", tmp_path / "a" / "b", dead.path):
+        assert parent.stat().st_ino in synced, parent
+
+
 # --------------------------------------------------------------------------- damage
 
 
