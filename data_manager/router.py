@@ -112,6 +112,11 @@ REPLICA: Final = "timescale_replica"
 _DATABASES: Final = frozenset({TIMESCALE, REPLICA})
 L2_CACHE: Final = "dragonfly_cache"
 
+#: Attempts at restoring a series' forming candles before aggregation goes on without
+#: them, and the pause (seconds, router clock) before a failed one is retried.
+_RESTORE_ATTEMPTS: Final = 3
+_RESTORE_RETRY_SECONDS: Final = 1.0
+
 
 class _UseDefault(enum.Enum):
     USE_DEFAULT = "USE_DEFAULT"
@@ -246,11 +251,13 @@ class _FormingRestore:
     """The forming-candle restore of one (symbol, tick source) series under way, and the
     ticks that arrived meanwhile (aggregated, in arrival order, once it has run)."""
 
-    __slots__ = ("task", "ticks")
+    __slots__ = ("failures", "retry_at", "task", "ticks")
 
     def __init__(self) -> None:
         self.ticks: list[tuple[TickData, Sequence[str]]] = []
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # the attempt running, if any
+        self.failures = 0
+        self.retry_at = 0.0  # no new attempt before this (router clock, monotonic)
 
 
 class DataRouter:
@@ -320,6 +327,7 @@ class DataRouter:
         self._metrics: MetricsServer | None = None
         self._backup: BackupStream | None = None
         self._default_candle_source: dict[tuple[str, str], str] = {}
+        self._restore_failures = 0  # failed forming-candle restores (health)
         self._background: set[asyncio.Task[Any]] = set()
         self._warned_no_l2 = False
         self.cache = CacheManager(self)
@@ -450,6 +458,8 @@ class DataRouter:
         self._forming_timer = self._flow_timer = None
         try:
             if was_open and self._ingest is not None:
+                if self._agg_restoring:
+                    await self._settle_restores(timeout)
                 self._submit_forming()
                 await self._ingest.close(timeout)
             if self._backup is not None:
@@ -942,30 +952,81 @@ class DataRouter:
         if restore is None:
             restore = self._agg_restoring[key] = _FormingRestore()
         restore.ticks.append((tick, route))
-        if restore.task is None:
-            restore.task = asyncio.get_running_loop().create_task(
-                self._restore_forming(key, restore)
-            )
+        task = restore.task
+        if task is None:
+            if self._clock.monotonic() < restore.retry_at:
+                return  # the last attempt failed moments ago: the tick waits for the next
+            task = restore.task = self._start_restore(key, restore)
         # Shielded: a caller that gives up waiting leaves its tick (and the others') in the
         # restore, which goes on.
-        await asyncio.shield(restore.task)
+        await asyncio.shield(task)
+
+    def _start_restore(self, key: tuple[str, str], restore: _FormingRestore) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(self._restore_forming(key, restore))
+
+    def _start_held_restores(self, *, due_only: bool) -> list[asyncio.Task[None]]:
+        """Retry the restores whose ticks wait after a failed attempt (with ``due_only``,
+        those whose pause has passed); return every restore task under way."""
+        now = self._clock.monotonic()
+        tasks: list[asyncio.Task[None]] = []
+        for key, restore in list(self._agg_restoring.items()):
+            if restore.task is None and not (due_only and now < restore.retry_at):
+                restore.task = self._start_restore(key, restore)
+            if restore.task is not None:
+                tasks.append(restore.task)
+        return tasks
 
     async def _restore_forming(self, key: tuple[str, str], restore: _FormingRestore) -> None:
         """Continue the buckets a previous router of this (symbol, source) left forming,
-        then aggregate the ticks that waited for it."""
+        then aggregate the ticks that waited for it.
+
+        The ticks are accepted already: a failed read is not their callers' error. It is
+        logged and retried with a later tick (or by flush, close or maintenance) at least
+        ``_RESTORE_RETRY_SECONDS`` later, the ticks waiting meanwhile; after
+        ``_RESTORE_ATTEMPTS`` failures aggregation goes on without the restored bars.
+        """
         symbol, source = key
         forming: list[CandleData] = []
         aggregator = self._aggregator
+        storage = self._storage  # not self.storage: close() runs the last attempts
         try:
-            if aggregator is not None:
+            if aggregator is not None and storage is not None:
                 agg_source = f"{aggregator.source_prefix}{source}"
                 for tf in aggregator.timeframes:
-                    rows = await self.storage.latest_candles(symbol, tf, 1, source=agg_source)
+                    rows = await storage.latest_candles(symbol, tf, 1, source=agg_source)
                     if rows and not rows[-1].is_closed:
                         forming.append(rows[-1])
-        finally:
-            if self._agg_restoring.get(key) is restore:
-                del self._agg_restoring[key]
+        except DataManagerError:
+            if self._agg_restoring.get(key) is not restore:
+                return
+            restore.task = None
+            restore.failures += 1
+            self._restore_failures += 1
+            if restore.failures < _RESTORE_ATTEMPTS:
+                restore.retry_at = self._clock.monotonic() + _RESTORE_RETRY_SECONDS
+                logger.warning(
+                    "cannot restore the forming candles of %s from %s (attempt %d of %d); "
+                    "its %d ticks since the start are accepted and wait to be aggregated",
+                    symbol,
+                    source,
+                    restore.failures,
+                    _RESTORE_ATTEMPTS,
+                    len(restore.ticks),
+                    exc_info=True,
+                )
+                return
+            logger.error(
+                "cannot restore the forming candles of %s from %s after %d attempts; "
+                "aggregating without them: the bars formed before this router started "
+                "miss their earlier ticks until rebuild_candles() recomputes them",
+                symbol,
+                source,
+                restore.failures,
+                exc_info=True,
+            )
+        if self._agg_restoring.get(key) is not restore:
+            return  # superseded (a forked child starts its derived data afresh)
+        del self._agg_restoring[key]
         # From here on nothing awaits: no tick of the series can come in between.
         aggregator = self._aggregator  # a strategy reload may have replaced it meanwhile
         if aggregator is None or key in self._agg_restored:
@@ -1004,13 +1065,17 @@ class DataRouter:
     # ------------------------------------------------------------------ maintenance
 
     async def run_maintenance(self) -> None:
-        """One pass of the router's timer: close idle buckets, queue forming candles,
-        rebuild buckets hit by late ticks.
+        """One pass of the router's timer: retry forming-candle restores that failed, close
+        idle buckets, queue forming candles, rebuild buckets hit by late ticks.
 
         The router runs this every ``batch.flush_interval_seconds``; tests with a manual
         clock call it directly instead of waiting.
         """
         self._require_open()
+        if self._agg_restoring:
+            restoring = self._start_held_restores(due_only=True)
+            if restoring:
+                await asyncio.wait(restoring)
         aggregator = self._aggregator
         if aggregator is not None:
             agg = self._watcher.current.aggregation
@@ -1353,8 +1418,17 @@ class DataRouter:
         """Return once everything accepted before this call is stored in the database."""
         await self._ready()
         assert self._ingest is not None
+        if self._agg_restoring:
+            await self._settle_restores(None)
         self._submit_forming()
         await self._ingest.flush()
+
+    async def _settle_restores(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Give every series whose ticks wait for their restore an attempt now, and wait
+        (up to ``timeout`` seconds) until the attempts have run."""
+        tasks = self._start_held_restores(due_only=False)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     # ------------------------------------------------------------------ reads
 
@@ -1944,6 +2018,8 @@ class DataRouter:
             "retries": stats.retries,
             "dead_lettered": stats.dead_lettered,
             "subscriptions_dropped": self._subs.dropped(),
+            "forming_restore_failures": self._restore_failures,
+            "ticks_awaiting_restore": sum(len(r.ticks) for r in self._agg_restoring.values()),
         }
         if self._backup is not None:
             b = self._backup.stats()

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from data_manager import CandleData, DataManagerSettings, DataRouter, TickData
+from data_manager import (
+    CandleData,
+    DatabaseConnectionError,
+    DataManagerSettings,
+    DataRouter,
+    TickData,
+)
 from data_manager.clock import ManualClock
 from data_manager.processors import IncrementalSMA
 from data_manager.strategy import strategy_from_mapping
@@ -155,6 +161,54 @@ async def test_concurrent_first_ticks_after_a_restart_share_one_restore(
     assert candle.high == pytest.approx(1.1101)
     assert candle.low == pytest.approx(1.0951)
     assert candle.close == pytest.approx(1.1101)
+
+
+async def test_a_failed_restore_leaves_buffered_saves_accepted_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock(wall_ms=T0 + 10_000)
+    async with await after_a_restart(tmp_path, clock=clock) as second:
+        reads = HeldReads(second, monkeypatch, DatabaseConnectionError("database down"))
+        reads.release()
+        await second.save_tick(q(T0 + 3_000, 1.0950))  # accepted although the read failed
+        assert "cannot restore the forming candles" in caplog.text
+        await second.save_tick(q(T0 + 4_000, 1.1100))  # within the pause: waits, no read
+        assert reads.reads == 1
+        health = (await second.health_check()).write_path.details
+        assert (health["forming_restore_failures"], health["ticks_awaiting_restore"]) == (1, 2)
+        clock.advance(1.0)
+        await second.save_tick(q(T0 + 5_000, 1.1000))  # the retry restores the bar
+        assert reads.reads == 2
+        await second.flush()
+        candle = (await second.get_latest_candles("EUR/USD", "1m", 1))[-1]
+        assert len(await second.get_ticks("EUR/USD", T0, T0 + 60_000)) == 5
+    # The bar continues the previous router's, with every tick that waited for the restore.
+    assert candle.num_trades == 5
+    assert candle.open == pytest.approx(1.1001)
+    assert candle.high == pytest.approx(1.1101)
+    assert candle.low == pytest.approx(1.0951)
+    assert candle.close == pytest.approx(1.1001)
+
+
+async def test_restores_that_keep_failing_are_given_up_after_three_attempts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(wall_ms=T0 + 10_000)
+    down = [DatabaseConnectionError("database down") for _ in range(3)]
+    async with await after_a_restart(tmp_path, clock=clock) as second:
+        reads = HeldReads(second, monkeypatch, *down)
+        reads.release()
+        await second.save_tick(q(T0 + 3_000, 1.0950))
+        clock.advance(1.0)
+        await second.run_maintenance()  # the timer retries without waiting for a tick
+        assert reads.reads == 2
+        await second.flush()  # the third attempt: aggregation goes on without the bar
+        assert reads.reads == 3
+        await second.save_tick(q(T0 + 4_000, 1.1100))
+        assert reads.reads == 3  # given up: no more reads
+        candle = (await second.get_latest_candles("EUR/USD", "1m", 1))[-1]
+    assert candle.num_trades == 2
+    assert (candle.open, candle.close) == pytest.approx((1.0951, 1.1101))
 
 
 async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
