@@ -169,8 +169,9 @@ class IngestStats:
             one, logged); a record identical to one of the last 4,096 kept is counted once.
         backpressure_waits: Submits that found the queue full and waited.
         backpressure_timeouts: Submits that gave up with BackpressureTimeoutError.
-        lost_on_close: Items that could not be stored nor journaled at close (only
-            possible without a journal; logged as an error).
+        lost_on_close: Items that could be neither stored nor journaled at close: without
+            a journal, or when appending to it failed too (a full disk while the database
+            is down). Logged as an error.
         writer_errors: Unexpected errors in the writer task (logged with traceback).
     """
 
@@ -581,7 +582,8 @@ class IngestPipeline:
         waiting as soon as the database is known to be down (breaker open); whatever is
         not stored then is appended to the journal before this returns, and the journal is
         left for the next router to replay. Without a journal it waits the full
-        ``timeout`` (``None``: until stored), then logs and counts what it had to drop.
+        ``timeout`` (``None``: until stored), then logs and counts what it had to drop; so
+        it does with a journal that cannot take the rest either (a full disk).
         """
         if self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
             await self._closed.wait()  # a concurrent close() finishes the job
@@ -681,17 +683,20 @@ class IngestPipeline:
             try:
                 await journal.append(fresh)
             except JournalError:
+                self._lost += len(fresh)
                 logger.exception(
-                    "write path: %d items could neither be stored nor journaled", len(fresh)
-                )
-            else:
-                self._spilled += len(fresh)
-                logger.warning(
-                    "write path: %d items not stored at close are in the journal %s",
+                    "write path: %d items could be neither stored nor journaled before "
+                    "close; they are lost",
                     len(fresh),
-                    journal.path,
                 )
                 return
+            self._spilled += len(fresh)
+            logger.warning(
+                "write path: %d items not stored at close are in the journal %s",
+                len(fresh),
+                journal.path,
+            )
+            return
         self._lost += len(fresh)
         logger.error(
             "write path: %d items could not be stored before close and there is no "

@@ -770,6 +770,30 @@ async def test_close_without_journal_counts_what_it_loses(
     assert "they are lost" in caplog.text
 
 
+async def test_close_with_a_full_disk_and_the_database_down_counts_what_it_loses(
+    make: Any,
+    storage: FakeStorage,
+    breaker: CircuitBreaker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline = await make(batch_size=100)
+    storage.down = True
+    for _ in range(breaker.failure_threshold):
+        breaker.record_failure()  # known down: close() journals the rest at once
+    for i in range(3):
+        await pipeline.submit(tick(i))
+
+    def full_disk(self: Journal, group: Any) -> Any:
+        raise JournalError("No space left on device")
+
+    monkeypatch.setattr(Journal, "_write_group", full_disk)
+    await pipeline.close(timeout=WAIT)
+    assert pipeline.stats().lost_on_close == 3
+    assert "neither stored nor journaled before close; they are lost" in caplog.text
+    assert "no journal" not in caplog.text
+
+
 # --------------------------------------------------------------------------- misc
 
 
