@@ -31,9 +31,10 @@ where each item is exactly the :mod:`data_manager.cache.codec` version-1 object 
 content key; ``mid``/``spread`` are derived and ignored when read). ``batch_id`` is unique
 per message: ``<origin>:<session>:<n>``, where ``session`` is random per stream object, so
 a router restarted under the same instance id never reuses an id (JetStream would drop the
-new message as a duplicate); spooled data gets
-``<spool instance>:<session>:s<first LSN>-<last LSN>.<n>`` (the whole range: a chunk read
-again after a lost acknowledgement may hold more records, and must not pass for a copy).
+new message as a duplicate); spooled data gets ``<spool instance>:<session>:s<first
+LSN>-<last LSN>``, the range of the spool records the message holds (a message holds every
+record of its kind in that range, so the id names its content: a chunk sent again after a
+lost acknowledgement, with more records or cut differently, never passes for a copy).
 ``origin`` is the publishing router's instance id. A batch larger than the message limit
 (1 MiB, NATS's default ``max_payload``; lower when the server's ``max_payload`` or an
 existing JetStream stream's ``max_msg_size`` is, headers included) is split into several
@@ -389,6 +390,10 @@ def decode_batch_message(data: bytes | bytearray | memoryview | str) -> BatchMes
     return BatchMessage(kind=kind, batch_id=batch_id, origin=origin, items=items)
 
 
+#: Names a message from the items it holds (called once per message encoded).
+_MakeId: TypeAlias = "Callable[[list[IngestItem]], str]"
+
+
 @dataclass(frozen=True, slots=True)
 class _Message:
     kind: StreamKind
@@ -454,7 +459,7 @@ class _Encoder:
         self._per_item: dict[StreamKind, float] = {}
 
     def messages(
-        self, items: list[IngestItem], *, origin: str, make_id: Callable[[], str]
+        self, items: list[IngestItem], *, origin: str, make_id: _MakeId
     ) -> Iterator[_Message]:
         """Encode ``items`` as messages of one kind each, none larger than the limit.
 
@@ -473,9 +478,9 @@ class _Encoder:
         kind: StreamKind,
         items: list[IngestItem],
         origin: str,
-        make_id: Callable[[], str],
+        make_id: _MakeId,
     ) -> Iterator[_Message]:
-        batch_id = make_id()
+        batch_id = make_id(items)
         try:
             payload = _encode(kind, batch_id, origin, items)
         except orjson.JSONEncodeError as exc:
@@ -1117,7 +1122,7 @@ class _BackupStreamBase:
         self._on_success()
 
     async def _publish_items(
-        self, items: list[IngestItem], *, origin: str, make_id: Callable[[], str]
+        self, items: list[IngestItem], *, origin: str, make_id: _MakeId
     ) -> None:
         """Connect if needed, then encode and send ``items`` message by message.
 
@@ -1130,9 +1135,7 @@ class _BackupStreamBase:
         for message in self._encoder().messages(items, origin=origin, make_id=make_id):
             await self._send_fitting(message, origin=origin, make_id=make_id)
 
-    async def _send_fitting(
-        self, message: _Message, *, origin: str, make_id: Callable[[], str]
-    ) -> None:
+    async def _send_fitting(self, message: _Message, *, origin: str, make_id: _MakeId) -> None:
         """Send ``message``; if the server refuses its size, cut it smaller and send that.
 
         A refusal for size is not an outage: the server answers, and the same message
@@ -1170,7 +1173,8 @@ class _BackupStreamBase:
             encoder = self._encoder_ = _Encoder(limit, self._refused, self._message_overhead)
         return encoder
 
-    def _direct_id(self) -> str:
+    def _direct_id(self, items: list[IngestItem]) -> str:
+        del items  # every attempt gets an id of its own: nothing is ever sent twice under one
         self._next_id += 1
         return f"{self.instance_id}:{self._session}:{self._next_id}"
 
@@ -1202,28 +1206,30 @@ class _BackupStreamBase:
             self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
             return
         items: list[IngestItem] = []
-        for index, (_, payload) in enumerate(chunk.records, 1):
+        lsn_of: dict[int, int] = {}  # id(item) -> its record's LSN
+        for index, (lsn, payload) in enumerate(chunk.records, 1):
             try:
-                items.append(decode_item(payload))
+                item = decode_item(payload)
             except ValidationError as exc:
                 self._dropped += 1
                 logger.error(
                     "backup stream %s: unreadable spool record skipped: %s", self.target, exc
                 )
+            else:
+                items.append(item)
+                lsn_of[id(item)] = lsn
             if index % _DECODE_SLICE == 0:
                 await asyncio.sleep(0)  # decoding is CPU work: let the write path in between
-        first = chunk.records[0][0] if chunk.records else chunk.end_lsn
-        last = chunk.records[-1][0] if chunk.records else chunk.end_lsn
-        part = 0
 
-        def spool_id() -> str:
-            # The id names the chunk's whole LSN range: a chunk read again after a lost
-            # acknowledgement holds more records when more were spooled meanwhile, and with
-            # an id naming only its start JetStream would drop it as a duplicate of the
-            # smaller one (and the records added since with it).
-            nonlocal part
-            part += 1
-            return f"{spool.instance_id}:{self._session}:s{first}-{last}.{part}"
+        def spool_id(content: list[IngestItem]) -> str:
+            # The id names the LSN range of the message's own records. A message holds every
+            # record of its kind in that range, so the id names its content: a chunk sent
+            # again (a lost acknowledgement, a failure half-way) may hold more records or be
+            # cut differently (the size estimate or limit changed), and with an id naming
+            # the chunk and a part number JetStream would drop a message holding other
+            # records as a duplicate, losing them.
+            first, last = lsn_of[id(content[0])], lsn_of[id(content[-1])]
+            return f"{spool.instance_id}:{self._session}:s{first}-{last}"
 
         try:
             await self._publish_items(items, origin=spool.instance_id, make_id=spool_id)

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
     from data_manager.journal import IngestItem
     from data_manager.storage.postgres import PostgresStorage
-    from data_manager.stream import BackupStream, StreamKind
+    from data_manager.stream import BackupStream, BackupStreamStats, StreamKind
     from tests.servers import RedisServer
     from tests.servers_nats import NatsServer
 
@@ -548,6 +548,74 @@ async def test_a_pump_cancelled_while_connecting_leaves_no_connection_open(tmp_p
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+class _SecondMessageFailsOnce(NatsBackupStream):
+    """The first attempt to drain the spool fails at its second message; with ``ack_lost``
+    it fails at the first, after the server stored it (the acknowledgement never came)."""
+
+    def __init__(self, *args: Any, ack_lost: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ack_lost = ack_lost
+        self.sends = 0
+
+    async def _send(self, message: Any) -> Any:
+        self.sends += 1
+        if self.ack_lost and self.sends == 1:
+            await super()._send(message)
+            msg = "publish timed out (acknowledgement lost)"
+            raise BackupStreamError(msg)
+        if not self.ack_lost and self.sends == 2:
+            msg = "publish failed"
+            raise BackupStreamError(msg)
+        return await super()._send(message)
+
+
+async def drain_failing_once(
+    target: Target, root: Path, batch: list[IngestItem], *, ack_lost: bool, **options: Any
+) -> BackupStreamStats:
+    """Spool ``batch`` while the stream is down, then drain it with one failed send."""
+    down = NatsBackupStream(
+        dead_nats_url(), spool_dir=root, instance_id="inst-d", connect_timeout=0.2, **target.names
+    )
+    await down.start()
+    down.publish_batch(batch)
+    await until(lambda: down.stats().spool_records == len(batch), "the batch to be spooled")
+    await down.aclose(timeout=0.2)
+    up = _SecondMessageFailsOnce(
+        target.url,
+        ack_lost=ack_lost,
+        spool_dir=root,
+        instance_id="inst-d",
+        breaker=CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.05),
+        retry_interval=0.01,
+        **target.names,
+        **options,
+    )
+    await up.start()
+    await up.flush(timeout=30)
+    await up.aclose()
+    return up.stats()
+
+
+@pytest.mark.parametrize("ack_lost", [False, True], ids=["second-fails", "first-ack-lost"])
+async def test_a_spool_chunk_cut_differently_when_sent_again_loses_nothing(
+    nats_target: Target,
+    storage: PostgresStorage,
+    postgres_url: str,
+    pg_schema: str,
+    tmp_path: Path,
+    ack_lost: bool,
+) -> None:
+    # About 13 KB: several 4 KiB messages, cut anew on the second attempt (the encoder's
+    # size estimate has changed), so a message id must name what the message holds.
+    batch = ticks(0, 40)
+    stats = await drain_failing_once(
+        nats_target, tmp_path / "stream-spool", batch, ack_lost=ack_lost, max_message_bytes=4096
+    )
+    assert stats.dropped_items == 0
+    await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(batch)
 
 
 # --------------------------------------------------------------------------- JetStream limits
