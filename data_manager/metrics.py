@@ -142,7 +142,7 @@ data_manager_write_backpressure_timeouts_total (counter)
 data_manager_write_dead_lettered_total (counter)
     Records the database refused, kept in the dead-letter file (identical ones once).
 data_manager_write_lost_total (counter)
-    Items neither stored nor journaled at close (possible only without a journal).
+    Items neither stored nor journaled at close (no journal, or it could not take them).
 data_manager_writer_errors_total (counter)
     Unexpected errors in the writer task.
 data_manager_journal_records (gauge)
@@ -389,7 +389,7 @@ _TABLE: Final[tuple[tuple[str, MetricType, tuple[str, ...], str], ...]] = (
     ("data_manager_write_dead_lettered_total", "counter", (),
      "Records the database refused, kept in the dead-letter file (identical ones once)."),
     ("data_manager_write_lost_total", "counter", (),
-     "Items neither stored nor journaled at close (possible only without a journal)."),
+     "Items neither stored nor journaled at close (no journal, or it could not take them)."),
     ("data_manager_writer_errors_total", "counter", (),
      "Unexpected errors in the writer task."),
     ("data_manager_journal_records", "gauge", (),
