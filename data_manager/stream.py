@@ -219,8 +219,10 @@ class BackupStreamStats:
         state: A :class:`StreamState` value.
         breaker_state: ``closed``, ``open`` or ``half_open``.
         accepted_batches, accepted_items: Handed to :meth:`BackupStream.publish_batch`.
-        published_messages, published_items: Acknowledged by the stream (spool drains and
-            re-sent copies included).
+        published_messages, published_items: Acknowledged by the stream, each message
+            once: spool drains and re-sent copies the stream stored again are included; a
+            copy JetStream dropped as a duplicate of a message already counted is not (a
+            duplicate whose first acknowledgement was lost is counted, once).
         duplicates: Messages JetStream reported as already stored (same ``Nats-Msg-Id``).
         failures: Publish (or connect) attempts that failed.
         spooled_items: Items written to the spool because the stream was down or slow.
@@ -551,8 +553,8 @@ class _BackupStreamBase:
 
     Subclasses implement :meth:`_connect` (idempotent: connect if needed and make sure the
     destination exists), :meth:`_send` (publish one message and wait for the server's
-    acknowledgement; raise :class:`BackupStreamError` on any failure) and
-    :meth:`_disconnect`.
+    acknowledgement; return whether the server stored it, ``False`` for a copy it already
+    held; raise :class:`BackupStreamError` on any failure) and :meth:`_disconnect`.
     """
 
     backend = "stream"
@@ -620,6 +622,9 @@ class _BackupStreamBase:
         self._session = secrets.token_hex(4)
         self._encoder_: _Encoder | None = None
         self._refused_limit = 0  # below the size of a message the server refused (0: none)
+        # Ids acknowledged for the unit or spool chunk under way: a copy of one of them the
+        # stream drops as a duplicate is not counted again (spooled ids repeat on a retry).
+        self._acked: set[str] = set()
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
         self._accepted_items = 0
@@ -640,7 +645,7 @@ class _BackupStreamBase:
     async def _connect(self) -> None:
         raise NotImplementedError
 
-    async def _send(self, message: _Message) -> None:
+    async def _send(self, message: _Message) -> bool:
         raise NotImplementedError
 
     async def _disconnect(self) -> None:
@@ -1094,6 +1099,7 @@ class _BackupStreamBase:
             self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
             return
         unit = self._take_unit()
+        self._acked.clear()  # direct ids never repeat
         try:
             items = unit[0].items if len(unit) == 1 else [i for b in unit for i in b.items]
             await self._publish_items(items, origin=self.instance_id, make_id=self._direct_id)
@@ -1147,7 +1153,7 @@ class _BackupStreamBase:
             BackupStreamError: A send failed for any other reason.
         """
         try:
-            await self._send(message)
+            stored = await self._send(message)
         except _TooLarge as exc:
             size = len(message.payload) + self._message_overhead(message.batch_id)
             await self._message_refused(size, exc)
@@ -1163,6 +1169,9 @@ class _BackupStreamBase:
             for part in encoder.messages(message.items, origin=origin, make_id=make_id):
                 await self._send_fitting(part, origin=origin, make_id=make_id)
             return
+        if not stored and message.batch_id in self._acked:
+            return  # a copy of a message counted already (JetStream dropped it)
+        self._acked.add(message.batch_id)
         self._published_messages += 1
         self._published_items += message.count
 
@@ -1237,6 +1246,7 @@ class _BackupStreamBase:
             self._on_failure(exc)
             return
         await spool.mark_stored(chunk.end_lsn)
+        self._acked.clear()  # a stored chunk is never read again
         self._on_success()
         if spool is not self._spool and spool.pending_records == 0:
             logger.info("backup stream: spool of %s fully published", spool.instance_id)
@@ -1574,7 +1584,7 @@ class NatsBackupStream(_BackupStreamBase):
             self._max_age,
         )
 
-    async def _send(self, message: _Message) -> None:
+    async def _send(self, message: _Message) -> bool:
         import nats.errors
         import nats.js.errors
 
@@ -1608,6 +1618,8 @@ class NatsBackupStream(_BackupStreamBase):
             raise BackupStreamError(msg) from exc
         if ack.duplicate:
             self._duplicates += 1
+            return False
+        return True
 
     async def _disconnect(self) -> None:
         import nats.errors
@@ -1791,7 +1803,7 @@ class RedisBackupStream(_BackupStreamBase):
     async def _connect(self) -> None:
         """Nothing to do: the client connects on first use and after a failure."""
 
-    async def _send(self, message: _Message) -> None:
+    async def _send(self, message: _Message) -> bool:
         from redis.exceptions import RedisError
 
         try:
@@ -1805,6 +1817,7 @@ class RedisBackupStream(_BackupStreamBase):
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             msg = f"XADD to {self.target} failed: {exc!r}"
             raise BackupStreamError(msg) from exc
+        return True  # a Redis stream has no de-duplication
 
     async def _disconnect(self) -> None:
         from redis.exceptions import RedisError

@@ -474,8 +474,8 @@ class _AckLostOnce(NatsBackupStream):
 
     lost = False
 
-    async def _send(self, message: Any) -> None:
-        await super()._send(message)
+    async def _send(self, message: Any) -> bool:
+        stored = await super()._send(message)
         if not self.lost and ":s" in message.batch_id:
             self.lost = True
             self.publish_batch(ticks(3, 5))  # in backlog: to the spool, behind the chunk
@@ -484,6 +484,7 @@ class _AckLostOnce(NatsBackupStream):
             await until(lambda: spool.last_lsn >= 8, "the new batch to be spooled")
             msg = "publish timed out (acknowledgement lost)"
             raise BackupStreamError(msg)
+        return stored
 
 
 async def test_a_spool_chunk_sent_again_after_a_lost_ack_is_not_taken_for_a_duplicate(
@@ -559,7 +560,7 @@ class _SecondMessageFailsOnce(NatsBackupStream):
         self.ack_lost = ack_lost
         self.sends = 0
 
-    async def _send(self, message: Any) -> Any:
+    async def _send(self, message: Any) -> bool:
         self.sends += 1
         if self.ack_lost and self.sends == 1:
             await super()._send(message)
@@ -616,6 +617,26 @@ async def test_a_spool_chunk_cut_differently_when_sent_again_loses_nothing(
     assert stats.dropped_items == 0
     await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
     assert await tick_rows(postgres_url, pg_schema) == expected_ticks(batch)
+
+
+@pytest.mark.parametrize("ack_lost", [False, True], ids=["second-fails", "first-ack-lost"])
+async def test_a_copy_jetstream_drops_as_a_duplicate_is_not_published_twice(
+    nats_target: Target, storage: PostgresStorage, tmp_path: Path, ack_lost: bool
+) -> None:
+    # One message per kind, cut the same way on every attempt: the tick message goes out
+    # twice under the same id, and JetStream keeps one copy.
+    batch: list[IngestItem] = [*ticks(0, 20), candle(0, 1.1001, closed=True), flow(1)]
+    stats = await drain_failing_once(
+        nats_target, tmp_path / "stream-spool", batch, ack_lost=ack_lost
+    )
+    report = await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
+    assert stats.duplicates == 1
+    assert report.messages == 3
+    assert report.items == len(batch)
+    # What the stream holds, each message once: a copy it dropped is not counted again,
+    # and one whose first acknowledgement was lost is counted at its second.
+    assert stats.published_messages == report.messages
+    assert stats.published_items == report.items
 
 
 # --------------------------------------------------------------------------- JetStream limits
@@ -907,10 +928,10 @@ class _Hanging(RedisBackupStream):
         self.sending = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def _send(self, message: Any) -> None:
+    async def _send(self, message: Any) -> bool:
         self.sending.set()
         await self.release.wait()
-        await super()._send(message)
+        return await super()._send(message)
 
 
 async def _adopted_records(redis_url: str, key: str, root: Path) -> int:

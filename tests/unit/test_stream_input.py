@@ -64,8 +64,9 @@ class _Stream(_BackupStreamBase):
             msg = "the stand-in server is down"
             raise BackupStreamError(msg)
 
-    async def _send(self, message: _Message) -> None:
+    async def _send(self, message: _Message) -> bool:
         self.sent.append(message)
+        return True
 
     async def _disconnect(self) -> None:
         pass
