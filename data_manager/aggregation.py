@@ -779,7 +779,12 @@ class CandleAggregator:
             )
             start = end
 
-    def _new_series(self, symbol: str, source: str) -> _Series:
+    def candle_source(self, source: str) -> str:
+        """The source of the candles aggregated from ticks of ``source``.
+
+        Raises:
+            ValidationError: It would exceed ``MAX_SOURCE_LENGTH``.
+        """
         out_source = self._prefix + source
         if len(out_source) > MAX_SOURCE_LENGTH:
             msg = (
@@ -787,6 +792,10 @@ class CandleAggregator:
                 " shorten the tick source or source_prefix"
             )
             raise ValidationError(msg)
+        return out_source
+
+    def _new_series(self, symbol: str, source: str) -> _Series:
+        out_source = self.candle_source(source)
         pip = float(self._pip_size(symbol))
         if not pip > 0:
             msg = f"pip_size({symbol!r}) returned {pip!r}; it must be positive"

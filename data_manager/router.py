@@ -10,7 +10,8 @@ one key share one backend read (single-flight).
 
 Write path: L1 and the L2/pub-sub fast path first (so every router sees the update within
 about a millisecond), then the database in the write mode asked for (``sync``, ``buffered``
-or ``journal``; see the README for each mode's guarantee).
+or ``journal``; see the README for each mode's guarantee). What a tick feeds (candles, order
+flow, processors, subscribers) sees it only once the write path has accepted it.
 """
 
 from __future__ import annotations
@@ -821,7 +822,12 @@ class DataRouter:
     async def save_tick(
         self, tick: TickData, *, mode: WriteMode | _UseDefault = USE_DEFAULT
     ) -> None:
-        """Accept a tick: L1, the L2/pub-sub fast path, aggregation, then the database.
+        """Accept a tick: L1 and the L2/pub-sub fast path, the write path, then aggregation,
+        order flow, processors and this router's subscribers.
+
+        The derived data sees only ticks the write path accepted (queued, journaled or
+        committed, per ``mode``): a tick refused with an error is not counted, and saving
+        it again counts it once.
 
         Args:
             tick: A validated :class:`TickData`.
@@ -829,9 +835,11 @@ class DataRouter:
                 ``journal`` (return once fsync'd to the local journal); default from settings.
 
         Raises:
-            ValidationError: ``tick`` is not a TickData.
+            ValidationError: ``tick`` is not a TickData, or its source is too long to form
+                the aggregated candles' source.
             DatabaseConnectionError, RetryExhaustedError, CircuitBreakerOpenError: only in
                 ``sync`` mode (other modes hand failures to the journal).
+            JournalError: ``journal`` mode, and the append or its sync failed.
             BackpressureTimeoutError: The queue stayed full past ``put_timeout_seconds``.
         """
         if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
@@ -841,22 +849,41 @@ class DataRouter:
             raise ValidationError(msg)
         write_mode = self._resolve_mode(mode)
         tick = stamp_received(tick, self._clock.time_ms())
+        series = (tick.symbol, tick.source)
+        if self._aggregator is not None and series not in self._agg_restored:
+            self._check_new_series(tick)  # a tick it would refuse is refused before storing
         route = self._watcher.current.routing.save_tick
+        # The latest-value fast path comes first, whatever the write mode: compare-and-set
+        # on the timestamp, so a tick retried after a refusal changes nothing there.
         self._l1.put_tick(tick)
         self._publish(route, tick)
+        assert self._ingest is not None
+        await self._ingest.submit(tick, mode=write_mode)
+        # Accepted (queued, journaled or committed): only now does the tick reach the data
+        # derived from it, so a refused tick is not counted and the caller's retry counts it
+        # once. (Buffered: submit does not wait unless the queue is full: no extra await.)
+        restoring = False
         if self._aggregator is not None:
-            if (tick.symbol, tick.source) in self._agg_restored:
+            if series in self._agg_restored:
                 self._feed_aggregator(tick, route)
             else:
-                await self._aggregate_after_restore(tick, route)
+                restoring = True
         if self._orderflow is not None:
             self._feed_orderflow(tick, route)
         if self._has_processors:
             self._processors.process(tick)
         if self._subs:
             self._subs.dispatch(tick)
-        assert self._ingest is not None
-        await self._ingest.submit(tick, mode=write_mode)
+        if restoring:
+            # The first ticks of a series since the start: aggregated once the bars a
+            # previous router left forming are restored (last, as it may wait).
+            await self._aggregate_after_restore(tick, route)
+
+    def _check_new_series(self, tick: TickData) -> None:
+        """Refuse a tick that would open a series the aggregator cannot form."""
+        assert self._aggregator is not None
+        if tick.symbol not in self._watcher.current.aggregation.disabled_symbols:
+            self._aggregator.candle_source(tick.source)
 
     def _feed_orderflow(self, tick: TickData, route: Sequence[str]) -> None:
         assert self._orderflow is not None
@@ -1029,12 +1056,13 @@ class DataRouter:
         del self._agg_restoring[key]
         # From here on nothing awaits: no tick of the series can come in between.
         aggregator = self._aggregator  # a strategy reload may have replaced it meanwhile
-        if aggregator is None or key in self._agg_restored:
+        if aggregator is None:
             return
-        if forming:
-            restored = aggregator.restore(forming)
-            logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
-        self._agg_restored.add(key)
+        if key not in self._agg_restored:
+            if forming:
+                restored = aggregator.restore(forming)
+                logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
+            self._agg_restored.add(key)
         for tick, route in restore.ticks:
             self._feed_aggregator(tick, route)
 

@@ -11,11 +11,16 @@ from typing import Any
 import pytest
 
 from data_manager import (
+    BackpressureTimeoutError,
     CandleData,
+    CircuitBreakerOpenError,
     DatabaseConnectionError,
     DataManagerSettings,
     DataRouter,
+    JournalError,
+    OrderFlowMetrics,
     TickData,
+    ValidationError,
 )
 from data_manager.clock import ManualClock
 from data_manager.processors import IncrementalSMA
@@ -209,6 +214,82 @@ async def test_restores_that_keep_failing_are_given_up_after_three_attempts(
         candle = (await second.get_latest_candles("EUR/USD", "1m", 1))[-1]
     assert candle.num_trades == 2
     assert (candle.open, candle.close) == pytest.approx((1.0951, 1.1101))
+
+
+async def save_refused(router: DataRouter, refusal: str, tick: TickData) -> None:
+    """Save ``tick`` while the write path refuses it (``refusal``), expecting the error the
+    caller gets; the write path takes ticks again afterwards."""
+    ingest = router._ingest
+    assert ingest is not None
+    if refusal == "queue full":  # the router's queue holds one item, and nobody waits
+        await router.save_order_flow(
+            OrderFlowMetrics(symbol="GBP/USD", timestamp=T0, window_ms=60_000)
+        )
+        with pytest.raises(BackpressureTimeoutError):
+            await router.save_tick(tick)
+        await router.flush()
+    elif refusal == "journal append fails":
+        journal = ingest.journal
+        assert journal is not None
+
+        async def append(*args: object, **kwargs: object) -> int:
+            msg = "no space left on the journal's disk"
+            raise JournalError(msg)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(journal, "append", append)
+            with pytest.raises(JournalError):
+                await router.save_tick(tick, mode="journal")
+    else:  # "database down": a sync write, the breaker open
+        breaker = ingest.breaker
+        for _ in range(breaker.failure_threshold):
+            breaker.record_failure()
+        with pytest.raises(CircuitBreakerOpenError):
+            await router.save_tick(tick, mode="sync")
+        breaker.record_success()
+
+
+@pytest.mark.parametrize("refusal", ["queue full", "journal append fails", "database down"])
+async def test_a_refused_tick_changes_no_derived_data(tmp_path: Path, refusal: str) -> None:
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    sections: dict[str, Any] = {"aggregation": {"timeframes": ["1m"]}}
+    if refusal == "queue full":
+        sections["batch"] = {"size": 1, "max_batch": 1, "max_queue": 1, "put_timeout_seconds": 0}
+    clock = ManualClock(wall_ms=T0 + 10_000)
+    async with DataRouter(settings, clock=clock, strategy=strategy_from_mapping(sections)) as r:
+        sma = IncrementalSMA(3)
+        r.register_processor(sma)
+        sub = r.subscribe_ticks(["EUR/USD"])
+        await r.save_tick(q(T0 + 1_000, 1.1000, bid_size=1e6, ask_size=1e6))
+        await r.flush()
+        # Same bid, three times the size: it would add a trade and 2e6 of OFI.
+        refused = q(T0 + 2_000, 1.1000, bid_size=3e6, ask_size=1e6)
+
+        async def derived() -> tuple[int | None, float | None, int, int]:
+            candle = (await r.get_latest_candles("EUR/USD", "1m", 1))[-1]
+            flow = await r.get_latest_order_flow("EUR/USD")
+            ofi = None if flow is None else flow.ofi
+            return candle.num_trades, ofi, r.processors.stats()[sma.name].calls, sub.pending
+
+        before = await derived()
+        await save_refused(r, refusal, refused)
+        assert await derived() == before
+        await r.save_tick(refused)  # the caller's retry, accepted: counted once
+        assert before == (1, None, 1, 1)
+        assert await derived() == (2, pytest.approx(2e6), 2, 2)
+
+
+async def test_a_tick_aggregation_cannot_take_is_refused_before_it_is_stored(
+    router: DataRouter,
+) -> None:
+    long_source = "v" * 61  # fits a tick, but "agg:" + it is longer than a source may be
+    tick = TickData(symbol="EUR/USD", timestamp=T0, bid=1.1, ask=1.1002, source=long_source)
+    with pytest.raises(ValidationError, match="aggregated source"):
+        await router.save_tick(tick, mode="sync")
+    assert await router.get_ticks("EUR/USD", T0, T0 + 1) == []
+    assert await router.get_latest_tick("EUR/USD") is None
 
 
 async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
