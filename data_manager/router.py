@@ -328,6 +328,9 @@ class DataRouter:
         self._metrics: MetricsServer | None = None
         self._backup: BackupStream | None = None
         self._default_candle_source: dict[tuple[str, str], str] = {}
+        # save_candle queued candles (buffered or journal) that a flush has not covered yet:
+        # a bulk save must not be overwritten by an older version of them landing after it.
+        self._candles_queued = False
         self._restore_failures = 0  # failed forming-candle restores (health)
         self._background: set[asyncio.Task[Any]] = set()
         self._warned_no_l2 = False
@@ -1340,6 +1343,8 @@ class DataRouter:
             msg = f"save_candle expects CandleData, got {type(candle).__name__}"
             raise ValidationError(msg)
         write_mode = self._resolve_mode(mode)
+        if write_mode != "sync":
+            self._candles_queued = True
         route = self._watcher.current.routing.save_candle
         self._l1.put_candle(candle)
         self._promote_source(candle)
@@ -1397,6 +1402,10 @@ class DataRouter:
     async def save_candles_bulk(self, candles: Iterable[CandleData]) -> int:
         """Bulk-upsert candles synchronously (COPY into staging on PostgreSQL).
 
+        Candles this router queued with :meth:`save_candle` (``buffered`` or ``journal``)
+        are stored first, so none of them can overwrite a bulk candle afterwards; while
+        the database is down that waits, as :meth:`flush` does.
+
         Returns:
             How many rows were inserted or updated.
         """
@@ -1404,6 +1413,8 @@ class DataRouter:
         batch = self._check_all(candles, CandleData)
         if not batch:
             return 0
+        if self._candles_queued:
+            await self._flush_write_path()
         stored = await self.storage.write_candles(batch)
         route = self._watcher.current.routing.save_candle
         newest: dict[tuple[str, str, str], CandleData] = {}
@@ -1449,7 +1460,17 @@ class DataRouter:
         if self._agg_restoring:
             await self._settle_restores(None)
         self._submit_forming()
-        await self._ingest.flush()
+        await self._flush_write_path()
+
+    async def _flush_write_path(self) -> None:
+        """Wait until everything queued so far is stored (``IngestPipeline.flush``)."""
+        assert self._ingest is not None
+        queued, self._candles_queued = self._candles_queued, False
+        try:
+            await self._ingest.flush()
+        except BaseException:
+            self._candles_queued = self._candles_queued or queued
+            raise
 
     async def _settle_restores(self, timeout: float | None) -> None:  # noqa: ASYNC109
         """Give every series whose ticks wait for their restore an attempt now, and wait

@@ -43,6 +43,7 @@ from data_manager import (
 from data_manager.demo import PAIRS, DemoResult, run_demo
 from data_manager.health import CacheHealth, PoolHealth
 from data_manager.router import RouterState
+from data_manager.settings import WriteMode
 from data_manager.strategy import RoutingStrategy, strategy_from_mapping
 from tests.unit.conftest import WAIT
 from tests.unit.test_journal_committer import wait_for_child
@@ -82,7 +83,7 @@ def tick(ts: int = T0, *, bid: float = 1.09551, source: str = "polygon") -> Tick
     return TickData(symbol=SYM, timestamp=ts, bid=bid, ask=bid + 0.00002, source=source)
 
 
-def candle(ts: int = T0) -> CandleData:
+def candle(ts: int = T0, *, close: float = 1.0852) -> CandleData:
     return CandleData(
         symbol=SYM,
         timeframe="1m",
@@ -90,7 +91,7 @@ def candle(ts: int = T0) -> CandleData:
         open=1.0850,
         high=1.0855,
         low=1.0848,
-        close=1.0852,
+        close=close,
         volume=15234,
         source="polygon",
     )
@@ -626,6 +627,18 @@ async def test_close_stores_what_was_queued(tmp_path: Path) -> None:
     await router.close(timeout=30)
     assert count_rows(path) == 200
     assert journal_bytes(tmp_path / "journal") == 0
+
+
+@pytest.mark.parametrize("mode", ["buffered", "journal"])
+async def test_a_bulk_candle_is_not_overwritten_by_an_older_queued_one(
+    tmp_path: Path, mode: WriteMode
+) -> None:
+    async with DataRouter(embedded(tmp_path), strategy=strategy(HELD)) as router:
+        await router.save_candle(candle(close=1.0852), mode=mode)  # queued, not yet stored
+        assert await router.save_candles_bulk([candle(close=1.0854)]) == 1
+        await router.flush()
+        stored = await router.storage.candles_range(SYM, "1m", T0, T0 + 60_000)
+    assert [c.close for c in stored] == [1.0854]
 
 
 # --------------------------------------------------------------------------- health
