@@ -108,6 +108,8 @@ data_manager_backup_stream_published_total (counter)
     Items published to the backup stream.
 data_manager_backup_stream_failures_total (counter)
     Failed publishes to the backup stream.
+data_manager_backup_stream_dropped_total (counter)
+    Items the backup stream gave up on (logged as errors; the database still has them).
 data_manager_backup_stream_pending_items (gauge)
     Items accepted but not yet published (outbox plus spool).
 data_manager_backup_stream_lag_seconds (gauge)
@@ -357,6 +359,8 @@ _TABLE: Final[tuple[tuple[str, MetricType, tuple[str, ...], str], ...]] = (
      "Items published to the backup stream."),
     ("data_manager_backup_stream_failures_total", "counter", (),
      "Failed publishes to the backup stream."),
+    ("data_manager_backup_stream_dropped_total", "counter", (),
+     "Items the backup stream gave up on (logged as errors; the database still has them)."),
     ("data_manager_backup_stream_pending_items", "gauge", (),
      "Items accepted but not yet published (outbox plus spool)."),
     ("data_manager_backup_stream_lag_seconds", "gauge", (),
@@ -584,6 +588,7 @@ def _scale_families(f: _Families, snap: _Snapshot) -> None:
         f.add("data_manager_backup_stream_up", 1.0 if b.state == "up" else 0.0)
         f.add("data_manager_backup_stream_published_total", b.published_items)
         f.add("data_manager_backup_stream_failures_total", b.failures)
+        f.add("data_manager_backup_stream_dropped_total", b.dropped_items)
         f.add("data_manager_backup_stream_pending_items", b.pending_items)
         if b.lag_seconds is not None:
             f.add("data_manager_backup_stream_lag_seconds", b.lag_seconds)

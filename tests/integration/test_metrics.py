@@ -289,12 +289,16 @@ async def test_postgres_and_l2_router_metrics_over_http(
         dragonfly=DragonflySettings(url=redis_url, key_prefix=redis_prefix),
         watch_strategy=False,
         journal_dir=tmp_path / "journal",
+        backup_stream_url=redis_url,
+        backup_stream_key=f"{redis_prefix}:backup",  # deleted with the prefix
     )
     saved = 40
     async with DataRouter(settings, strategy=plain()) as router:
         for i in range(saved):
             await router.save_tick(tick(T0 + i, bid=1.1 + i * 1e-5))
         await router.flush()
+        assert router._backup is not None
+        await router._backup.flush(timeout=10)
         assert router._bus is not None
         await router._bus.flush()  # the fast path has written L2
         router.cache.l1.clear()
@@ -335,6 +339,11 @@ async def test_postgres_and_l2_router_metrics_over_http(
     in_use = value(s, "data_manager_pool_connections", backend="postgresql", state="in_use")
     idle = value(s, "data_manager_pool_connections", backend="postgresql", state="idle")
     assert in_use + idle >= 1
+    assert value(s, "data_manager_backup_stream_up") == 1
+    assert value(s, "data_manager_backup_stream_published_total") == saved
+    assert value(s, "data_manager_backup_stream_failures_total") == 0
+    assert value(s, "data_manager_backup_stream_dropped_total") == 0
+    assert value(s, "data_manager_backup_stream_pending_items") == 0
 
 
 # --------------------------------------------------------------------------- the table
