@@ -1402,6 +1402,9 @@ class DataRouter:
     async def save_candles_bulk(self, candles: Iterable[CandleData]) -> int:
         """Bulk-upsert candles synchronously (COPY into staging on PostgreSQL).
 
+        L1, L2 and the other routers get every candle of each series that falls in the
+        candle ring (``cache.candle_ring_size``, the newest buckets), oldest first.
+
         Candles this router queued with :meth:`save_candle` (``buffered`` or ``journal``)
         are stored first, so none of them can overwrite a bulk candle afterwards; while
         the database is down that waits, as :meth:`flush` does.
@@ -1416,17 +1419,25 @@ class DataRouter:
         if self._candles_queued:
             await self._flush_write_path()
         stored = await self.storage.write_candles(batch)
-        route = self._watcher.current.routing.save_candle
-        newest: dict[tuple[str, str, str], CandleData] = {}
+        strat = self._watcher.current
+        # Per series, the last version of each bucket (as the database keeps it).
+        series: dict[tuple[str, str, str], dict[int, CandleData]] = {}
         for candle in batch:
             self._l1.put_candle(candle)
             self._promote_source(candle)
             key = (candle.symbol, candle.timeframe, candle.source)
-            cur = newest.get(key)
-            if cur is None or candle.timestamp >= cur.timestamp:
-                newest[key] = candle
-        for candle in newest.values():
-            self._publish(route, candle)  # L2 and the other routers' L1
+            buckets = series.get(key)
+            if buckets is None:
+                buckets = series[key] = {}
+            buckets[candle.timestamp] = candle
+        bus = self._bus
+        if bus is not None and L2_CACHE in strat.routing.save_candle:
+            # L2 and the other routers' L1: every candle of the ring's window, oldest first,
+            # so the shared ring has no gap. Older ones would fall out of the ring at once.
+            ring = strat.cache.candle_ring_size
+            for buckets in series.values():
+                for start in sorted(buckets)[-ring:]:
+                    bus.publish(buckets[start])
         await self._settle_bus()
         return stored
 

@@ -27,7 +27,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from data_manager.clock import Clock, ManualClock, SystemClock
-from data_manager.models import TickData
+from data_manager.models import CandleData, TickData
 from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
 from data_manager.strategy import strategy_from_mapping
@@ -56,6 +56,20 @@ ROOT: Final = Path(__file__).parents[2]
 
 def tick(ts: int = TS, bid: float = 1.1, *, symbol: str = SYM, source: str = SRC) -> TickData:
     return TickData(symbol=symbol, timestamp=ts, bid=bid, ask=bid + 0.0001, source=source)
+
+
+def candle(ts: int, close: float = 1.1) -> CandleData:
+    return CandleData(
+        symbol=SYM,
+        timeframe="1m",
+        timestamp=ts,
+        open=1.1,
+        high=1.2,
+        low=1.0,
+        close=close,
+        volume=10,
+        source=SRC,
+    )
 
 
 def l2_of(router: DataRouter) -> RedisCache:
@@ -204,6 +218,31 @@ async def test_bulk_saves_reach_l2_and_other_routers(make_router: RouterFactory)
     got = await b.get_latest_tick(SYM)
     assert got is not None
     assert got.timestamp == TS + 5, "L2 still serves the tick the bulk save superseded"
+
+
+async def test_a_bulk_candle_save_fills_the_shared_candle_ring(make_router: RouterFactory) -> None:
+    ring = {"cache": {"candle_ring_size": 3}}
+    a, b = await make_router(strategy=ring), await make_router(strategy=ring)
+    minutes = [TS + i * 60_000 for i in range(5)]
+    batch = [candle(ts, close=round(1.1 + i / 100, 2)) for i, ts in enumerate(minutes)]
+    # Newest first, and the newest bucket twice: its later version is the one kept.
+    batch = [*reversed(batch), candle(minutes[-1], close=1.15)]
+    assert await a.save_candles_bulk(batch) == 5
+
+    in_l2 = await l2_of(b).get_candles(SYM, "1m", 3, SRC)
+    assert in_l2 is not None, "L2's ring does not hold the bulk save's newest candles"
+    assert [(c.timestamp, c.close) for c in in_l2] == [
+        (minutes[2], 1.12),
+        (minutes[3], 1.13),
+        (minutes[4], 1.15),
+    ]
+
+    def b_ring() -> list[int] | None:
+        got = b.cache.l1.get_candles(SYM, "1m", 3, SRC)
+        return None if got is None else [c.timestamp for c in got]
+
+    await until(lambda: b_ring() == minutes[2:], "router B's L1 ring to receive A's candles")
+    assert bus_of(a).stats().published == 3  # only the ring's window goes out
 
 
 # ----------------------------------------------------------------------------- lost subscription
