@@ -36,7 +36,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from data_manager.aggregation import CandleAggregator, PriceField, bucket_bounds
+from data_manager.aggregation import CandleAggregator, PriceField, RebuildRequest, bucket_bounds
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache.memory import MemoryCache
 from data_manager.cache.singleflight import SingleFlight
@@ -441,6 +441,10 @@ class DataRouter:
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - API
         """Flush what is queued and release every connection.
 
+        Candles owed a rebuild for late ticks (``late_policy="rebuild"``) are rebuilt and
+        stored once everything queued is stored; if it could not be (the database is
+        down), that is logged and left to :meth:`rebuild_candles`.
+
         Args:
             timeout: Seconds to wait for the flush; what is not stored by then (or cannot
                 be, because the database is down) stays in the journal and is replayed by
@@ -466,6 +470,7 @@ class DataRouter:
                     await self._settle_restores(timeout)
                 self._submit_forming()
                 await self._ingest.close(timeout)
+                await self._rebuild_after_close(timeout)
             if self._backup is not None:
                 backup, self._backup = self._backup, None
                 await backup.aclose()
@@ -1126,17 +1131,75 @@ class DataRouter:
             self._submit_forming()
 
     async def _rebuild_late(
-        self, aggregator: CandleAggregator, requests: Sequence[Any], daily_close: Any
+        self, aggregator: CandleAggregator, requests: Sequence[RebuildRequest], daily_close: Any
     ) -> None:
+        """Queue the candles of buckets that took late ticks, re-aggregated from storage.
+
+        Requests it could not finish (the database failed) are owed again.
+        """
         assert self._ingest is not None
-        await self._ingest.flush()  # the late ticks themselves must be stored first
-        for req in requests:
-            start, end = bucket_bounds(req.bucket_start, req.timeframe, daily_close=daily_close)
-            ticks = await self.storage.ticks_range(req.symbol, start, end, source=req.source)
-            candle = aggregator.rebuild(req, ticks)
-            if candle is not None:
-                self._l1.put_candle(candle)
-                self._ingest.submit_nowait(candle)
+        done = 0
+        try:
+            await self._ingest.flush()  # the late ticks themselves must be stored first
+            for req in requests:
+                candle = await self._rebuilt(self.storage, aggregator, req, daily_close)
+                if candle is not None:
+                    self._l1.put_candle(candle)
+                    self._ingest.submit_nowait(candle)
+                done += 1
+        finally:
+            aggregator.pending_rebuilds.update(requests[done:])
+
+    @staticmethod
+    async def _rebuilt(
+        storage: Storage, aggregator: CandleAggregator, req: RebuildRequest, daily_close: Any
+    ) -> CandleData | None:
+        """The candle of one bucket hit by late ticks, from the ticks storage holds."""
+        start, end = bucket_bounds(req.bucket_start, req.timeframe, daily_close=daily_close)
+        ticks = await storage.ticks_range(req.symbol, start, end, source=req.source)
+        return aggregator.rebuild(req, ticks)
+
+    async def _rebuild_after_close(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        """Store the rebuilds still owed for late ticks, once the write path has closed.
+
+        Done directly against storage, and only when the write path stored everything it
+        accepted: a rebuild from fewer ticks would be wrong, and a journal replayed later
+        would put the candle it replaces back.
+        """
+        aggregator = self._aggregator
+        storage = self._storage
+        ingest = self._ingest
+        if aggregator is None or storage is None or ingest is None:
+            return
+        if not aggregator.pending_rebuilds:
+            return
+        requests = aggregator.drain_rebuilds()
+        stats = ingest.stats()
+        if stats.journal_records or stats.lost_on_close:
+            logger.warning(
+                "%d candle rebuilds owed for late ticks were not done at close: the database "
+                "has not stored everything yet; rebuild_candles() recomputes those buckets",
+                len(requests),
+            )
+            return
+        daily_close = self._watcher.current.aggregation.daily_close
+        try:
+            async with asyncio.timeout(timeout):
+                candles = [
+                    candle
+                    for req in requests
+                    if (candle := await self._rebuilt(storage, aggregator, req, daily_close))
+                    is not None
+                ]
+                if candles:
+                    await storage.write_candles(candles)
+        except (DataManagerError, TimeoutError):
+            logger.warning(
+                "%d candle rebuilds owed for late ticks failed at close; rebuild_candles() "
+                "recomputes those buckets",
+                len(requests),
+                exc_info=True,
+            )
 
     # ------------------------------------------------------------------ history
 
@@ -1465,12 +1528,20 @@ class DataRouter:
         return batch
 
     async def flush(self) -> None:
-        """Return once everything accepted before this call is stored in the database."""
+        """Return once everything accepted before this call is stored in the database,
+        with the candles of buckets that took late ticks (``late_policy="rebuild"``)
+        rebuilt from them."""
         await self._ready()
         assert self._ingest is not None
         if self._agg_restoring:
             await self._settle_restores(None)
         self._submit_forming()
+        aggregator = self._aggregator
+        if aggregator is not None and aggregator.pending_rebuilds:
+            # Buckets that took late ticks (late_policy="rebuild"): their rebuilt candles
+            # are part of what was accepted.
+            daily_close = self._watcher.current.aggregation.daily_close
+            await self._rebuild_late(aggregator, aggregator.drain_rebuilds(), daily_close)
         await self._flush_write_path()
 
     async def _flush_write_path(self) -> None:

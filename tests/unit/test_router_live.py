@@ -294,6 +294,39 @@ async def test_a_tick_aggregation_cannot_take_is_refused_before_it_is_stored(
     assert await router.get_latest_tick("EUR/USD") is None
 
 
+@pytest.mark.parametrize("end", ["flush", "close"])
+async def test_flush_and_close_store_the_rebuilds_owed_for_late_ticks(
+    tmp_path: Path, end: str
+) -> None:
+    def settings(journal: str) -> DataManagerSettings:
+        return DataManagerSettings(
+            sqlite_path=str(tmp_path / "db.sqlite3"),
+            watch_strategy=False,
+            journal_dir=tmp_path / journal,
+        )
+
+    strategy = strategy_from_mapping(
+        {
+            "aggregation": {"timeframes": ["1m"], "late_policy": "rebuild"},
+            "batch": {"flush_interval_seconds": 3600},  # no maintenance pass meanwhile
+        }
+    )
+    clock = ManualClock(wall_ms=T0 + 70_000)
+    async with DataRouter(settings("a"), clock=clock, strategy=strategy) as router:
+        await router.save_tick(q(T0 + 1_000, 1.1000))
+        await router.save_tick(q(T0 + 61_000, 1.1010))  # closes the bar of T0
+        await router.save_tick(q(T0 + 2_000, 1.0900))  # late for it: a rebuild is owed
+        if end == "flush":
+            await router.flush()
+            stored = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 1)
+    if end == "close":
+        async with DataRouter(settings("b"), strategy=strategy) as reader:
+            stored = await reader.storage.candles_range("EUR/USD", "1m", T0, T0 + 1)
+    assert len(stored) == 1
+    assert (stored[0].num_trades, stored[0].is_closed) == (2, True)
+    assert stored[0].low == pytest.approx(1.0901)
+
+
 async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
     await router.save_tick(q(T0, 1.1000, bid_size=1e6, ask_size=1e6))
     await router.save_tick(q(T0 + 10, 1.1000, bid_size=3e6, ask_size=1e6))
