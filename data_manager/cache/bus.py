@@ -53,7 +53,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from data_manager.cache.codec import CacheItem, bus_prefix, decode_bus_message, encode_bus_message
+from data_manager.cache.codec import (
+    CacheItem,
+    bus_prefix,
+    decode_bus_message,
+    encode_bus_message,
+    tie_rank,
+)
 from data_manager.cache.redis import map_redis_errors
 from data_manager.errors import CacheError, CacheUnavailableError, ConfigurationError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
@@ -135,11 +141,8 @@ def _replaces(new: CacheItem, old: CacheItem) -> bool:
         return new.is_closed or not old.is_closed  # type: ignore[union-attr]
     if new.timestamp != old.timestamp:
         return new.timestamp > old.timestamp
-    if type(new) is TickData:
-        seq, old_seq = new.seq, old.seq  # type: ignore[union-attr]
-        if seq is not None and old_seq is not None:
-            return seq >= old_seq
-    return True
+    # The order L1 and L2 apply, so coalescing never sends what they would refuse.
+    return tie_rank(new) >= tie_rank(old)  # type: ignore[arg-type]
 
 
 class CacheBus:

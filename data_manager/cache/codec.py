@@ -37,9 +37,15 @@ close, source; order_flow — symbol, timestamp, window_ms. Symbols are in canon
 (``"EUR/USD"``, see :func:`data_manager.models.normalize_symbol`).
 
 A writer in another language that stores values in L2 must go through the same Lua script
-(:mod:`data_manager.cache.redis`), which reads ``"timestamp"``, ``"seq"`` and ``"is_closed"``
-out of stored values with string patterns, so those three must be written as plain JSON
-(``"timestamp":1727996400000``).
+(:mod:`data_manager.cache.redis`), which reads ``"timestamp"``, ``"is_closed"`` and, to
+settle equal timestamps, ``"type"``, ``"source"`` and the members :func:`tie_rank` names
+out of stored values with string patterns, so those must be written as plain JSON
+(``"timestamp":1727996400000``; strings escaped only where JSON requires it).
+
+Latest values are ordered by :func:`supersedes`: the timestamp, then on a tie by
+:func:`tie_rank`. The L1 cache, the cache bus, the L2 write script (on the fields of this
+format) and the database's latest-value queries all apply that one order, so every tier
+settles on the same value whatever order writes arrive in.
 
 Decoding trusts the payload's field types, as it comes from an SDK process through a
 server only SDK processes write to: it checks the version, the type tag, that the required
@@ -76,6 +82,8 @@ __all__ = [
     "encode_item",
     "encode_order_flow",
     "encode_tick",
+    "supersedes",
+    "tie_rank",
 ]
 
 #: Version written into every object (``"v"``). Bump it, and the key namespace ``:v1:``,
@@ -127,6 +135,55 @@ _TICK_HEAD: Final = b'{"v":1,"type":"tick",'
 _dumps: Final = orjson.dumps
 _CANDLE_KIND: Final = _KINDS[_CANDLE]
 _ORDER_FLOW_KIND: Final = _KINDS[_ORDER_FLOW]
+
+
+# --------------------------------------------------------------------------- order
+
+#: Optional tick fields in the tie order, after seq, bid and ask.
+_TICK_TIE_FIELDS: Final = ("bid_size", "ask_size", "last_price", "last_size", "volume")
+#: Rank of a missing number: below any value (models refuse infinities).
+_MISSING: Final = float("-inf")
+
+
+def tie_rank(item: TickData | OrderFlowMetrics) -> tuple[Any, ...]:
+    """Where a latest value ranks among values of the same symbol and timestamp.
+
+    One total order, the same in every tier (the L2 write script reads these fields out of
+    the JSON, the database orders its latest-value queries by the same columns):
+
+    * tick: source (by code point), ``seq`` (a missing one lowest), then the content
+      the tick's storage identity is made of: bid, ask, bid size, ask size, last price,
+      last size, volume (a missing one lowest), aggressor (none < buy < sell);
+    * order flow: source, then ``window_ms``.
+
+    Values of equal rank are the same row in the database (a tick's identity digest covers
+    exactly these fields; order flow is keyed by them), so which of them a cache keeps is
+    only a matter of fields outside that identity; there the later arrival wins.
+    """
+    d = item.__dict__
+    if type(item) is TickData:
+        seq = d["seq"]
+        return (
+            d["source"],
+            -1 if seq is None else seq,
+            d["bid"],
+            d["ask"],
+            *[_MISSING if d[name] is None else d[name] for name in _TICK_TIE_FIELDS],
+            d["aggressor"] or "",
+        )
+    return (d["source"], d["window_ms"])
+
+
+def supersedes(new: TickData | OrderFlowMetrics, old: TickData | OrderFlowMetrics) -> bool:
+    """Whether ``new`` replaces ``old`` as the latest value of its key.
+
+    A newer timestamp wins; on an equal one, the higher :func:`tie_rank`, and on an equal
+    rank the later arrival (``new``). ``new`` and ``old`` are of the same type.
+    """
+    ts, old_ts = new.timestamp, old.timestamp
+    if ts != old_ts:
+        return ts > old_ts
+    return tie_rank(new) >= tie_rank(old)
 
 
 # --------------------------------------------------------------------------- encoding

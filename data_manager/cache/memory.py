@@ -11,7 +11,8 @@ One :class:`MemoryCache` per router (so per process) holds:
 Every read is a dictionary lookup and a clock read: no I/O, no awaits, no copies beyond the
 list slice handed to the caller. Writes are compare-and-set on the event timestamp, so the
 order in which writes and pub/sub messages arrive never lets an older value replace a newer
-one (see :meth:`MemoryCache.put_tick` for the tie rule).
+one, and equal timestamps are settled by the order every tier shares
+(:func:`~data_manager.cache.codec.supersedes`).
 
 Bounds: at most ``max_entries`` entries in total (a tick, an order-flow value or a whole
 candle ring each count as one), evicted least recently used first (reads and writes both
@@ -35,6 +36,7 @@ from itertools import islice
 from operator import attrgetter
 from typing import TYPE_CHECKING, Final, Generic, TypeAlias, TypeVar
 
+from data_manager.cache.codec import tie_rank
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import ConfigurationError, ValidationError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
@@ -159,24 +161,6 @@ def _check_config(
         if not ttl > 0:
             msg = f"L1 {name} must be > 0 seconds, got {ttl}"
             raise ConfigurationError(msg)
-
-
-def _tie_wins(new: TickData | OrderFlowMetrics, old: TickData | OrderFlowMetrics) -> bool:
-    """Decide a write whose timestamp equals the cached one.
-
-    Two ticks of the same feed in the same millisecond are ordered by ``seq`` when both
-    carry one; otherwise the later arrival wins, which is also what an idempotent replay
-    of the cached value does (it only refreshes the TTL).
-    """
-    if (
-        isinstance(new, TickData)
-        and isinstance(old, TickData)
-        and new.seq is not None
-        and old.seq is not None
-        and new.source == old.source
-    ):
-        return new.seq >= old.seq
-    return True
 
 
 def _model_bytes(value: object) -> int:
@@ -338,10 +322,12 @@ class MemoryCache:
         """Store a tick if it is not older than the cached one (compare-and-set).
 
         The ``(symbol, source)`` entry and the symbol's any-source entry are each updated
-        under the same rule: a newer timestamp wins; an equal timestamp wins too (the later
-        arrival is kept) unless both ticks come from the same source, both carry ``seq`` and
-        the new ``seq`` is lower. An expired entry still guards against older writes until it
-        is removed.
+        under the same rule (:func:`~data_manager.cache.codec.supersedes`): a newer
+        timestamp wins; on an equal timestamp the higher source wins, then the higher
+        ``seq`` (a missing one lowest), then the content (bid, ask, ...); a tick equal in all
+        of these (a replay) is stored again. Every router, L2 and the database settle on the
+        same tick that way. An expired entry still guards against older writes until it is
+        removed.
 
         Returns:
             True if the ``(symbol, source)`` entry now holds ``tick``.
@@ -395,7 +381,8 @@ class MemoryCache:
     def put_order_flow(self, metrics: OrderFlowMetrics) -> bool:
         """Store order-flow metrics if not older than the cached ones (compare-and-set).
 
-        Same rule as :meth:`put_tick`; equal timestamps: the later arrival wins.
+        Same rule as :meth:`put_tick`; on an equal timestamp the higher source wins, then the
+        longer ``window_ms``, then the later arrival.
 
         Returns:
             True if the ``(symbol, source)`` entry now holds ``metrics``.
@@ -765,7 +752,8 @@ class MemoryCache:
             self._evict_excess(entry)
             return True
         ts = value.timestamp
-        if ts < entry.ts or (ts == entry.ts and not _tie_wins(value, entry.value)):
+        # The common case costs one comparison; ties take the shared order (codec.supersedes).
+        if ts < entry.ts or (ts == entry.ts and tie_rank(value) < tie_rank(entry.value)):
             self._stale_writes += 1
             return False
         entry.value = value

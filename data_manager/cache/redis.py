@@ -24,9 +24,11 @@ pipeline: one call per candle or candle series, and one call for all the latest 
 a batch (per item on a cluster, whose calls must keep their keys in one hash slot):
 
 * latest values are compare-and-set on the timestamp: an older value never replaces a
-  newer one, whatever order writes arrive in; on a tie the later write wins, unless both
-  values come from the same source with a ``seq`` and the new ``seq`` is lower (the rule of
-  the L1 cache, so both tiers settle on the same value);
+  newer one, whatever order writes arrive in; a tie is settled by the order of
+  :func:`~data_manager.cache.codec.tie_rank` (source, then ``seq``, then content for a tick;
+  source, then ``window_ms`` for order flow), read out of the stored JSON, and an equal rank
+  goes to the later write — the rule of the L1 cache and the bus, so every tier settles on
+  the same value;
 * a live candle upserts its bucket, but a closed candle is never replaced by a forming one,
   and a candle older than the ring is refused unless the ring is complete — otherwise the
   ring would show a gap the database does not have; a backfill (:meth:`RedisCache.put_candles`)
@@ -67,7 +69,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, cast
 
 import hiredis
-import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -129,23 +130,80 @@ WRITE_SCRIPT: Final = r"""
 -- data_manager L2 write script, schema v1. Runs unchanged on Redis/Valkey (Lua 5.1) and
 -- DragonflyDB (Lua 5.4): it touches only KEYS, and reads stored JSON with string patterns.
 local op, ttl = ARGV[1], ARGV[2]
--- Latest value: compare-and-set of one item on its per-source and any-source keys. Returns
--- 1 if it stored the first key, plus 2 if it stored the second.
-local function latest(keys, px, ts, value, seq, src)
+-- The order of two latest values with the same timestamp, -1, 0 or 1; what
+-- data_manager.cache.codec.tie_rank computes from the models, here read out of the JSON.
+-- Strings compare bytewise (UTF-8 byte order is code point order; Lua's own string
+-- comparison follows the server's locale), integers by length then digits (seq and
+-- window_ms are int64, beyond what 5.1's doubles hold), other numbers as numbers; a missing
+-- or null member ranks lowest. Only called on a tie, so the common write never pays for it.
+local function bytes(a, b)
+  if a == b then return 0 end
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y and -1 or 1 end
+  end
+  return #a < #b and -1 or 1
+end
+local function token(json, name)
+  local t = string.match(json, '"' .. name .. '"%s*:%s*([^,}%s]+)')
+  if t == 'null' then return nil end
+  return t
+end
+local function source(json)
+  local plain = string.match(json, '"source"%s*:%s*"([^"\\]*)"')
+  if plain then return plain end
+  -- Escaped: unescape it (a source is printable text, so only \" and \\ occur).
+  local _, last = string.find(json, '"source"%s*:%s*"')
+  local out, i = {}, (last or #json) + 1
+  while i <= #json do
+    local c = string.sub(json, i, i)
+    if c == '"' then break end
+    if c == '\\' then
+      i = i + 1
+      c = string.sub(json, i, i)
+    end
+    out[#out + 1] = c
+    i = i + 1
+  end
+  return table.concat(out)
+end
+local function integer(a, b, name)
+  local x, y = token(a, name) or '', token(b, name) or ''
+  if #x ~= #y then return #x < #y and -1 or 1 end
+  return bytes(x, y)
+end
+local function rank(a, b)
+  local c = bytes(source(a), source(b))
+  if c ~= 0 then return c end
+  if string.find(a, '"type"%s*:%s*"order_flow"') then
+    return integer(a, b, 'window_ms')
+  end
+  c = integer(a, b, 'seq')
+  if c ~= 0 then return c end
+  for _, name in ipairs({'bid', 'ask', 'bid_size', 'ask_size', 'last_price', 'last_size',
+                         'volume'}) do
+    local x, y = tonumber(token(a, name) or ''), tonumber(token(b, name) or '')
+    if x ~= y then
+      if x == nil or (y ~= nil and x < y) then return -1 end
+      return 1
+    end
+  end
+  return bytes(token(a, 'aggressor') or '', token(b, 'aggressor') or '')
+end
+-- Latest value: compare-and-set of one item on its per-source and any-source keys: a newer
+-- timestamp wins, an equal one goes by rank, an equal rank to the later write. Returns 1 if
+-- it stored the first key, plus 2 if it stored the second.
+local function latest(keys, px, ts, value)
   local stored = 0
   for i = 1, 2 do
     local cur = redis.call('GET', keys[i])
     local wins = true
     if cur then
       local cts = tonumber(string.match(cur, '"timestamp"%s*:%s*(%d+)'))
-      if cts and ts < cts then
-        wins = false
-      elseif cts == ts and seq ~= '' and string.find(cur, src, 1, true) then
-        -- Same millisecond, same source, both sequenced: a lower seq loses.
-        local cseq = string.match(cur, '"seq"%s*:%s*(%d+)')
-        if cseq and (#seq < #cseq or (#seq == #cseq and seq < cseq)) then
-          wins = false
-        end
+      if cts and ts ~= cts then
+        wins = ts > cts
+      elseif cts then
+        wins = rank(value, cur) >= 0
       end
     end
     if wins then
@@ -156,21 +214,18 @@ local function latest(keys, px, ts, value, seq, src)
   return stored
 end
 if op == 'L' then
-  -- One item. KEYS: per-source key, any-source key.
-  -- ARGV: 'L', ttl ms, timestamp, value, seq or '', '"source":<JSON string>'.
-  return latest(KEYS, ttl, tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6])
+  -- One item. KEYS: per-source key, any-source key. ARGV: 'L', ttl ms, timestamp, value.
+  return latest(KEYS, ttl, tonumber(ARGV[3]), ARGV[4])
 end
 if op == 'M' then
   -- Many items, in order. KEYS: the two keys of each item. ARGV: 'M', then per item
-  -- ttl ms, timestamp, value, seq or '', source (as for 'L'). Returns how many items
-  -- stored anything.
+  -- ttl ms, timestamp, value (as for 'L'). Returns how many items stored anything.
   local stored, a = 0, 2
   for k = 1, #KEYS, 2 do
-    if latest({KEYS[k], KEYS[k + 1]}, ARGV[a], tonumber(ARGV[a + 1]),
-              ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]) > 0 then
+    if latest({KEYS[k], KEYS[k + 1]}, ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]) > 0 then
       stored = stored + 1
     end
-    a = a + 5
+    a = a + 3
   end
   return stored
 end
@@ -920,8 +975,7 @@ class RedisCache:
                 self.tick_key(tick.symbol, tick.source),
                 self.tick_key(tick.symbol),
                 self._tick_ttl,
-                tick,
-                "" if tick.seq is None else str(tick.seq),
+                tick.timestamp,
             )
         if cls is OrderFlowMetrics:
             metrics: OrderFlowMetrics = item  # type: ignore[assignment]
@@ -930,8 +984,7 @@ class RedisCache:
                 self.order_flow_key(metrics.symbol, metrics.source),
                 self.order_flow_key(metrics.symbol),
                 self._order_flow_ttl,
-                metrics,
-                "",
+                metrics.timestamp,
             )
         if cls is CandleData:
             candle: CandleData = item  # type: ignore[assignment]
@@ -955,16 +1008,8 @@ class RedisCache:
         raise CacheError(msg)
 
     @staticmethod
-    def _latest_op(
-        payload: bytes,
-        key: str,
-        any_key: str,
-        ttl: str,
-        item: TickData | OrderFlowMetrics,
-        seq: str,
-    ) -> WriteOp:
-        source = b'"source":' + orjson.dumps(item.source)
-        return WriteOp(payload, (2, key, any_key, "L", ttl, item.timestamp, payload, seq, source))
+    def _latest_op(payload: bytes, key: str, any_key: str, ttl: str, ts: int) -> WriteOp:
+        return WriteOp(payload, (2, key, any_key, "L", ttl, ts, payload))
 
     def backfill_ops(self, candles: Sequence[CandleData], *, complete: bool) -> list[WriteOp]:
         """Backfill writes for candles read from a lower tier: one call per series."""

@@ -205,6 +205,40 @@ async def test_remote_updates_arriving_out_of_order_settle_on_the_newest(
     assert l2_tick.timestamp == TS + 9
 
 
+async def test_equal_timestamps_of_two_sources_settle_on_one_tick_everywhere(
+    make_router: RouterFactory,
+) -> None:
+    """Two feeds quote the same millisecond through two routers. Whichever order each tier
+    sees them in (a router applies its own tick before the other's arrives), every L1 and L2
+    keep the same one: the higher source."""
+    a, b = await make_router(), await make_router()
+
+    async def settled() -> set[tuple[str, int]]:
+        l2_tick = await l2_of(a).get_tick(SYM)
+        assert l2_tick is not None
+        held = [r.cache.l1.get_tick(SYM) for r in (a, b)] + [l2_tick]
+        return {(t.source, t.timestamp) for t in held if t is not None}
+
+    # One after the other, the later arrival being the lower source everywhere.
+    await a.save_tick(tick(TS, 1.2, source="srcB"))
+    await bus_of(a).flush()
+    await until(lambda: b.cache.l1.get_tick(SYM, "srcB") is not None, "B to get srcB's tick")
+    await b.save_tick(tick(TS, 1.1, source="srcA"))
+    await bus_of(b).flush()
+    await until(lambda: a.cache.l1.get_tick(SYM, "srcA") is not None, "A to get srcA's tick")
+    assert await settled() == {("srcB", TS)}
+    # At once: each router takes its own tick first and the other's from the bus.
+    await asyncio.gather(
+        a.save_tick(tick(TS + 1, 1.1, source="srcA")),
+        b.save_tick(tick(TS + 1, 1.2, source="srcB")),
+    )
+    await bus_of(a).flush()
+    await bus_of(b).flush()
+    await until(lambda: a.cache.l1.get_tick(SYM, "srcB").timestamp == TS + 1, "A to get srcB")  # type: ignore[union-attr]
+    await until(lambda: b.cache.l1.get_tick(SYM, "srcA").timestamp == TS + 1, "B to get srcA")  # type: ignore[union-attr]
+    assert await settled() == {("srcB", TS + 1)}
+
+
 async def test_bulk_saves_reach_l2_and_other_routers(make_router: RouterFactory) -> None:
     """``save_ticks`` documents that the newest tick of each symbol updates the caches."""
     a, b = await make_router(), await make_router()

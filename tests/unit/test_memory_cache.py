@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data_manager.cache.codec import tie_rank
 from data_manager.cache.memory import MemoryCache
 from data_manager.clock import ManualClock
 from data_manager.errors import ConfigurationError, ValidationError
@@ -117,56 +118,85 @@ def test_any_source_entry_keeps_newest_across_sources() -> None:
     assert cache.get_tick(SYM) is newest
 
 
-def test_equal_timestamp_later_arrival_wins() -> None:
+def test_equal_timestamp_same_source_goes_by_content_then_later_arrival() -> None:
     cache = make()
-    cache.put_tick(tick(T0, bid=1.1))
-    second = tick(T0, bid=1.2)
-    assert cache.put_tick(second)
-    assert cache.get_tick(SYM, "ig") is second
-    assert cache.get_tick(SYM) is second
+    higher = tick(T0, bid=1.2)
+    cache.put_tick(higher)
+    assert not cache.put_tick(tick(T0, bid=1.1))  # same ms, lower bid: ranks lower
+    assert cache.get_tick(SYM, "ig") is higher
+    replay = tick(T0, bid=1.2)
+    assert cache.put_tick(replay)  # equal rank: a replay, the later arrival is kept
+    assert cache.get_tick(SYM, "ig") is replay
+    assert cache.get_tick(SYM) is replay
 
 
 def test_equal_timestamp_same_source_ordered_by_seq() -> None:
     cache = make()
     later = tick(T0, bid=1.2, seq=8)
     cache.put_tick(later)
-    assert not cache.put_tick(tick(T0, bid=1.1, seq=7))
+    assert not cache.put_tick(tick(T0, bid=1.3, seq=7))
+    assert not cache.put_tick(tick(T0, bid=1.3))  # a missing seq ranks lowest
     assert cache.get_tick(SYM, "ig") is later
-    assert cache.put_tick(tick(T0, bid=1.3, seq=8))  # same seq: a replay, accepted
-    # Another feed's seq is not comparable: equal timestamp, later arrival wins.
-    other = tick(T0, bid=1.4, seq=1, source="oanda")
-    assert cache.put_tick(other)
-    assert cache.get_tick(SYM) is other
+    assert cache.put_tick(tick(T0, bid=1.3, seq=8))  # same seq: the content decides
+
+
+def test_equal_timestamp_across_sources_goes_to_the_higher_source() -> None:
+    """Whatever order routers see them in, the symbol's newest is the same tick."""
+    a2, b, a1 = (
+        tick(T0, source="a", seq=2),
+        tick(T0, source="b", bid=1.0),
+        tick(T0, source="a", seq=1),
+    )
+    for order in ((a2, b, a1), (b, a2, a1), (a1, b, a2), (a2, a1, b)):
+        cache = make()
+        for t in order:
+            cache.put_tick(t)
+        assert cache.get_tick(SYM) is b
+        assert cache.get_tick(SYM, "a") is a2
+    # The source compares by code point, whatever its seq or price.
+    cache = make()
+    cache.put_tick(tick(T0, source="oanda", seq=1, bid=1.0))
+    ig = tick(T0, source="ig", seq=99, bid=9.0)
+    assert cache.put_tick(ig)  # stored for its own source only
+    assert cache.get_tick(SYM, "ig") is ig
+    assert cache.get_tick(SYM).source == "oanda"  # type: ignore[union-attr]
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(0, 50), st.sampled_from(["ig", "oanda", "lmax"])),
+        st.tuples(
+            st.integers(0, 3),
+            st.sampled_from(["ig", "oanda", "lmax"]),
+            st.sampled_from([None, 1, 2]),
+            st.sampled_from([1.1, 1.2]),
+        ),
         min_size=1,
         max_size=40,
     ),
     st.randoms(use_true_random=False),
 )
 def test_any_arrival_order_converges_to_newest(
-    updates: list[tuple[int, str]], rnd: random.Random
+    updates: list[tuple[int, str, int | None, float]], rnd: random.Random
 ) -> None:
-    ticks = [tick(T0 + ts, source=src, bid=1.0 + i / 1000) for i, (ts, src) in enumerate(updates)]
+    ticks = [tick(T0 + ts, source=src, seq=seq, bid=bid) for ts, src, seq, bid in updates]
     shuffled = list(ticks)
     rnd.shuffle(shuffled)
     cache = make()
     for t in shuffled:
         cache.put_tick(t)
-    newest = max(t.timestamp for t in ticks)
-    got = cache.get_tick(SYM)
-    assert got is not None
-    assert got.timestamp == newest
-    # With equal timestamps the later arrival wins: the last of the newest in arrival order.
-    assert got is [t for t in shuffled if t.timestamp == newest][-1]
-    for src in {s for _, s in updates}:
-        per_source = [t for t in shuffled if t.source == src]
-        top = max(t.timestamp for t in per_source)
-        assert cache.get_tick(SYM, src) is [t for t in per_source if t.timestamp == top][-1]
+
+    def rank(t: TickData) -> tuple[object, ...]:
+        return (t.timestamp, *tie_rank(t))
+
+    def newest(candidates: list[TickData]) -> TickData:
+        # The highest rank; among equal ranks (the same tick) the last to arrive.
+        top = max(map(rank, candidates))
+        return [t for t in candidates if rank(t) == top][-1]
+
+    assert cache.get_tick(SYM) is newest(shuffled)
+    for src in {s for _, s, _, _ in updates}:
+        assert cache.get_tick(SYM, src) is newest([t for t in shuffled if t.source == src])
 
 
 # ---------------------------------------------------------------- TTLs
@@ -274,8 +304,15 @@ def test_order_flow_compare_and_set() -> None:
     assert cache.get_order_flow(SYM, "databento") is new
     assert cache.get_order_flow(SYM, "other") is None
     same_ts = flow(T0 + 100, ofi=3.0)
-    assert cache.put_order_flow(same_ts)
+    assert cache.put_order_flow(same_ts)  # same key as the database's: the later write
     assert cache.get_order_flow(SYM) is same_ts
+    # Equal timestamps otherwise go by source, then window_ms, as in every tier.
+    assert cache.put_order_flow(flow(T0 + 100, ofi=4.0, source="alpha"))
+    assert cache.get_order_flow(SYM) is same_ts
+    wider = same_ts.model_copy(update={"window_ms": 300_000})
+    assert cache.put_order_flow(wider)
+    assert not cache.put_order_flow(flow(T0 + 100, ofi=5.0))
+    assert cache.get_order_flow(SYM) is wider
 
 
 # ---------------------------------------------------------------- LRU bound

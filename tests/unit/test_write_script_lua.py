@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from data_manager.cache.bus import _replaces
+from data_manager.cache.codec import encode_order_flow, encode_tick, tie_rank
+from data_manager.cache.memory import MemoryCache
 from data_manager.cache.redis import WRITE_SCRIPT, RedisCache, WriteOp, _script_calls
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
@@ -187,9 +192,130 @@ def test_single_latest_value_and_the_seq_tie_rule(lua_version: str, cache: Redis
     assert script.apply([cache.write_op(tick(seq=9, bid=1.3))]) == [3]
     # Same millisecond, same source, lower seq: refused on both keys.
     assert script.apply([cache.write_op(tick(seq=4, bid=1.1))]) == [0]
-    # Same millisecond, same source, unsequenced: the later write wins.
-    assert script.apply([cache.write_op(tick(bid=1.5))]) == [3]
-    assert stored_bid(server, cache.tick_key("EUR/USD", "ig")) == 1.5
+    # Same millisecond, same source, unsequenced: ranks below any seq, refused.
+    assert script.apply([cache.write_op(tick(bid=1.5))]) == [0]
+    # Same seq: the content decides (a higher bid ranks higher); a replay is stored again.
+    assert script.apply([cache.write_op(tick(seq=9, bid=1.4))]) == [3]
+    assert script.apply([cache.write_op(tick(seq=9, bid=1.4))]) == [3]
+    assert stored_bid(server, cache.tick_key("EUR/USD", "ig")) == 1.4
+
+
+def test_equal_timestamps_across_sources_settle_on_the_higher_source(
+    lua_version: str, cache: RedisCache
+) -> None:
+    server = FakeServer()
+    script = Script(lua_version, server)
+    any_key = cache.tick_key("EUR/USD")
+    # A(seq 2), B, then A's late seq 1, in the same millisecond, in either source order.
+    assert script.apply([cache.write_op(tick(source="srcA", seq=2, bid=1.2))]) == [3]
+    assert script.apply([cache.write_op(tick(source="srcB", bid=1.3))]) == [3]
+    assert script.apply([cache.write_op(tick(source="srcA", seq=1, bid=1.1))]) == [0]
+    assert stored_bid(server, any_key) == 1.3
+    server = FakeServer()
+    script = Script(lua_version, server)
+    assert script.apply([cache.write_op(tick(source="srcB", bid=1.3))]) == [3]
+    assert script.apply([cache.write_op(tick(source="srcA", seq=2, bid=1.2))]) == [1]
+    assert stored_bid(server, any_key) == 1.3
+
+
+#: Sources whose order differs between code points and a naive reading of their JSON (an
+#: escaped quote or backslash, non-ASCII, upper before lower case, a prefix of another).
+_SOURCES = ["ig", "ig2", "Zeta", "q#", "\u00e9cu", "\u00e9", 'q"x', "q\\x", "q", "\u65e5\u672c"]
+
+
+@st.composite
+def _tied(draw: st.DrawFn, build: Any, **fields: list[Any]) -> list[Any]:
+    """Up to 12 values that mostly tie: each field takes one of two or three values drawn
+    for the example (sources from :data:`_SOURCES`), so every rule of the order is hit."""
+    pools = {
+        name: draw(st.lists(st.sampled_from(values), min_size=1, max_size=3, unique=True))
+        for name, values in fields.items()
+    }
+    size = draw(st.integers(1, 12))
+    return [
+        build(**{name: draw(st.sampled_from(pool)) for name, pool in pools.items()})
+        for _ in range(size)
+    ]
+
+
+_ticks = _tied(
+    lambda ts, **kw: tick(ts, **kw),
+    ts=[TS, TS + 1],
+    source=_SOURCES,
+    seq=[None, 0, 7, 10, 2**63 - 1],
+    bid=[1.1, 1.25, 9.5, 10.0],
+    bid_size=[None, 0.0, 5.0, 1e-05, 2.5e6],
+    ask_size=[None, 1.0],
+    last_price=[None, 1.1, 1.3],
+    last_size=[None, 2.0],
+    volume=[None, 0.0, 3.0],
+    aggressor=[None, "buy", "sell"],
+)
+_flows = _tied(
+    lambda **kw: OrderFlowMetrics(symbol="EUR/USD", **kw),
+    timestamp=[TS, TS + 1],
+    window_ms=[1000, 60_000, 2**63 - 1],
+    ofi=[1.0, 2.0],
+    source=_SOURCES,
+)
+
+
+def _rank(item: TickData | OrderFlowMetrics) -> tuple[Any, ...]:
+    return (item.timestamp, *tie_rank(item))
+
+
+def _settles_alike(
+    lua_version: str, cache: RedisCache, items: Sequence[TickData | OrderFlowMetrics]
+) -> None:
+    """Apply ``items`` in order to the script (one batch), an L1 and the bus's coalescing;
+    all three must hold the same values, byte for byte, and the newest by the order."""
+    server = FakeServer()
+    Script(lua_version, server).apply([cache.write_op(item) for item in items])
+    l1 = MemoryCache(max_entries=100, tick_ttl=60, candle_ttl=60, order_flow_ttl=60, ring_size=3)
+    coalesced: dict[str, TickData | OrderFlowMetrics] = {}
+    for item in items:
+        if type(item) is TickData:
+            l1.put_tick(item)
+        else:
+            l1.put_order_flow(item)  # type: ignore[arg-type]
+        old = coalesced.get(item.source)
+        if old is None or _replaces(item, old):
+            coalesced[item.source] = item
+    is_tick = type(items[0]) is TickData
+    get, key, encode = (
+        (l1.get_tick, cache.tick_key, encode_tick)
+        if is_tick
+        else (l1.get_order_flow, cache.order_flow_key, encode_order_flow)
+    )
+    newest = get("EUR/USD")
+    assert newest is not None
+    assert _rank(newest) == max(map(_rank, items))
+    assert server.strings[key("EUR/USD")] == encode(newest).decode()  # type: ignore[arg-type]
+    for source, pending in coalesced.items():
+        own = get("EUR/USD", source)
+        assert own is pending
+        assert _rank(own) == max(_rank(i) for i in items if i.source == source)
+        assert server.strings[key("EUR/USD", source)] == encode(own).decode()  # type: ignore[arg-type]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_ticks)
+def test_ticks_settle_alike_in_the_script_l1_and_the_bus(
+    lua_version: str, cache: RedisCache, ticks: list[TickData]
+) -> None:
+    _settles_alike(lua_version, cache, ticks)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_flows)
+def test_order_flow_settles_alike_in_the_script_l1_and_the_bus(
+    lua_version: str, cache: RedisCache, flows: list[OrderFlowMetrics]
+) -> None:
+    _settles_alike(lua_version, cache, flows)
 
 
 def test_live_candles_fill_and_trim_the_ring(lua_version: str, cache: RedisCache) -> None:
