@@ -72,7 +72,9 @@ from data_manager.storage.schema import (
     CANDLE_KEY,
     ORDER_FLOW_COLUMNS,
     ORDER_FLOW_KEY,
+    ORDER_FLOW_NEWEST_FIRST,
     TICK_COLUMNS,
+    TICK_NEWEST_FIRST,
     TICK_READ_COLUMNS,
     Tables,
     build_tables,
@@ -81,6 +83,7 @@ from data_manager.storage.schema import (
     column_list,
     dedupe_candles,
     dedupe_order_flow,
+    newest_first,
     order_flow_from_row,
     order_flow_record,
     quote_ident,
@@ -211,17 +214,19 @@ class _Sql:
             column_list(CANDLE_COLUMNS),
             column_list(ORDER_FLOW_COLUMNS),
         )
+        # Newest first in the order every cache tier keeps (schema.TICK_NEWEST_FIRST).
+        newest = newest_first(TICK_NEWEST_FIRST)
         self.latest_tick_any = (
-            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 ORDER BY ts DESC LIMIT 1"
+            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 ORDER BY {newest} LIMIT 1"
         )
         self.latest_tick_source = (
             f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND source = $2 "
-            "ORDER BY ts DESC, content_key DESC LIMIT 1"
+            f"ORDER BY {newest} LIMIT 1"
         )
         self.latest_ticks_many = (
             f"SELECT {column_list(TICK_READ_COLUMNS, 't.')} FROM unnest($1::text[]) AS k(symbol) "
             f"CROSS JOIN LATERAL (SELECT {tcols} FROM {ticks} x WHERE x.symbol = k.symbol "
-            "ORDER BY x.ts DESC LIMIT 1) t"
+            f"ORDER BY {newest_first(TICK_NEWEST_FIRST, 'x.')} LIMIT 1) t"
         )
         # LIMIT NULL is no limit, so one statement serves ranges with and without one.
         self.ticks_range_any = (
@@ -293,12 +298,13 @@ SELECT {ccols} FROM {candles}
                  s.source
         LIMIT 1)
  ORDER BY ts DESC LIMIT $4"""
+        newest_flow = newest_first(ORDER_FLOW_NEWEST_FIRST)
         self.latest_flow_any = (
-            f"SELECT {ocols} FROM {flow} WHERE symbol = $1 ORDER BY ts DESC LIMIT 1"
+            f"SELECT {ocols} FROM {flow} WHERE symbol = $1 ORDER BY {newest_flow} LIMIT 1"
         )
         self.latest_flow_source = (
             f"SELECT {ocols} FROM {flow} WHERE symbol = $1 AND source = $2 "
-            "ORDER BY ts DESC, window_ms DESC LIMIT 1"
+            f"ORDER BY {newest_flow} LIMIT 1"
         )
         # Session temp tables (one set per connection, emptied at every commit): creating a
         # table per batch would churn the system catalogs at the ingest rate.

@@ -75,9 +75,11 @@ __all__ = [
     "MIGRATIONS",
     "ORDER_FLOW_COLUMNS",
     "ORDER_FLOW_KEY",
+    "ORDER_FLOW_NEWEST_FIRST",
     "ROWID",
     "Row",
     "TICK_COLUMNS",
+    "TICK_NEWEST_FIRST",
     "TICK_READ_COLUMNS",
     "Migration",
     "MigrationOutcome",
@@ -97,6 +99,7 @@ __all__ = [
     "head_version",
     "migrate",
     "ms_to_datetime",
+    "newest_first",
     "order_flow_from_row",
     "order_flow_record",
     "pick_candle_source",
@@ -138,6 +141,38 @@ TICK_COLUMNS: Final = (
 )
 #: Column order :func:`tick_from_row` expects (the stored columns minus ``content_key``).
 TICK_READ_COLUMNS: Final = tuple(c for c in TICK_COLUMNS if c != "content_key")
+
+#: The ORDER BY terms that put a symbol's newest tick first: the order the caches keep
+#: (:func:`data_manager.cache.codec.supersedes`), highest first. ``source`` compares bytes
+#: (its "C" collation on PostgreSQL, BINARY on SQLite), a missing value ranks lowest.
+#: ``content_key`` comes last only to make the order total: rows equal on every other term
+#: share their key but for -0.0 against 0.0. Only ``ts`` is in an index; the rest orders
+#: the few rows of the newest millisecond (PostgreSQL's incremental sort, SQLite's sorter
+#: for the right part of an ORDER BY), so a ``LIMIT 1`` stays an index probe.
+TICK_NEWEST_FIRST: Final = (
+    "ts DESC",
+    "source DESC",
+    "seq DESC NULLS LAST",
+    "bid DESC",
+    "ask DESC",
+    "bid_size DESC NULLS LAST",
+    "ask_size DESC NULLS LAST",
+    "last_price DESC NULLS LAST",
+    "last_size DESC NULLS LAST",
+    "volume DESC NULLS LAST",
+    "aggressor DESC NULLS LAST",
+    "content_key DESC",
+)
+#: Order flow's counterpart of :data:`TICK_NEWEST_FIRST`; ``window_ms`` completes the key,
+#: so the order is total.
+ORDER_FLOW_NEWEST_FIRST: Final = ("ts DESC", "source DESC", "window_ms DESC")
+
+
+def newest_first(terms: Sequence[str], alias: str = "") -> str:
+    """``terms`` as an ORDER BY list, each column qualified with ``alias`` (e.g. ``"x."``)."""
+    return ", ".join(alias + term for term in terms)
+
+
 CANDLE_COLUMNS: Final = (
     "symbol",
     "timeframe",

@@ -44,8 +44,10 @@ from data_manager.storage.schema import (
     CANDLE_KEY,
     ORDER_FLOW_COLUMNS,
     ORDER_FLOW_KEY,
+    ORDER_FLOW_NEWEST_FIRST,
     ROWID,
     TICK_COLUMNS,
+    TICK_NEWEST_FIRST,
     TICK_READ_COLUMNS,
     Tables,
     build_tables,
@@ -54,6 +56,7 @@ from data_manager.storage.schema import (
     column_list,
     dedupe_candles,
     dedupe_order_flow,
+    newest_first,
     order_flow_from_row,
     order_flow_record,
     tick_from_row,
@@ -105,12 +108,14 @@ _UPSERT_CANDLES: Final = (
     )
 )
 _TICK_COLS: Final = column_list(TICK_READ_COLUMNS)
+# Newest first in the order every cache tier keeps (schema.TICK_NEWEST_FIRST).
 _LATEST_TICK_ANY: Final = (
-    f"SELECT {_TICK_COLS} FROM ticks WHERE symbol = ? ORDER BY ts DESC, rowid DESC LIMIT 1"
+    f"SELECT {_TICK_COLS} FROM ticks WHERE symbol = ? "
+    f"ORDER BY {newest_first(TICK_NEWEST_FIRST)} LIMIT 1"
 )
 _LATEST_TICK_SOURCE: Final = (
     f"SELECT {_TICK_COLS} FROM ticks WHERE symbol = ? AND source = ? "
-    "ORDER BY ts DESC, content_key DESC LIMIT 1"
+    f"ORDER BY {newest_first(TICK_NEWEST_FIRST)} LIMIT 1"
 )
 _LATEST_CANDLES: Final = (
     f"SELECT {column_list(CANDLE_COLUMNS)} FROM candles "
@@ -133,11 +138,12 @@ SELECT source, (SELECT max(c.ts) FROM candles c
   FROM src WHERE source IS NOT NULL"""
 _FLOW_COLS: Final = column_list(ORDER_FLOW_COLUMNS)
 _LATEST_FLOW_ANY: Final = (
-    f"SELECT {_FLOW_COLS} FROM order_flow WHERE symbol = ? ORDER BY ts DESC, rowid DESC LIMIT 1"
+    f"SELECT {_FLOW_COLS} FROM order_flow WHERE symbol = ? "
+    f"ORDER BY {newest_first(ORDER_FLOW_NEWEST_FIRST)} LIMIT 1"
 )
 _LATEST_FLOW_SOURCE: Final = (
     f"SELECT {_FLOW_COLS} FROM order_flow WHERE symbol = ? AND source = ? "
-    "ORDER BY ts DESC, window_ms DESC LIMIT 1"
+    f"ORDER BY {newest_first(ORDER_FLOW_NEWEST_FIRST)} LIMIT 1"
 )
 _UPSERT_ORDER_FLOW: Final = (
     f"INSERT INTO order_flow ({column_list(ORDER_FLOW_COLUMNS)}) "

@@ -30,6 +30,7 @@ from data_manager.clock import Clock, ManualClock, SystemClock
 from data_manager.models import CandleData, TickData
 from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
+from data_manager.storage.base import tick_content_key
 from data_manager.strategy import strategy_from_mapping
 
 if TYPE_CHECKING:
@@ -237,6 +238,36 @@ async def test_equal_timestamps_of_two_sources_settle_on_one_tick_everywhere(
     await until(lambda: a.cache.l1.get_tick(SYM, "srcB").timestamp == TS + 1, "A to get srcB")  # type: ignore[union-attr]
     await until(lambda: b.cache.l1.get_tick(SYM, "srcA").timestamp == TS + 1, "B to get srcA")  # type: ignore[union-attr]
     assert await settled() == {("srcB", TS + 1)}
+
+
+async def test_a_read_through_serves_and_backfills_the_tick_the_caches_keep(
+    make_router: RouterFactory,
+) -> None:
+    """Same source, same millisecond: seq 2 is the newest tick. Once L2 lost its keys, a
+    fresh router reads through to the database: it must answer seq 2 and put seq 2 back."""
+    older = tick(TS).model_copy(update={"seq": 1})
+    newer = tick(TS).model_copy(update={"seq": 2})
+    assert tick_content_key(older) > tick_content_key(newer)  # the primary key disagrees
+    a = await make_router()
+    await a.save_tick(older)
+    await a.save_tick(newer)
+    await bus_of(a).flush()
+    l2 = l2_of(a)
+    await l2.client.delete(l2.tick_key(SYM, SRC), l2.tick_key(SYM))  # e.g. a restart
+    b = await make_router()
+    for source in (SRC, None):
+        got = await b.get_latest_tick(SYM, source=source)
+        assert got is not None
+        assert got.seq == 2, f"source={source}: the database answered seq {got.seq}"
+
+    async def backfilled() -> bool:
+        return await l2.get_tick(SYM, SRC) is not None and await l2.get_tick(SYM) is not None
+
+    await until_async(backfilled, "the read-through to backfill L2")
+    for source in (SRC, None):
+        in_l2 = await l2.get_tick(SYM, source)
+        assert in_l2 is not None
+        assert in_l2.seq == 2
 
 
 async def test_bulk_saves_reach_l2_and_other_routers(make_router: RouterFactory) -> None:

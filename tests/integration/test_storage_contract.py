@@ -13,11 +13,12 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import Index, inspect
 
+from data_manager.cache.codec import tie_rank
 from data_manager.errors import ConfigurationError, QueryExecutionError, ValidationError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 from data_manager.settings import PostgresSettings
 from data_manager.storage import schema
-from data_manager.storage.base import SCHEMA_VERSION, Storage
+from data_manager.storage.base import SCHEMA_VERSION, Storage, tick_content_key
 from data_manager.storage.postgres import COPY_MIN_ROWS, PostgresStorage
 from data_manager.storage.sqlite import SQLiteStorage
 
@@ -227,6 +228,58 @@ async def test_latest_tick_per_source_and_any_source(backend: Backend) -> None:
     many = await s.latest_ticks([SYM, "GBP/USD", "USD/JPY", SYM])
     assert {k: v.timestamp for k, v in many.items()} == {SYM: T0 + 9, "GBP/USD": T0 + 99}
     assert await s.latest_ticks([]) == {}
+
+
+def _rank(item: TickData | OrderFlowMetrics) -> tuple[Any, ...]:
+    return (item.timestamp, *tie_rank(item))
+
+
+async def test_latest_at_one_timestamp_is_the_one_every_cache_keeps(backend: Backend) -> None:
+    """Rows sharing the newest millisecond: the database answers the value the caches settle
+    on (``codec.supersedes``: source, seq, then content), whatever order they were written
+    in, so a read-through never serves or backfills a value L1 and L2 would refuse."""
+    s = backend.storage
+    eur = [
+        tick(T0 - 1, source="\u00e9", bid=9.0),  # older, from the highest source
+        tick(T0, source="ig", seq=1),
+        tick(T0, source="ig", seq=2),  # ig's newest, although seq 1 has the larger key
+        tick(T0, source="ig", bid=1.5),  # unsequenced: below any seq
+        tick(T0, source="Zeta", seq=9, bid=2.0),  # "Z" sorts before "i"
+        tick(T0, source="ig2", bid=0.5),  # the highest source of T0: the symbol's newest
+    ]
+    assert tick_content_key(eur[1]) > tick_content_key(eur[2])
+    gbp = [
+        tick(T0, symbol="GBP/USD", **kw)
+        for kw in (
+            {},
+            {"ask_size": 1.0},
+            {"bid_size": 5.0},
+            {"bid_size": 5.0, "volume": 0.0, "aggressor": "buy"},
+            {"bid_size": 5.0, "volume": 0.0, "aggressor": "sell"},  # the newest
+            {"bid_size": 5.0, "volume": 0.0},
+        )
+    ]
+    ticks = eur + gbp
+    # Highest rank first, one transaction each: neither insertion order nor the key helps.
+    for t in sorted(ticks, key=_rank, reverse=True):
+        await s.write_ticks([t])
+    newest = {
+        sym: max((t for t in ticks if t.symbol == sym), key=_rank) for sym in (SYM, "GBP/USD")
+    }
+    assert (newest[SYM].source, newest["GBP/USD"].aggressor) == ("ig2", "sell")
+    assert await s.latest_tick(SYM) == newest[SYM]
+    assert await s.latest_tick("GBP/USD") == newest["GBP/USD"]
+    assert await s.latest_ticks([SYM, "GBP/USD"]) == newest
+    for source in ("ig", "Zeta", "\u00e9"):
+        own = max((t for t in eur if t.source == source), key=_rank)
+        assert await s.latest_tick(SYM, source=source) == own
+    assert (await s.latest_tick(SYM, source="ig")).seq == 2  # type: ignore[union-attr]
+
+    flows = [flow(T0, source=src, window_ms=w) for src in ("b", "a") for w in (60_000, 1000)]
+    for metrics in flows:
+        await s.write_order_flow([metrics])
+    assert await s.latest_order_flow(SYM) == max(flows, key=_rank)  # b, 60 s
+    assert await s.latest_order_flow(SYM, source="a") == flows[2]
 
 
 async def test_tick_range_is_half_open_and_limited(backend: Backend) -> None:

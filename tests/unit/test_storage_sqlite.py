@@ -26,6 +26,7 @@ from data_manager.models import (
     TickData,
 )
 from data_manager.storage import schema
+from data_manager.storage import sqlite as sqlite_storage
 from data_manager.storage.base import SCHEMA_VERSION
 from data_manager.storage.postgres import hypertable_sql
 from data_manager.storage.sqlite import SQLiteStorage
@@ -47,6 +48,30 @@ async def memory_storage() -> AsyncIterator[SQLiteStorage]:
     async with SQLiteStorage(":memory:") as storage:
         await storage.create_schema()
         yield storage
+
+
+# --------------------------------------------------------------------------- query plans
+
+
+async def test_latest_value_reads_are_index_probes(tmp_path: Path) -> None:
+    """The newest-first order has more terms than any index: the index must still drive the
+    scan (the terms after ``ts`` only order the rows of the newest millisecond)."""
+    path = tmp_path / "plans.sqlite3"
+    async with SQLiteStorage(path) as storage:
+        await storage.create_schema()
+        await storage.write_ticks([tick(T0 + i, source="ab"[i % 2]) for i in range(2000)])
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("ANALYZE")
+        for query, args in (
+            (sqlite_storage._LATEST_TICK_ANY, (SYM,)),
+            (sqlite_storage._LATEST_TICK_SOURCE, (SYM, "a")),
+            (sqlite_storage._LATEST_FLOW_ANY, (SYM,)),
+            (sqlite_storage._LATEST_FLOW_SOURCE, (SYM, "a")),
+        ):
+            steps = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + query, args)]
+            assert steps[0].startswith("SEARCH "), steps
+            assert " USING " in steps[0], steps
+            assert set(steps[1:]) <= {"USE TEMP B-TREE FOR RIGHT PART OF ORDER BY"}, steps
 
 
 # --------------------------------------------------------------------------- :memory:
