@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import heapq
 import logging
 import os
 import time
@@ -167,6 +168,24 @@ def _norm(raw: str) -> str:
     if type(raw) is not str:
         return normalize_symbol(raw)  # raises ValidationError with a clear message
     return _symbol(raw)
+
+
+def _ring_window(candles: Iterable[CandleData], ring_size: int) -> list[CandleData]:
+    """Per series, the last version of each of its newest ``ring_size`` buckets, oldest
+    first: all of ``candles`` a candle ring can hold (older buckets would fall out of it at
+    once), in the order that lets a ring take them without a gap."""
+    series: dict[tuple[str, str, str], dict[int, CandleData]] = {}
+    for candle in candles:
+        key = (candle.symbol, candle.timeframe, candle.source)
+        buckets = series.get(key)
+        if buckets is None:
+            buckets = series[key] = {}
+        buckets[candle.timestamp] = candle
+    return [
+        buckets[start]
+        for buckets in series.values()
+        for start in sorted(heapq.nlargest(ring_size, buckets))
+    ]
 
 
 class StalenessReport(dict[str, bool]):
@@ -1133,7 +1152,8 @@ class DataRouter:
     async def _rebuild_late(
         self, aggregator: CandleAggregator, requests: Sequence[RebuildRequest], daily_close: Any
     ) -> None:
-        """Queue the candles of buckets that took late ticks, re-aggregated from storage.
+        """Queue the candles of buckets that took late ticks, re-aggregated from storage,
+        and send them where the candles they replace went (:meth:`_spread_rebuilt`).
 
         Requests it could not finish (the database failed) are owed again.
         """
@@ -1144,11 +1164,27 @@ class DataRouter:
             for req in requests:
                 candle = await self._rebuilt(self.storage, aggregator, req, daily_close)
                 if candle is not None:
-                    self._l1.put_candle(candle)
+                    self._spread_rebuilt((candle,))
                     self._ingest.submit_nowait(candle)
                 done += 1
         finally:
             aggregator.pending_rebuilds.update(requests[done:])
+
+    def _spread_rebuilt(self, candles: Iterable[CandleData]) -> None:
+        """Send rebuilt candles where live aggregated candles go: L1, L2 and the other
+        routers (the live write, which replaces the closed candle it supersedes; a
+        backfill never would) and this router's subscribers.
+
+        Only the candles a ring can hold go out (:func:`_ring_window`): rebuilding a year
+        of bars costs one ring's worth of updates per series, not one per bar.
+        """
+        strat = self._watcher.current
+        route = strat.routing.save_tick  # aggregated candles follow their ticks' route
+        for candle in _ring_window(candles, strat.cache.candle_ring_size):
+            self._l1.put_candle(candle)
+            self._publish(route, candle)
+            if self._subs:
+                self._subs.dispatch(candle)
 
     @staticmethod
     async def _rebuilt(
@@ -1193,6 +1229,7 @@ class DataRouter:
                 ]
                 if candles:
                     await storage.write_candles(candles)
+                    self._spread_rebuilt(candles)  # the bus sends them as it closes
         except (DataManagerError, TimeoutError):
             logger.warning(
                 "%d candle rebuilds owed for late ticks failed at close; rebuild_candles() "
@@ -1220,7 +1257,9 @@ class DataRouter:
         aggregation options: the ticks of each source are taken in key order
         ``(timestamp, content key)``, which storage keeps (not arrival order). Candles of
         buckets that have ended are stored closed; a bucket still running is stored forming.
-        Queued writes are flushed first.
+        Queued writes are flushed first. The newest ``cache.candle_ring_size`` candles of
+        each series then replace the cached ones as live candles do (L1, L2, the other
+        routers, subscribers).
 
         Args:
             source: Tick source to rebuild (candles ``agg:<source>``); default every source.
@@ -1268,8 +1307,10 @@ class DataRouter:
             daily_close=agg.daily_close,
             emit_forming=False,
         )
+        ring = self._watcher.current.cache.candle_ring_size
         written = 0
         batch: list[CandleData] = []
+        newest: list[CandleData] = []  # the ring's window of what was written so far
         ticks = self.storage.iter_ticks(sym, first, last, source=source)
         # One source's stream is already in key order; across sources, ticks of one
         # millisecond are not (PostgreSQL orders by ts alone).
@@ -1277,6 +1318,7 @@ class DataRouter:
             batch.extend(c for c in aggregator.update(tick) if c.is_closed)
             if len(batch) >= 10_000:
                 written += await self.storage.write_candles(batch)
+                newest = _ring_window([*newest, *batch], ring)
                 batch.clear()
         now = self._clock.time_ms()
         # Buckets still open at the end of the stream: closed when their end has passed.
@@ -1284,8 +1326,7 @@ class DataRouter:
         batch.extend(aggregator.forming())
         if batch:
             written += await self.storage.write_candles(batch)
-        for candle in batch:
-            self._l1.put_candle(candle)
+        self._spread_rebuilt([*newest, *batch])
         return written
 
     async def _rebuild_candles_sql(
@@ -1303,8 +1344,10 @@ class DataRouter:
         the older ones, so each chunk is final when it is read.
         """
         now = self._clock.time_ms()
+        ring = self._watcher.current.cache.candle_ring_size
         later: set[str] = set()
         written = 0
+        newest: list[CandleData] = []  # the ring's window of what was written so far
         for lo, hi in rebuild_chunks(first, last, timeframe):
             buckets = await self.storage.aggregate_tick_buckets(
                 symbol, timeframe, lo, hi, price=price, source=source
@@ -1315,8 +1358,8 @@ class DataRouter:
             later.update(row.source for row in buckets)
             for i in range(0, len(candles), 10_000):
                 written += await self.storage.write_candles(candles[i : i + 10_000])
-            for candle in candles:
-                self._l1.put_candle(candle)
+            newest = _ring_window([*newest, *candles], ring)
+        self._spread_rebuilt(newest)
         return written
 
     # ------------------------------------------------------------------ subscriptions
@@ -1483,24 +1526,16 @@ class DataRouter:
             await self._flush_write_path()
         stored = await self.storage.write_candles(batch)
         strat = self._watcher.current
-        # Per series, the last version of each bucket (as the database keeps it).
-        series: dict[tuple[str, str, str], dict[int, CandleData]] = {}
         for candle in batch:
             self._l1.put_candle(candle)
             self._promote_source(candle)
-            key = (candle.symbol, candle.timeframe, candle.source)
-            buckets = series.get(key)
-            if buckets is None:
-                buckets = series[key] = {}
-            buckets[candle.timestamp] = candle
         bus = self._bus
         if bus is not None and L2_CACHE in strat.routing.save_candle:
-            # L2 and the other routers' L1: every candle of the ring's window, oldest first,
-            # so the shared ring has no gap. Older ones would fall out of the ring at once.
-            ring = strat.cache.candle_ring_size
-            for buckets in series.values():
-                for start in sorted(buckets)[-ring:]:
-                    bus.publish(buckets[start])
+            # L2 and the other routers' L1: every candle of the ring's window (the last
+            # version of each bucket, as the database keeps it), oldest first, so the
+            # shared ring has no gap.
+            for candle in _ring_window(batch, strat.cache.candle_ring_size):
+                bus.publish(candle)
         await self._settle_bus()
         return stored
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
+    from data_manager.cache.bus import CacheBus
     from data_manager.cache.redis import RedisCache
     from data_manager.health import CacheHealth
     from tests.servers import RedisServer
@@ -74,6 +75,12 @@ def l2_of(router: DataRouter) -> RedisCache:
     l2 = router.cache.l2
     assert l2 is not None, "the router has no L2 cache"
     return l2
+
+
+def bus_of(router: DataRouter) -> CacheBus:
+    bus = router._bus
+    assert bus is not None, "the router has no cache bus"
+    return bus
 
 
 _FILLS: Final = frozenset({"put_ticks", "put_candles", "put_order_flow"})
@@ -596,6 +603,122 @@ async def test_warm_start_loads_ticks_and_candles_in_few_queries(
     assert (s.l1.misses, s.details["db_reads"]) == (0, 0)
     assert s.l1.hits == 3 + 6
     assert sum(calls.values()) <= 2, calls  # the reads above did not touch the database
+
+
+# ----------------------------------------------------------------------------- rebuilt candles
+
+AGG_SRC: Final = "agg:ig"
+LATE_REBUILD: Final = {
+    "aggregation": {
+        "enabled": True,
+        "timeframes": ["1m"],
+        "late_policy": "rebuild",
+        "publish_interval_seconds": 0,
+    }
+}
+
+
+def bar(candle: CandleData) -> tuple[int, float, float, float, float, int | None, bool]:
+    return (
+        candle.timestamp,
+        candle.open,
+        candle.high,
+        candle.low,
+        candle.close,
+        candle.num_trades,
+        candle.is_closed,
+    )
+
+
+def l1_bars(router: DataRouter, limit: int) -> list[tuple[Any, ...]] | None:
+    ring = router.cache.l1.get_candles(SYM, "1m", limit, AGG_SRC)
+    return None if ring is None else [bar(c) for c in ring]
+
+
+async def test_a_late_tick_rebuild_reaches_l2_other_routers_and_subscribers(
+    make_router: RouterFactory,
+) -> None:
+    """late_policy="rebuild": the rebuilt closed candle replaces the superseded one in every
+    tier, not only in the router that rebuilt it and the database."""
+    a = await make_router(strategy=LATE_REBUILD)
+    b = await make_router(strategy=LATE_REBUILD)
+    sub = a.subscribe_candles(SYM, "1m", source=AGG_SRC)
+    await a.save_tick(tick(TS + 1_000, 1.10))
+    await a.save_tick(tick(TS + 61_000, 1.12))  # closes the bucket of TS
+    await a.save_tick(tick(TS + 30_000, 1.50))  # late for it: a new high, a rebuild owed
+    await a.flush()  # stores the late tick, then the rebuilt candle
+    await a.cache.flush()
+    stored = await a.storage.candles_range(SYM, "1m", TS, TS + 1, source=AGG_SRC)
+    assert len(stored) == 1
+    rebuilt = bar(stored[0])
+    assert stored[0].high > 1.5
+    assert stored[0].num_trades == 2
+
+    in_l2 = await l2_of(a).get_candles(SYM, "1m", 2, AGG_SRC)
+    assert in_l2 is not None
+    assert bar(in_l2[0]) == rebuilt
+
+    async def b_has_it() -> bool:
+        ring = l1_bars(b, 2)
+        return ring is not None and ring[0] == rebuilt
+
+    await until(b_has_it, "router B's L1 to take the rebuilt candle")
+    delivered = [bar(await anext(sub)) for _ in range(sub.pending)]
+    closed = [c for c in delivered if c[0] == TS and c[-1]]
+    assert closed[-1] == rebuilt
+
+
+@pytest.mark.parametrize("method", ["sql", "stream"])
+async def test_rebuild_candles_replaces_cached_candles_and_sends_one_ring(
+    make_router: RouterFactory, method: str
+) -> None:
+    """``rebuild_candles`` puts its candles where live ones go (the live write: a closed
+    candle replaces a closed one), but only the newest ``candle_ring_size`` per series."""
+    ring = 3
+    clock = ManualClock(wall_ms=TS + 3_600_000)  # every rebuilt bucket has ended
+    strategy = {"cache": {"candle_ring_size": ring}}
+    a = await make_router(clock=clock, strategy=strategy)
+    b = await make_router(clock=clock, strategy=strategy)
+    newest_start = TS + 5 * 60_000
+    wrong = CandleData(
+        symbol=SYM,
+        timeframe="1m",
+        timestamp=newest_start,
+        open=1.0,
+        high=9.0,
+        low=1.0,
+        close=1.0,
+        source=AGG_SRC,
+    )
+    await a.save_candle(wrong)  # every tier holds a closed candle the rebuild corrects
+    await a.save_ticks(
+        [
+            tick(TS + i * 60_000 + j * 1_000, 1.1 + i / 100 + j / 1000)
+            for i in range(6)
+            for j in (1, 2)
+        ]
+    )
+    await a.cache.flush()
+
+    async def b_holds(expected: tuple[Any, ...]) -> bool:
+        return l1_bars(b, 1) == [expected]
+
+    await until(lambda: b_holds(bar(wrong)), "router B's L1 to take the wrong candle")
+    sent = bus_of(a).stats().published
+
+    assert await a.rebuild_candles(SYM, "1m", TS, TS + 6 * 60_000, method=method) == 6  # type: ignore[arg-type]
+    await a.cache.flush()
+
+    assert bus_of(a).stats().published - sent == ring  # not one update per rebuilt bar
+    stored = await a.storage.candles_range(SYM, "1m", TS, TS + 6 * 60_000, source=AGG_SRC)
+    newest = bar(stored[-1])
+    assert newest[0] == newest_start
+    assert newest[2] < 2  # the rebuilt high, not the wrong one
+    in_l2 = await l2_of(a).get_candles(SYM, "1m", 1, AGG_SRC)
+    assert in_l2 is not None
+    assert [bar(c) for c in in_l2] == [newest]
+    assert l1_bars(a, 1) == [newest]
+    await until(lambda: b_holds(newest), "router B's L1 to take the rebuilt candle")
 
 
 # ----------------------------------------------------------------------------- stats
