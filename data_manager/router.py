@@ -323,6 +323,12 @@ class DataRouter:
             clock=self._clock,
         )
         self._l1_enabled = True  # False while the pub/sub subscription is lost
+        # Bumped whenever L1 is cleared because it may have missed updates (a lost or
+        # restored subscription, a fork). A read-through records it before it awaits and
+        # fills L1 only if it is unchanged: a value read before the clear may be older than
+        # what the clear was for. It is also part of the single-flight keys, so a read that
+        # starts after the clear never shares the answer of one that began before it.
+        self._l1_gen = 0
         self._l2: RedisCache | None = None
         self._bus: CacheBus | None = None
         self._storage: Storage | None = None
@@ -573,6 +579,7 @@ class DataRouter:
         self._bus = None
         self._l2 = None
         self._l1.clear()
+        self._l1_gen += 1
         self._flight = SingleFlight()
         # The series the parent aggregates stay the parent's: started from its in-memory
         # bars, this child's close() or maintenance would store stale candles (closed ones
@@ -823,10 +830,12 @@ class DataRouter:
         # Without the bus we cannot know what other routers wrote: stop trusting L1.
         self._l1_enabled = False
         self._l1.clear()
+        self._l1_gen += 1
         logger.warning("cache subscription lost; L1 cleared and bypassed until resubscribed")
 
     def _on_subscription_restored(self) -> None:
         self._l1.clear()
+        self._l1_gen += 1
         self._l1_enabled = True
         logger.info("cache subscription restored; L1 in use again")
 
@@ -1617,7 +1626,7 @@ class DataRouter:
                 return hit
         self._c_tick.l1_misses += 1
         return await self._flight.do(
-            ("tick", sym, source), lambda: self._load_latest_tick(sym, source)
+            ("tick", sym, source, self._l1_gen), lambda: self._load_latest_tick(sym, source)
         )
 
     async def _load_latest_tick(self, symbol: str, source: str | None) -> TickData | None:
@@ -1642,8 +1651,10 @@ class DataRouter:
         l2_put: Callable[[L], Coroutine[Any, Any, object]] | None,
     ) -> L | None:
         """Read-through for one "latest" value along the operation's route; the answer
-        backfills the tiers above the one that gave it."""
+        backfills the tiers above the one that gave it (L1 only if it was not cleared
+        meanwhile: see ``_l1_gen``)."""
         route = self._watcher.current.routing.for_operation(operation)
+        gen = self._l1_gen
         l2_skipped = False
         for backend in route:
             if backend == L2_CACHE:
@@ -1660,7 +1671,7 @@ class DataRouter:
                 self._observe("l2", operation, started)
                 if value is not None:
                     counters.l2_hits += 1
-                    if self._l1_enabled:
+                    if self._l1_enabled and self._l1_gen == gen:
                         l1_put(value)
                     return value
                 counters.l2_misses += 1
@@ -1670,7 +1681,7 @@ class DataRouter:
                 value = await db_get(self._db_for(route))
                 self._observe("database", operation, started)
                 if value is not None:
-                    if self._l1_enabled:
+                    if self._l1_enabled and self._l1_gen == gen:
                         l1_put(value)
                     if l2_put is not None and L2_CACHE in route and not l2_skipped:
                         self._spawn(l2_put(value))
@@ -1711,7 +1722,7 @@ class DataRouter:
                 return hit
         self._c_candles.l1_misses += 1
         return await self._flight.do(
-            ("candles", sym, timeframe, limit, source),
+            ("candles", sym, timeframe, limit, source, self._l1_gen),
             lambda: self._load_latest_candles(sym, timeframe, limit, source),
         )
 
@@ -1721,6 +1732,7 @@ class DataRouter:
         strat = self._watcher.current
         route = strat.routing.get_latest_candles
         preferred = strat.sources.candle_preference
+        gen = self._l1_gen
         l2_skipped = False
         for backend in route:
             if backend == L2_CACHE:
@@ -1740,7 +1752,7 @@ class DataRouter:
                 self._observe("l2", "get_latest_candles", started)
                 if got is not None:
                     self._c_candles.l2_hits += 1
-                    return self._merge_with_l1(symbol, timeframe, limit, known, got)
+                    return self._merge_with_l1(symbol, timeframe, limit, known, got, gen)
                 self._c_candles.l2_misses += 1
             elif backend in _DATABASES:
                 self._c_candles.db_reads += 1
@@ -1756,18 +1768,26 @@ class DataRouter:
                         self._default_candle_source[(symbol, timeframe)] = src
                 if rows and self._l2 is not None and L2_CACHE in route and not l2_skipped:
                     self._spawn(self._l2.put_candles(rows, complete=len(rows) < limit))
-                return self._merge_with_l1(symbol, timeframe, limit, src, rows)
+                return self._merge_with_l1(symbol, timeframe, limit, src, rows, gen)
         return []
 
     def _merge_with_l1(
-        self, symbol: str, timeframe: str, limit: int, source: str | None, rows: list[CandleData]
+        self,
+        symbol: str,
+        timeframe: str,
+        limit: int,
+        source: str | None,
+        rows: list[CandleData],
+        gen: int,
     ) -> list[CandleData]:
         """Backfill L1 with ``rows`` and answer from the merged ring.
 
         L1 holds what this router wrote but the database may not have yet (forming candles
-        and buffered saves), so the merged ring is the read-your-writes answer.
+        and buffered saves), so the merged ring is the read-your-writes answer. ``gen`` is
+        ``_l1_gen`` when the read began: if L1 was cleared since, ``rows`` may be older
+        than what the clear was for and are only returned.
         """
-        if not self._l1_enabled or source is None:
+        if not self._l1_enabled or source is None or self._l1_gen != gen:
             return rows
         if rows:
             self._l1.put_candles(rows, complete=len(rows) < limit)
@@ -1820,7 +1840,7 @@ class DataRouter:
                 return hit
         self._c_flow.l1_misses += 1
         return await self._flight.do(
-            ("of", sym, source), lambda: self._load_latest_order_flow(sym, source)
+            ("of", sym, source, self._l1_gen), lambda: self._load_latest_order_flow(sym, source)
         )
 
     async def _load_latest_order_flow(
@@ -2024,19 +2044,24 @@ class DataRouter:
         for tf in timeframes:
             timeframe_ms(tf)
         storage = self.storage
+        gen = self._l1_gen
         ticks = await storage.latest_ticks(syms)
         keys = [(s, tf) for s in syms for tf in timeframes]
         candles = await storage.latest_candles_many(
             keys, limit, preferred_sources=self._watcher.current.sources.candle_preference
         )
         loaded = 0
+        # L1 only if it was not cleared since the reads began (see _l1_gen).
+        fill_l1 = self._l1_enabled and self._l1_gen == gen
         for tick in ticks.values():
-            self._l1.put_tick(tick)
+            if fill_l1:
+                self._l1.put_tick(tick)
             loaded += 1
         for (sym, tf), rows in candles.items():
             if rows:
                 self._default_candle_source[(sym, tf)] = rows[-1].source
-                self._l1.put_candles(rows, complete=len(rows) < limit)
+                if fill_l1:
+                    self._l1.put_candles(rows, complete=len(rows) < limit)
                 loaded += len(rows)
         if self._l2 is not None:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -162,14 +163,14 @@ class Kind:
         else:
             await router.storage.write_order_flow([flow(ofi=marker)])
 
-    async def put_l2(self, router: DataRouter, marker: float) -> None:
+    async def put_l2(self, router: DataRouter, marker: float, ts: int = TS) -> None:
         l2 = l2_of(router)
         if self.name == "tick":
-            await l2.put_ticks([tick(bid=marker)])
+            await l2.put_ticks([tick(ts, bid=marker)])
         elif self.name == "candles":
-            await l2.put_candles([candle(TS - 60_000, marker), candle(TS, marker)], complete=True)
+            await l2.put_candles([candle(ts - 60_000, marker), candle(ts, marker)], complete=True)
         else:
-            await l2.put_order_flow([flow(ofi=marker)])
+            await l2.put_order_flow([flow(ts, ofi=marker)])
 
     async def read(self, router: DataRouter, *, source: str | None = None) -> float | None:
         """The marker of the value the router returns (None: no value)."""
@@ -437,6 +438,94 @@ async def test_l2_outage_degrades_reads_to_the_database_and_recovers_without_res
     assert (await stats(router)).l2.hits == l2_hits + 1
     health = await router.health_check()
     assert health.status == "healthy", health.reason
+
+
+class HeldL2Reads:
+    """Stands in for one L2 getter: call ``n`` reads L2, reports it in ``read[n]``, then
+    waits for ``release(n)`` before it answers."""
+
+    def __init__(self, real: Callable[..., Awaitable[Any]]) -> None:
+        self._real = real
+        self._calls = 0
+        self.read: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self._released: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def __call__(self, *args: Any) -> Any:
+        n = self._calls
+        self._calls += 1
+        value = await self._real(*args)
+        self.read[n].set()
+        await self._released[n].wait()
+        return value
+
+    def release(self, n: int) -> None:
+        self._released[n].set()
+
+
+L2_GETTERS: Final = {"tick": "get_tick", "candles": "get_candles", "order_flow": "get_order_flow"}
+
+
+async def read_across_lost_subscription(
+    router: DataRouter, server: RedisServer, kind: Kind, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Task[float | None], HeldL2Reads]:
+    """Start a read that takes ``DB_VALUE`` from L2 and is held there while the router's
+    subscription is lost and restored, and L2 takes ``L2_VALUE`` (newer) meanwhile."""
+    await kind.put_l2(router, DB_VALUE)
+    l2 = l2_of(router)
+    held = HeldL2Reads(getattr(l2, L2_GETTERS[kind.name]))
+    monkeypatch.setattr(l2, L2_GETTERS[kind.name], held)
+    before = asyncio.create_task(kind.read(router, source=SRC))
+    await held.read[0].wait()
+    restored = bus_of(router).stats().restored
+    admin = Redis.from_url(server.url, socket_timeout=5)
+    try:
+        assert await admin.client_kill_filter(_type="pubsub") >= 1
+    finally:
+        await admin.aclose()
+    await kind.put_l2(router, L2_VALUE, TS + 60_000)  # the router's L1 cannot hear of it
+
+    async def resubscribed() -> bool:
+        return bus_of(router).stats().restored > restored
+
+    await until(resubscribed, "the router to subscribe again")
+    return before, held
+
+
+@kinds
+async def test_a_read_begun_before_a_lost_subscription_does_not_fill_l1_after_it(
+    make_router: RouterFactory,
+    redis_server_factory: Callable[[], RedisServer],
+    kind: Kind,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its value predates what L2 took during the outage: put in the L1 the restore
+    emptied, it would be served instead of L2's newer one."""
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(routing={kind.op: CACHE_FIRST}, redis=server.url)
+    before, held = await read_across_lost_subscription(router, server, kind, monkeypatch)
+    held.release(0)
+    assert await before == DB_VALUE  # begun before the outage: an answer of its time
+    held.release(1)
+    assert await kind.read(router, source=SRC) == L2_VALUE
+
+
+@kinds
+async def test_a_read_begun_after_a_restored_subscription_does_not_share_an_older_one(
+    make_router: RouterFactory,
+    redis_server_factory: Callable[[], RedisServer],
+    kind: Kind,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Single-flight must not hand a read that starts after the restore the answer of the
+    same key's read that began before the outage."""
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(routing={kind.op: CACHE_FIRST}, redis=server.url)
+    before, held = await read_across_lost_subscription(router, server, kind, monkeypatch)
+    after = asyncio.create_task(kind.read(router, source=SRC))  # runs before ``before`` resumes
+    held.release(0)
+    assert await before == DB_VALUE
+    held.release(1)
+    assert await after == L2_VALUE
 
 
 # ----------------------------------------------------------------------------- TTL and staleness
