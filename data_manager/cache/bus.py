@@ -15,6 +15,18 @@ one chunk's round trip. This path is independent of
 database batching. When L2 is down the sender drops what is pending — the cache is optional
 and the database path is separate — counts it, and logs once per incident.
 
+Candles are the exception: a latest value lost that way is healed by the next update, but a
+lost candle would stay a gap in every ring once the next bucket is appended, and rings are
+served as whole answers. So when a batch fails because L2 is unreachable (not when it
+refuses a call), its candles are kept and go first in the next batch of derived data that
+is sent, to L2 and to every router's L1 as usual; a newer version of the same bucket
+published meanwhile replaces the kept one. At most ``max_retained_candles`` are kept; the
+oldest beyond that are given up, and their series are reset instead: the next batch that
+reaches L2 deletes their rings and floors (the next read refills them from the database)
+and names them in the message's ``gaps``, so every other router drops its ring of them
+before applying the items (through ``on_gaps``, or without one by clearing L1 through
+``on_lost`` and ``on_restored``).
+
 The message is the codec's ``bus`` object: ``{"v":1,"type":"bus","origin":<router id>,
 "items":[...]}``, whose items are the very bytes written to L2.
 
@@ -74,6 +86,9 @@ __all__ = ["BusStats", "CacheBus"]
 logger = logging.getLogger(__name__)
 
 OnItems: TypeAlias = Callable[[Sequence[CacheItem]], None]
+#: (symbol, timeframe, source) of a candle series.
+Series: TypeAlias = tuple[str, str, str]
+OnGaps: TypeAlias = Callable[[Sequence[Series]], None]
 
 _MAX_BACKOFF_EXPONENT: Final = 30
 # Fraction of the poll interval accepted as "a whole interval": timers may fire a hair early.
@@ -101,6 +116,10 @@ class BusStats:
     lost: int
     restored: int
     connected: bool
+    retried: int = 0
+    """Candle updates sent again after the batch carrying them failed."""
+    reset_series: int = 0
+    """Candle series reset in L2 and the other routers' L1 after updates were given up."""
 
 
 class _Counters:
@@ -114,7 +133,9 @@ class _Counters:
         "own_skipped",
         "published",
         "received",
+        "reset_series",
         "restored",
+        "retried",
     )
 
     def __init__(self) -> None:
@@ -128,10 +149,17 @@ class _Counters:
         self.callback_errors = 0
         self.lost = 0
         self.restored = 0
+        self.retried = 0
+        self.reset_series = 0
 
 
 def _new_origin() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _candle_key(candle: CandleData) -> tuple[Any, ...]:
+    """A candle's coalescing key: its series and bucket."""
+    return (candle.symbol, candle.source, candle.timeframe, candle.timestamp)
 
 
 def _replaces(new: CacheItem, old: CacheItem) -> bool:
@@ -163,6 +191,7 @@ class CacheBus:
         validate: Fully validate received items (for channels other programs write to).
         rng: Jitter source (tests pass a seeded one).
         close_timeout: How long :meth:`aclose` waits for pending updates to be sent.
+        max_retained_candles: Most candle updates kept for a retry after failed batches.
 
     Raises:
         ConfigurationError: A bound is not positive.
@@ -182,14 +211,16 @@ class CacheBus:
         validate: bool = False,
         rng: random.Random | None = None,
         close_timeout: float = 1.0,
+        max_retained_candles: int = 4096,
     ) -> None:
         if not (reconnect_check_seconds > 0 and backoff_initial > 0 and backoff_max > 0):
             msg = "reconnect_check_seconds, backoff_initial and backoff_max must be > 0"
             raise ConfigurationError(msg)
-        if max_batch < 1 or derived_batch < 1 or linger_seconds < 0:
+        if max_batch < 1 or derived_batch < 1 or linger_seconds < 0 or max_retained_candles < 0:
             msg = (
-                "max_batch and derived_batch must be >= 1 and linger_seconds >= 0, got "
-                f"{max_batch}, {derived_batch}, {linger_seconds}"
+                "max_batch and derived_batch must be >= 1, linger_seconds and "
+                f"max_retained_candles >= 0, got {max_batch}, {derived_batch}, "
+                f"{linger_seconds}, {max_retained_candles}"
             )
             raise ConfigurationError(msg)
         self._cache = cache
@@ -202,6 +233,7 @@ class CacheBus:
         self._validate = validate
         self._rng = rng or random.Random()
         self._close_timeout = close_timeout
+        self._max_retained = max_retained_candles
         self._abandoned: list[object] = []
         self._origin = origin or _new_origin()
         self._init_runtime()
@@ -213,6 +245,10 @@ class CacheBus:
         # Coalescing maps: ticks, and derived data (sent after pending ticks).
         self._ticks: dict[tuple[Any, ...], CacheItem] = {}
         self._derived: dict[tuple[Any, ...], CacheItem] = {}
+        # Candles of failed batches, by their coalescing key, oldest first; and the series
+        # to reset because some of their candles were given up (an ordered set).
+        self._retained: dict[tuple[Any, ...], CacheItem] = {}
+        self._gaps: dict[Series, None] = {}
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -225,6 +261,7 @@ class CacheBus:
         self._on_items: OnItems | None = None
         self._on_lost: Callable[[], None] | None = None
         self._on_restored: Callable[[], None] | None = None
+        self._on_gaps: OnGaps | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -263,6 +300,8 @@ class CacheBus:
             lost=c.lost,
             restored=c.restored,
             connected=self._connected,
+            retried=c.retried,
+            reset_series=c.reset_series,
         )
 
     # ------------------------------------------------------------------ publishing
@@ -282,8 +321,7 @@ class CacheBus:
             key = (item.symbol, item.source)
             pending = self._ticks
         elif cls is CandleData:
-            candle: CandleData = item  # type: ignore[assignment]
-            key = (candle.symbol, candle.source, candle.timeframe, candle.timestamp)
+            key = _candle_key(item)  # type: ignore[arg-type]
             pending = self._derived
         elif cls is OrderFlowMetrics:
             key = (item.symbol, item.source)
@@ -327,10 +365,13 @@ class CacheBus:
             self._idle.set()
 
     def _take(self) -> list[CacheItem]:
-        """The next batch: pending ticks if any, else a chunk of derived data."""
+        """The next batch: pending ticks if any, else a chunk of derived data (retained
+        candles first)."""
         if self._ticks:
             pending, limit = self._ticks, self._max_batch
         else:
+            if self._retained:
+                self._requeue()
             pending, limit = self._derived, self._derived_batch
         if len(pending) <= limit:
             items = list(pending.values())
@@ -339,14 +380,53 @@ class CacheBus:
         keys = list(itertools.islice(pending, limit))
         return [pending.pop(key) for key in keys]
 
+    def _requeue(self) -> None:
+        """Put the retained candles in front of the pending derived data; a pending update
+        of the same bucket takes the place of the retained one if it supersedes it."""
+        merged, self._retained = self._retained, {}
+        self._counters.retried += len(merged)
+        for key, item in self._derived.items():
+            old = merged.get(key)
+            if old is None or _replaces(item, old):
+                merged[key] = item
+        self._derived = merged
+
+    def _retain(self, items: list[CacheItem]) -> int:
+        """Keep the candles of a batch L2 could not take; returns how many items are lost
+        (the others, and the oldest retained candles beyond the bound)."""
+        retained = self._retained
+        lost = 0
+        for item in items:
+            if type(item) is not CandleData:
+                lost += 1
+                continue
+            key = _candle_key(item)
+            old = retained.get(key)
+            if old is None or _replaces(item, old):
+                retained[key] = item
+        while len(retained) > self._max_retained:
+            given_up: CandleData = retained.pop(next(iter(retained)))  # type: ignore[assignment]
+            self._gaps[(given_up.symbol, given_up.timeframe, given_up.source)] = None
+            lost += 1
+        return lost
+
     async def _send(self, items: list[CacheItem]) -> None:
         cache = self._cache
+        gaps = list(self._gaps)
         try:
             ops = [cache.write_op(item) for item in items]
-            message = encode_bus_message(self._prefix, [op.payload for op in ops])
+            message = encode_bus_message(self._prefix, [op.payload for op in ops], gaps)
+            if gaps:
+                # Before the batch's writes, which may start the reset rings afresh.
+                ops = [cache.reset_candles_op(*series) for series in gaps] + ops
             await cache.apply(ops, publish=(cache.channel, message), own_connection=True)
         except CacheError as exc:
-            self._counters.dropped += len(items)
+            # Unreachable (a transient failure): keep the candles for the next batch. A
+            # refused call would be refused again: drop everything, as for latest values.
+            if isinstance(exc, CacheUnavailableError):
+                self._counters.dropped += self._retain(items)
+            else:
+                self._counters.dropped += len(items)
             if not self._dropping:
                 self._dropping = True
                 logger.warning(
@@ -360,6 +440,9 @@ class CacheBus:
             self._counters.dropped += len(items)
             logger.exception("cache bus sender failed on a batch of %d updates", len(items))
             return
+        for series in gaps:
+            del self._gaps[series]
+        self._counters.reset_series += len(gaps)
         self._counters.published += len(items)
         self._counters.messages_sent += 1
         if self._dropping:
@@ -375,13 +458,18 @@ class CacheBus:
         on_items: OnItems,
         on_lost: Callable[[], None],
         on_restored: Callable[[], None],
+        *,
+        on_gaps: OnGaps | None = None,
     ) -> bool:
         """Subscribe and start handing other routers' updates to ``on_items``.
 
         The first subscription is attempted before returning. If it fails, ``on_lost`` is
         called at once and the reader keeps retrying in the background; ``on_restored`` is
-        called whenever a subscription is established after ``on_lost``. Callbacks run on
-        the event loop and must not block; an exception they raise is logged and counted.
+        called whenever a subscription is established after ``on_lost``. ``on_gaps`` gets
+        the candle series whose rings to drop (see the module docstring) before the items
+        of the same message; without it, such a message clears L1 through ``on_lost`` and
+        ``on_restored``. Callbacks run on the event loop and must not block; an exception
+        they raise is logged and counted.
 
         Returns:
             True if subscribed on return.
@@ -396,6 +484,7 @@ class CacheBus:
             msg = "the cache bus is already started"
             raise CacheError(msg)
         self._on_items, self._on_lost, self._on_restored = on_items, on_lost, on_restored
+        self._on_gaps = on_gaps
         self._state = _State.RUNNING
         try:
             conn: AbstractConnection | None = await self._subscribe()
@@ -525,6 +614,8 @@ class CacheBus:
         if message.origin == self._origin:
             self._counters.own_skipped += 1
             return
+        if message.gaps:
+            self._drop_gaps(message.gaps)
         self._counters.received += len(message.items)
         if self._on_items is not None and message.items:
             try:
@@ -532,6 +623,20 @@ class CacheBus:
             except Exception:
                 self._counters.callback_errors += 1
                 logger.exception("cache bus on_items callback failed")
+
+    def _drop_gaps(self, gaps: list[Series]) -> None:
+        if self._on_gaps is not None:
+            try:
+                self._on_gaps(gaps)
+            except Exception:
+                self._counters.callback_errors += 1
+                logger.exception("cache bus on_gaps callback failed")
+            return
+        if self._on_lost is not None and self._on_restored is not None:
+            # No way to drop single rings: drop the whole L1, as for a lost subscription.
+            logger.info("cache bus: %d candle series lost updates; clearing L1", len(gaps))
+            self._notify(self._on_lost)
+            self._notify(self._on_restored)
 
     def _notify(self, callback: Callable[[], None]) -> None:
         try:
@@ -562,6 +667,7 @@ class CacheBus:
             await asyncio.wait(tasks)
         self._ticks.clear()
         self._derived.clear()
+        self._retained.clear()
         self._connected = False
 
     def reset_after_fork(self) -> None:

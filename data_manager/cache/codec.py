@@ -29,7 +29,12 @@ Version 1::
                  "volume_delta":num, "buy_volume":num, "sell_volume":num, "imbalance":num,
                  "vwap":num|null, "toxicity":num|null, "num_trades":int, "source":str}
 
-    bus         {"v":1, "type":"bus", "origin":str, "items":[tick|candle|order_flow, ...]}
+    bus         {"v":1, "type":"bus", "origin":str, "items":[tick|candle|order_flow, ...],
+                 "gaps":[[symbol, timeframe, source], ...]}   <- optional
+
+A bus message's ``gaps`` names candle series whose live updates the sender had to give up
+(L2 was unreachable for longer than it keeps them): a receiver must drop its ring of each
+before applying the items.
 
 Required members (the rest default as in :mod:`data_manager.models` when absent): tick —
 symbol, timestamp, bid, ask, source; candle — symbol, timeframe, timestamp, open, high, low,
@@ -65,7 +70,7 @@ from data_manager.errors import CacheError, ValidationError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData, construct_unchecked
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -250,12 +255,17 @@ def bus_prefix(origin: str) -> bytes:
     return b'{"v":1,"type":"bus","origin":' + orjson.dumps(origin) + b',"items":['
 
 
-def encode_bus_message(prefix: bytes, items: Iterable[bytes]) -> bytes:
+def encode_bus_message(
+    prefix: bytes, items: Iterable[bytes], gaps: Sequence[tuple[str, str, str]] = ()
+) -> bytes:
     """Build a ``bus`` object from ``bus_prefix(origin)`` and already-encoded items.
 
     The items are spliced in as they are (they are the same bytes written to L2), so a
-    batch is encoded once.
+    batch is encoded once. ``gaps`` are (symbol, timeframe, source) series the receivers
+    must drop from their candle rings.
     """
+    if gaps:
+        return prefix + b",".join(items) + b'],"gaps":' + orjson.dumps(gaps) + b"}"
     return prefix + b",".join(items) + b"]}"
 
 
@@ -362,16 +372,31 @@ def decode_item(data: bytes | bytearray | memoryview | str, *, validate: bool = 
 
 
 class BusMessage:
-    """A decoded ``bus`` object: who sent it and the items it carries."""
+    """A decoded ``bus`` object: who sent it, the items it carries and the candle series
+    whose rings to drop first."""
 
-    __slots__ = ("items", "origin")
+    __slots__ = ("gaps", "items", "origin")
 
-    def __init__(self, origin: str, items: list[CacheItem]) -> None:
+    def __init__(
+        self, origin: str, items: list[CacheItem], gaps: list[tuple[str, str, str]] | None = None
+    ) -> None:
         self.origin = origin
         self.items = items
+        self.gaps: list[tuple[str, str, str]] = gaps or []
 
     def __repr__(self) -> str:
-        return f"BusMessage(origin={self.origin!r}, items={len(self.items)})"
+        return f"BusMessage(origin={self.origin!r}, items={len(self.items)}, gaps={len(self.gaps)})"
+
+
+def _decode_gaps(raw: Any) -> list[tuple[str, str, str]]:
+    if raw is None:
+        return []
+    if type(raw) is list and all(
+        type(g) is list and len(g) == 3 and all(type(x) is str for x in g) for g in raw
+    ):
+        return [(g[0], g[1], g[2]) for g in raw]
+    msg = "bus message 'gaps' must be a list of [symbol, timeframe, source] string triples"
+    raise CacheError(msg)
 
 
 def decode_bus_message(
@@ -394,4 +419,5 @@ def decode_bus_message(
         msg = "bus message needs a string 'origin' and a list 'items'"
         raise CacheError(msg)
     decode: Callable[[Any, bool], CacheItem] = _decode_obj
-    return BusMessage(origin, [decode(item, validate) for item in raw_items])
+    gaps = _decode_gaps(obj.get("gaps"))
+    return BusMessage(origin, [decode(item, validate) for item in raw_items], gaps)

@@ -547,6 +547,15 @@ class MemoryCache:
         ids = {id(c) for c in batch}
         return sum(1 for c in items if id(c) in ids)
 
+    def drop_candles(self, symbol: str, timeframe: str, source: str) -> bool:
+        """Drop the ring of one series (its live updates were lost on the way here), so the
+        next read misses and refills it from a lower tier. Returns False when there is none."""
+        key = (symbol, timeframe, source)
+        if key not in self._rings:
+            return False
+        self._drop_ring(key)
+        return True
+
     def mark_complete(self, symbol: str, timeframe: str, source: str) -> bool:
         """Record that the tier below holds no candles of this series at all, so the ring
         (fed by live writes only) is the whole series. Returns False when there is no ring."""

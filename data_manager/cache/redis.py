@@ -33,7 +33,8 @@ a batch (per item on a cluster, whose calls must keep their keys in one hash slo
   and a candle older than the ring is refused unless the ring is complete — otherwise the
   ring would show a gap the database does not have; a backfill (:meth:`RedisCache.put_candles`)
   only adds buckets the ring lacks or closes forming ones, and the ring is trimmed to
-  ``ring_size``.
+  ``ring_size``;
+* a series reset (:meth:`RedisCache.reset_candles_op`) deletes a ring and its floor.
 
 DragonflyDB compatibility: the script passes every key it touches in ``KEYS`` (Dragonfly
 refuses undeclared keys), runs on Lua 5.1 (Redis) and 5.4 (Dragonfly) alike, and reads the
@@ -228,6 +229,11 @@ if op == 'M' then
     a = a + 3
   end
   return stored
+end
+if op == 'D' then
+  -- A candle series whose live writes were given up: drop its ring and floor, so the next
+  -- read refills it from the database instead of serving a gap. KEYS: ring, floor.
+  return redis.call('DEL', KEYS[1], KEYS[2])
 end
 -- Candles. KEYS: ring (ZSET scored by bucket start), floor (bucket start of the oldest
 -- candle the database has; the ring is complete while its oldest member is at the floor).
@@ -1010,6 +1016,19 @@ class RedisCache:
     @staticmethod
     def _latest_op(payload: bytes, key: str, any_key: str, ttl: str, ts: int) -> WriteOp:
         return WriteOp(payload, (2, key, any_key, "L", ttl, ts, payload))
+
+    def reset_candles_op(self, symbol: str, timeframe: str, source: str) -> WriteOp:
+        """The write that drops one series' ring and floor (after live writes to it were
+        lost), so the next read misses and refills the ring from the database."""
+        return WriteOp(
+            b"",
+            (
+                2,
+                self.candle_key(symbol, timeframe, source),
+                self.candle_floor_key(symbol, timeframe, source),
+                "D",
+            ),
+        )
 
     def backfill_ops(self, candles: Sequence[CandleData], *, complete: bool) -> list[WriteOp]:
         """Backfill writes for candles read from a lower tier: one call per series."""

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import traceback
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -20,12 +20,14 @@ from data_manager.breaker import CircuitBreaker
 from data_manager.cache.bus import CacheBus
 from data_manager.cache.redis import RedisCache
 from data_manager.clock import ManualClock
+from data_manager.errors import CacheUnavailableError
 from data_manager.models import CandleData, TickData
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
     from data_manager.cache.codec import CacheItem
+    from data_manager.cache.redis import WriteOp
     from tests.servers import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -228,6 +230,81 @@ async def test_a_failing_callback_does_not_stop_the_reader(pair: Pair) -> None:
 
 
 # ----------------------------------------------------------------------------- faults
+
+
+def bar(i: int, *, symbol: str = "EUR/USD") -> CandleData:
+    """The closed 1m candle of minute ``i`` of the hour starting at TS."""
+    return CandleData(
+        symbol=symbol, timeframe="1m", timestamp=TS + i * 60_000,
+        open=1.1, high=1.1, low=1.1, close=1.1, source="feed",
+    )  # fmt: skip
+
+
+def fail_applies(cache: RedisCache, times: int) -> None:
+    """Make the next ``times`` pipelines of ``cache`` fail as a timed-out socket does."""
+    real = cache.apply
+    left = [times]
+
+    async def apply(ops: Sequence[WriteOp], **kw: Any) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            msg = "simulated: socket timeout on the bus pipeline"
+            raise CacheUnavailableError(msg)
+        await real(ops, **kw)
+
+    cache.apply = apply  # type: ignore[method-assign]
+
+
+async def test_candles_of_a_failed_batch_go_out_with_the_next_one(pair: Pair) -> None:
+    """A lost candle would be a gap in every ring once the next one is appended: the bus
+    keeps it and sends it ahead of the next derived data, to L2 and the other routers."""
+    for i in range(5):
+        pair.a.publish(bar(i))
+    await pair.a.flush()
+    fail_applies(pair.cache_a, 1)
+    pair.a.publish(bar(5))
+    await pair.a.flush()  # the pipeline failed: bar 5 is kept
+    pair.a.publish(tick())  # ticks alone do not carry it
+    pair.a.publish(bar(6))
+    await pair.a.flush()
+    got = await pair.cache_b.get_candles("EUR/USD", "1m", 3, "feed")
+    assert [c.timestamp for c in got or []] == [bar(i).timestamp for i in (4, 5, 6)]
+    await pair.router_b.until(lambda: bar(6) in pair.router_b.items, "B to receive bar 6")
+    assert pair.router_b.messages[-1] == [bar(5), bar(6)]  # oldest first, in one message
+    stats = pair.a.stats()
+    assert (stats.dropped, stats.retried, stats.reset_series) == (0, 1, 0)
+
+
+async def test_candles_given_up_reset_their_series_everywhere(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Beyond ``max_retained_candles`` the oldest kept candles are given up: their series'
+    rings are deleted from L2 and dropped from the other routers' L1 once L2 answers."""
+    routers = Pair(redis_url, redis_prefix)
+    routers.a = CacheBus(routers.cache_a, max_retained_candles=1)
+    await routers.start()
+    try:
+        for symbol in ("EUR/USD", "GBP/USD"):
+            routers.a.publish(bar(0, symbol=symbol))
+        await routers.a.flush()
+        fail_applies(routers.cache_a, 1)
+        routers.a.publish(bar(1))  # given up: EUR/USD's ring would show a gap
+        routers.a.publish(bar(1, symbol="GBP/USD"))  # kept
+        await routers.a.flush()
+        assert routers.a.stats().dropped == 1
+        routers.a.publish(tick())
+        await routers.a.flush()
+        assert await routers.cache_b.get_candles("EUR/USD", "1m", 1, "feed") is None
+        assert routers.a.stats().reset_series == 1
+        # Without on_gaps, the other router drops its whole L1 (lost, then restored).
+        await routers.router_b.until(lambda: routers.router_b.restored == 1, "B to clear L1")
+        assert routers.router_b.lost == 1
+        routers.a.publish(bar(2, symbol="GBP/USD"))
+        await routers.a.flush()
+        got = await routers.cache_b.get_candles("GBP/USD", "1m", 3, "feed")
+        assert [c.timestamp for c in got or []] == [bar(i).timestamp for i in range(3)]
+    finally:
+        await routers.close()
 
 
 async def test_lost_subscription_is_reported_and_restored_without_restart(

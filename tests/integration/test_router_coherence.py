@@ -32,6 +32,7 @@ from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
 from data_manager.storage.base import tick_content_key
 from data_manager.strategy import strategy_from_mapping
+from tests.integration.test_bus import bar, fail_applies
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -308,6 +309,33 @@ async def test_a_bulk_candle_save_fills_the_shared_candle_ring(make_router: Rout
 
     await until(lambda: b_ring() == minutes[2:], "router B's L1 ring to receive A's candles")
     assert bus_of(a).stats().published == 3  # only the ring's window goes out
+
+
+async def test_a_failed_bus_batch_leaves_no_gap_in_candle_rings(
+    make_router: RouterFactory,
+) -> None:
+    """One bus pipeline fails (a transient L2 error) on a closed candle: neither L2 nor the
+    other router's L1 may then serve the series without it."""
+    a, b = await make_router(), await make_router()
+
+    def newest_in_b() -> int | None:
+        ring = b.cache.l1.get_candles(SYM, "1m", 1, "feed")
+        return ring[-1].timestamp if ring else None
+
+    for i in range(5):
+        await a.save_candle(bar(i))
+    await bus_of(a).flush()
+    await until(lambda: newest_in_b() == bar(4).timestamp, "B's ring to reach bar 4")
+    fail_applies(l2_of(a), 1)
+    await a.save_candle(bar(5))
+    await bus_of(a).flush()
+    await a.save_candle(bar(6))
+    await bus_of(a).flush()
+    want = [bar(i).timestamp for i in (4, 5, 6)]
+    in_l2 = await l2_of(a).get_candles(SYM, "1m", 3, "feed")
+    assert [c.timestamp for c in in_l2 or []] == want
+    await until(lambda: newest_in_b() == bar(6).timestamp, "B's ring to reach bar 6")
+    assert [c.timestamp for c in b.cache.l1.get_candles(SYM, "1m", 3, "feed") or []] == want
 
 
 # ----------------------------------------------------------------------------- lost subscription

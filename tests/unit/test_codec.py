@@ -150,14 +150,22 @@ def test_order_flow_round_trip(metrics: OrderFlowMetrics) -> None:
     assert decode_order_flow(data, validate=True) == metrics
 
 
-@given(st.lists(ticks() | candles() | order_flows(), max_size=5), texts)
-def test_bus_message_round_trip(items: list[Any], origin: str) -> None:
+@given(
+    st.lists(ticks() | candles() | order_flows(), max_size=5),
+    texts,
+    st.lists(st.tuples(symbols, st.sampled_from(sorted(TIMEFRAMES)), texts), max_size=2),
+)
+def test_bus_message_round_trip(
+    items: list[Any], origin: str, gaps: list[tuple[str, str, str]]
+) -> None:
     prefix = bus_prefix(origin)
-    message = encode_bus_message(prefix, [encode_item(i) for i in items])
+    message = encode_bus_message(prefix, [encode_item(i) for i in items], gaps)
     assert message.startswith(prefix)
     decoded = decode_bus_message(message)
     assert decoded.origin == origin
     assert decoded.items == items
+    assert decoded.gaps == gaps
+    assert json.loads(message).get("gaps", []) == [list(g) for g in gaps]
     # Plain JSON, as another language reads it.
     plain = json.loads(message)
     assert plain["v"] == SCHEMA_VERSION
@@ -283,6 +291,8 @@ def test_validate_refuses_what_the_fast_path_trusts() -> None:
         b'{"v":1,"type":"bus","origin":"a","items":[{"v":1,"type":"quote"}]}',
         b'{"v":1,"type":"bus","origin":"a","items":[{"v":1,"type":"tick","symbol":"X"}]}',
         b'{"v":1,"type":"bus","origin":"a","items":[7]}',
+        b'{"v":1,"type":"bus","origin":"a","items":[],"gaps":[["X","1m"]]}',
+        b'{"v":1,"type":"bus","origin":"a","items":[],"gaps":{}}',
         b"\xff\xfe",
     ],
 )

@@ -580,6 +580,19 @@ def test_put_candles_refuses_mixed_series_and_ignores_empty() -> None:
     assert len(cache) == 0
 
 
+def test_drop_candles_drops_one_series() -> None:
+    cache = make()
+    for source in ("ig", "oanda"):
+        cache.put_candle(candle(0, source=source))
+    assert cache.drop_candles(SYM, "1m", "ig")
+    assert cache.get_candles(SYM, "1m", 1, "ig") is None
+    assert stamps(cache.get_candles(SYM, "1m", 1, "oanda")) == [0]
+    assert cache.candle_sources(SYM, "1m") == ["oanda"]
+    assert not cache.drop_candles(SYM, "1m", "ig")
+    cache.put_candle(candle(1, source="ig"))  # a new ring starts
+    assert stamps(cache.get_candles(SYM, "1m", 1, "ig")) == [1]
+
+
 def test_get_candles_returns_a_copy() -> None:
     cache = make()
     cache.put_candles([candle(0), candle(1)], complete=True)

@@ -48,8 +48,11 @@ class FakeServer:
         self.ttl[key] = int(ms)
         return "OK"
 
-    def _del(self, key: str) -> int:
-        return int(self.strings.pop(key, None) is not None)
+    def _del(self, *keys: str) -> int:
+        return sum(
+            (self.strings.pop(k, None) is not None) + (self.zsets.pop(k, None) is not None)
+            for k in keys
+        )
 
     def _pexpire(self, key: str, ms: str) -> int:
         if key in self.strings or key in self.zsets:
@@ -329,3 +332,16 @@ def test_live_candles_fill_and_trim_the_ring(lua_version: str, cache: RedisCache
     # A forming candle never replaces a closed one of its bucket.
     assert script.apply([cache.write_op(candle(4, closed=False))]) == [0]
     assert server.ttl[ring] == 60_000
+
+
+def test_a_series_reset_deletes_ring_and_floor(lua_version: str, cache: RedisCache) -> None:
+    server = FakeServer()
+    script = Script(lua_version, server)
+    script.apply(cache.backfill_ops([candle(0), candle(1)], complete=True))
+    ring = cache.candle_key("EUR/USD", "1m", "ig")
+    floor = cache.candle_floor_key("EUR/USD", "1m", "ig")
+    assert ring in server.zsets
+    assert floor in server.strings
+    assert script.apply([cache.reset_candles_op("EUR/USD", "1m", "ig")]) == [2]
+    assert ring not in server.zsets
+    assert floor not in server.strings
