@@ -88,6 +88,10 @@ data_manager_bus_updates_total (counter; result)
     before it was sent) or dropped (L2 unavailable).
 data_manager_bus_messages_sent_total (counter)
     Pub/sub messages sent (each carries a batch of updates).
+data_manager_bus_candles_retried_total (counter)
+    Candle updates sent again after L2 could not take the batch carrying them.
+data_manager_bus_series_reset_total (counter)
+    Candle series reset in L2 and other routers' L1 after updates were given up.
 data_manager_bus_received_total (counter)
     Updates received from other routers.
 data_manager_bus_malformed_total (counter)
@@ -340,6 +344,10 @@ _TABLE: Final[tuple[tuple[str, MetricType, tuple[str, ...], str], ...]] = (
      "(superseded before it was sent) or dropped (L2 unavailable)."),
     ("data_manager_bus_messages_sent_total", "counter", (),
      "Pub/sub messages sent (each carries a batch of updates)."),
+    ("data_manager_bus_candles_retried_total", "counter", (),
+     "Candle updates sent again after L2 could not take the batch carrying them."),
+    ("data_manager_bus_series_reset_total", "counter", (),
+     "Candle series reset in L2 and other routers' L1 after updates were given up."),
     ("data_manager_bus_received_total", "counter", (),
      "Updates received from other routers."),
     ("data_manager_bus_malformed_total", "counter", (),
@@ -788,6 +796,8 @@ def _bus_families(f: _Families, s: BusStats) -> None:
     f.add(updates, s.coalesced, "coalesced")
     f.add(updates, s.dropped, "dropped")
     f.add("data_manager_bus_messages_sent_total", s.messages_sent)
+    f.add("data_manager_bus_candles_retried_total", s.retried)
+    f.add("data_manager_bus_series_reset_total", s.reset_series)
     f.add("data_manager_bus_received_total", s.received)
     f.add("data_manager_bus_malformed_total", s.malformed)
     f.add("data_manager_bus_callback_errors_total", s.callback_errors)

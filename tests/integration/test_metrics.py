@@ -330,6 +330,8 @@ async def test_postgres_and_l2_router_metrics_over_http(
     assert published >= 1
     assert published + coalesced == saved
     assert value(s, "data_manager_bus_updates_total", result="dropped") == 0
+    assert value(s, "data_manager_bus_candles_retried_total") == 0
+    assert value(s, "data_manager_bus_series_reset_total") == 0
     assert value(s, "data_manager_bus_connected") == 1
     assert value(s, "data_manager_l2_writes_total") >= 1
     assert value(s, "data_manager_l2_errors_total") == 0
