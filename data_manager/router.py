@@ -65,10 +65,12 @@ from data_manager.ingest import IngestPipeline, PipelineState
 from data_manager.journal import Journal
 from data_manager.metrics import HistogramRecorder
 from data_manager.models import (
+    MAX_SOURCE_LENGTH,
     TIMEFRAMES,
     CandleData,
     OrderFlowMetrics,
     TickData,
+    _check_text,
     normalize_symbol,
     stamp_received,
     timeframe_ms,
@@ -168,6 +170,22 @@ def _norm(raw: str) -> str:
     if type(raw) is not str:
         return normalize_symbol(raw)  # raises ValidationError with a clear message
     return _symbol(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_source(raw: str) -> str:
+    """A source checked (and trimmed) as the models check theirs; cached like symbols."""
+    return _check_text(raw, field="source", max_length=MAX_SOURCE_LENGTH)
+
+
+def _source(raw: str | None) -> str | None:
+    """A read's ``source`` argument, checked: reads find what writes stored, and bad input
+    is a ValidationError before any I/O, not a database error after a round trip."""
+    if raw is None:
+        return None
+    if type(raw) is not str:
+        return _check_text(raw, field="source", max_length=MAX_SOURCE_LENGTH)  # raises
+    return _checked_source(raw)
 
 
 def _ring_window(candles: Iterable[CandleData], ring_size: int) -> list[CandleData]:
@@ -1283,12 +1301,13 @@ class DataRouter:
             How many candles were written.
 
         Raises:
-            ValidationError: Unknown timeframe or method, naive datetimes, ``end`` before
-                ``start``, or ``method="sql"`` for calendar-aligned buckets.
+            ValidationError: Unknown timeframe or method, a bad source, naive datetimes,
+                ``end`` before ``start``, or ``method="sql"`` for calendar-aligned buckets.
         """
         await self._ready()
         sym = _norm(symbol)
         timeframe_ms(timeframe)
+        source = _source(source)
         if method not in ("auto", "sql", "stream"):
             msg = f"method must be 'auto', 'sql' or 'stream', got {method!r}"
             raise ValidationError(msg)
@@ -1406,6 +1425,7 @@ class DataRouter:
         self._require_open()
         sym = _norm(symbol)
         timeframe_ms(timeframe)
+        source = _source(source)
 
         def match(candle: CandleData) -> bool:
             return (
@@ -1612,10 +1632,15 @@ class DataRouter:
 
         Returns:
             The tick, or None when no tier has one.
+
+        Raises:
+            ValidationError: A bad symbol or source (not 1-64 printable characters).
         """
         if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
             await self._ready()
         sym = _norm(symbol)
+        if source is not None:
+            source = _source(source)
         if self._l1_enabled:
             hit = self._l1.get_tick(sym, source)
             if hit is not None:
@@ -1702,13 +1727,15 @@ class DataRouter:
         from the source with the newest data.
 
         Raises:
-            ValidationError: Unknown timeframe or a non-positive limit.
+            ValidationError: Unknown timeframe, a non-positive limit, or a bad source.
         """
         if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
             await self._ready()
         sym = _norm(symbol)
-        if timeframe not in TIMEFRAMES:
+        if type(timeframe) is not str or timeframe not in TIMEFRAMES:
             timeframe_ms(timeframe)  # raises a clear ValidationError
+        if source is not None:
+            source = _source(source)
         if type(limit) is not int or limit < 1:
             msg = f"limit must be a positive int, got {limit!r}"
             raise ValidationError(msg)
@@ -1831,6 +1858,8 @@ class DataRouter:
         if self._state is not RouterState.OPEN or self._fork_gen != _fork_generation:
             await self._ready()
         sym = _norm(symbol)
+        if source is not None:
+            source = _source(source)
         if self._flow_touched:
             self._emit_flow()  # read-your-writes: metrics not yet materialised
         if self._l1_enabled:
@@ -1868,13 +1897,13 @@ class DataRouter:
         """Ticks with ``start <= timestamp < end`` (Unix ms or aware datetimes), oldest first.
 
         Raises:
-            ValidationError: Naive datetimes, or ``end`` before ``start``.
+            ValidationError: Naive datetimes, ``end`` before ``start``, or a bad source.
         """
         await self._ready()
         sym = _norm(symbol)
         start_ms, end_ms = self._interval(start, end)
         db = self._db_for(self._watcher.current.routing.get_ticks)
-        return await db.ticks_range(sym, start_ms, end_ms, source=source, limit=limit)
+        return await db.ticks_range(sym, start_ms, end_ms, source=_source(source), limit=limit)
 
     async def get_candles(
         self,
@@ -1888,7 +1917,8 @@ class DataRouter:
         """Candles whose bucket starts in ``[start, end)``, oldest first.
 
         Raises:
-            ValidationError: Unknown timeframe, naive datetimes, or ``end`` before ``start``.
+            ValidationError: Unknown timeframe, naive datetimes, ``end`` before ``start``,
+                or a bad source.
         """
         await self._ready()
         sym = _norm(symbol)
@@ -1900,7 +1930,7 @@ class DataRouter:
             timeframe,
             start_ms,
             end_ms,
-            source=source,
+            source=_source(source),
             preferred_sources=self._watcher.current.sources.candle_preference,
         )
 
@@ -1918,7 +1948,7 @@ class DataRouter:
         sym = _norm(symbol)
         start_ms, end_ms = self._interval(start, end)
         async for tick in self.storage.iter_ticks(
-            sym, start_ms, end_ms, source=source, batch_size=batch_size
+            sym, start_ms, end_ms, source=_source(source), batch_size=batch_size
         ):
             yield tick
 
@@ -1936,7 +1966,7 @@ class DataRouter:
         from data_manager.interop import iter_candles
 
         return iter_candles(
-            self, symbol, timeframe, start, end, source=source, batch_size=batch_size
+            self, symbol, timeframe, start, end, source=_source(source), batch_size=batch_size
         )
 
     async def get_candles_df(
@@ -1954,7 +1984,7 @@ class DataRouter:
         from data_manager.interop import get_candles_df
 
         return await get_candles_df(
-            self, symbol, timeframe, start, end, source=source, backend=backend
+            self, symbol, timeframe, start, end, source=_source(source), backend=backend
         )
 
     async def get_ticks_df(
@@ -1969,7 +1999,7 @@ class DataRouter:
         """Ticks in ``[start, end)`` as a pandas/polars DataFrame or an Arrow table."""
         from data_manager.interop import get_ticks_df
 
-        return await get_ticks_df(self, symbol, start, end, source=source, backend=backend)
+        return await get_ticks_df(self, symbol, start, end, source=_source(source), backend=backend)
 
     async def delete_range(
         self,
@@ -2019,6 +2049,7 @@ class DataRouter:
         """
         await self._ready()
         sym = _norm(symbol)
+        source = _source(source)
         ttl = self._watcher.current.staleness
         now = self._clock.time_ms()
         tick = await self.get_latest_tick(sym, source=source)

@@ -479,6 +479,103 @@ async def test_a_router_that_is_not_open_refuses_every_call(tmp_path: Path, stat
     await router.close()
 
 
+def reads_with(
+    router: DataRouter, *, source: Any = None, timeframe: Any = "1m"
+) -> dict[str, Callable[[], Awaitable[object]]]:
+    """One call of every public method that takes a ``source`` or a ``timeframe``."""
+
+    async def sync(fn: Callable[[], object]) -> object:
+        return fn()
+
+    return {
+        "get_latest_tick": lambda: router.get_latest_tick(SYM, source=source),
+        "get_latest_candles": lambda: router.get_latest_candles(SYM, timeframe, source=source),
+        "get_latest_order_flow": lambda: router.get_latest_order_flow(SYM, source=source),
+        "get_ticks": lambda: router.get_ticks(SYM, T0, T0 + 1, source=source),
+        "get_candles": lambda: router.get_candles(SYM, timeframe, T0, T0 + 1, source=source),
+        "iter_ticks": lambda: anext(router.iter_ticks(SYM, T0, T0 + 1, source=source)),
+        "iter_candles": lambda: anext(
+            router.iter_candles(SYM, timeframe, T0, T0 + 1, source=source)
+        ),
+        "get_candles_df": lambda: router.get_candles_df(SYM, timeframe, T0, T0 + 1, source=source),
+        "get_ticks_df": lambda: router.get_ticks_df(SYM, T0, T0 + 1, source=source),
+        "rebuild_candles": lambda: router.rebuild_candles(
+            SYM, timeframe, T0, T0 + 1, source=source
+        ),
+        "check_staleness": lambda: router.check_staleness(SYM, timeframe=timeframe, source=source),
+        "subscribe_candles": lambda: sync(
+            lambda: router.subscribe_candles(SYM, timeframe, source=source)
+        ),
+        "delete_range": lambda: router.delete_range(
+            SYM, T0, T0 + 1, "candles", timeframe=timeframe
+        ),
+        "warm_start": lambda: router.warm_start([SYM], [timeframe]),
+    }
+
+
+def test_the_bad_input_table_covers_every_method_taking_a_source_or_timeframe(
+    tmp_path: Path,
+) -> None:
+    router = DataRouter(embedded(tmp_path), strategy=strategy())
+    names = {
+        name
+        for name, member in inspect.getmembers(DataRouter, inspect.isfunction)
+        if not name.startswith("_")
+        and {"source", "timeframe", "timeframes"} & set(inspect.signature(member).parameters)
+    }
+    assert names == set(reads_with(router)), "update reads_with()"
+
+
+def taking(calls: dict[str, Callable[[], Awaitable[object]]], *params: str) -> dict[str, Any]:
+    """The calls of ``calls`` whose method has one of ``params``."""
+    return {
+        name: call
+        for name, call in calls.items()
+        if set(params) & set(inspect.signature(getattr(DataRouter, name)).parameters)
+    }
+
+
+async def not_refused(calls: dict[str, Callable[[], Awaitable[object]]], field: str) -> list[str]:
+    """The calls that did not raise a ValidationError about ``field``, with what they did."""
+    wrong: list[str] = []
+    for name, call in calls.items():
+        try:
+            await call()
+        except ValidationError as exc:
+            if field not in str(exc):
+                wrong.append(f"{name}: {exc!r}")
+        except Exception as exc:  # any other error is the finding
+            wrong.append(f"{name}: {exc!r}")
+        else:
+            wrong.append(f"{name}: no error")
+    return wrong
+
+
+@pytest.mark.parametrize(
+    "source", [123, b"polygon", "", "  ", "a\x00b", "x" * 65, "\ud800"], ids=repr
+)
+async def test_a_bad_source_is_a_validation_error_on_every_read(
+    router: DataRouter, source: object
+) -> None:
+    assert await not_refused(taking(reads_with(router, source=source), "source"), "source") == []
+
+
+@pytest.mark.parametrize("timeframe", [["1m"], 60, "2m"], ids=repr)
+async def test_a_bad_timeframe_is_a_validation_error_on_every_read(
+    router: DataRouter, timeframe: object
+) -> None:
+    calls = taking(reads_with(router, timeframe=timeframe), "timeframe", "timeframes")
+    assert await not_refused(calls, "timeframe") == []
+
+
+async def test_a_read_source_is_trimmed_as_a_saved_one_is(router: DataRouter) -> None:
+    await router.save_tick(tick(source=" polygon "), mode="sync")  # stored as "polygon"
+    got = await router.get_latest_tick(SYM, source=" polygon ")
+    assert got is not None
+    assert got.source == "polygon"
+    assert await router.get_ticks(SYM, T0, T0 + 1, source="polygon ") == [got]
+
+
 async def test_unclosed_router_warns_when_collected(tmp_path: Path) -> None:
     box = [DataRouter(embedded(tmp_path, sqlite_path=":memory:"), strategy=strategy())]
     await box[0].initialize()
