@@ -23,10 +23,13 @@ How it is applied (:func:`apply_retention`, or ``data-manager retention apply`` 
   holding the cutoff are then deleted in batches by primary key (chunk exclusion keeps that
   to the one chunk): after a run nothing before the cutoff is left, as on the other
   backends. Between runs the policy's own job still drops whole chunks only, so a row can
-  outlive its cutoff by up to one chunk interval (a day for ticks). Compression
+  outlive its cutoff by up to one chunk interval (a day for ticks). A table without such a
+  retention (none set, or candles with per-timeframe rules) has any policy an earlier run
+  installed removed, so TimescaleDB's job stops dropping its chunks. Compression
   (``add_compression_policy``) only covers chunks older than the replay horizon: journal
   replays and late-tick rebuilds write up to that far back, and writing into compressed
-  chunks is slow or refused.
+  chunks is slow or refused. With ``compression`` off, the compression policies are removed
+  (chunks already compressed stay compressed and readable).
 * **Plain PostgreSQL and SQLite**, and candles with per-timeframe retention everywhere: a
   delete job that removes expired rows in batches of ``delete_batch_rows`` (picked by
   ``ctid`` on PostgreSQL, by primary key elsewhere), one short transaction per batch, so
@@ -251,24 +254,35 @@ def _interval(days: float) -> str:
     return f"INTERVAL '{round(days * 86_400)} seconds'"
 
 
-def timescale_retention_sql(relation: str, days: float) -> list[str]:
+def timescale_retention_sql(relation: str, days: float | None) -> list[str]:
     """Statements that (re)install a TimescaleDB retention policy on ``relation`` (a quoted,
     schema-qualified name): remove any old one, then add one with ``drop_after = days``.
+    ``days=None`` only removes it: the table keeps every row.
 
     Its first run is a day out (its schedule interval): :func:`apply_retention` has just
     expired the same rows itself, against its own ``now_ms``, while the job counts from the
     server clock and would otherwise start at once, racing that work.
     """
+    remove = f"SELECT remove_retention_policy('{relation}'::regclass, if_exists => TRUE)"
+    if days is None:
+        return [remove]
     return [
-        f"SELECT remove_retention_policy('{relation}'::regclass, if_exists => TRUE)",
+        remove,
         f"SELECT add_retention_policy('{relation}'::regclass, drop_after => {_interval(days)}, "
         "initial_start => now() + INTERVAL '1 day')",
     ]
 
 
-def timescale_compression_sql(relation: str, table: str, days: float, *, enable: bool) -> list[str]:
+def timescale_compression_sql(
+    relation: str, table: str, days: float | None, *, enable: bool
+) -> list[str]:
     """Statements that turn on compression of ``relation`` (when ``enable``: it is not on
-    yet) and (re)install a compression policy for chunks older than ``days``."""
+    yet) and (re)install a compression policy for chunks older than ``days``.
+    ``days=None`` only removes the policy (``enable`` is then ignored): chunks already
+    compressed stay compressed, and new ones are left alone."""
+    remove = f"SELECT remove_compression_policy('{relation}'::regclass, if_exists => TRUE)"
+    if days is None:
+        return [remove]
     statements = []
     if enable:
         statements.append(
@@ -277,7 +291,7 @@ def timescale_compression_sql(relation: str, table: str, days: float, *, enable:
             f"timescaledb.compress_orderby = '{_ORDER_BY[table]}')"
         )
     statements += [
-        f"SELECT remove_compression_policy('{relation}'::regclass, if_exists => TRUE)",
+        remove,
         f"SELECT add_compression_policy('{relation}'::regclass, "
         f"compress_after => {_interval(days)})",
     ]
@@ -375,7 +389,15 @@ async def apply_retention(
     health = await db.storage.ping()
     timescale = db.kind == "postgresql" and health.reachable and health.timescaledb
     report = RetentionReport(now_ms=now, dry_run=dry_run, timescaledb=timescale)
-    for rule in plan_retention(policy, now):
+    rules = plan_retention(policy, now)
+    hypertables = await _hypertables(db) if timescale else {}
+    # A policy from an earlier run would go on dropping chunks past a cutoff that no longer
+    # applies: only tables with one retention for all their rows keep one.
+    uniform = {r.kind for r in rules if r.timeframe is None}
+    stale = [db.relation(t) for t in hypertables if t not in uniform]
+    if stale and not dry_run:
+        await db.script([s for r in stale for s in timescale_retention_sql(r, None)])
+    for rule in rules:
         if timescale and rule.timeframe is None:
             report.outcomes.append(
                 await _timescale_rule(db, rule, batch=policy.delete_batch_rows, dry_run=dry_run)
@@ -386,8 +408,8 @@ async def apply_retention(
                     db, rule, batch=policy.delete_batch_rows, dry_run=dry_run, timescale=timescale
                 )
             )
-    if timescale and policy.compression:
-        report.compression = await _timescale_compression(db, policy, dry_run=dry_run)
+    if timescale:
+        report.compression = await _timescale_compression(db, policy, hypertables, dry_run=dry_run)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -458,28 +480,52 @@ async def _timescale_rule(
     return outcome
 
 
-async def _timescale_compression(
-    db: _Maintenance, policy: RetentionSettings, *, dry_run: bool
-) -> list[str]:
-    notes = []
+async def _hypertables(db: _Maintenance) -> dict[str, bool]:
+    """The data tables that are hypertables, each with whether compression is enabled on it."""
     assert db.db_schema is not None
+    found = {}
     for table in _KINDS:
-        relation = db.relation(table)
         enabled = await db.script(
             [
                 "SELECT compression_enabled FROM timescaledb_information.hypertables "
                 f"WHERE hypertable_schema = '{db.db_schema}' AND hypertable_name = '{table}'"
             ]
         )
-        if enabled[0] is None:
+        if enabled[0] is not None:
+            found[table] = bool(enabled[0])
+    return found
+
+
+async def _timescale_compression(
+    db: _Maintenance, policy: RetentionSettings, hypertables: dict[str, bool], *, dry_run: bool
+) -> list[str]:
+    notes = []
+    for table in _KINDS:
+        if table not in hypertables:
             notes.append(f"{table}: not a hypertable; no compression")
+            continue
+        enabled = hypertables[table]
+        if not policy.compression:
+            # A policy needs compression enabled on the table: none can exist otherwise.
+            if not enabled:
+                continue
+            note = f"{table}: compression off; no new chunks are compressed"
+            if dry_run:
+                notes.append(f"{note} (dry run: no change)")
+                continue
+            await db.script(
+                timescale_compression_sql(db.relation(table), table, None, enable=False)
+            )
+            notes.append(note)
             continue
         days = policy.compress_after
         note = f"{table}: compress chunks older than {days:g} days"
         if dry_run:
             notes.append(f"{note} (dry run: no change)")
             continue
-        await db.script(timescale_compression_sql(relation, table, days, enable=not enabled[0]))
+        await db.script(
+            timescale_compression_sql(db.relation(table), table, days, enable=not enabled)
+        )
         notes.append(note)
     return notes
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from data_manager import (
     RouterClosedError,
     TickData,
     ValidationError,
+    lifecycle,
 )
 from data_manager.lifecycle import (
     DAY_MS,
@@ -37,10 +40,13 @@ from data_manager.lifecycle import (
     timescale_compression_sql,
     timescale_retention_sql,
 )
+from data_manager.storage.postgres import PostgresStorage
 from data_manager.strategy import strategy_from_mapping
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from data_manager.storage.base import BackendHealth
 
 NOW: Final = 1_730_000_000_000  # 2024-10-27T03:33:20Z
 T0: Final = 1_727_996_400_000
@@ -116,6 +122,15 @@ def test_timescale_statements() -> None:
     assert "timescaledb.compress_segmentby = 'symbol, timeframe, source'" in sql[0]
     assert sql[-1].endswith("compress_after => INTERVAL '604800 seconds')")
     assert len(timescale_compression_sql('"s".ticks', "ticks", 7, enable=False)) == 2
+    # No retention, or compression off: only the removal of an earlier policy.
+    assert timescale_retention_sql('"s".ticks', None) == sql_remove("retention", '"s".ticks')
+    assert timescale_compression_sql('"s".ticks', "ticks", None, enable=True) == sql_remove(
+        "compression", '"s".ticks'
+    )
+
+
+def sql_remove(policy: str, relation: str) -> list[str]:
+    return [f"SELECT remove_{policy}_policy('{relation}'::regclass, if_exists => TRUE)"]
 
 
 # --------------------------------------------------------------------------- backends
@@ -286,6 +301,75 @@ async def test_uniform_candle_retention_and_no_retention(router: DataRouter, sto
     report = await apply_retention(router, policy=RetentionSettings(candles_days=7), now_ms=NOW)
     assert [(o.rule.label, o.rows) for o in report.outcomes] == [("candles", 3)]
     assert sorted(r[0] for r in await store.rows("candles", "ts")) == [NOW - 7 * DAY_MS] * 3
+
+
+# --------------------------------------------------------------------------- TimescaleDB
+
+
+@dataclass
+class TimescalePolicies:
+    """The policy statements :func:`apply_retention` sent, replayed as TimescaleDB would."""
+
+    statements: list[str] = dataclasses.field(default_factory=list)
+
+    def in_force(self) -> set[tuple[str, str]]:
+        """``(table, "retention" | "compression")`` for every policy left installed."""
+        installed: set[tuple[str, str]] = set()
+        for sql in self.statements:
+            found = re.match(r"SELECT (add|remove)_(\w+)_policy\('[^']*\.(\w+)'", sql)
+            if found is not None:
+                verb, policy, table = found.groups()
+                (installed.add if verb == "add" else installed.discard)((table, policy))
+        return installed
+
+
+@pytest.fixture
+def timescale(router: DataRouter, monkeypatch: pytest.MonkeyPatch) -> TimescalePolicies:
+    """Let the PostgreSQL ``router`` pass for TimescaleDB: ``ping`` reports the extension,
+    every data table is a hypertable with compression on, and the statements only TimescaleDB
+    has (its catalogue, policies, ``drop_chunks``) are recorded instead of run. Counts and
+    deletes still run, so the rows are real."""
+    policies = TimescalePolicies()
+    ping = PostgresStorage.ping
+
+    async def timescale_ping(self: PostgresStorage) -> BackendHealth:
+        return dataclasses.replace(await ping(self), timescaledb=True)
+
+    async def script(self: Any, statements: list[str]) -> list[Any]:
+        policies.statements += statements
+        return [True if "compression_enabled" in sql else 0 for sql in statements]
+
+    monkeypatch.setattr(PostgresStorage, "ping", timescale_ping)
+    monkeypatch.setattr(lifecycle._Maintenance, "script", script)
+    return policies
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+async def test_timescale_policies_follow_the_retention(
+    router: DataRouter, timescale: TimescalePolicies
+) -> None:
+    everything_uniform = RetentionSettings(ticks_days=7, candles_days=30, order_flow_days=7)
+    report = await apply_retention(router, policy=everything_uniform, now_ms=NOW)
+    assert report.timescaledb
+    assert timescale.in_force() == {
+        (table, policy)
+        for table in ("ticks", "candles", "order_flow")
+        for policy in ("retention", "compression")
+    }
+
+    # Ticks kept for ever, daily candles too, compression off: TimescaleDB's own jobs must
+    # stop, or they go on dropping (and compressing) chunks past the old cutoffs.
+    later = RetentionSettings(
+        candles_days=30, candles_timeframe_days={"1d": None}, order_flow_days=7, compression=False
+    )
+    dry = await apply_retention(router, policy=later, now_ms=NOW, dry_run=True)
+    assert len(timescale.in_force()) == 6  # a dry run changes no policy
+    report = await apply_retention(router, policy=later, now_ms=NOW)
+    assert timescale.in_force() == {("order_flow", "retention")}
+    assert [o.method for o in report.outcomes if o.rule.kind == "candles"] == ["delete"] * 7
+    off = "order_flow: compression off; no new chunks are compressed"
+    assert (f"{off} (dry run: no change)", off) == (dry.compression[-1], report.compression[-1])
 
 
 # --------------------------------------------------------------------------- delete_range
