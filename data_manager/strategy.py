@@ -1277,6 +1277,8 @@ class StrategyWatcher:
     def _recovered(self, path: Path) -> None:
         logger.info("strategy file %s agrees with the strategy in force again", path)
         self.last_error = None
+        # The rejected text is no longer on disk: if it comes back, it is refused again.
+        self._rejected_digest = b""
 
     async def _notify(self, old: RoutingStrategy, new: RoutingStrategy) -> None:
         for listener in tuple(self._listeners):

@@ -416,6 +416,33 @@ async def test_restart_required_field_is_refused(
     assert watcher.current is good
 
 
+@pytest.mark.parametrize("revert", ["same bytes", "comment only"])
+async def test_bad_edit_coming_back_after_a_revert_is_refused_again(
+    watcher: StrategyWatcher,
+    strategy_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    revert: str,
+) -> None:
+    good_text = strategy_text(tick_ttl=100, batch_size=10)  # what the fixture wrote
+    bad_text = strategy_text(tick_ttl=-5, batch_size=10)
+    rewrite(strategy_file, bad_text)
+    assert await watcher.check_now() is False
+    assert watcher.last_error is not None
+    rewrite(strategy_file, good_text if revert == "same bytes" else good_text + "# fixed\n")
+    assert await watcher.check_now() is False
+    assert watcher.last_error is None
+
+    # The same broken text again: the file no longer holds the strategy in force.
+    rewrite(strategy_file, bad_text)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert await watcher.check_now() is False
+    assert watcher.last_error is not None
+    assert "tick_ttl_seconds" in watcher.last_error
+    assert watcher.error_count == 2
+    assert [r.levelno for r in caplog.records if r.name == LOGGER] == [logging.ERROR]
+
+
 def test_restart_required_fields_are_detected() -> None:
     old = RoutingStrategy()
     new = strategy_from_mapping({"batch": {"max_queue": 60_000}, "cache": {"tick_ttl_seconds": 5}})
