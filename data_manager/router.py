@@ -120,6 +120,9 @@ L2_CACHE: Final = "dragonfly_cache"
 #: them, and the pause (seconds, router clock) before a failed one is retried.
 _RESTORE_ATTEMPTS: Final = 3
 _RESTORE_RETRY_SECONDS: Final = 1.0
+#: Longest wait for the backup stream at close (its own default); less if close's
+#: ``timeout`` has less left.
+_BACKUP_CLOSE_SECONDS: Final = 5.0
 
 
 class _UseDefault(enum.Enum):
@@ -486,12 +489,14 @@ class DataRouter:
 
         Candles owed a rebuild for late ticks (``late_policy="rebuild"``) are rebuilt and
         stored once everything queued is stored; if it could not be (the database is
-        down), that is logged and left to :meth:`rebuild_candles`.
+        down, or no time is left), that is logged and left to :meth:`rebuild_candles`.
 
         Args:
-            timeout: Seconds to wait for the flush; what is not stored by then (or cannot
-                be, because the database is down) stays in the journal and is replayed by
-                the next router that starts.
+            timeout: Seconds for the whole close, one deadline shared by its steps (the
+                flush, the rebuilds, the backup stream): what is not stored by then (or
+                cannot be, because the database is down) stays in the journal and is
+                replayed by the next router that starts. Releasing the connections
+                afterwards is bounded by their own timeouts.
         """
         if self._state is RouterState.UNOPENED and self._init_lock.locked():
             # initialize() is under way: let it finish (or fail), then close what it opened.
@@ -507,16 +512,27 @@ class DataRouter:
             if timer is not None:
                 timer.cancel()
         self._forming_timer = self._flow_timer = None
+        # One deadline for every step: each gets what the previous ones left.
+        deadline = None if timeout is None else self._clock.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+
         try:
             if was_open and self._ingest is not None:
                 if self._agg_restoring:
-                    await self._settle_restores(timeout)
+                    await self._settle_restores(left())
                 self._submit_forming()
-                await self._ingest.close(timeout)
-                await self._rebuild_after_close(timeout)
+                await self._ingest.close(left())
+                await self._rebuild_after_close(left())
             if self._backup is not None:
                 backup, self._backup = self._backup, None
-                await backup.aclose()
+                remaining = left()
+                await backup.aclose(
+                    _BACKUP_CLOSE_SECONDS
+                    if remaining is None
+                    else min(remaining, _BACKUP_CLOSE_SECONDS)
+                )
         finally:
             await self._teardown()
 
@@ -1223,7 +1239,8 @@ class DataRouter:
         return aggregator.rebuild(req, ticks)
 
     async def _rebuild_after_close(self, timeout: float | None) -> None:  # noqa: ASYNC109
-        """Store the rebuilds still owed for late ticks, once the write path has closed.
+        """Store the rebuilds still owed for late ticks, once the write path has closed,
+        within ``timeout`` seconds (what close's deadline has left; none left: not tried).
 
         Done directly against storage, and only when the write path stored everything it
         accepted: a rebuild from fewer ticks would be wrong, and a journal replayed later
@@ -1242,6 +1259,13 @@ class DataRouter:
             logger.warning(
                 "%d candle rebuilds owed for late ticks were not done at close: the database "
                 "has not stored everything yet; rebuild_candles() recomputes those buckets",
+                len(requests),
+            )
+            return
+        if timeout is not None and timeout <= 0:
+            logger.warning(
+                "%d candle rebuilds owed for late ticks were not done: close(timeout=...) had "
+                "no time left for them; rebuild_candles() recomputes those buckets",
                 len(requests),
             )
             return

@@ -4,9 +4,10 @@ subscriptions, maintenance with a manual clock."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -24,6 +25,8 @@ from data_manager import (
 )
 from data_manager.clock import ManualClock
 from data_manager.processors import IncrementalSMA
+from data_manager.router import RouterState
+from data_manager.storage.sqlite import SQLiteStorage
 from data_manager.strategy import strategy_from_mapping
 
 T0 = 1_727_996_400_000  # 2024-10-03T23:00:00Z, a minute boundary
@@ -294,37 +297,86 @@ async def test_a_tick_aggregation_cannot_take_is_refused_before_it_is_stored(
     assert await router.get_latest_tick("EUR/USD") is None
 
 
+#: Late ticks rebuild their bucket's candle, and only flush(), close() or run_maintenance()
+#: (never the timer, meanwhile) do it.
+LATE_REBUILD: Final = {
+    "aggregation": {"timeframes": ["1m"], "late_policy": "rebuild"},
+    "batch": {"flush_interval_seconds": 3600},
+}
+
+
+def on_disk(tmp_path: Path, journal: str) -> DataManagerSettings:
+    return DataManagerSettings(
+        sqlite_path=str(tmp_path / "db.sqlite3"),
+        watch_strategy=False,
+        journal_dir=tmp_path / journal,
+    )
+
+
+async def owe_a_late_rebuild(router: DataRouter) -> None:
+    await router.save_tick(q(T0 + 1_000, 1.1000))
+    await router.save_tick(q(T0 + 61_000, 1.1010))  # closes the bar of T0
+    await router.save_tick(q(T0 + 2_000, 1.0900))  # late for it: a rebuild is owed
+
+
 @pytest.mark.parametrize("end", ["flush", "close"])
 async def test_flush_and_close_store_the_rebuilds_owed_for_late_ticks(
     tmp_path: Path, end: str
 ) -> None:
-    def settings(journal: str) -> DataManagerSettings:
-        return DataManagerSettings(
-            sqlite_path=str(tmp_path / "db.sqlite3"),
-            watch_strategy=False,
-            journal_dir=tmp_path / journal,
-        )
-
-    strategy = strategy_from_mapping(
-        {
-            "aggregation": {"timeframes": ["1m"], "late_policy": "rebuild"},
-            "batch": {"flush_interval_seconds": 3600},  # no maintenance pass meanwhile
-        }
-    )
+    strategy = strategy_from_mapping(LATE_REBUILD)
     clock = ManualClock(wall_ms=T0 + 70_000)
-    async with DataRouter(settings("a"), clock=clock, strategy=strategy) as router:
-        await router.save_tick(q(T0 + 1_000, 1.1000))
-        await router.save_tick(q(T0 + 61_000, 1.1010))  # closes the bar of T0
-        await router.save_tick(q(T0 + 2_000, 1.0900))  # late for it: a rebuild is owed
+    async with DataRouter(on_disk(tmp_path, "a"), clock=clock, strategy=strategy) as router:
+        await owe_a_late_rebuild(router)
         if end == "flush":
             await router.flush()
             stored = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 1)
     if end == "close":
-        async with DataRouter(settings("b"), strategy=strategy) as reader:
+        async with DataRouter(on_disk(tmp_path, "b"), strategy=strategy) as reader:
             stored = await reader.storage.candles_range("EUR/USD", "1m", T0, T0 + 1)
     assert len(stored) == 1
     assert (stored[0].num_trades, stored[0].is_closed) == (2, True)
     assert stored[0].low == pytest.approx(1.0901)
+
+
+async def test_close_gives_its_steps_one_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The write path's flush took all of close's timeout (a slow database, timed on the
+    router's clock): the late-tick rebuilds must not start then against a database that no
+    longer answers, which would take another whole timeout."""
+    timeout = 3600.0
+    clock = ManualClock(wall_ms=T0 + 70_000)
+    real_write = SQLiteStorage.write_ticks
+
+    async def slow_write(self: SQLiteStorage, ticks: Sequence[TickData]) -> int:
+        clock.advance(timeout)  # the database took the whole timeout to store them
+        return await real_write(self, ticks)
+
+    monkeypatch.setattr(SQLiteStorage, "write_ticks", slow_write)  # before the writer binds it
+    strategy = strategy_from_mapping(LATE_REBUILD)
+    router = DataRouter(on_disk(tmp_path, "j"), clock=clock, strategy=strategy)
+    await router.initialize()
+    await owe_a_late_rebuild(router)
+    asked = asyncio.Event()
+
+    async def hanging_read(*args: object, **kwargs: object) -> list[TickData]:
+        asked.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    monkeypatch.setattr(router.storage, "ticks_range", hanging_read)
+    closing = asyncio.create_task(router.close(timeout=timeout))
+    rebuilding = asyncio.create_task(asked.wait())
+    await asyncio.wait({closing, rebuilding}, return_when=asyncio.FIRST_COMPLETED)
+    rebuilding.cancel()
+    if not closing.done():
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        pytest.fail("close() started the rebuilds after its timeout had run out")
+    await closing
+    assert "close(timeout=...) had no time left" in caplog.text
+    assert router.state is RouterState.CLOSED
 
 
 async def test_order_flow_computed_and_readable(router: DataRouter) -> None:
