@@ -15,6 +15,9 @@ Everything here takes a :class:`~data_manager.router.DataRouter` and uses its pu
   next batch runs in a worker thread while the previous one is being stored.
 * :func:`export_file` streams a range into CSV or Parquet, a chunk at a time.
 
+A ``.tsv`` file is CSV separated by tabs, on import and on export; every other CSV name
+(``.csv``, ``.txt``, ``-``) is separated by commas.
+
 Column layout (import, export and DataFrames): the model's fields, in :data:`TICK_COLUMNS` /
 :data:`CANDLE_COLUMNS` order. Times are Unix ms in CSV and ``timestamp[ms, UTC]`` in Parquet
 and DataFrames; an import accepts Unix ms, ISO-8601 with a timezone, or aware datetimes.
@@ -409,6 +412,11 @@ def detect_format(path: str | os.PathLike[str], explicit: str | None = None) -> 
     raise ValidationError(msg)
 
 
+def _csv_delimiter(path: str | os.PathLike[str]) -> str:
+    """A tab for ``.tsv`` files, else a comma."""
+    return "\t" if os.fspath(path).lower().endswith(".tsv") else ","
+
+
 @dataclass
 class RejectReason:
     """Rows refused for one reason."""
@@ -523,7 +531,7 @@ class _CsvSource(_RowSource):
             self.total = os.fstat(self._raw.fileno()).st_size
             # newline="" lets the csv module handle quoted line breaks; utf-8-sig drops a BOM.
             self._text = io.TextIOWrapper(self._raw, encoding="utf-8-sig", newline="")
-            self._reader = csv.reader(self._text)
+            self._reader = csv.reader(self._text, delimiter=_csv_delimiter(path))
             header = next(self._reader, None)
         except BaseException:
             self._raw.close()
@@ -694,7 +702,8 @@ async def import_file(
 
     Args:
         router: An open router.
-        path: The file (``.csv`` with a header line, or ``.parquet``).
+        path: The file (``.csv`` with a header line, ``.tsv`` the same with tabs, or
+            ``.parquet``).
         kind: ``"ticks"`` or ``"candles"``.
         symbol: Symbol for rows without one (a missing column, or an empty cell).
         source: Source for rows without one.
@@ -820,7 +829,7 @@ class _Writer:
             self._parquet = pq.ParquetWriter(path, self._schema, compression="zstd")
         else:
             self._text = sys.stdout if self._stdout else open(path, "w", newline="")  # noqa: SIM115
-            self._csv = csv.writer(self._text, lineterminator="\n")
+            self._csv = csv.writer(self._text, delimiter=_csv_delimiter(path), lineterminator="\n")
             self._csv.writerow([name for name, _ in self._spec])
 
     def write(self, data: dict[str, list[Any]]) -> None:

@@ -283,13 +283,16 @@ async def test_import_reports_bad_rows_and_stores_good_ones(
     assert again.stored == 0  # idempotent
 
 
-async def test_import_candles_with_defaults(router: DataRouter, tmp_path: Path) -> None:
-    path = tmp_path / "bars.csv"
+@pytest.mark.parametrize(("suffix", "separator"), [("csv", ","), ("tsv", "\t")])
+async def test_import_candles_with_defaults(
+    router: DataRouter, tmp_path: Path, suffix: str, separator: str
+) -> None:
+    path = tmp_path / f"bars.{suffix}"
     path.write_text(
         "timestamp,open,high,low,close,volume,is_closed\n"
         "2024-10-03T23:00:00Z,1.1,1.2,1.0,1.15,10,true\n"
         "1727996460000,1.15,1.16,1.14,1.155,,false\n"
-        "1727996520000,1.15,1.1,1.14,1.155,,\n"
+        "1727996520000,1.15,1.1,1.14,1.155,,\n".replace(",", separator)
     )
     report = await import_file(
         router, path, kind="candles", symbol="eur_usd", source="hist", timeframe="1m"
@@ -371,7 +374,7 @@ def rich_ticks() -> list[TickData]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet"])
 async def test_export_import_round_trip(router: DataRouter, tmp_path: Path, fmt: str) -> None:
     if fmt == "parquet":
         pytest.importorskip("pyarrow")
@@ -390,6 +393,8 @@ async def test_export_import_round_trip(router: DataRouter, tmp_path: Path, fmt:
         router, candle_file, kind="candles", symbols=[SYM], timeframe="1m", batch_size=4
     )
     assert exported.rows == 31
+    if fmt == "tsv":
+        assert candle_file.read_text().startswith("symbol\ttimeframe\ttimestamp\topen\t")
 
     # Into a fresh embedded store, then compare row for row.
     async with DataRouter(embedded_settings(tmp_path, "copy"), strategy=plain()) as other:
