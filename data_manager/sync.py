@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook before ours: see _close_at_exit
+import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
@@ -60,6 +62,13 @@ Item = TypeVar("Item")
 
 #: Seconds :meth:`SyncDataRouter.close` waits for the loop thread to stop.
 _JOIN_TIMEOUT: Final = 30.0
+
+logger = logging.getLogger(__name__)
+
+#: Facades not closed yet, for :func:`_close_at_exit`.
+_OPEN: weakref.WeakSet[SyncDataRouter] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
@@ -100,6 +109,45 @@ def _shutdown(
             thread.join(_JOIN_TIMEOUT)
 
 
+def _close_at_exit() -> None:
+    """Close every facade still open, before the interpreter's thread pools shut down.
+
+    ``weakref.finalize`` runs its exit callbacks from ``atexit``, i.e. after
+    ``concurrent.futures`` has shut down every thread pool, the event loops' default
+    executors included; the router's close then fails at its first ``asyncio.to_thread``
+    (the journal's close), leaving the journal open and the rest of the close undone.
+    ``threading._register_atexit`` hooks run earlier, before non-daemon threads are joined,
+    in reverse order of registration: ``concurrent.futures.thread`` registers its own hook
+    when imported (this module imports it first), so this one runs before it.
+    """
+    for facade in list(_OPEN):
+        try:
+            facade._finalizer()
+        except Exception:
+            # An exception here would end the interpreter's thread shutdown early (the
+            # thread pools would not be joined): report it and close the other facades.
+            logger.exception("closing %r at interpreter exit failed", facade)
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if _exit_hook_registered:
+            return
+        # CPython's (private) hook for "before threads are joined", the one
+        # concurrent.futures itself uses; there is no public equivalent (atexit runs too
+        # late). Where it is missing, or the interpreter is already exiting, the
+        # weakref.finalize atexit callback remains the fallback.
+        register = getattr(threading, "_register_atexit", None)
+        if register is None:
+            return
+        try:
+            register(_close_at_exit)
+        except RuntimeError:  # "can't register atexit after shutdown"
+            return
+        _exit_hook_registered = True
+
+
 class SyncDataRouter:
     """The :class:`~data_manager.router.DataRouter` API, synchronous.
 
@@ -135,10 +183,13 @@ class SyncDataRouter:
             _shutdown(self._loop, self._thread, None, None)
             raise
         # A daemon thread keeps no process alive; this finalizer (also run at interpreter
-        # exit) closes the router so buffered writes are flushed even without close().
+        # exit, see _close_at_exit) closes the router so buffered writes are flushed even
+        # without close().
         self._finalizer = weakref.finalize(
             self, _shutdown, self._loop, self._thread, self._router, None
         )
+        _OPEN.add(self)
+        _register_exit_hook()
 
     @staticmethod
     async def _build(
@@ -243,6 +294,7 @@ class SyncDataRouter:
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         self._finalizer.detach()
         _shutdown(self._loop, self._thread, self._router, timeout)
         self._router = None

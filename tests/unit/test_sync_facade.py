@@ -23,6 +23,7 @@ from data_manager import (
 )
 from data_manager.strategy import strategy_from_mapping
 from data_manager.sync import DataRouter, SyncDataRouter
+from tests.unit.test_router_embedded import count_rows, run_python
 
 if TYPE_CHECKING:
     from data_manager.router import DataRouter as AsyncDataRouter
@@ -141,6 +142,26 @@ def test_a_forgotten_facade_closes_itself(tmp_path: Path) -> None:
     assert inner.state.value == "closed"
     with SyncDataRouter(settings(tmp_path), strategy=PLAIN) as again:
         assert [t.seq for t in again.get_ticks(SYM, T0, T0 + 1)] == [0]
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_facade_left_open_at_interpreter_exit_closes_cleanly(tmp_path: Path) -> None:
+    script = (
+        "from data_manager import TickData\n"
+        "from data_manager.sync import SyncDataRouter\n"
+        "router = SyncDataRouter()\n"
+        "router.initialize()\n"
+        "for i in range(100):\n"
+        f"    router.save_tick(TickData(symbol='EUR/USD', timestamp={T0} + i, bid=1.1,"
+        " ask=1.1002, source='s', seq=i))\n"
+        "print('saved')\n"  # and no close(): the interpreter's exit closes it
+    )
+    done = run_python(tmp_path, "-c", script)
+    assert "saved" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    assert count_rows(tmp_path / "examples.sqlite3") == 100
+    # A journal closed cleanly leaves no instance folder for the next router to adopt.
+    assert list((tmp_path / ".data_manager" / "journal").iterdir()) == []
 
 
 def test_a_failing_constructor_leaves_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
