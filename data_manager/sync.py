@@ -21,8 +21,10 @@ The methods have the async router's names and arguments. Streaming reads
 generators that fetch ``batch_size`` items per hop between the threads.
 
 :meth:`SyncDataRouter.close` flushes, closes the router and stops the thread; leaving a
-``with`` block does it too, and so does interpreter exit for a facade never closed. A facade
-does not survive ``fork()``: create it in the process that uses it.
+``with`` block does it too, and so does interpreter exit for a facade never closed (or the
+garbage collector, for one dropped without closing). It cannot be called from the facade's
+own loop (a subscription or processor callback): it would wait for the loop it blocks. A
+facade does not survive ``fork()``: create it in the process that uses it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ _JOIN_TIMEOUT: Final = 30.0
 
 logger = logging.getLogger(__name__)
 
+#: Closes scheduled on a facade's loop by a finalizer that ran on that loop's thread; held
+#: here because a loop keeps only weak references to its tasks.
+_CLOSING: set[asyncio.Task[None]] = set()
 #: Facades not closed yet, for :func:`_close_at_exit`.
 _OPEN: weakref.WeakSet[SyncDataRouter] = weakref.WeakSet()
 _exit_hook_lock = threading.Lock()
@@ -96,8 +101,16 @@ def _shutdown(
     router: AsyncDataRouter | None,
     timeout: float | None,
 ) -> None:
-    """Close the router on its loop, then stop the loop and join its thread (idempotent)."""
+    """Close the router on its loop, then stop the loop and join its thread (idempotent).
+
+    On the loop's own thread (a facade dropped there, so its finalizer runs there) waiting
+    would block the loop the close needs: the close is scheduled on the loop instead, and
+    the loop stops once it is done.
+    """
     if loop.is_closed() or not thread.is_alive():
+        return
+    if thread is threading.current_thread():
+        loop.call_soon_threadsafe(_spawn_close, loop, router, timeout)
         return
     try:
         if router is not None:
@@ -105,8 +118,28 @@ def _shutdown(
             future.result()
     finally:
         loop.call_soon_threadsafe(loop.stop)
-        if thread is not threading.current_thread():
-            thread.join(_JOIN_TIMEOUT)
+        thread.join(_JOIN_TIMEOUT)
+
+
+def _spawn_close(
+    loop: asyncio.AbstractEventLoop, router: AsyncDataRouter | None, timeout: float | None
+) -> None:
+    task = loop.create_task(_close_then_stop(loop, router, timeout))
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+async def _close_then_stop(
+    loop: asyncio.AbstractEventLoop, router: AsyncDataRouter | None, close_timeout: float | None
+) -> None:
+    try:
+        if router is not None:
+            await router.close(close_timeout)
+    except DataManagerError:
+        # Nobody waits for this close to report to: log it, as an unclosed facade would.
+        logger.warning("closing a dropped SyncDataRouter failed", exc_info=True)
+    finally:
+        loop.stop()
 
 
 def _close_at_exit() -> None:
@@ -290,9 +323,22 @@ class SyncDataRouter:
 
         Args:
             timeout: Seconds to wait for the flush (what is left stays in the journal).
+
+        Raises:
+            DataManagerError: Called from the facade's own event loop (e.g. inside a
+                subscription or processor callback), where waiting for the close would
+                block the loop that runs it; use ``await sync_router.router.close()``
+                there, or close the facade from another thread.
         """
         if self._closed:
             return
+        if threading.current_thread() is self._thread:
+            msg = (
+                "SyncDataRouter.close() was called from its own event loop (e.g. inside a "
+                "subscription or processor callback), where it would wait for itself; close "
+                "it from another thread, or use the async router there: `sync_router.router`"
+            )
+            raise DataManagerError(msg)
         self._closed = True
         _OPEN.discard(self)
         self._finalizer.detach()

@@ -144,6 +144,41 @@ def test_a_forgotten_facade_closes_itself(tmp_path: Path) -> None:
         assert [t.seq for t in again.get_ticks(SYM, T0, T0 + 1)] == [0]
 
 
+def test_close_from_the_facades_own_loop_is_refused(tmp_path: Path) -> None:
+    router = SyncDataRouter(settings(tmp_path), strategy=PLAIN)
+    router.initialize()
+
+    async def close_inside(_: AsyncDataRouter) -> str:
+        try:
+            router.close()  # would wait for the loop it is blocking, for ever
+        except DataManagerError as exc:
+            return str(exc)
+        return "no error"
+
+    assert "own event loop" in router.run(close_inside)
+    assert not router.closed
+    router.save_tick(tick(0))  # still usable
+    router.close()
+    assert router.closed
+    assert not router._thread.is_alive()
+
+
+def test_a_facade_dropped_on_its_own_loop_closes_itself(tmp_path: Path) -> None:
+    router = SyncDataRouter(settings(tmp_path), strategy=PLAIN)
+    router.initialize()
+    router.save_tick(tick(0))  # buffered: only a close flushes it
+    loop, thread, inner = router._loop, router._thread, router.router
+    holder = [router]
+    del router
+    # The last reference goes away on the loop's thread, so the finalizer runs there: it
+    # must schedule the close, not wait for it.
+    loop.call_soon_threadsafe(holder.clear)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert inner.state.value == "closed"
+    assert count_rows(tmp_path / "store.sqlite3") == 1
+
+
 @pytest.mark.slow  # a subprocess
 def test_a_facade_left_open_at_interpreter_exit_closes_cleanly(tmp_path: Path) -> None:
     script = (
