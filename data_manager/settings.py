@@ -31,8 +31,10 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from data_manager.errors import ConfigurationError
@@ -410,6 +412,10 @@ class DataManagerSettings(BaseSettings):
             super().__init__(**values)
         except PydanticValidationError as exc:
             raise ConfigurationError(_format_settings_error(exc)) from exc
+        except SettingsError as exc:
+            # pydantic-settings could not decode a variable (a JSON value that is not JSON);
+            # its message names only the top-level field, so find the variable itself.
+            raise ConfigurationError(_format_env_error(type(self), exc)) from exc
 
     @classmethod
     def settings_customise_sources(
@@ -450,6 +456,31 @@ def _format_settings_error(exc: PydanticValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid data_manager configuration: " + "; ".join(parts)
+
+
+def _format_env_error(settings_cls: type[BaseSettings], exc: SettingsError) -> str:
+    """Name the ``DATA_MANAGER_*`` variables pydantic-settings cannot decode (never their
+    values: a replica URL may hold a password)."""
+    source = EnvSettingsSource(settings_cls)
+    prefix = str(settings_cls.model_config.get("env_prefix", "")).lower()
+    bad: list[str] = []
+    for name, value in sorted(os.environ.items()):
+        if not name.lower().startswith(prefix):
+            continue
+        # The source decodes one variable at a time, exactly as it does at construction.
+        source.env_vars = {name.lower(): value}
+        try:
+            source()
+        except (SettingsError, ValueError) as decode_error:
+            cause = decode_error.__cause__ or decode_error
+            bad.append(f"{name} must be JSON ({cause})")
+    if not bad:
+        return f"invalid data_manager configuration: {exc}"
+    hint = (
+        'e.g. {"1m": 90, "1d": null} for a mapping, ["host1:7000", "host2:7000"] for a '
+        "list; strings inside are double-quoted"
+    )
+    return f"invalid data_manager configuration: {'; '.join(bad)}; {hint}"
 
 
 # --------------------------------------------------------------------------- static JSON

@@ -228,6 +228,15 @@ def test_health_of_the_embedded_store(tmp_path: Path) -> None:
     assert "l2: not configured" in proc.stdout
 
 
+def test_health_with_a_variable_that_is_not_json_is_unhealthy(tmp_path: Path) -> None:
+    env = dict(base_env(tmp_path), DATA_MANAGER_RETENTION__CANDLES_TIMEFRAME_DAYS="{1m: 90}")
+    proc = cli("health", "--json", env=env, cwd=tmp_path)
+    assert proc.returncode == 2, explain(proc)  # a broken configuration, not a traceback
+    report = json.loads(proc.stdout)
+    assert report["status"] == "unhealthy"
+    assert "DATA_MANAGER_RETENTION__CANDLES_TIMEFRAME_DAYS must be JSON" in report["reason"]
+
+
 # --------------------------------------------------------------------------- import / export
 
 

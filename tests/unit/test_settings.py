@@ -117,6 +117,26 @@ def test_invalid_values_are_configuration_errors(monkeypatch: pytest.MonkeyPatch
         DataManagerSettings()
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATA_MANAGER_RETENTION__CANDLES_TIMEFRAME_DAYS", "{1m: 90}"),  # keys unquoted
+        ("DATA_MANAGER_DRAGONFLY__CLUSTER_NODES", "node1:7000,node2:7000"),
+        ("DATA_MANAGER_POSTGRES__REPLICAS", "postgresql://app:s3cr3t-pw@replica1:5432/market"),
+        ("DATA_MANAGER_RETENTION", "{ticks_days: 30}"),
+    ],
+)
+def test_a_variable_that_is_not_json_names_itself(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv("DATA_MANAGER_POSTGRES__HOST", "db")  # not JSON, and need not be
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=rf"{name} must be JSON") as caught:
+        DataManagerSettings()
+    assert "POSTGRES__HOST" not in str(caught.value)
+    assert "s3cr3t-pw" not in str(caught.value)  # values are never echoed
+
+
 def test_journal_sync_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert DataManagerSettings().journal_sync == "auto"
     monkeypatch.setenv("DATA_MANAGER_JOURNAL_SYNC", "loop")
