@@ -21,12 +21,21 @@ and never appear in ``repr``, logs, errors or health output.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
@@ -321,11 +330,35 @@ class RetentionSettings(BaseModel):
     )
     delete_batch_rows: int = Field(default=50_000, ge=1, description="Rows per delete batch.")
 
+    # ``gt=0`` lets infinity through (and float("inf") parses from "inf"); a cutoff an
+    # infinite number of days back cannot be computed, and "for ever" is spelt None.
+    @field_validator("ticks_days", "order_flow_days", "candles_days")
+    @classmethod
+    def _finite_retention(cls, days: float | None, info: ValidationInfo) -> float | None:
+        if days is not None and not math.isfinite(days):
+            msg = (
+                f"{info.field_name} must be a finite number of days, got {days}; leave it "
+                "unset (None) to keep that data for ever"
+            )
+            raise ValueError(msg)
+        return days
+
+    @field_validator("replay_horizon_days", "compress_after_days")
+    @classmethod
+    def _finite_days(cls, days: float | None, info: ValidationInfo) -> float | None:
+        if days is not None and not math.isfinite(days):
+            msg = f"{info.field_name} must be a finite number of days, got {days}"
+            raise ValueError(msg)
+        return days
+
     @model_validator(mode="after")
     def _check(self) -> RetentionSettings:
         for tf, days in self.candles_timeframe_days.items():
-            if days is not None and days <= 0:
-                msg = f"candles_timeframe_days[{tf!r}] must be > 0 or null, got {days}"
+            if days is not None and not (math.isfinite(days) and days > 0):
+                msg = (
+                    f"candles_timeframe_days[{tf!r}] must be a finite number of days > 0, got "
+                    f"{days}; null keeps that timeframe for ever"
+                )
                 raise ValueError(msg)
         if self.compress_after_days is not None and (
             self.compress_after_days < self.replay_horizon_days

@@ -356,6 +356,21 @@ async def test_retention_dry_run_then_apply(
     assert rows == [(40, 60)]
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--ticks-days", "inf"), "ticks_days must be a finite number of days"),
+    ],
+)
+def test_retention_with_bad_days_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    proc = cli("retention", "show", *args, env=base_env(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    assert said in " ".join(proc.stderr.split()), explain(proc)  # rich wraps the box
+
+
 # --------------------------------------------------------------------------- journal
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_manager import ConfigurationError, DataManagerSettings, PostgresSettings
+from data_manager.settings import RetentionSettings
 
 ENV_NAMES = (
     "POSTGRES_HOST",
@@ -135,6 +136,30 @@ def test_a_variable_that_is_not_json_names_itself(
         DataManagerSettings()
     assert "POSTGRES__HOST" not in str(caught.value)
     assert "s3cr3t-pw" not in str(caught.value)  # values are never echoed
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("DATA_MANAGER_RETENTION__TICKS_DAYS", "inf", r"retention\.ticks_days: .*finite.*for ever"),
+        ("DATA_MANAGER_RETENTION__ORDER_FLOW_DAYS", "Infinity", "order_flow_days.*finite"),
+        ("DATA_MANAGER_RETENTION__CANDLES_TIMEFRAME_DAYS", '{"1m": "inf"}', r"\['1m'\].*finite"),
+        ("DATA_MANAGER_RETENTION__CANDLES_TIMEFRAME_DAYS", '{"1m": "nan"}', r"\['1m'\].*finite"),
+        ("DATA_MANAGER_RETENTION__REPLAY_HORIZON_DAYS", "inf", "replay_horizon_days.*finite"),
+    ],
+)
+def test_an_infinite_retention_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, match: str
+) -> None:
+    # "For ever" is None (unset); an infinite cutoff cannot be computed.
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=match):
+        DataManagerSettings()
+    with pytest.raises(ValueError, match="finite"):
+        RetentionSettings(candles_days=float("inf"))
+    assert RetentionSettings(candles_timeframe_days={"1d": None}).candles_timeframe_days == {
+        "1d": None
+    }
 
 
 def test_journal_sync_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
