@@ -526,6 +526,8 @@ def _retention_policy(
     order_flow_days: float | None,
     timeframe_days: list[str] | None,
 ) -> RetentionSettings:
+    from pydantic import ValidationError as PydanticValidationError
+
     from data_manager.errors import ConfigurationError
     from data_manager.lifecycle import RetentionSettings, retention_settings
 
@@ -544,10 +546,24 @@ def _retention_policy(
             if not sep:
                 msg = f"expected TIMEFRAME=DAYS (e.g. 1m=90, 1d=forever), got {item!r}"
                 raise typer.BadParameter(msg, param_hint="--timeframe-days")
-            per[tf.strip()] = None if days.strip() in ("forever", "none", "") else float(days)
+            if days.strip() in ("forever", "none", ""):
+                per[tf.strip()] = None
+                continue
+            try:
+                per[tf.strip()] = float(days)
+            except ValueError as exc:
+                msg = f"expected a number of days or 'forever' after {tf.strip()}=, got {days!r}"
+                raise typer.BadParameter(msg, param_hint="--timeframe-days") from exc
         update["candles_timeframe_days"] = per
     try:
         return RetentionSettings.model_validate({**base.model_dump(), **update})
+    except PydanticValidationError as exc:
+        parts = []
+        for err in exc.errors(include_url=False, include_input=False):
+            loc = ".".join(str(p) for p in err["loc"])
+            what = err["msg"].removeprefix("Value error, ")
+            parts.append(what if not loc or what.startswith(loc) else f"{loc}: {what}")
+        raise typer.BadParameter("; ".join(parts)) from exc
     except (ValueError, ConfigurationError) as exc:
         raise typer.BadParameter(str(exc)) from exc
 

@@ -360,6 +360,10 @@ async def test_retention_dry_run_then_apply(
     ("args", "said"),
     [
         (("--ticks-days", "inf"), "ticks_days must be a finite number of days"),
+        (
+            ("--timeframe-days", "1m=ninety"),
+            "a number of days or 'forever' after 1m=, got 'ninety'",
+        ),
     ],
 )
 def test_retention_with_bad_days_is_a_usage_error(
