@@ -7,14 +7,19 @@ a service on the same machine would use.
 Long commands (``demo``, ``import``, ``export``, ``journal replay``) stop cleanly on SIGINT
 or SIGTERM: the signal cancels the running work, the router's ``close()`` still runs (what
 is queued is flushed; what cannot be stored stays in the local journal for the next router),
-and the exit code is 128 + the signal number (130, 143). Heavy modules are imported inside
-the commands, so ``--help`` answers at once.
+and the exit code is 128 + the signal number (130, 143). That close gets
+``--shutdown-timeout`` seconds (``DATA_MANAGER_SHUTDOWN_TIMEOUT``, default 10), like
+``close(timeout=...)``: past it, the flush is cut short as a second signal cuts it, and what
+is not stored yet stays in the journal, so a database that hangs cannot hold the process
+past a container's grace period. Heavy modules are imported inside the commands, so
+``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import json
@@ -73,6 +78,11 @@ HEALTH_EXIT: Final[dict[str, int]] = {"healthy": 0, "degraded": 1, "unhealthy": 
 EXIT_INTERRUPTED: Final = {signal.SIGINT: 130, signal.SIGTERM: 143}
 #: Exit code of a command that failed (bad input, unreachable database, ...).
 EXIT_FAILED: Final = 2
+#: Seconds the work stopped by a signal (the router's close, mostly) may take to finish.
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+_shutdown_timeout: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "shutdown_timeout", default=DEFAULT_SHUTDOWN_TIMEOUT
+)
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -109,21 +119,37 @@ def run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     The signal handler cancels the main task, so ``async with DataRouter()`` blocks unwind
     and ``close()`` runs (flush, journal what cannot be stored). A second signal during that
-    shutdown cancels again, i.e. forces the exit.
+    shutdown cancels again, i.e. forces the exit; so does the shutdown timeout
+    (``--shutdown-timeout``) when it passes first. Cancelled, the write path's close stops
+    waiting for the flush and journals what is left, as after its own timeout.
 
     Raises:
         Interrupted: A signal stopped the work.
     """
+
+    shutdown_timeout = _shutdown_timeout.get()
 
     async def main() -> T:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         received: list[int] = []
+        deadline: list[asyncio.TimerHandle] = []
+
+        def cut_short() -> None:
+            err_console.print(
+                f"[yellow]still shutting down after {shutdown_timeout:g} s: stopping; what is "
+                "not stored yet stays in the journal[/]"
+            )
+            task.cancel()
 
         def on_signal(signum: int) -> None:
             received.append(signum)
             task.cancel()
+            if not deadline:
+                # Bounds the close the cancellation starts (``close(timeout=...)`` for
+                # routers the command does not close itself, such as the demo's).
+                deadline.append(loop.call_later(shutdown_timeout, cut_short))
 
         installed = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,10 +163,29 @@ def run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
                 raise Interrupted(received[0]) from None
             raise
         finally:
+            for handle in deadline:
+                handle.cancel()
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
     return asyncio.run(main())
+
+
+@app.callback()
+def _options(
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            envvar="DATA_MANAGER_SHUTDOWN_TIMEOUT",
+            min=0,
+            help="After SIGINT/SIGTERM, seconds the router's close may spend flushing; what "
+            "is not stored by then stays in the local journal for the next router.",
+        ),
+    ] = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> None:
+    """Market data SDK: demo, health, schema, import/export, retention, journal, metrics."""
+    _shutdown_timeout.set(shutdown_timeout)
 
 
 def _fail(what: str, exc: BaseException) -> typer.Exit:

@@ -494,6 +494,53 @@ async def test_sigterm_during_demo_flushes_and_closes(tmp_path: Path) -> None:
     assert await asyncio.to_thread(stored) > 0
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_sigterm_with_a_hanging_database_exits_within_the_shutdown_timeout(
+    tmp_path: Path, postgres_url: str, pg_schema: str
+) -> None:
+    env = with_postgres(base_env(tmp_path), postgres_url, pg_schema)
+    env["DATA_MANAGER_SHUTDOWN_TIMEOUT"] = "1"
+    proc = spawn("demo", "--ticks", "5000000", env=env, cwd=tmp_path)
+    lock = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+
+        async def started() -> bool:
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                return await pg_count(postgres_url, pg_schema) > 0
+            return False
+
+        async def writer_blocked() -> bool:
+            # Another session: within the lock's transaction pg_stat_activity is a snapshot.
+            rows = await pg_rows(
+                postgres_url,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                f" AND application_name = 'data_manager' AND query LIKE '%{pg_schema}\".ticks%'",
+            )
+            return bool(rows)
+
+        await until(started, "the demo's first stored ticks")
+        # The database hangs (it neither answers nor refuses): every write waits on the lock.
+        async with lock.transaction():
+            await lock.execute(f'LOCK TABLE "{pg_schema}".ticks IN ACCESS EXCLUSIVE MODE')
+            await until(writer_blocked, "a write waiting on the lock")
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            # Well inside a container's grace period, and far below the statement timeout
+            # (30 s) a close without a bound would wait for, attempt after attempt.
+            out, err = await asyncio.to_thread(proc.communicate, timeout=20)
+            took = time.monotonic() - began
+    finally:
+        await lock.close(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, f"{proc.returncode}\n{out}\n{err}"
+    assert "still shutting down after 1 s" in err
+    assert took < 20
+    # What the hanging database did not take is in the journal, for the next router.
+    assert inspect_journals(tmp_path / "journal").orphan_records > 0
+
+
 # --------------------------------------------------------------------------- bench / metrics
 
 
