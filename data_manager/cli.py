@@ -959,11 +959,16 @@ def journal_replay(
     async def run() -> None:
         settings = _settings(journal_dir=root)
         async with _router(settings) as router:
+            deadline = asyncio.get_running_loop().time() + timeout
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     await router.flush()
             except TimeoutError:
                 err_console.print(f"[yellow]replay not finished after {timeout:g} s[/]")
+            # The close gets what is left of --timeout (the rest stays in the journal): a
+            # database that hangs must not hold the command past it.
+            left = deadline - asyncio.get_running_loop().time()
+            await router.close(timeout=max(0.0, left))
 
     try:
         run_async(run)

@@ -25,7 +25,7 @@ import pytest
 
 from data_manager import DataManagerSettings, DataRouter, PostgresSettings, TickData
 from data_manager.cli import inspect_journals
-from data_manager.strategy import strategy_from_mapping
+from data_manager.strategy import RoutingStrategy, strategy_from_mapping
 from tests.servers import free_port
 
 if TYPE_CHECKING:
@@ -141,6 +141,17 @@ async def pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
 async def pg_count(url: str, schema: str, table: str = "ticks") -> int:
     rows = await pg_rows(url, f'SELECT count(*) FROM "{schema}".{table}')
     return int(rows[0][0])
+
+
+def held_strategy() -> RoutingStrategy:
+    """No derived data, and batches that never leave before close()."""
+    return strategy_from_mapping(
+        {
+            "aggregation": {"enabled": False},
+            "order_flow": {"enabled": False},
+            "batch": {"size": 50_000, "flush_interval_seconds": 3600},  # nothing leaves early
+        }
+    )
 
 
 async def until(condition: Callable[[], Any], what: str) -> None:
@@ -385,19 +396,12 @@ async def test_journal_inspect_and_replay_after_an_outage(
 ) -> None:
     server = postgres_server_factory()
     schema, journal, n = "cli_journal", tmp_path / "journal", 500
-    held = strategy_from_mapping(
-        {
-            "aggregation": {"enabled": False},
-            "order_flow": {"enabled": False},
-            "batch": {"size": 50_000, "flush_interval_seconds": 3600},  # nothing leaves early
-        }
-    )
     settings = DataManagerSettings(
         postgres=PostgresSettings(url=server.url, db_schema=schema, pool_min=0, pool_max=2),
         journal_dir=journal,
         watch_strategy=False,
     )
-    router = DataRouter(settings, strategy=held)
+    router = DataRouter(settings, strategy=held_strategy())
     await router.initialize()
     for i in range(n):
         await router.save_tick(
@@ -424,6 +428,49 @@ async def test_journal_inspect_and_replay_after_an_outage(
     rows = await pg_rows(server.url, f'SELECT count(*), count(DISTINCT seq) FROM "{schema}".ticks')
     assert rows == [(n, n)]
     assert inspect_journals(journal).instances == []
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_journal_replay_with_a_hanging_database_ends_within_its_timeout(
+    tmp_path: Path, postgres_url: str, pg_schema: str
+) -> None:
+    journal, n = tmp_path / "journal", 50
+    settings = DataManagerSettings(
+        postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema, pool_min=0, pool_max=2),
+        journal_dir=journal,
+        watch_strategy=False,
+    )
+    lock = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        router = DataRouter(settings, strategy=held_strategy())
+        await router.initialize()
+        # The database hangs (it neither answers nor refuses): every write waits on the lock.
+        async with lock.transaction():
+            await lock.execute(f'LOCK TABLE "{pg_schema}".ticks IN ACCESS EXCLUSIVE MODE')
+            for i in range(n):
+                await router.save_tick(
+                    TickData(
+                        symbol="EUR/USD", timestamp=T0 + i, bid=1.1, ask=1.1002, source="j", seq=i
+                    )
+                )
+            await router.close(timeout=1)  # what the database did not take goes to the journal
+            assert inspect_journals(journal).orphan_records == n
+
+            env = with_postgres(base_env(tmp_path), postgres_url, pg_schema)
+            began = time.monotonic()
+            # Far below the statement timeout (30 s) a close without a bound would wait for.
+            replay = await asyncio.to_thread(
+                cli, "journal", "replay", "--dir", str(journal), "--timeout", "1", "--json",
+                env=env, cwd=tmp_path, timeout=25,
+            )  # fmt: skip
+            took = time.monotonic() - began
+    finally:
+        await lock.close(timeout=10)
+    assert replay.returncode == 1, explain(replay)
+    assert json.loads(replay.stdout)["records_left"] == n
+    assert "replay not finished after 1 s" in replay.stderr
+    assert took < 25
 
 
 # --------------------------------------------------------------------------- signals
