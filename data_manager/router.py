@@ -364,6 +364,9 @@ class DataRouter:
         self._c_candles = _TierCounters()
         self._c_flow = _TierCounters()
         self._c_misc = _TierCounters()
+        # Background reads that confirm L1's any-source entries (_confirm_latest): not
+        # callers' reads, so not in the read counters.
+        self._c_confirm = _TierCounters()
         #: Event-time age (seconds) of sampled values served from L1 (1 hit in 32).
         self._served_age = HistogramRecorder(AGE_BUCKETS)
         self._read_latency: dict[tuple[str, str], HistogramRecorder] = {
@@ -852,13 +855,43 @@ class DataRouter:
         if self._subs:
             for item in items:
                 self._subs.dispatch(item)
+        # Another router's latest value may have lost L2's any-source compare-and-set (a
+        # lagging source): it never makes a missing any-source entry servable here, only
+        # the confirmation read from L2 does (settled=False).
         for item in items:
             if type(item) is TickData:
-                l1.put_tick(item)
+                l1.put_tick(item, settled=False)
             elif type(item) is CandleData:
                 l1.put_candle(item)
             else:
-                l1.put_order_flow(item)  # type: ignore[arg-type]
+                l1.put_order_flow(item, settled=False)  # type: ignore[arg-type]
+        if l1.confirmations_due:
+            self._confirm_latest()
+
+    def _confirm_latest(self) -> None:
+        """Check the any-source entries live writes just created in L1 against the tiers
+        below: one read-through per symbol in the background (shared with any read of it
+        under way), whose answer settles the entry (see :meth:`MemoryCache.fill_tick`).
+
+        A live write cannot tell whether another source has a newer value that this L1
+        never saw (written before this process started, before L1 was cleared, before the
+        entry was evicted or expired); the tiers below can.
+        """
+        due = self._l1.take_confirmations()
+        if not self._l1_enabled or self._state is not RouterState.OPEN:
+            return  # the fill would be refused (L1 bypassed) or nobody is left to serve
+        gen = self._l1_gen
+        counters = self._c_confirm
+        for kind, symbol in due:
+            # A flight of its own: a caller's read neither waits for a confirmation nor has
+            # its tiers counted as one.
+            load = self._load_latest_tick if kind == "tick" else self._load_latest_order_flow
+            self._spawn(
+                self._flight.do(
+                    ("confirm", kind, symbol, gen),
+                    functools.partial(load, symbol, None, counters),
+                )
+            )
 
     def _on_subscription_lost(self) -> None:
         # Without the bus we cannot know what other routers wrote: stop trusting L1.
@@ -926,6 +959,8 @@ class DataRouter:
         # The latest-value fast path comes first, whatever the write mode: compare-and-set
         # on the timestamp, so a tick retried after a refusal changes nothing there.
         self._l1.put_tick(tick)
+        if self._l1.confirmations_due:
+            self._confirm_latest()
         self._publish(route, tick)
         assert self._ingest is not None
         await self._ingest.submit(tick, mode=write_mode)
@@ -989,6 +1024,8 @@ class DataRouter:
             if self._subs:
                 self._subs.dispatch(metrics)
             dirty[symbol] = metrics
+        if self._l1.confirmations_due:
+            self._confirm_latest()
 
     def _feed_aggregator(self, tick: TickData, route: Sequence[str]) -> None:
         assert self._aggregator is not None
@@ -1529,6 +1566,8 @@ class DataRouter:
         write_mode = self._resolve_mode(mode)
         route = self._watcher.current.routing.save_order_flow
         self._l1.put_order_flow(metrics)
+        if self._l1.confirmations_due:
+            self._confirm_latest()
         self._publish(route, metrics)
         if self._subs:
             self._subs.dispatch(metrics)
@@ -1555,6 +1594,8 @@ class DataRouter:
         for tick in batch:
             put_tick(tick)
             self._publish(route, tick)  # L2 (compare-and-set) and the other routers' L1
+        if self._l1.confirmations_due:
+            self._confirm_latest()
         await self._settle_bus()
         return stored
 
@@ -1678,15 +1719,19 @@ class DataRouter:
             ("tick", sym, source, self._l1_gen), lambda: self._load_latest_tick(sym, source)
         )
 
-    async def _load_latest_tick(self, symbol: str, source: str | None) -> TickData | None:
+    async def _load_latest_tick(
+        self, symbol: str, source: str | None, counters: _TierCounters | None = None
+    ) -> TickData | None:
         l2 = self._l2
         return await self._read_latest(
             "get_latest_tick",
-            self._c_tick,
+            self._c_tick if counters is None else counters,
             l2_get=None if l2 is None else (lambda: l2.get_tick(symbol, source)),
             db_get=lambda db: db.latest_tick(symbol, source=source),
-            l1_put=self._l1.put_tick,
-            l2_put=None if l2 is None else (lambda tick: l2.put_ticks([tick])),
+            l1_fill=lambda tick: self._l1.fill_tick(symbol, source, tick),
+            l2_put=None
+            if l2 is None
+            else (lambda tick: l2.put_ticks([tick], per_source=source is not None)),
         )
 
     async def _read_latest(
@@ -1696,15 +1741,22 @@ class DataRouter:
         *,
         l2_get: Callable[[], Awaitable[L | None]] | None,
         db_get: Callable[[Storage], Awaitable[L | None]],
-        l1_put: Callable[[L], object],
+        l1_fill: Callable[[L | None], L | None],
         l2_put: Callable[[L], Coroutine[Any, Any, object]] | None,
     ) -> L | None:
         """Read-through for one "latest" value along the operation's route; the answer
         backfills the tiers above the one that gave it (L1 only if it was not cleared
-        meanwhile: see ``_l1_gen``)."""
+        meanwhile: see ``_l1_gen``).
+
+        L1 takes the answer through ``l1_fill`` even when it is None: an any-source read
+        settles the symbol's any-source entry (see :meth:`MemoryCache.fill_tick`), which then
+        holds, and this read returns, the newer of the answer and the live writes that
+        reached L1 meanwhile. A per-source answer fills only that source's entries, in L1
+        and in L2 (``l2_put`` knows which)."""
         route = self._watcher.current.routing.for_operation(operation)
         gen = self._l1_gen
         l2_skipped = False
+        value: L | None = None
         for backend in route:
             if backend == L2_CACHE:
                 if l2_get is None:
@@ -1720,22 +1772,24 @@ class DataRouter:
                 self._observe("l2", operation, started)
                 if value is not None:
                     counters.l2_hits += 1
-                    if self._l1_enabled and self._l1_gen == gen:
-                        l1_put(value)
-                    return value
+                    break
                 counters.l2_misses += 1
             elif backend in _DATABASES:
                 counters.db_reads += 1
                 started = time.perf_counter()
                 value = await db_get(self._db_for(route))
                 self._observe("database", operation, started)
-                if value is not None:
-                    if self._l1_enabled and self._l1_gen == gen:
-                        l1_put(value)
-                    if l2_put is not None and L2_CACHE in route and not l2_skipped:
-                        self._spawn(l2_put(value))
-                return value
-        return None
+                if (
+                    value is not None
+                    and l2_put is not None
+                    and L2_CACHE in route
+                    and not l2_skipped
+                ):
+                    self._spawn(l2_put(value))
+                break
+        if self._l1_enabled and self._l1_gen == gen:
+            return l1_fill(value)
+        return value
 
     async def get_latest_candles(
         self,
@@ -1897,16 +1951,18 @@ class DataRouter:
         )
 
     async def _load_latest_order_flow(
-        self, symbol: str, source: str | None
+        self, symbol: str, source: str | None, counters: _TierCounters | None = None
     ) -> OrderFlowMetrics | None:
         l2 = self._l2
         return await self._read_latest(
             "get_latest_order_flow",
-            self._c_flow,
+            self._c_flow if counters is None else counters,
             l2_get=None if l2 is None else (lambda: l2.get_order_flow(symbol, source)),
             db_get=lambda db: db.latest_order_flow(symbol, source=source),
-            l1_put=self._l1.put_order_flow,
-            l2_put=None if l2 is None else (lambda m: l2.put_order_flow([m])),
+            l1_fill=lambda m: self._l1.fill_order_flow(symbol, source, m),
+            l2_put=None
+            if l2 is None
+            else (lambda m: l2.put_order_flow([m], per_source=source is not None)),
         )
 
     async def get_ticks(
@@ -2108,9 +2164,9 @@ class DataRouter:
         loaded = 0
         # L1 only if it was not cleared since the reads began (see _l1_gen).
         fill_l1 = self._l1_enabled and self._l1_gen == gen
-        for tick in ticks.values():
+        for sym, tick in ticks.items():
             if fill_l1:
-                self._l1.put_tick(tick)
+                self._l1.fill_tick(sym, None, tick)  # each symbol's newest: settles L1
             loaded += 1
         for (sym, tf), rows in candles.items():
             if rows:

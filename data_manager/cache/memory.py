@@ -14,6 +14,17 @@ order in which writes and pub/sub messages arrive never lets an older value repl
 one, and equal timestamps are settled by the order every tier shares
 (:func:`~data_manager.cache.codec.supersedes`).
 
+A symbol's any-source entry needs care when it is missing (a new process, L1 cleared,
+the entry evicted or expired): one source's tick cannot tell whether another source has a
+newer one this cache never saw. So only an any-source answer of the tiers below
+(:meth:`MemoryCache.fill_tick` with no source) creates it outright. A value read for one
+source fills that source's entry only. A live write that finds the entry missing creates it
+and queues the symbol in :meth:`MemoryCache.take_confirmations`, so the owner checks it
+against the tiers below; with ``settled=False`` (another router's write, which this cache
+cannot vouch for) the new entry is not served until that check's fill settles it, while it
+keeps collecting live writes, so the fill keeps the newer of its answer and the writes that
+raced with the read.
+
 Bounds: at most ``max_entries`` entries in total (a tick, an order-flow value or a whole
 candle ring each count as one), evicted least recently used first (reads and writes both
 count as a use), and a TTL per data type measured from the last write on the process's
@@ -34,7 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice
 from operator import attrgetter
-from typing import TYPE_CHECKING, Final, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, Literal, TypeAlias, TypeVar
 
 from data_manager.cache.codec import tie_rank
 from data_manager.clock import Clock, SystemClock
@@ -44,7 +55,7 @@ from data_manager.models import CandleData, OrderFlowMetrics, TickData
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-__all__ = ["MemoryCache", "MemoryCacheStats"]
+__all__ = ["LatestKind", "MemoryCache", "MemoryCacheStats"]
 
 _V = TypeVar("_V", TickData, OrderFlowMetrics)
 
@@ -60,6 +71,14 @@ _ODICT_SLOT_BYTES: Final = 104
 
 _candle_ts: Final = attrgetter("timestamp")
 
+# What _put_latest did.
+_REFUSED: Final = 0
+_STORED: Final = 1
+_CREATED: Final = 2
+
+#: A latest-value kind, as :meth:`MemoryCache.take_confirmations` names it.
+LatestKind: TypeAlias = Literal["tick", "order_flow"]
+
 #: Keys sampled by stats() to estimate how many latest-value entries own their model.
 _SAMPLE: Final = 256
 
@@ -67,13 +86,16 @@ _SAMPLE: Final = 256
 class _Latest(Generic[_V]):
     """A latest-value entry; mutated in place on update so a write allocates nothing."""
 
-    __slots__ = ("stored_at", "ts", "used", "value")
+    __slots__ = ("settled", "stored_at", "ts", "used", "value")
 
-    def __init__(self, value: _V, now: float) -> None:
+    def __init__(self, value: _V, now: float, settled: bool) -> None:
         self.value: _V = value
         self.ts: int = value.timestamp
         self.stored_at = now  # monotonic time of the last accepted write: TTL and age
         self.used = now  # monotonic time of the last read or write: cross-type LRU order
+        # False for an any-source entry only live writes made: not served until a fill
+        # from an any-source read settles it (see the module docstring).
+        self.settled = settled
 
 
 class _Ring:
@@ -199,6 +221,7 @@ class MemoryCache:
         "_candle_misses",
         "_candle_ttl",
         "_clears",
+        "_confirmations",
         "_evictions",
         "_expirations",
         "_flow_hits",
@@ -253,6 +276,9 @@ class MemoryCache:
         self._flow_hits = self._flow_misses = 0
         self._candle_hits = self._candle_misses = 0
         self._stale_writes = self._evictions = self._expirations = self._clears = 0
+        # Any-source entries live writes created, to check against the tiers below (an
+        # ordered set, so a symbol is queued once however often its entry comes and goes).
+        self._confirmations: dict[tuple[LatestKind, str], None] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -318,8 +344,8 @@ class MemoryCache:
 
     # ------------------------------------------------------------------ ticks
 
-    def put_tick(self, tick: TickData) -> bool:
-        """Store a tick if it is not older than the cached one (compare-and-set).
+    def put_tick(self, tick: TickData, *, settled: bool = True) -> bool:
+        """Store a live tick if it is not older than the cached one (compare-and-set).
 
         The ``(symbol, source)`` entry and the symbol's any-source entry are each updated
         under the same rule (:func:`~data_manager.cache.codec.supersedes`): a newer
@@ -329,13 +355,38 @@ class MemoryCache:
         same tick that way. An expired entry still guards against older writes until it is
         removed.
 
+        A missing any-source entry is created from ``tick`` and the symbol is queued for
+        :meth:`take_confirmations`: the tiers below may hold a newer tick of another source.
+
+        Args:
+            tick: The tick.
+            settled: Serve a new any-source entry at once (this process's own write); with
+                False (a write relayed from elsewhere) ``get_tick(symbol)`` misses until
+                :meth:`fill_tick` settles it. An existing entry keeps its state.
+
         Returns:
             True if the ``(symbol, source)`` entry now holds ``tick``.
         """
         now = self._now()
-        stored = self._put_latest(self._ticks, (tick.symbol, tick.source), tick, now)
-        self._put_latest(self._ticks, tick.symbol, tick, now)
-        return stored
+        stored = self._put_latest(self._ticks, (tick.symbol, tick.source), tick, now, True)
+        if self._put_latest(self._ticks, tick.symbol, tick, now, settled) == _CREATED:
+            self._confirmations["tick", tick.symbol] = None
+        return stored != _REFUSED
+
+    def fill_tick(self, symbol: str, source: str | None, tick: TickData | None) -> TickData | None:
+        """Store what a read of the tiers below answered for ``get_tick(symbol, source)``.
+
+        With a ``source``, only that source's entry is written (compare-and-set): one
+        source's tick says nothing about the others, so it never reaches the any-source
+        entry. Without one, ``tick`` is the symbol's newest tick (None: the tiers hold
+        none); it is compare-and-set into its source's entry and the any-source entry, which
+        is then settled and served, holding the newer of ``tick`` and the live writes that
+        reached it meanwhile.
+
+        Returns:
+            The value the entry now holds (``tick`` or a newer live one), or None.
+        """
+        return self._fill(self._ticks, symbol, source, tick)
 
     def get_tick(self, symbol: str, source: str | None = None) -> TickData | None:
         """Return the latest tick of ``symbol`` (from ``source``, or from any source).
@@ -347,13 +398,14 @@ class MemoryCache:
         entry = self._ticks.get(key)
         if entry is not None:
             now = self._now()
-            if now - entry.stored_at < self._tick_ttl:
+            if now - entry.stored_at >= self._tick_ttl:
+                del self._ticks[key]
+                self._expirations += 1
+            elif entry.settled:
                 entry.used = now
                 self._ticks.move_to_end(key)
                 self._tick_hits += 1
                 return entry.value
-            del self._ticks[key]
-            self._expirations += 1
         self._tick_misses += 1
         return None
 
@@ -366,19 +418,20 @@ class MemoryCache:
         if entry is not None:
             now = self._now()
             age = now - entry.stored_at
-            if age < self._tick_ttl:
+            if age >= self._tick_ttl:
+                del self._ticks[key]
+                self._expirations += 1
+            elif entry.settled:
                 entry.used = now
                 self._ticks.move_to_end(key)
                 self._tick_hits += 1
                 return entry.value, age
-            del self._ticks[key]
-            self._expirations += 1
         self._tick_misses += 1
         return None
 
     # ------------------------------------------------------------------ order flow
 
-    def put_order_flow(self, metrics: OrderFlowMetrics) -> bool:
+    def put_order_flow(self, metrics: OrderFlowMetrics, *, settled: bool = True) -> bool:
         """Store order-flow metrics if not older than the cached ones (compare-and-set).
 
         Same rule as :meth:`put_tick`; on an equal timestamp the higher source wins, then the
@@ -388,9 +441,16 @@ class MemoryCache:
             True if the ``(symbol, source)`` entry now holds ``metrics``.
         """
         now = self._now()
-        stored = self._put_latest(self._flows, (metrics.symbol, metrics.source), metrics, now)
-        self._put_latest(self._flows, metrics.symbol, metrics, now)
-        return stored
+        stored = self._put_latest(self._flows, (metrics.symbol, metrics.source), metrics, now, True)
+        if self._put_latest(self._flows, metrics.symbol, metrics, now, settled) == _CREATED:
+            self._confirmations["order_flow", metrics.symbol] = None
+        return stored != _REFUSED
+
+    def fill_order_flow(
+        self, symbol: str, source: str | None, metrics: OrderFlowMetrics | None
+    ) -> OrderFlowMetrics | None:
+        """Like :meth:`fill_tick`, for order-flow metrics."""
+        return self._fill(self._flows, symbol, source, metrics)
 
     def get_order_flow(self, symbol: str, source: str | None = None) -> OrderFlowMetrics | None:
         """Return the latest order-flow metrics of ``symbol``, or None (miss or expired)."""
@@ -398,13 +458,14 @@ class MemoryCache:
         entry = self._flows.get(key)
         if entry is not None:
             now = self._now()
-            if now - entry.stored_at < self._flow_ttl:
+            if now - entry.stored_at >= self._flow_ttl:
+                del self._flows[key]
+                self._expirations += 1
+            elif entry.settled:
                 entry.used = now
                 self._flows.move_to_end(key)
                 self._flow_hits += 1
                 return entry.value
-            del self._flows[key]
-            self._expirations += 1
         self._flow_misses += 1
         return None
 
@@ -417,13 +478,14 @@ class MemoryCache:
         if entry is not None:
             now = self._now()
             age = now - entry.stored_at
-            if age < self._flow_ttl:
+            if age >= self._flow_ttl:
+                del self._flows[key]
+                self._expirations += 1
+            elif entry.settled:
                 entry.used = now
                 self._flows.move_to_end(key)
                 self._flow_hits += 1
                 return entry.value, age
-            del self._flows[key]
-            self._expirations += 1
         self._flow_misses += 1
         return None
 
@@ -618,6 +680,20 @@ class MemoryCache:
         self._candle_misses += 1
         return None
 
+    @property
+    def confirmations_due(self) -> bool:
+        """True when live writes created any-source entries since the last
+        :meth:`take_confirmations`."""
+        return bool(self._confirmations)
+
+    def take_confirmations(self) -> list[tuple[LatestKind, str]]:
+        """The (kind, symbol) of each any-source entry live writes created since the last
+        call, oldest first; the owner reads each symbol's newest value from the tiers below
+        and hands it to :meth:`fill_tick` / :meth:`fill_order_flow`."""
+        due = list(self._confirmations)
+        self._confirmations.clear()
+        return due
+
     def symbols(self) -> list[str]:
         """Symbols with a latest tick in the cache, least recently used first (no TTL
         check; for health)."""
@@ -627,7 +703,8 @@ class MemoryCache:
 
     def peek_tick(self, symbol: str) -> TickData | None:
         """The live any-source tick of ``symbol``, without counting a read: no hit or miss,
-        no LRU move; an expired entry is left for the next read to drop."""
+        no LRU move; an expired entry is left for the next read to drop. An entry not yet
+        settled counts too: for staleness any tick this cache saw will do."""
         entry = self._ticks.get(symbol)
         if entry is None or self._now() - entry.stored_at >= self._tick_ttl:
             return None
@@ -690,6 +767,7 @@ class MemoryCache:
         self._flows.clear()
         self._rings.clear()
         self._ring_index.clear()
+        self._confirmations.clear()
         self._clears += 1
 
     def invalidate_symbol(self, symbol: str) -> int:
@@ -754,22 +832,49 @@ class MemoryCache:
         key: _LatestKey,
         value: _V,
         now: float,
-    ) -> bool:
+        settled: bool,
+    ) -> int:
+        """Compare-and-set ``value`` into ``key``; a new entry is created ``settled`` or not
+        (an existing one keeps its state). Returns _REFUSED, _STORED or _CREATED."""
         entry = entries.get(key)
         if entry is None:
-            entry = entries[key] = _Latest(value, now)
+            entry = entries[key] = _Latest(value, now, settled)
             self._evict_excess(entry)
-            return True
+            return _CREATED
         ts = value.timestamp
         # The common case costs one comparison; ties take the shared order (codec.supersedes).
         if ts < entry.ts or (ts == entry.ts and tie_rank(value) < tie_rank(entry.value)):
             self._stale_writes += 1
-            return False
+            return _REFUSED
         entry.value = value
         entry.ts = ts
         entry.stored_at = entry.used = now
         entries.move_to_end(key)
-        return True
+        return _STORED
+
+    def _fill(
+        self,
+        entries: OrderedDict[_LatestKey, _Latest[_V]],
+        symbol: str,
+        source: str | None,
+        value: _V | None,
+    ) -> _V | None:
+        """:meth:`fill_tick` on ``entries``."""
+        now = self._now()
+        key: _LatestKey
+        if source is None:
+            key = symbol
+            if value is not None:
+                self._put_latest(entries, (symbol, value.source), value, now, True)
+        else:
+            key = (symbol, source)
+        if value is not None:
+            self._put_latest(entries, key, value, now, True)
+        entry = entries.get(key)
+        if entry is None:
+            return None
+        entry.settled = True
+        return entry.value
 
     def _new_ring(self, key: _RingKey, now: float) -> _Ring:
         ring = _Ring(now)

@@ -29,6 +29,10 @@ a batch (per item on a cluster, whose calls must keep their keys in one hash slo
   source, then ``window_ms`` for order flow), read out of the stored JSON, and an equal rank
   goes to the later write — the rule of the L1 cache and the bus, so every tier settles on
   the same value;
+* a value read from the database for one source (``put_ticks(..., per_source=True)``) is
+  compare-and-set into that source's key only: it says nothing about other sources, so it
+  must never create the any-source key (after a restart that would make one source's tick
+  the symbol's newest while another source has a newer one);
 * a live candle upserts its bucket, but a closed candle is never replaced by a forming one,
   and a candle older than the ring is refused unless the ring is complete — otherwise the
   ring would show a gap the database does not have; a backfill (:meth:`RedisCache.put_candles`)
@@ -191,12 +195,13 @@ local function rank(a, b)
   end
   return bytes(token(a, 'aggressor') or '', token(b, 'aggressor') or '')
 end
--- Latest value: compare-and-set of one item on its per-source and any-source keys: a newer
--- timestamp wins, an equal one goes by rank, an equal rank to the later write. Returns 1 if
--- it stored the first key, plus 2 if it stored the second.
+-- Latest value: compare-and-set of one item on its per-source and any-source keys (or on
+-- the per-source key alone): a newer timestamp wins, an equal one goes by rank, an equal
+-- rank to the later write. Returns 1 if it stored the first key, plus 2 if it stored the
+-- second.
 local function latest(keys, px, ts, value)
   local stored = 0
-  for i = 1, 2 do
+  for i = 1, #keys do
     local cur = redis.call('GET', keys[i])
     local wins = true
     if cur then
@@ -217,6 +222,11 @@ end
 if op == 'L' then
   -- One item. KEYS: per-source key, any-source key. ARGV: 'L', ttl ms, timestamp, value.
   return latest(KEYS, ttl, tonumber(ARGV[3]), ARGV[4])
+end
+if op == 'S' then
+  -- One item read for its source only: its per-source key, never the any-source key.
+  -- KEYS: per-source key. ARGV: 'S', ttl ms, timestamp, value.
+  return latest({KEYS[1]}, ttl, tonumber(ARGV[3]), ARGV[4])
 end
 if op == 'M' then
   -- Many items, in order. KEYS: the two keys of each item. ARGV: 'M', then per item
@@ -313,8 +323,9 @@ _Call: TypeAlias = tuple[str | bytes | int, ...]
 def _script_calls(ops: Sequence[WriteOp]) -> list[_Call]:
     """The script calls (arguments after the SHA) that carry out ``ops`` on one server.
 
-    Every latest-value write goes into one ``M`` call, in order, so a batch of N ticks costs
-    one reply to read instead of N; candle calls go as they are. (A cluster cannot do this:
+    Every live latest-value write goes into one ``M`` call, in order, so a batch of N ticks
+    costs one reply to read instead of N; other calls (candles, per-source fills) go as they
+    are. (A cluster cannot do this:
     one call's keys must share a hash slot.)
     """
     keys: list[str | bytes | int] = []
@@ -967,8 +978,13 @@ class RedisCache:
 
     # ------------------------------------------------------------------ writes
 
-    def write_op(self, item: CacheItem) -> WriteOp:
+    def write_op(self, item: CacheItem, *, per_source: bool = False) -> WriteOp:
         """The live write of one item (what the cache bus sends).
+
+        Args:
+            item: The value.
+            per_source: A latest value read for its source only: write its per-source key,
+                never the symbol's any-source key (ignored for candles).
 
         Raises:
             CacheError: ``item`` is not a TickData, CandleData or OrderFlowMetrics.
@@ -979,7 +995,7 @@ class RedisCache:
             return self._latest_op(
                 encode_tick(tick),
                 self.tick_key(tick.symbol, tick.source),
-                self.tick_key(tick.symbol),
+                None if per_source else self.tick_key(tick.symbol),
                 self._tick_ttl,
                 tick.timestamp,
             )
@@ -988,7 +1004,7 @@ class RedisCache:
             return self._latest_op(
                 encode_order_flow(metrics),
                 self.order_flow_key(metrics.symbol, metrics.source),
-                self.order_flow_key(metrics.symbol),
+                None if per_source else self.order_flow_key(metrics.symbol),
                 self._order_flow_ttl,
                 metrics.timestamp,
             )
@@ -1014,7 +1030,9 @@ class RedisCache:
         raise CacheError(msg)
 
     @staticmethod
-    def _latest_op(payload: bytes, key: str, any_key: str, ttl: str, ts: int) -> WriteOp:
+    def _latest_op(payload: bytes, key: str, any_key: str | None, ttl: str, ts: int) -> WriteOp:
+        if any_key is None:
+            return WriteOp(payload, (1, key, "S", ttl, ts, payload))
         return WriteOp(payload, (2, key, any_key, "L", ttl, ts, payload))
 
     def reset_candles_op(self, symbol: str, timeframe: str, source: str) -> WriteOp:
@@ -1052,25 +1070,37 @@ class RedisCache:
             ops.append(WriteOp(b"", tuple(args)))
         return ops
 
-    async def put_ticks(self, ticks: Sequence[TickData]) -> None:
+    async def put_ticks(self, ticks: Sequence[TickData], *, per_source: bool = False) -> None:
         """Store ticks, compare-and-set on the timestamp, in one pipeline.
+
+        Args:
+            ticks: The ticks, each under its source's key and the symbol's any-source key.
+            per_source: The ticks were read for their sources only (e.g. the database's
+                newest tick of one source): store them under their sources' keys only, as
+                they say nothing about the symbol's newest tick.
 
         Raises:
             CacheUnavailableError: Unreachable, too slow, or the breaker is open.
             CacheError: The server refused a call.
         """
         if ticks:
-            await self.apply([self.write_op(t) for t in ticks])
+            await self.apply([self.write_op(t, per_source=per_source) for t in ticks])
 
-    async def put_order_flow(self, metrics: Sequence[OrderFlowMetrics]) -> None:
+    async def put_order_flow(
+        self, metrics: Sequence[OrderFlowMetrics], *, per_source: bool = False
+    ) -> None:
         """Store order-flow metrics, compare-and-set on the timestamp, in one pipeline.
+
+        Args:
+            metrics: The metrics.
+            per_source: Store them under their sources' keys only (see :meth:`put_ticks`).
 
         Raises:
             CacheUnavailableError: Unreachable, too slow, or the breaker is open.
             CacheError: The server refused a call.
         """
         if metrics:
-            await self.apply([self.write_op(m) for m in metrics])
+            await self.apply([self.write_op(m, per_source=per_source) for m in metrics])
 
     async def put_candles(self, candles: Sequence[CandleData], *, complete: bool = False) -> None:
         """Backfill candles read from a lower tier (the database), one script call per series.

@@ -111,6 +111,20 @@ async def test_any_source_key_holds_the_newest_of_all_sources(cache: RedisCache)
     assert (await cache.get_tick("EUR/USD")).source == "b"  # type: ignore[union-attr]
 
 
+async def test_values_read_for_one_source_never_create_the_any_source_key(
+    cache: RedisCache,
+) -> None:
+    lagging = tick(TS, source="lagging")
+    metrics = OrderFlowMetrics(symbol="EUR/USD", timestamp=TS, window_ms=1000, source="lagging")
+    await cache.put_ticks([lagging], per_source=True)
+    await cache.put_order_flow([metrics], per_source=True)
+    assert await cache.get_tick("EUR/USD", "lagging") == lagging
+    assert await cache.get_order_flow("EUR/USD", "lagging") == metrics
+    # They say nothing about other sources: the symbol's newest stays unknown.
+    assert await cache.get_tick("EUR/USD") is None
+    assert await cache.get_order_flow("EUR/USD") is None
+
+
 async def test_same_millisecond_ties_follow_the_l1_rule(cache: RedisCache) -> None:
     # Both sequenced, same source: the higher seq stays whatever the arrival order.
     await cache.put_ticks([tick(seq=9, bid=1.3), tick(seq=4, bid=1.1)])

@@ -241,6 +241,53 @@ async def test_equal_timestamps_of_two_sources_settle_on_one_tick_everywhere(
     assert await settled() == {("srcB", TS + 1)}
 
 
+async def test_a_per_source_read_never_makes_its_tick_the_symbols_newest(
+    make_router: RouterFactory,
+) -> None:
+    a = await make_router()
+    await a.save_tick(tick(TS, 1.1, source="lagging"))
+    await a.save_tick(tick(TS + 5_000, 1.2, source="fast"))  # the symbol's newest
+    await bus_of(a).flush()
+    b = await make_router()  # a new process: its L1 is empty
+    got = await b.get_latest_tick(SYM, source="lagging")  # read through L2 into L1
+    assert got is not None
+    assert got.source == "lagging"
+    newest = await b.get_latest_tick(SYM)
+    assert newest is not None
+    assert (newest.source, newest.timestamp) == ("fast", TS + 5_000)
+
+
+async def test_a_relayed_tick_l2_refused_never_becomes_the_symbols_newest(
+    make_router: RouterFactory,
+) -> None:
+    a = await make_router()
+    await a.save_tick(tick(TS + 5_000, 1.2, source="fast"))
+    await bus_of(a).flush()
+    b = await make_router()  # subscribes after fast's tick went by (or cleared its L1)
+    await a.save_tick(tick(TS, 1.1, source="lagging"))  # older: L2's any-source key keeps fast's
+    await until(lambda: b.cache.l1.get_tick(SYM, "lagging") is not None, "B to get the tick")
+    newest = await b.get_latest_tick(SYM)
+    assert newest is not None
+    assert (newest.source, newest.timestamp) == ("fast", TS + 5_000)
+    assert l1_ts(b) == TS + 5_000  # the read settled B's L1 on it
+
+
+async def test_an_own_tick_in_a_new_router_yields_to_a_newer_tick_of_another_source(
+    make_router: RouterFactory,
+) -> None:
+    a = await make_router()
+    await a.save_tick(tick(TS + 5_000, 1.2, source="fast"))
+    await bus_of(a).flush()
+    b = await make_router()  # a new collector of a lagging feed
+    await b.save_tick(tick(TS, 1.1, source="lagging"))
+    # Served at once (read-your-writes), then checked against L2 in the background.
+    await until(lambda: l1_ts(b) == TS + 5_000, "B's new entry to be checked against L2")
+    newest = await b.get_latest_tick(SYM)
+    assert newest is not None
+    assert newest.source == "fast"
+    assert (await b.get_latest_tick(SYM, source="lagging")).timestamp == TS  # type: ignore[union-attr]
+
+
 async def test_a_read_through_serves_and_backfills_the_tick_the_caches_keep(
     make_router: RouterFactory,
 ) -> None:

@@ -68,8 +68,10 @@ def candle(
     )
 
 
-def flow(ts: int = TS, ofi: float = 1.0, *, symbol: str = SYM) -> OrderFlowMetrics:
-    return OrderFlowMetrics(symbol=symbol, timestamp=ts, window_ms=1_000, ofi=ofi, source=SRC)
+def flow(
+    ts: int = TS, ofi: float = 1.0, *, symbol: str = SYM, source: str = SRC
+) -> OrderFlowMetrics:
+    return OrderFlowMetrics(symbol=symbol, timestamp=ts, window_ms=1_000, ofi=ofi, source=source)
 
 
 def l2_of(router: DataRouter) -> RedisCache:
@@ -155,13 +157,15 @@ class Kind:
     name: str
     op: str  # the strategy's read operation
 
-    async def put_db(self, router: DataRouter, marker: float) -> None:
+    async def put_db(
+        self, router: DataRouter, marker: float, ts: int = TS, source: str = SRC
+    ) -> None:
         if self.name == "tick":
-            await router.storage.write_ticks([tick(bid=marker)])
+            await router.storage.write_ticks([tick(ts, bid=marker, source=source)])
         elif self.name == "candles":
-            await router.storage.write_candles([candle(TS - 60_000, marker), candle(TS, marker)])
+            await router.storage.write_candles([candle(ts - 60_000, marker), candle(ts, marker)])
         else:
-            await router.storage.write_order_flow([flow(ofi=marker)])
+            await router.storage.write_order_flow([flow(ts, ofi=marker, source=source)])
 
     async def put_l2(self, router: DataRouter, marker: float, ts: int = TS) -> None:
         l2 = l2_of(router)
@@ -183,6 +187,13 @@ class Kind:
         metrics = await router.get_latest_order_flow(SYM, source=source)
         return None if metrics is None else metrics.ofi
 
+    async def l2_source(self, router: DataRouter, source: str | None) -> str | None:
+        """The source of the latest value L2 holds for ``source`` (None: any source), or
+        None when it has none (ticks and order flow only)."""
+        l2 = l2_of(router)
+        got = await (l2.get_tick if self.name == "tick" else l2.get_order_flow)(SYM, source)
+        return None if got is None else got.source
+
 
 KINDS: Final = [
     Kind("tick", "get_latest_tick"),
@@ -190,9 +201,12 @@ KINDS: Final = [
     Kind("order_flow", "get_latest_order_flow"),
 ]
 kinds = pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+LATEST_KINDS: Final = [k for k in KINDS if k.name != "candles"]
+latest_kinds = pytest.mark.parametrize("kind", LATEST_KINDS, ids=[k.name for k in LATEST_KINDS])
 
 DB_VALUE: Final = 1.25
 L2_VALUE: Final = 1.5
+LAGGING_VALUE: Final = 1.75
 
 
 # ----------------------------------------------------------------------------- route order
@@ -279,6 +293,29 @@ async def test_l2_hit_fills_l1(make_router: RouterFactory, kind: Kind) -> None:
     s = await stats(router)
     assert (s.l1.hits, s.l1.misses, s.l2.hits, s.details["db_reads"]) == (1, 1, 1, 0)
     assert l2_of(router).stats().hits == 1
+
+
+@latest_kinds
+async def test_a_per_source_database_read_never_makes_its_value_the_symbols_newest(
+    make_router: RouterFactory, kind: Kind
+) -> None:
+    # An empty L2, as after a restart without persistence; the database's newest value of
+    # the symbol comes from SRC, and a lagging source has an older one.
+    router = await make_router(routing={kind.op: CACHE_FIRST})
+    await kind.put_db(router, DB_VALUE)
+    await kind.put_db(router, LAGGING_VALUE, TS - 5_000, "lagging")
+
+    assert await kind.read(router, source="lagging") == LAGGING_VALUE  # L2 miss, database
+    await backfills_done(router)
+    # It fills the lagging source's entries only, in L2 and in L1.
+    assert await kind.l2_source(router, "lagging") == "lagging"
+    assert await kind.l2_source(router, None) is None
+    assert await kind.read(router) == DB_VALUE  # L1 and L2 miss: the database's newest
+    await backfills_done(router)
+    assert await kind.l2_source(router, None) == SRC
+    router.cache.l1.clear()
+    assert await kind.read(router) == DB_VALUE  # from L2 now
+    assert (await stats(router)).details["db_reads"] == 2
 
 
 # ----------------------------------------------------------------------------- single-flight

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given, settings
@@ -197,6 +197,90 @@ def test_any_arrival_order_converges_to_newest(
     assert cache.get_tick(SYM) is newest(shuffled)
     for src in {s for _, s, _, _ in updates}:
         assert cache.get_tick(SYM, src) is newest([t for t in shuffled if t.source == src])
+
+
+# ---------------------------------------------------------------- any-source entry: who creates it
+
+
+def test_a_value_read_for_one_source_fills_only_that_sources_entries() -> None:
+    cache = make()
+    lagging = tick(T0, source="lagging")
+    assert cache.fill_tick(SYM, "lagging", lagging) is lagging
+    assert cache.fill_order_flow(SYM, "lagging", flow(T0, source="lagging")) is not None
+    assert cache.get_tick(SYM, "lagging") is lagging
+    # Another source may have a newer value: the symbol's newest stays unknown here.
+    assert cache.get_tick(SYM) is None
+    assert cache.get_order_flow(SYM) is None
+    assert cache.take_confirmations() == []
+
+
+@pytest.mark.parametrize("kind", ["tick", "order_flow"])
+def test_a_relayed_write_is_served_as_the_newest_only_once_a_fill_settles_it(kind: str) -> None:
+    cache = make()
+    value: Any = tick if kind == "tick" else flow
+    put: Any = cache.put_tick if kind == "tick" else cache.put_order_flow
+    fill: Any = cache.fill_tick if kind == "tick" else cache.fill_order_flow
+    get: Any = cache.get_tick if kind == "tick" else cache.get_order_flow
+    lagging, fast, later = value(T0, source="lagging"), value(T0 + 5_000), value(T0 + 6_000)
+    put(lagging, settled=False)
+    assert get(SYM, "lagging") is lagging
+    assert get(SYM) is None  # not served: another source may be newer
+    assert cache.take_confirmations() == [(kind, SYM)]
+    put(value(T0 + 1, source="lagging"), settled=False)
+    assert cache.take_confirmations() == []  # one check per new entry
+    # The check's answer (the tiers' newest) settles it; compare-and-set with what came in.
+    assert fill(SYM, None, fast) is fast
+    assert get(SYM) is fast
+    assert get(SYM, fast.source) is fast
+    put(later, settled=False)
+    assert get(SYM) is later  # settled: later writes are served at once
+
+
+def test_a_fill_keeps_a_newer_live_write_that_raced_with_its_read() -> None:
+    cache = make()
+    newer = tick(T0 + 7_000, source="lagging")
+    cache.put_tick(tick(T0, source="lagging"), settled=False)
+    cache.put_tick(newer, settled=False)  # arrived while the check's read was under way
+    assert cache.fill_tick(SYM, None, tick(T0 + 5_000)) is newer
+    assert cache.get_tick(SYM) is newer
+
+
+def test_a_fill_with_nothing_below_settles_the_live_writes() -> None:
+    cache = make()
+    own = tick(T0, source="lagging")
+    cache.put_tick(own, settled=False)
+    assert cache.fill_tick(SYM, None, None) is own
+    assert cache.get_tick(SYM) is own
+    assert cache.fill_tick("GBP/USD", None, None) is None
+    assert cache.get_tick("GBP/USD") is None
+
+
+def test_an_own_write_is_served_at_once_and_still_queued_for_a_check() -> None:
+    cache = make()
+    own = tick(T0, source="lagging")
+    cache.put_tick(own)
+    assert cache.get_tick(SYM) is own
+    assert cache.take_confirmations() == [("tick", SYM)]
+    # The check finds a newer tick of another source: it replaces the own one.
+    fast = tick(T0 + 5_000)
+    assert cache.fill_tick(SYM, None, fast) is fast
+    assert cache.get_tick(SYM) is fast
+
+
+def test_a_lost_any_source_entry_is_checked_again() -> None:
+    clock = ManualClock()
+    cache = make(clock)
+    cache.put_tick(tick(T0))
+    cache.take_confirmations()
+    cache.put_tick(tick(T0 + 1))
+    assert cache.take_confirmations() == []  # the entry exists
+    clock.advance(3)  # past tick_ttl
+    assert cache.get_tick(SYM) is None  # expired: removed
+    cache.put_tick(tick(T0 + 2), settled=False)
+    assert cache.take_confirmations() == [("tick", SYM)]
+    cache.put_tick(tick(T0 + 3), settled=False)
+    cache.clear()
+    assert cache.take_confirmations() == []  # nothing left to check
 
 
 # ---------------------------------------------------------------- TTLs

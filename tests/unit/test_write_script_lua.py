@@ -221,6 +221,33 @@ def test_equal_timestamps_across_sources_settle_on_the_higher_source(
     assert stored_bid(server, any_key) == 1.3
 
 
+def test_a_per_source_write_never_touches_the_any_source_key(
+    lua_version: str, cache: RedisCache
+) -> None:
+    server = FakeServer()
+    script = Script(lua_version, server)
+    any_key, lagging_key = cache.tick_key("EUR/USD"), cache.tick_key("EUR/USD", "lagging")
+    older = tick(source="lagging", bid=1.1)
+    op = cache.write_op(older, per_source=True)
+    assert _script_calls([op]) == [op.args]  # its own call, never merged into an 'M'
+    # A key lost (restart): the per-source key is written, the any-source key stays absent.
+    assert script.apply([op]) == [1]
+    assert stored_bid(server, lagging_key) == 1.1
+    assert server.ttl[lagging_key] == 30_000
+    assert any_key not in server.strings
+    # Compare-and-set like any latest value; the any-source key, once there, is left alone.
+    assert script.apply([cache.write_op(tick(TS + 5, bid=1.3))]) == [3]
+    assert script.apply([cache.write_op(tick(TS - 1, source="lagging"), per_source=True)]) == [0]
+    assert script.apply(
+        [cache.write_op(tick(TS + 9, source="lagging", bid=1.2), per_source=True)]
+    ) == [1]
+    assert (stored_bid(server, lagging_key), stored_bid(server, any_key)) == (1.2, 1.3)
+    flow = OrderFlowMetrics(symbol="EUR/USD", timestamp=TS, window_ms=1000, ofi=2.0, source="db")
+    assert script.apply([cache.write_op(flow, per_source=True)]) == [1]
+    assert cache.order_flow_key("EUR/USD", "db") in server.strings
+    assert cache.order_flow_key("EUR/USD") not in server.strings
+
+
 #: Sources whose order differs between code points and a naive reading of their JSON (an
 #: escaped quote or backslash, non-ASCII, upper before lower case, a prefix of another).
 _SOURCES = ["ig", "ig2", "Zeta", "q#", "\u00e9cu", "\u00e9", 'q"x', "q\\x", "q", "\u65e5\u672c"]
