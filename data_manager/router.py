@@ -787,6 +787,7 @@ class DataRouter:
             on_items=_weak_callback(self._apply_remote),
             on_lost=_weak_callback(self._on_subscription_lost),
             on_restored=_weak_callback(self._on_subscription_restored),
+            on_gaps=_weak_callback(self._drop_gapped),
         )
         self._l2 = l2
         self._bus = bus
@@ -892,6 +893,19 @@ class DataRouter:
                     functools.partial(load, symbol, None, counters),
                 )
             )
+
+    def _drop_gapped(self, series: Sequence[tuple[str, str, str]]) -> None:
+        """Drop the L1 rings of the candle series whose live updates another router gave
+        up (L2 was unreachable for too long; the bus names them), so the next read refills
+        them from L2 or the database instead of serving a gap. The rest of L1 stays."""
+        for symbol, timeframe, source in series:
+            self._l1.drop_candles(symbol, timeframe, source)
+        # A read under way may have read such a ring before L2 reset it: it must not fill
+        # L1 with it (see _l1_gen).
+        self._l1_gen += 1
+        logger.info(
+            "cache bus: %d candle series lost live updates; their L1 rings dropped", len(series)
+        )
 
     def _on_subscription_lost(self) -> None:
         # Without the bus we cannot know what other routers wrote: stop trusting L1.

@@ -385,6 +385,38 @@ async def test_a_failed_bus_batch_leaves_no_gap_in_candle_rings(
     assert [c.timestamp for c in b.cache.l1.get_candles(SYM, "1m", 3, "feed") or []] == want
 
 
+async def test_candles_given_up_drop_only_their_series_from_the_other_routers_l1(
+    make_router: RouterFactory,
+) -> None:
+    """Beyond the bus's bound on kept candles (``max_retained_candles``) the oldest are
+    given up and their series named in the next message: the other router drops those
+    rings only, not its whole L1."""
+    a, b = await make_router(), await make_router()
+    bus = bus_of(a)
+    bus._max_retained = 1  # 4096 by default: keep one candle, give up the older ones
+
+    def ring_in_b(symbol: str) -> list[CandleData] | None:
+        return b.cache.l1.get_candles(symbol, "1m", 1, "feed")
+
+    await a.save_tick(tick(TS))
+    for symbol in (SYM, "GBP/USD"):
+        bus.publish(bar(0, symbol=symbol))
+    await bus.flush()
+    await until(lambda: l1_ts(b) == TS and ring_in_b(SYM) is not None, "B to get both")
+    await until(lambda: ring_in_b("GBP/USD") is not None, "B to get GBP/USD's ring")
+    fail_applies(l2_of(a), 1)
+    bus.publish(bar(1))  # given up: EUR/USD's rings would show a gap
+    bus.publish(bar(1, symbol="GBP/USD"))  # kept, sent with the next derived data
+    await bus.flush()
+    await a.save_tick(tick(TS + 1))  # the next batch that reaches L2 names the gap
+    await bus.flush()
+    await until(lambda: ring_in_b(SYM) is None, "B to drop EUR/USD's ring")
+    await until(lambda: l1_ts(b) == TS + 1, "B to get the tick")
+    assert ring_in_b("GBP/USD") is not None  # the rest of B's L1 stays
+    assert b.cache.l1.stats().clears == 0
+    assert bus_of(b).stats().lost == 0
+
+
 # ----------------------------------------------------------------------------- lost subscription
 
 
