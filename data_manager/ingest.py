@@ -1346,7 +1346,14 @@ class IngestPipeline:
             await self._store_batch(items, undecodable)
         except _StoreFailed:
             return
-        await journal.mark_stored(chunk.end_lsn)
+        # A chunk holding an upsert is checkpointed before anything else is written: a newer
+        # version stored next without passing through this journal (a buffered one, once
+        # the replay caught up) must not be overwritten by this replay again after a crash.
+        # Nothing is written between the commit and the checkpoint (one writer task); a
+        # crash in between replays the chunk over itself only.
+        await journal.mark_stored(
+            chunk.end_lsn, durable=any(type(item) is not TickData for item in items)
+        )
         if self._backup is not None and journal is not self._journal:
             # A dead instance acknowledged these; it may never have published them.
             self._backup.publish_batch(items)

@@ -10,8 +10,9 @@ by the kernel; the next router to start (or a running one that scans) finds the 
 On disk::
 
     <root>/<instance_id>/lock                  flock'd by the owner; holds "pid host"
-    <root>/<instance_id>/checkpoint            last stored LSN (a hint: losing it only
-                                               means replaying more, and writes are idempotent)
+    <root>/<instance_id>/checkpoint            last stored LSN (losing it replays more: ticks
+                                               are idempotent; the pipeline writes it at once
+                                               after replaying an upsert, see mark_stored)
     <root>/<instance_id>/<first LSN>.seg       segments: 8-byte magic, then records
     <root>/<instance_id>/<seg>.corrupt-<off>   a damaged tail, moved aside (never deleted)
     <root>/dead-letter/<instance_id>.jsonl     items the database refused (kept for people)
@@ -1666,8 +1667,14 @@ class Journal:
             f"{lsn}..{segment.last_lsn} ({len(data)} bytes) copied to {aside.name} and skipped"
         )
 
-    async def mark_stored(self, lsn: int) -> None:
+    async def mark_stored(self, lsn: int, *, durable: bool = False) -> None:
         """Record that every record up to ``lsn`` is stored; delete segments wholly below.
+
+        The checkpoint file is written every ``checkpoint_every`` records, when a segment is
+        deleted and on close; ``durable=True`` writes it now (when it lags), so that a crash
+        does not replay these records again. Replaying a tick twice is harmless; replaying
+        an upsert twice is not once a newer version that is not in this journal has been
+        stored since (a buffered write, or a ``sync`` one).
 
         Raises:
             JournalError: A segment could not be deleted, or the journal is not open (once
@@ -1678,11 +1685,14 @@ class Journal:
             raise JournalError(msg)
         lsn = min(lsn, self.last_lsn)
         if lsn <= self._stored_lsn:
-            return
+            if durable and self._checkpointed < self._stored_lsn:
+                lsn = self._stored_lsn  # marked before without a checkpoint: write it now
+            else:
+                return
         self._stored_lsn = lsn
         with self._io:
             dead = [s for s in self._segments[:-1] if s.last_lsn <= lsn]
-        if dead or lsn - self._checkpointed >= self.checkpoint_every:
+        if dead or durable or lsn - self._checkpointed >= self.checkpoint_every:
             try:
                 await asyncio.to_thread(self._checkpoint_and_delete, dead)
             except OSError as exc:

@@ -29,9 +29,12 @@ and at the end (database up, a final pipeline that adopts whatever was left, flu
 
 A seed replays the same operations and, since the journal's worker-thread I/O runs inline
 and time is a manual clock, the same interleaving; a failure names its seed, its settings
-and the last operations. Two defects the model found are kept as strict xfails: the seeds
-in ``KNOWN`` and a minimal case each at the end of this file. ``-m slow`` runs many more
-seeds.
+and the last operations. Each defect the model found has a minimal case at the end of this
+file, and seeds that found them (``REGRESSION_SEEDS``) run in the quick run too; one still
+open is kept as a strict xfail (its seeds in ``KNOWN``). A buffered upsert replayed from the
+journal and then superseded by a version stored directly came back after a crash, since the
+replay's stored mark was not checkpointed (fixed: a replayed chunk holding an upsert is
+checkpointed at once). ``-m slow`` runs many more seeds.
 """
 
 from __future__ import annotations
@@ -80,15 +83,12 @@ QUICK_SEEDS: Final = 30
 QUICK_OPS: Final = 200
 SLOW_SEEDS: Final = 500
 SLOW_OPS: Final = 400
-KNOWN_QUICK: Final = (40, 211)  # one seed per known defect (below) in the quick run
+#: Seeds that found defects since fixed (a minimal case of each is at the end of this file),
+#: run in the quick run too, with as many operations as in the slow one.
+REGRESSION_SEEDS: Final = (40, 211, 109)
 
 
 # Defects the model found, each with a minimal case at the end of this file.
-SPILLED_VERSION_REPLAYED: Final = (
-    "a buffered upsert spilled to the journal during an outage, then replayed, stays in the "
-    "journal past its last checkpoint; a crash replays it again over the newer versions "
-    "stored directly since"
-)
 COPY_BEHIND_NEWER_VERSION: Final = (
     "a spilled batch writes a copy of an older journal-mode upsert into the journal after a "
     "newer version of the same key journaled meanwhile; the newer one is written again only "
@@ -96,12 +96,7 @@ COPY_BEHIND_NEWER_VERSION: Final = (
 )
 #: Seeds that run into them (the upsert series named in the failure is saved in the mode
 #: that says which): strict, so a fix makes them pass and asks for their removal.
-KNOWN: Final = {
-    **dict.fromkeys(
-        [40, 56, 61, 204, 261, 271, 278, 283, 335, 402, 435, 482, 512], SPILLED_VERSION_REPLAYED
-    ),
-    **dict.fromkeys([109, 211, 314, 405, 410], COPY_BEHIND_NEWER_VERSION),
-}
+KNOWN: Final = dict.fromkeys([109, 314, 405], COPY_BEHIND_NEWER_VERSION)
 
 
 def seeds(numbers: list[int]) -> list[Any]:
@@ -679,18 +674,20 @@ async def run_model(seed: int, root: Path, ops: int, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.usefixtures("model_env")
-@pytest.mark.parametrize("seed", seeds([*range(QUICK_SEEDS), *KNOWN_QUICK]))
+@pytest.mark.parametrize("seed", seeds([*range(QUICK_SEEDS), *REGRESSION_SEEDS]))
 async def test_the_database_holds_what_was_accepted(
     seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await run_model(seed, tmp_path, SLOW_OPS if seed in KNOWN else QUICK_OPS, monkeypatch)
+    await run_model(
+        seed, tmp_path, SLOW_OPS if seed in REGRESSION_SEEDS else QUICK_OPS, monkeypatch
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("model_env")
 @pytest.mark.parametrize(
     "seed",
-    seeds([n for n in range(QUICK_SEEDS, QUICK_SEEDS + SLOW_SEEDS) if n not in KNOWN_QUICK]),
+    seeds([n for n in range(QUICK_SEEDS, QUICK_SEEDS + SLOW_SEEDS) if n not in REGRESSION_SEEDS]),
 )
 async def test_the_database_holds_what_was_accepted_over_many_seeds(
     seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -698,7 +695,7 @@ async def test_the_database_holds_what_was_accepted_over_many_seeds(
     await run_model(seed, tmp_path, SLOW_OPS, monkeypatch)
 
 
-# --------------------------------------------------------------------------- known defects
+# --------------------------------------------------------------------------- defects found
 
 
 async def _pipeline(
@@ -720,7 +717,6 @@ async def _pipeline(
     return pipeline
 
 
-@pytest.mark.xfail(strict=True, reason=SPILLED_VERSION_REPLAYED)
 async def test_a_crash_does_not_bring_back_a_replayed_buffered_upsert(tmp_path: Path) -> None:
     storage, clock, root = ModelStorage([]), ManualClock(), tmp_path / "journal"
     first = await _pipeline(storage, clock, root, "a", batch_size=1)
