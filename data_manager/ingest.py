@@ -316,6 +316,11 @@ class IngestPipeline:
         # A queued journal-mode upsert at or below this LSN is written once more: items
         # accepted before it were since journaled after it, or stored after its replay.
         self._reorder_lsn = 0
+        # Upsert keys with a buffered version (or a copy) appended to the journal, each with
+        # the first LSN of that append: a queued journal-mode version of the key below it is
+        # journaled once more when it goes to the journal (see _to_journal).
+        self._overtaken: dict[Any, int] = {}
+        self._spill_items: list[IngestItem] = []
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
         # Items of journal-mode calls cancelled mid-append (id → item), until their append
         # settles; see _release_if_lost.
@@ -671,11 +676,12 @@ class IngestPipeline:
             last = spill.result()
             self._journaled_lsn = max(self._journaled_lsn, last)
             self._reorder_lsn = max(self._reorder_lsn, last)
+            self._note_overtaken(self._spill_items, last)
         leftovers = held + list(self._queue)
         self._held = None
         self._queue.clear()
         self._urgent = 0
-        fresh, _ = _to_write(leftovers, journaled_to=_ALL_JOURNALED, reorder_to=self._reorder_lsn)
+        fresh = _to_journal(leftovers, self._overtaken)
         if not fresh:
             return
         journal = self._journal
@@ -1124,9 +1130,10 @@ class IngestPipeline:
                 self._placed += len(batch)
                 return
         if own is not None and own.is_open:
-            fresh, _ = _to_write(batch, journaled_to=_ALL_JOURNALED, reorder_to=self._reorder_lsn)
+            fresh = _to_journal(batch, self._overtaken)
             if fresh:
                 # Shielded so that close() can tell whether a cancelled writer got it written.
+                self._spill_items = fresh
                 self._spill = asyncio.ensure_future(own.append(fresh))
                 try:
                     last = await asyncio.shield(self._spill)
@@ -1140,6 +1147,7 @@ class IngestPipeline:
                 self._spill = None
                 self._journaled_lsn = max(self._journaled_lsn, last)
                 self._reorder_lsn = max(self._reorder_lsn, last - len(fresh))
+                self._note_overtaken(fresh, last)
             self._spilled += len(fresh)
             if own not in self._backlog:
                 logger.warning(
@@ -1148,9 +1156,20 @@ class IngestPipeline:
                 self._backlog.append(own)
             self._held = None
             self._placed += len(batch)
+            if not self._queue:
+                self._overtaken.clear()  # no queued journal-mode version left to overtake
             return
         # No journal: keep the batch and try again when the breaker lets a probe through.
         self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
+
+    def _note_overtaken(self, appended: list[IngestItem], last: int) -> None:
+        """Note the upsert keys of ``appended``, journaled up to ``last`` (see _to_journal)."""
+        first = last - len(appended) + 1
+        overtaken = self._overtaken
+        for item in appended:
+            if type(item) is not TickData:
+                key = _upsert_key(item)
+                overtaken[key] = max(overtaken.get(key, 0), first)
 
     async def _store_batch(
         self, items: list[IngestItem], refused: list[tuple[bytes, BaseException]] | None = None
@@ -1518,6 +1537,42 @@ def _to_write(
             behind = True
             items.append(entry)  # type: ignore[arg-type]
     return items, top_lsn
+
+
+def _upsert_key(item: IngestItem) -> tuple[Any, ...]:
+    """The row a candle or order-flow item upserts."""
+    if type(item) is CandleData:
+        return ("c", item.symbol, item.timeframe, item.source, item.timestamp)
+    flow: OrderFlowMetrics = item  # type: ignore[assignment]
+    return ("o", flow.symbol, flow.source, flow.timestamp, flow.window_ms)
+
+
+def _to_journal(batch: Sequence[_Entry], overtaken: dict[Any, int]) -> list[IngestItem]:
+    """The items of ``batch`` to append to the journal (a spill, or what close leaves).
+
+    Buffered entries are all appended. A journal-mode entry is in the journal already and is
+    appended once more only when the ordering needs it: it is a candle or order-flow upsert
+    and a buffered version of its key lands in the journal after it, earlier in this batch
+    or in an earlier append (``overtaken``: key -> first LSN of that append). A copy for any
+    other reason could land behind a newer version of the key journaled meanwhile (queued,
+    or still being synced), and a replay after a crash would end on the copy.
+    """
+    items: list[IngestItem] = []
+    behind: set[tuple[Any, ...]] = set()  # keys with a buffered version appended here
+    for entry in batch:
+        if type(entry) is tuple:
+            item, lsn = entry
+            if type(item) is TickData:
+                continue
+            key = _upsert_key(item)
+            if key in behind or lsn < overtaken.get(key, 0):
+                items.append(item)
+                behind.add(key)  # later versions of the key in the batch follow the copy
+        else:
+            items.append(entry)  # type: ignore[arg-type]
+            if type(entry) is not TickData:
+                behind.add(_upsert_key(entry))  # type: ignore[arg-type]
+    return items
 
 
 def _group(

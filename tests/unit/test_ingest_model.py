@@ -30,11 +30,14 @@ and at the end (database up, a final pipeline that adopts whatever was left, flu
 A seed replays the same operations and, since the journal's worker-thread I/O runs inline
 and time is a manual clock, the same interleaving; a failure names its seed, its settings
 and the last operations. Each defect the model found has a minimal case at the end of this
-file, and seeds that found them (``REGRESSION_SEEDS``) run in the quick run too; one still
-open is kept as a strict xfail (its seeds in ``KNOWN``). A buffered upsert replayed from the
-journal and then superseded by a version stored directly came back after a crash, since the
-replay's stored mark was not checkpointed (fixed: a replayed chunk holding an upsert is
-checkpointed at once). ``-m slow`` runs many more seeds.
+file, and seeds that found them (``REGRESSION_SEEDS``) run in the quick run too; a defect
+found and not fixed yet is kept as a strict xfail, its seeds in ``KNOWN``. Fixed so far: a
+buffered upsert replayed from the journal and then superseded by a version stored directly
+came back after a crash, since the replay's stored mark was not checkpointed (a replayed
+chunk holding an upsert is now checkpointed at once); and a spill copied a journal-mode
+upsert into the journal behind a newer version of its key journaled meanwhile, so a crash
+replayed the copy last (a spill now copies a journal-mode upsert only behind a buffered
+version of its key). ``-m slow`` runs many more seeds.
 """
 
 from __future__ import annotations
@@ -87,16 +90,9 @@ SLOW_OPS: Final = 400
 #: run in the quick run too, with as many operations as in the slow one.
 REGRESSION_SEEDS: Final = (40, 211, 109)
 
-
-# Defects the model found, each with a minimal case at the end of this file.
-COPY_BEHIND_NEWER_VERSION: Final = (
-    "a spilled batch writes a copy of an older journal-mode upsert into the journal after a "
-    "newer version of the same key journaled meanwhile; the newer one is written again only "
-    "from memory, so after a crash the replay ends on the older copy"
-)
-#: Seeds that run into them (the upsert series named in the failure is saved in the mode
-#: that says which): strict, so a fix makes them pass and asks for their removal.
-KNOWN: Final = dict.fromkeys([109, 314, 405], COPY_BEHIND_NEWER_VERSION)
+#: Seeds that run into a defect found and not fixed yet (seed -> the defect, which then has a
+#: minimal case at the end of this file): strict xfails, so a fix asks for their removal.
+KNOWN: Final[dict[int, str]] = {}
 
 
 def seeds(numbers: list[int]) -> list[Any]:
@@ -737,7 +733,6 @@ async def test_a_crash_does_not_bring_back_a_replayed_buffered_upsert(tmp_path: 
     assert storage.row("candle", 0) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=COPY_BEHIND_NEWER_VERSION)
 async def test_a_crash_after_a_spill_keeps_the_newest_journal_mode_upsert(tmp_path: Path) -> None:
     storage, clock, root = ModelStorage([]), ManualClock(), tmp_path / "journal"
     first = await _pipeline(
@@ -750,8 +745,8 @@ async def test_a_crash_after_a_spill_keeps_the_newest_journal_mode_upsert(tmp_pa
     await first.submit(make_tick(2))  # the batch [t1, v1, t2] is taken
     await storage.entered.wait()
     await first.submit(make_candle(0, 2, closed=False), mode="journal")  # LSN 2, queued
-    storage.gate.set()  # the batch fails and is spilled: t1, a copy of v1, t2 (LSNs 3-5)
-    await until(lambda: first.stats().spilled == 3)
+    storage.gate.set()  # the batch fails and is spilled: t1, t2 (LSNs 3-4), no copy of v1
+    await until(lambda: first.stats().spilled == 2)
     await crash(first)  # v2's second write was still queued
     storage.down = False
     storage.gate = None
