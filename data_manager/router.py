@@ -981,6 +981,10 @@ class DataRouter:
         # Accepted (queued, journaled or committed): only now does the tick reach the data
         # derived from it, so a refused tick is not counted and the caller's retry counts it
         # once. (Buffered: submit does not wait unless the queue is full: no extra await.)
+        if self._state is not RouterState.OPEN:
+            # close() began while the write was under way: the tick is stored or journaled
+            # (so this call succeeds), but the derived data was closed with the router.
+            return
         restoring = False
         if self._aggregator is not None:
             if series in self._agg_restored:
@@ -1105,9 +1109,10 @@ class DataRouter:
             if self._clock.monotonic() < restore.retry_at:
                 return  # the last attempt failed moments ago: the tick waits for the next
             task = restore.task = self._start_restore(key, restore)
-        # Shielded: a caller that gives up waiting leaves its tick (and the others') in the
-        # restore, which goes on.
-        await asyncio.shield(task)
+        # A caller that gives up waiting leaves its tick (and the others') in the restore,
+        # which goes on; a restore that ends otherwise (cancelled by close()) is not the
+        # caller's error: its tick is accepted already.
+        await asyncio.wait((task,))
 
     def _start_restore(self, key: tuple[str, str], restore: _FormingRestore) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self._restore_forming(key, restore))
@@ -1144,7 +1149,7 @@ class DataRouter:
                     rows = await storage.latest_candles(symbol, tf, 1, source=agg_source)
                     if rows and not rows[-1].is_closed:
                         forming.append(rows[-1])
-        except DataManagerError:
+        except Exception:  # the storage's errors, or a bug: either way retried, then given up
             if self._agg_restoring.get(key) is not restore:
                 return
             restore.task = None
@@ -1184,6 +1189,9 @@ class DataRouter:
                 restored = aggregator.restore(forming)
                 logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
             self._agg_restored.add(key)
+        ingest = self._ingest
+        if ingest is None or ingest.state is not PipelineState.RUNNING:
+            return  # closed meanwhile: the ticks are stored; the derived data closed too
         for tick, route in restore.ticks:
             self._feed_aggregator(tick, route)
 

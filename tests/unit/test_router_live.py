@@ -171,12 +171,20 @@ async def test_concurrent_first_ticks_after_a_restart_share_one_restore(
     assert candle.close == pytest.approx(1.1101)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [DatabaseConnectionError("database down"), RuntimeError("a bug in a storage backend")],
+    ids=["database down", "unexpected error"],
+)
 async def test_a_failed_restore_leaves_buffered_saves_accepted_and_is_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
 ) -> None:
     clock = ManualClock(wall_ms=T0 + 10_000)
     async with await after_a_restart(tmp_path, clock=clock) as second:
-        reads = HeldReads(second, monkeypatch, DatabaseConnectionError("database down"))
+        reads = HeldReads(second, monkeypatch, error)
         reads.release()
         await second.save_tick(q(T0 + 3_000, 1.0950))  # accepted although the read failed
         assert "cannot restore the forming candles" in caplog.text
@@ -250,6 +258,44 @@ async def save_refused(router: DataRouter, refusal: str, tick: TickData) -> None
         with pytest.raises(CircuitBreakerOpenError):
             await router.save_tick(tick, mode="sync")
         breaker.record_success()
+
+
+async def test_a_save_waiting_for_a_restore_ends_normally_when_close_gives_up_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    second = await after_a_restart(tmp_path)
+    await second.initialize()
+    reads = HeldReads(second, monkeypatch)  # never released: the restore read hangs
+    save = asyncio.create_task(second.save_tick(q(T0 + 3_000, 1.0950)))
+    await reads.started.wait()  # the tick is accepted and waits for the restore
+    await second.close(timeout=0.2)  # runs out of time; the teardown cancels the restore
+    done, _ = await asyncio.wait({save}, timeout=10)
+    assert save in done, "save_tick never returned"
+    # The caller was never cancelled, and its tick was accepted: it must not see the
+    # restore's cancellation (the tick is in the journal for the next router).
+    assert not save.cancelled()
+    save.result()
+
+
+async def test_a_journaled_save_that_close_overtakes_still_succeeds(tmp_path: Path) -> None:
+    second = await after_a_restart(tmp_path)
+    await second.initialize()
+    await second.save_tick(q(T0 + 3_000, 1.0950))  # restores the bar of T0
+    # Journal mode: the call awaits the fsync while close() begins; the tick closes the bar
+    # of T0, whose candle the closing write path would refuse.
+    save = asyncio.create_task(second.save_tick(q(T0 + 61_000, 1.1010), mode="journal"))
+    await asyncio.sleep(0)
+    await second.close()
+    await asyncio.wait({save})
+    save.result()  # acknowledged by the journal: not reported as refused
+    async with DataRouter(
+        settings=DataManagerSettings(sqlite_path=str(tmp_path / "db.sqlite3"),
+                                     watch_strategy=False, journal_dir=tmp_path / "b"),
+        strategy=ONE_MINUTE,
+    ) as third:  # fmt: skip
+        await third.flush()
+        stored = await third.storage.ticks_range("EUR/USD", T0, T0 + 120_000)
+    assert [t.timestamp for t in stored] == [T0 + 1_000, T0 + 2_000, T0 + 3_000, T0 + 61_000]
 
 
 @pytest.mark.parametrize("refusal", ["queue full", "journal append fails", "database down"])
