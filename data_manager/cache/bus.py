@@ -361,7 +361,11 @@ class CacheBus:
             if self._linger > 0:
                 await asyncio.sleep(self._linger)
             while self._ticks or self._derived:
-                await self._send(self._take())
+                if not await self._send(self._take()):
+                    # L2 did not take the batch and its candles are kept: they go again
+                    # with the next update, not at once (with the breaker open nothing
+                    # awaits, and retrying here would spin without yielding the loop).
+                    break
             self._idle.set()
 
     def _take(self) -> list[CacheItem]:
@@ -404,13 +408,17 @@ class CacheBus:
             old = retained.get(key)
             if old is None or _replaces(item, old):
                 retained[key] = item
-        while len(retained) > self._max_retained:
+        # The bound counts what waits behind them too: while L2 is down, new updates pile up
+        # in the pending derived data, not here.
+        while retained and len(retained) + len(self._derived) > self._max_retained:
             given_up: CandleData = retained.pop(next(iter(retained)))  # type: ignore[assignment]
             self._gaps[(given_up.symbol, given_up.timeframe, given_up.source)] = None
             lost += 1
         return lost
 
-    async def _send(self, items: list[CacheItem]) -> None:
+    async def _send(self, items: list[CacheItem]) -> bool:
+        """Write and announce one batch; False when L2 could not take it and its candles
+        were kept for a later batch."""
         cache = self._cache
         gaps = list(self._gaps)
         try:
@@ -423,10 +431,8 @@ class CacheBus:
         except CacheError as exc:
             # Unreachable (a transient failure): keep the candles for the next batch. A
             # refused call would be refused again: drop everything, as for latest values.
-            if isinstance(exc, CacheUnavailableError):
-                self._counters.dropped += self._retain(items)
-            else:
-                self._counters.dropped += len(items)
+            lost = self._retain(items) if isinstance(exc, CacheUnavailableError) else len(items)
+            self._counters.dropped += lost
             if not self._dropping:
                 self._dropping = True
                 logger.warning(
@@ -434,12 +440,12 @@ class CacheBus:
                     "answers (the database write path is not affected)",
                     exc,
                 )
-            return
+            return lost == len(items)
         except Exception:
             # A bug must not silence the fast path for good: log it loudly and go on.
             self._counters.dropped += len(items)
             logger.exception("cache bus sender failed on a batch of %d updates", len(items))
-            return
+            return True
         for series in gaps:
             del self._gaps[series]
         self._counters.reset_series += len(gaps)
@@ -450,6 +456,7 @@ class CacheBus:
             logger.info(
                 "cache bus writes to L2 again (%d updates dropped so far)", self._counters.dropped
             )
+        return True
 
     # ------------------------------------------------------------------ subscribing
 
