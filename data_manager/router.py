@@ -350,6 +350,10 @@ class DataRouter:
         # what the clear was for. It is also part of the single-flight keys, so a read that
         # starts after the clear never shares the answer of one that began before it.
         self._l1_gen = 0
+        # Bumped when rings of given-up candle series are dropped: candle read-throughs
+        # compare ``_l1_gen + _ring_drops`` (both only grow), latest-value ones ``_l1_gen``
+        # alone, so a candle gap does not void a latest-value confirmation under way.
+        self._ring_drops = 0
         self._l2: RedisCache | None = None
         self._bus: CacheBus | None = None
         self._storage: Storage | None = None
@@ -900,9 +904,9 @@ class DataRouter:
         them from L2 or the database instead of serving a gap. The rest of L1 stays."""
         for symbol, timeframe, source in series:
             self._l1.drop_candles(symbol, timeframe, source)
-        # A read under way may have read such a ring before L2 reset it: it must not fill
-        # L1 with it (see _l1_gen).
-        self._l1_gen += 1
+        # A candle read under way may have read such a ring before L2 reset it: it must not
+        # fill L1 with it (see _ring_drops).
+        self._ring_drops += 1
         logger.info(
             "cache bus: %d candle series lost live updates; their L1 rings dropped", len(series)
         )
@@ -1849,7 +1853,7 @@ class DataRouter:
                 return hit
         self._c_candles.l1_misses += 1
         return await self._flight.do(
-            ("candles", sym, timeframe, limit, source, self._l1_gen),
+            ("candles", sym, timeframe, limit, source, self._l1_gen + self._ring_drops),
             lambda: self._load_latest_candles(sym, timeframe, limit, source),
         )
 
@@ -1859,7 +1863,7 @@ class DataRouter:
         strat = self._watcher.current
         route = strat.routing.get_latest_candles
         preferred = strat.sources.candle_preference
-        gen = self._l1_gen
+        gen = self._l1_gen + self._ring_drops
         l2_skipped = False
         for backend in route:
             if backend == L2_CACHE:
@@ -1911,10 +1915,11 @@ class DataRouter:
 
         L1 holds what this router wrote but the database may not have yet (forming candles
         and buffered saves), so the merged ring is the read-your-writes answer. ``gen`` is
-        ``_l1_gen`` when the read began: if L1 was cleared since, ``rows`` may be older
-        than what the clear was for and are only returned.
+        ``_l1_gen + _ring_drops`` when the read began: if L1 (or the series' ring) was
+        cleared since, ``rows`` may be older than what the clear was for and are only
+        returned.
         """
-        if not self._l1_enabled or source is None or self._l1_gen != gen:
+        if not self._l1_enabled or source is None or self._l1_gen + self._ring_drops != gen:
             return rows
         if rows:
             self._l1.put_candles(rows, complete=len(rows) < limit)

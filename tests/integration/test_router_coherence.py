@@ -385,6 +385,37 @@ async def test_a_failed_bus_batch_leaves_no_gap_in_candle_rings(
     assert [c.timestamp for c in b.cache.l1.get_candles(SYM, "1m", 3, "feed") or []] == want
 
 
+@pytest.mark.parametrize("gap", [False, True], ids=["alone", "with a candle gap meanwhile"])
+async def test_a_candle_gap_does_not_void_a_latest_tick_check_under_way(
+    make_router: RouterFactory, gap: bool
+) -> None:
+    a = await make_router()
+    l2 = l2_of(a)
+    # Another source's newer tick, written before this router's L1 could see it.
+    await l2.put_ticks([tick(TS + 10, source="srcB")])
+    real = l2.get_tick
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def held_get_tick(symbol: str, source: str | None = None) -> TickData | None:
+        started.set()
+        await go.wait()  # a read under way
+        return await real(symbol, source)
+
+    l2.get_tick = held_get_tick  # type: ignore[method-assign]
+    running = set(a._background)  # the maintenance loop
+    await a.save_tick(tick(TS, source="srcA"))  # creates the entry: checked in the background
+    check = a._background - running
+    await started.wait()
+    if gap:
+        a._drop_gapped([("GBP/USD", "1m", "feed")])  # what a bus message naming a gap does
+    go.set()
+    await asyncio.gather(*check)
+    l2.get_tick = real  # type: ignore[method-assign]
+    got = await a.get_latest_tick(SYM)
+    assert got is not None
+    assert (got.source, got.timestamp) == ("srcB", TS + 10)
+
+
 async def test_candles_given_up_drop_only_their_series_from_the_other_routers_l1(
     make_router: RouterFactory,
 ) -> None:
