@@ -123,6 +123,8 @@ _RESTORE_RETRY_SECONDS: Final = 1.0
 #: Longest wait for the backup stream at close (its own default); less if close's
 #: ``timeout`` has less left.
 _BACKUP_CLOSE_SECONDS: Final = 5.0
+# How long close() lets background cache fills under way finish (each is one short read).
+_FILL_SETTLE_SECONDS: Final = 1.0
 
 
 class _UseDefault(enum.Enum):
@@ -386,6 +388,7 @@ class DataRouter:
         self._candles_queued = False
         self._restore_failures = 0  # failed forming-candle restores (health)
         self._background: set[asyncio.Task[Any]] = set()
+        self._maintenance: asyncio.Task[object] | None = None
         self._warned_no_l2 = False
         self.cache = CacheManager(self)
         self.pool_manager = PoolManager(self)
@@ -479,7 +482,7 @@ class DataRouter:
             await self._start_backup_stream()
             self._ingest = self._build_ingest(storage)
             await self._ingest.start()
-            self._spawn(_maintenance_loop(weakref.ref(self)))
+            self._maintenance = self._spawn(_maintenance_loop(weakref.ref(self)))
             if self.settings.metrics_port is not None:
                 from data_manager.metrics import serve_metrics
 
@@ -532,6 +535,15 @@ class DataRouter:
                 self._submit_forming()
                 await self._ingest.close(left())
                 await self._rebuild_after_close(left())
+            fills = [t for t in self._background if t is not self._maintenance]
+            if fills:
+                # Cache fills and checks under way finish before their connections close:
+                # cancelled part-way, a read can leave a driver connection half opened.
+                remaining = left()
+                settle = _FILL_SETTLE_SECONDS
+                await asyncio.wait(
+                    fills, timeout=settle if remaining is None else min(remaining, settle)
+                )
             if self._backup is not None:
                 backup, self._backup = self._backup, None
                 remaining = left()
@@ -637,7 +649,7 @@ class DataRouter:
         self._ingest = self._build_ingest(storage)
         await self._ingest.start()
         # The parent's timer task belongs to a loop that never runs here: start our own.
-        self._spawn(_maintenance_loop(weakref.ref(self)))
+        self._maintenance = self._spawn(_maintenance_loop(weakref.ref(self)))
 
     # ------------------------------------------------------------------ construction
 
@@ -2430,10 +2442,11 @@ class DataRouter:
 
     # ------------------------------------------------------------------ helpers
 
-    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> asyncio.Task[object]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(_weak_callback(self._background_done))
+        return task
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)

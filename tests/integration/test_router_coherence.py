@@ -385,6 +385,27 @@ async def test_a_failed_bus_batch_leaves_no_gap_in_candle_rings(
     assert [c.timestamp for c in b.cache.l1.get_candles(SYM, "1m", 3, "feed") or []] == want
 
 
+async def test_close_lets_a_cache_check_under_way_finish(make_router: RouterFactory) -> None:
+    a = await make_router()
+    l2 = l2_of(a)
+    real = l2.get_tick
+    go, done = asyncio.Event(), asyncio.Event()
+
+    async def slow_get_tick(symbol: str, source: str | None = None) -> TickData | None:
+        await go.wait()  # a read still under way when close() begins
+        answer = await real(symbol, source)
+        done.set()
+        return answer
+
+    l2.get_tick = slow_get_tick  # type: ignore[method-assign]
+    running = set(a._background)
+    await a.save_tick(tick(TS, source="srcA"))  # a new any-source entry: checked in the background
+    assert a._background - running, "no check was started"
+    asyncio.get_running_loop().call_later(0.2, go.set)  # well inside close()'s 1 s for fills
+    await a.close()
+    assert done.is_set(), "close() cancelled the check under way"
+
+
 @pytest.mark.parametrize("gap", [False, True], ids=["alone", "with a candle gap meanwhile"])
 async def test_a_candle_gap_does_not_void_a_latest_tick_check_under_way(
     make_router: RouterFactory, gap: bool
