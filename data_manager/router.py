@@ -525,8 +525,12 @@ class DataRouter:
         # One deadline for every step: each gets what the previous ones left.
         deadline = None if timeout is None else self._clock.monotonic() + timeout
 
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+        def left(cap: float | None = None) -> float | None:
+            """What the deadline leaves (``None``: no deadline), at most ``cap``."""
+            rest = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+            if cap is None or rest is None:
+                return cap if rest is None else rest
+            return min(rest, cap)
 
         try:
             if was_open and self._ingest is not None:
@@ -539,19 +543,10 @@ class DataRouter:
             if fills:
                 # Cache fills and checks under way finish before their connections close:
                 # cancelled part-way, a read can leave a driver connection half opened.
-                remaining = left()
-                settle = _FILL_SETTLE_SECONDS
-                await asyncio.wait(
-                    fills, timeout=settle if remaining is None else min(remaining, settle)
-                )
+                await asyncio.wait(fills, timeout=left(_FILL_SETTLE_SECONDS))
             if self._backup is not None:
                 backup, self._backup = self._backup, None
-                remaining = left()
-                await backup.aclose(
-                    _BACKUP_CLOSE_SECONDS
-                    if remaining is None
-                    else min(remaining, _BACKUP_CLOSE_SECONDS)
-                )
+                await backup.aclose(left(_BACKUP_CLOSE_SECONDS))
         finally:
             await self._teardown()
 
