@@ -1507,7 +1507,8 @@ _ALL_JOURNALED: Final = 1 << 62  # ``journaled_to`` meaning every journal-mode e
 def _to_write(
     batch: Sequence[_Entry], *, journaled_to: int, reorder_to: int
 ) -> tuple[list[IngestItem], int]:
-    """The items of ``batch`` to write (to the database, or to the journal), in order.
+    """The items of ``batch`` to write to the database, in order (a spill or close
+    appends :func:`_to_journal`'s instead).
 
     Buffered entries are all written. A journal-mode entry with an LSN up to
     ``journaled_to`` is written elsewhere (the replay stored it, or it is in the journal
