@@ -1253,6 +1253,8 @@ class DataRouter:
                 self._forming_dirty.pop((candle.symbol, candle.source, candle.timeframe), None)
                 self._l1.put_candle(candle)
                 self._publish(route, candle)
+                if self._subs:
+                    self._subs.dispatch(candle)  # as a bar a tick closes
                 assert self._ingest is not None
                 self._ingest.submit_nowait(candle)
             self._submit_forming()

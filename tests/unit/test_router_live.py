@@ -89,6 +89,31 @@ async def test_idle_bucket_closed_by_maintenance_with_manual_clock(tmp_path: Pat
         assert stored[-1].is_closed is True
 
 
+async def test_idle_closed_bar_reaches_this_routers_subscribers(tmp_path: Path) -> None:
+    clock = ManualClock(wall_ms=T0)
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "j"
+    )
+    strategy = strategy_from_mapping(
+        {
+            "aggregation": {
+                "timeframes": ["1m"],
+                "idle_close_grace_seconds": 2,
+                "publish_interval_seconds": 60,  # no forming snapshot gets in between
+            }
+        }
+    )
+    async with DataRouter(settings=settings, clock=clock, strategy=strategy) as router:
+        sub = router.subscribe_candles("EUR/USD", "1m")
+        await router.save_tick(q(T0 + 1_000, 1.1))
+        await router.save_tick(q(T0 + 2_000, 1.2))
+        clock.advance(62.5)  # the bucket's end and its grace have passed; no tick since
+        await router.run_maintenance()
+        assert sub.pending == 1
+        bar = await anext(sub)
+        assert (bar.timestamp, bar.is_closed, bar.num_trades) == (T0, True, 2)
+
+
 ONE_MINUTE = strategy_from_mapping({"aggregation": {"timeframes": ["1m"]}})
 
 
