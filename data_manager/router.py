@@ -39,6 +39,7 @@ from tenacity import (
 
 from data_manager.aggregation import CandleAggregator, PriceField, RebuildRequest, bucket_bounds
 from data_manager.breaker import CircuitBreaker
+from data_manager.cache.codec import supersedes
 from data_manager.cache.memory import MemoryCache
 from data_manager.cache.singleflight import SingleFlight
 from data_manager.clock import Clock, SystemClock
@@ -1631,6 +1632,17 @@ class DataRouter:
             self._publish(route, tick)  # L2 (compare-and-set) and the other routers' L1
         if self._l1.confirmations_due:
             self._confirm_latest()
+        if self._subs:
+            # What the other routers' subscribers get through the bus, which coalesces the
+            # batch: each source's newest tick of it.
+            newest: dict[tuple[str, str], TickData] = {}
+            for tick in batch:
+                key = (tick.symbol, tick.source)
+                old = newest.get(key)
+                if old is None or supersedes(tick, old):
+                    newest[key] = tick
+            for tick in newest.values():
+                self._subs.dispatch(tick)
         await self._settle_bus()
         return stored
 
@@ -1658,13 +1670,16 @@ class DataRouter:
         for candle in batch:
             self._l1.put_candle(candle)
             self._promote_source(candle)
-        bus = self._bus
-        if bus is not None and L2_CACHE in strat.routing.save_candle:
-            # L2 and the other routers' L1: every candle of the ring's window (the last
-            # version of each bucket, as the database keeps it), oldest first, so the
-            # shared ring has no gap.
+        bus = self._bus if L2_CACHE in strat.routing.save_candle else None
+        if bus is not None or self._subs:
+            # L2, the other routers' L1 and every router's subscribers: every candle of the
+            # ring's window (the last version of each bucket, as the database keeps it),
+            # oldest first, so the shared ring has no gap.
             for candle in _ring_window(batch, strat.cache.candle_ring_size):
-                bus.publish(candle)
+                if bus is not None:
+                    bus.publish(candle)
+                if self._subs:
+                    self._subs.dispatch(candle)
         await self._settle_bus()
         return stored
 

@@ -94,3 +94,62 @@ async def test_ticks_written_by_another_process_reach_a_subscriber(
         assert seen[-1] == T0 + n - 1
         assert candle.source == "agg:child"
         assert sub.dropped == 0
+
+
+async def test_bulk_saves_reach_this_and_the_other_routers_subscribers_alike(
+    postgres_url: str, pg_schema: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    from data_manager import CandleData, TickData
+
+    def settings(name: str) -> DataManagerSettings:
+        return DataManagerSettings(
+            postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema),
+            dragonfly=DragonflySettings(url=redis_url, key_prefix=redis_prefix),
+            watch_strategy=False,
+            journal_dir=tmp_path / name,
+        )
+
+    ticks = [
+        TickData(
+            symbol="EUR/USD",
+            timestamp=T0 + i,
+            bid=1.1,
+            ask=1.1002,
+            source="odd" if i % 2 else "even",
+        )
+        for i in range(10)
+    ]
+    candles = [
+        CandleData(
+            symbol="EUR/USD",
+            timeframe="1m",
+            timestamp=T0 + i * 60_000,
+            open=1.1,
+            high=1.2,
+            low=1.0,
+            close=1.15,
+            volume=5,
+            source="vendor",
+        )
+        for i in range(3)
+    ]
+    async with DataRouter(settings=settings("a")) as a, DataRouter(settings=settings("b")) as b:
+        subs = {
+            name: (router.subscribe_ticks(["EUR/USD"]), router.subscribe_candles("EUR/USD", "1m"))
+            for name, router in (("a", a), ("b", b))
+        }
+        await a.save_ticks(ticks)
+        await a.save_candles_bulk(candles)
+        got: dict[str, tuple[list[tuple[str, int]], list[int]]] = {}
+        async with asyncio.timeout(30):
+            for name, (tick_sub, candle_sub) in subs.items():
+                seen = [await anext(tick_sub) for _ in range(2)]
+                bars = [await anext(candle_sub) for _ in range(3)]
+                got[name] = (
+                    sorted((t.source, t.timestamp) for t in seen),
+                    [c.timestamp for c in bars],
+                )
+        # Each source's newest tick of the batch; every candle of the ring's window, in order.
+        expected = ([("even", T0 + 8), ("odd", T0 + 9)], [c.timestamp for c in candles])
+        assert got == {"a": expected, "b": expected}
+        assert subs["a"][0].pending == subs["a"][1].pending == 0
