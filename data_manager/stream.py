@@ -534,6 +534,21 @@ class _Batch:
     accepted_at: float  # monotonic
 
 
+def _lsn_ranges(lsns: list[int], most: int = 10) -> str:
+    """``"3, 7-9, 12"`` for ascending ``lsns`` (the first ``most`` ranges, then "...")."""
+    ranges: list[str] = []
+    start = end = lsns[0]
+    for lsn in [*lsns[1:], -1]:
+        if lsn == end + 1:
+            end = lsn
+            continue
+        ranges.append(str(start) if start == end else f"{start}-{end}")
+        start = end = lsn
+    if len(ranges) > most:
+        ranges[most:] = ["..."]
+    return ", ".join(ranges)
+
+
 def _redact(url: str) -> str:
     """``url`` without user name or password, for logs and health."""
     try:
@@ -625,6 +640,9 @@ class _BackupStreamBase:
         # Ids acknowledged for the unit or spool chunk under way: a copy of one of them the
         # stream drops as a duplicate is not counted again (spooled ids repeat on a retry).
         self._acked: set[str] = set()
+        # (spool, LSN) of the unreadable records of the spool chunk under way, counted and
+        # logged already: a chunk that fails to publish is read and decoded again.
+        self._unreadable: set[tuple[str, int]] = set()
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
         self._accepted_items = 0
@@ -1210,25 +1228,39 @@ class _BackupStreamBase:
                 spool.path,
             )
             await spool.mark_stored(spool.last_lsn)
+            self._unreadable.clear()
             return
         if not self._breaker.allow():
             self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
             return
         items: list[IngestItem] = []
         lsn_of: dict[int, int] = {}  # id(item) -> its record's LSN
+        unreadable: list[int] = []  # LSNs found unreadable for the first time
+        first_error: ValidationError | None = None
         for index, (lsn, payload) in enumerate(chunk.records, 1):
             try:
                 item = decode_item(payload)
             except ValidationError as exc:
-                self._dropped += 1
-                logger.error(
-                    "backup stream %s: unreadable spool record skipped: %s", self.target, exc
-                )
+                # A chunk that fails to publish is read again: count each record once.
+                if (spool.instance_id, lsn) not in self._unreadable:
+                    self._unreadable.add((spool.instance_id, lsn))
+                    unreadable.append(lsn)
+                    first_error = first_error or exc
             else:
                 items.append(item)
                 lsn_of[id(item)] = lsn
             if index % _DECODE_SLICE == 0:
                 await asyncio.sleep(0)  # decoding is CPU work: let the write path in between
+        if unreadable:
+            self._dropped += len(unreadable)
+            logger.error(
+                "backup stream %s: %d unreadable spool record(s) in %s skipped (LSN %s): %s",
+                self.target,
+                len(unreadable),
+                spool.path,
+                _lsn_ranges(unreadable),
+                first_error,
+            )
 
         def spool_id(content: list[IngestItem]) -> str:
             # The id names the LSN range of the message's own records. A message holds every
@@ -1246,7 +1278,9 @@ class _BackupStreamBase:
             self._on_failure(exc)
             return
         await spool.mark_stored(chunk.end_lsn)
-        self._acked.clear()  # a stored chunk is never read again
+        # A stored chunk is never read again.
+        self._acked.clear()
+        self._unreadable.clear()
         self._on_success()
         if spool is not self._spool and spool.pending_records == 0:
             logger.info("backup stream: spool of %s fully published", spool.instance_id)

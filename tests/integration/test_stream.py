@@ -193,15 +193,12 @@ class Target:
         fast: dict[str, Any] = {
             "breaker": CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.1),
             "retry_interval": 0.01,
+            "connect_timeout": 0.5,
         }
         fast.update(options)
         if self.backend == "nats":
-            return NatsBackupStream(
-                self.url, publish_timeout=0.5, connect_timeout=0.5, **self.names, **fast
-            )
-        return RedisBackupStream(
-            self.url, socket_timeout=0.5, connect_timeout=0.5, **self.names, **fast
-        )
+            return NatsBackupStream(self.url, publish_timeout=0.5, **self.names, **fast)
+        return RedisBackupStream(self.url, socket_timeout=0.5, **self.names, **fast)
 
     def replay_options(self) -> dict[str, Any]:
         return dict(self.names)
@@ -835,6 +832,59 @@ async def test_stream_outage_spools_without_blocking_then_catches_up(
         # A Redis server without persistence forgets its stream when it restarts (the
         # documented limit): only what was published after the restart is there.
         assert await tick_rows(postgres_url, pg_schema) == expected_ticks(outage_and_after)
+    if backend == "nats":
+        await delete_nats_stream(server.url, target.names["stream"])
+
+
+def unreadable_tick(seq: int) -> TickData:
+    """A tick the spool takes but cannot read back: built without validation (bid < 0)."""
+    return ticks(seq, 1)[0].model_copy(update={"bid": -1.0})
+
+
+@pytest.mark.parametrize("backend", ["nats", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_an_unreadable_spool_record_is_counted_once_across_failed_drains(
+    backend: str,
+    request: pytest.FixtureRequest,
+    storage: PostgresStorage,
+    postgres_url: str,
+    pg_schema: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server: NatsServer | RedisServer
+    if backend == "nats":
+        server = request.getfixturevalue("nats_server_factory")()
+        target = Target("nats", server.url, nats_names())
+    else:
+        server = request.getfixturevalue("redis_server_factory")()
+        target = Target("redis", server.url, {"key": f"t{secrets.token_hex(4)}:backup"})
+    server.stop()  # the first attempts fail: the stream is really down
+    stream = target.make(spool_dir=tmp_path / "stream-spool", connect_timeout=0.2)
+    await stream.start()
+    good = [*ticks(0, 5), *ticks(6, 5)]
+    stream.publish_batch(good[:5])
+    stream.publish_batch([unreadable_tick(5)])
+    stream.publish_batch(good[5:])
+    await until(lambda: stream.stats().spool_records == 11, "the batches to be spooled")
+    # Every failed attempt to drain the spool has read (and decoded) the chunk again.
+    failures = stream.stats().failures
+    await until(lambda: stream.stats().failures >= failures + 3, "three failed drains")
+    assert stream.stats().dropped_items == 1
+    server.start()
+    await stream.flush(timeout=30)
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.dropped_items == 1
+    assert stats.published_items == len(good)
+    unreadable = [
+        r for r in caplog.records if r.levelname == "ERROR" and "unreadable" in r.getMessage()
+    ]
+    assert len(unreadable) == 1
+    # An outage is a transient error: a warning, not an error.
+    assert any(r.levelname == "WARNING" and "is down" in r.getMessage() for r in caplog.records)
+    report = await replay_from_stream(storage, target.url, **target.replay_options())
+    assert report.items == len(good)  # each good record published once
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(good)
     if backend == "nats":
         await delete_nats_stream(server.url, target.names["stream"])
 
