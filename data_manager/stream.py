@@ -108,6 +108,7 @@ from data_manager.journal import (
     find_orphans,
     new_instance_id,
 )
+from data_manager.logutil import RateLimitedLogger
 from data_manager.models import CandleData, OrderFlowMetrics, TickData, to_epoch_ms
 
 if TYPE_CHECKING:
@@ -168,6 +169,8 @@ _NATS_HEADER_BYTES: Final = 128
 # max_msg_size): refused on every attempt, however often it is sent.
 _JS_MESSAGE_TOO_LARGE: Final = 10054
 _DECODE_SLICE: Final = 500  # spooled records decoded between two yields to the event loop
+_LOG_INTERVAL: Final = 60.0  # seconds between two log lines of one repeated problem
+_LOG_TEXT: Final = 200  # characters of an item's or a reason's text in a log line
 _NATS_SCHEMES: Final = frozenset({"nats", "tls"})
 _REDIS_SCHEMES: Final = frozenset({"redis", "rediss", "unix"})
 
@@ -235,7 +238,9 @@ class BackupStreamStats:
         dropped_items: Items given up: no spool and the outbox overflowed, the spool could
             not be written, a spooled record could not be read back, an item too large for
             a message on its own (the stream's ``max_msg_size``), or published after close.
-            Logged as errors.
+            Each is counted once, even when it is met again (a spool chunk read again after
+            a failed publish). Logged as errors: an item refused by name (type, symbol,
+            timestamp), at most once a minute with the number of similar refusals since.
         last_error: The last failure, kept after recovery (``None``: there was none).
         adopted_spools: Spools of dead instances taken over.
     """
@@ -534,6 +539,23 @@ class _Batch:
     accepted_at: float  # monotonic
 
 
+def _clip(text: str, most: int = _LOG_TEXT) -> str:
+    """``text`` cut to ``most`` characters (the cut marked with "...")."""
+    return text if len(text) <= most else f"{text[: most - 3]}..."
+
+
+def _describe_item(item: object) -> str:
+    """A short identification of ``item`` for a log line: never its whole repr.
+
+    An item built without validation may hold anything, of any size, in any field.
+    """
+    symbol = getattr(item, "symbol", None)
+    timestamp = getattr(item, "timestamp", None)
+    if isinstance(symbol, str) and type(timestamp) is int:
+        return f"{type(item).__name__} {_clip(repr(symbol), 60)} at {timestamp}"
+    return _clip(f"{type(item).__name__}: {item!r}")
+
+
 def _lsn_ranges(lsns: list[int], most: int = 10) -> str:
     """``"3, 7-9, 12"`` for ascending ``lsns`` (the first ``most`` ranges, then "...")."""
     ranges: list[str] = []
@@ -654,6 +676,7 @@ class _BackupStreamBase:
         self._dropped = 0
         self._last_error: str | None = None
         self._adopted = 0
+        self._log = RateLimitedLogger(logger, _LOG_INTERVAL, clock=self._clock)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, state={self._state().value})"
@@ -1206,8 +1229,16 @@ class _BackupStreamBase:
         return f"{self.instance_id}:{self._session}:{self._next_id}"
 
     def _refused(self, item: object, reason: str) -> None:
+        # Counted one by one, logged at most once a minute: a flood of bad items must not
+        # flood the log (the first line names the item, later ones how many were alike).
         self._dropped += 1
-        logger.error("backup stream %s: item not published: %s: %r", self.target, reason, item)
+        self._log.error(
+            "item-refused",
+            "backup stream %s: item not published: %s: %s",
+            self.target,
+            _clip(reason),
+            _describe_item(item),
+        )
 
     async def _drain_step(self) -> None:
         spool = next((s for s in self._spools if s.pending_records), None)

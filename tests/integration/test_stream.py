@@ -8,6 +8,7 @@ servers are stopped and started (``nats_server_factory`` / ``redis_server_factor
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import socket
 import threading
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 import data_manager.stream as stream_module
 from data_manager.breaker import CircuitBreaker
 from data_manager.cache import codec
+from data_manager.clock import ManualClock
 from data_manager.errors import (
     ConfigurationError,
     JournalError,
@@ -767,6 +769,44 @@ async def test_without_a_spool_a_down_stream_keeps_a_bounded_outbox(target: Targ
     assert stats.dropped_items == 1000  # counted, never silent
     stream.publish_batch(ticks(0, 10))  # after close: counted, not raised
     assert stream.stats().dropped_items == 1010
+
+
+async def test_refused_items_are_logged_briefly_and_rate_limited(
+    nats_target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ticks holding a value that is not JSON (built without validation) and a bulky field:
+    # each is refused, counted; the log says which item, in a line, and not once per item.
+    bulky = "s" * 100_000
+
+    def bad(seq: int) -> TickData:
+        return ticks(seq, 1)[0].model_copy(update={"use_case": object(), "source": bulky})
+
+    clock = ManualClock()
+    stream = nats_target.make(clock=clock)
+    await stream.start()
+    good = ticks(0, 50)
+    stream.publish_batch([item for seq, tick in enumerate(good) for item in (tick, bad(seq))])
+    await stream.flush(timeout=10)
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "not published" in r.getMessage()]
+
+    assert stream.stats().dropped_items == 50
+    assert stream.stats().published_items == 50
+    [first] = refusals()
+    assert first.levelname == "ERROR"
+    message = first.getMessage()
+    assert len(message) < 500
+    assert f"TickData 'EUR/USD' at {T0}" in message
+    clock.advance(3600)
+    stream.publish_batch([bad(50)])
+    await stream.flush(timeout=10)
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.dropped_items == 51
+    [_, second] = refusals()
+    assert second.getMessage().endswith("[49 similar suppressed]")
+    assert f"at {T0 + 50 // 3}" in second.getMessage()
 
 
 # --------------------------------------------------------------------------- outages
