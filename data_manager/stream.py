@@ -59,6 +59,11 @@ forming candle is never published after a newer one. Spools of dead instances in
 folder are adopted at start and drained first. Without a spool directory a down stream
 keeps at most ``max_pending_items`` items in memory and drops the oldest batches beyond
 (counted and logged as errors). Failures are counted and visible in :meth:`stats`.
+An outage is logged once, as a warning. A refusal only a configuration change can end (the
+JetStream stream does not store the subjects, another stream does, it cannot be created,
+it does not exist and may not be created, the Redis key holds another type) is logged as an
+error saying so, again at most once a minute, and shows in ``last_error`` as a
+"configuration error"; it is retried all the same, so the stream resumes once fixed.
 
 Replay. ``--since`` selects messages by the time the stream stored them (JetStream's
 message timestamp, the Redis entry id), not by the items' event time: data spooled during
@@ -124,6 +129,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.js.api import StreamInfo
     from nats.js.client import JetStreamContext
+    from nats.js.errors import APIError
     from redis.asyncio import Redis
 
     from data_manager.storage.base import Storage
@@ -168,6 +174,8 @@ _NATS_HEADER_BYTES: Final = 128
 # JetStream's error code for "message size exceeds maximum allowed" (the stream's
 # max_msg_size): refused on every attempt, however often it is sent.
 _JS_MESSAGE_TOO_LARGE: Final = 10054
+# "expected stream does not match": the subject is stored by another stream than ours.
+_JS_STREAM_MISMATCH: Final = 10060
 _DECODE_SLICE: Final = 500  # spooled records decoded between two yields to the event loop
 _LOG_INTERVAL: Final = 60.0  # seconds between two log lines of one repeated problem
 _LOG_TEXT: Final = 200  # characters of an item's or a reason's text in a log line
@@ -241,7 +249,9 @@ class BackupStreamStats:
             Each is counted once, even when it is met again (a spool chunk read again after
             a failed publish). Logged as errors: an item refused by name (type, symbol,
             timestamp), at most once a minute with the number of similar refusals since.
-        last_error: The last failure, kept after recovery (``None``: there was none).
+        last_error: The last failure, kept after recovery (``None``: there was none);
+            ``"configuration error: ..."`` when only a change of the server's or the
+            stream's configuration can end it (retried all the same).
         adopted_spools: Spools of dead instances taken over.
     """
 
@@ -415,6 +425,10 @@ class _Message:
 
 class _TooLarge(BackupStreamError):
     """The server refused a message for its size: sending it again can never succeed."""
+
+
+class _Misconfigured(BackupStreamError):
+    """The server refuses for a reason of configuration: only a change of it can help."""
 
 
 def _group_by_kind(
@@ -677,6 +691,7 @@ class _BackupStreamBase:
         self._last_error: str | None = None
         self._adopted = 0
         self._log = RateLimitedLogger(logger, _LOG_INTERVAL, clock=self._clock)
+        self._recoveries = 0  # times the stream answered again after a failure
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, state={self._state().value})"
@@ -1234,10 +1249,10 @@ class _BackupStreamBase:
         self._dropped += 1
         self._log.error(
             "item-refused",
-            "backup stream %s: item not published: %s: %s",
+            "backup stream %s: %s not published: %s",
             self.target,
-            _clip(reason),
             _describe_item(item),
+            _clip(reason),
         )
 
     async def _drain_step(self) -> None:
@@ -1327,14 +1342,26 @@ class _BackupStreamBase:
     def _on_failure(self, exc: BackupStreamError) -> None:
         self._failures += 1
         self._breaker.record_failure()
-        self._last_error = str(exc)
-        if not self._down:
-            logger.warning(
-                "backup stream %s is down (%s); batches go to %s",
+        where = "the spool" if self._spool is not None else "memory"
+        if isinstance(exc, _Misconfigured):
+            # Not an outage: the server answers and refuses, and will until an operator
+            # changes its configuration. Retried all the same (nobody is told when that
+            # happens), and said again at most once a minute meanwhile.
+            self._last_error = f"configuration error: {exc}"
+            self._log.error(
+                ("misconfigured", self._recoveries, str(exc)),
+                "backup stream %s: %s; this will not pass without a configuration change "
+                "(batches go to %s; retrying)",
                 self.target,
                 exc,
-                "the spool" if self._spool is not None else "memory",
+                where,
             )
+        else:
+            self._last_error = str(exc)
+            if not self._down:
+                logger.warning(
+                    "backup stream %s is down (%s); batches go to %s", self.target, exc, where
+                )
         self._down = True
         wait = (
             self._breaker.reset_timeout
@@ -1347,6 +1374,7 @@ class _BackupStreamBase:
         self._breaker.record_success()
         if self._down:
             logger.info("backup stream %s answers again", self.target)
+            self._recoveries += 1  # a configuration error coming back is logged at once
         self._down = False
 
     # ------------------------------------------------------------------ progress & stats
@@ -1424,6 +1452,24 @@ class _BackupStreamBase:
 
 
 # --------------------------------------------------------------------------- NATS
+
+
+def _captures(pattern: str, subject: str) -> bool:
+    """Whether the NATS subject filter ``pattern`` (wildcards ``*``, ``>``) matches ``subject``."""
+    tokens = subject.split(".")
+    parts = pattern.split(".")
+    for index, part in enumerate(parts):
+        if part == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or part not in ("*", tokens[index]):
+            return False
+    return len(parts) == len(tokens)
+
+
+def _api_error(exc: APIError) -> str:
+    """A JetStream API error as the server put it (its repr shows neither code nor text)."""
+    what = exc.description or type(exc).__name__
+    return f"{what} (JetStream error {exc.err_code}, status {exc.code})"
 
 
 def _nats_missing() -> ConfigurationError:
@@ -1566,6 +1612,26 @@ class NatsBackupStream(_BackupStreamBase):
             raise BackupStreamError(msg) from lookup
         await super()._message_refused(size, exc)
 
+    def _subjects(self) -> list[str]:
+        return [f"{self.subject_prefix}.{kind}" for kind in _CLASS_OF]
+
+    def _use_stream(self, info: StreamInfo) -> None:
+        """Check that the stream stores our subjects, and note its message size limit.
+
+        Raises:
+            _Misconfigured: Some subject is not among the stream's (every publish to it
+                would be refused, or go to no stream at all).
+        """
+        patterns = info.config.subjects or []
+        missing = [s for s in self._subjects() if not any(_captures(p, s) for p in patterns)]
+        if missing:
+            msg = (
+                f"JetStream stream {self.stream!r} on {self.target} does not store the "
+                f"subjects {', '.join(missing)} (its subjects: {patterns})"
+            )
+            raise _Misconfigured(msg)
+        self._note_stream_limit(info)
+
     def _note_stream_limit(self, info: StreamInfo) -> None:
         """Cap messages at the stream's own ``max_msg_size`` (-1 or 0: no limit)."""
         configured = info.config.max_msg_size or 0
@@ -1608,12 +1674,15 @@ class NatsBackupStream(_BackupStreamBase):
         from nats.js import api
 
         try:
-            self._note_stream_limit(await js.stream_info(self.stream))
+            self._use_stream(await js.stream_info(self.stream))
             return
         except nats.js.errors.NotFoundError:
             if not self._create:
-                msg = f"JetStream stream {self.stream!r} does not exist on {self.target}"
-                raise BackupStreamError(msg) from None
+                msg = (
+                    f"JetStream stream {self.stream!r} does not exist on {self.target} "
+                    "(and creating it is turned off)"
+                )
+                raise _Misconfigured(msg) from None
         except (nats.errors.Error, OSError) as exc:
             msg = f"cannot look up the stream {self.stream!r} on {self.target}: {exc!r}"
             raise BackupStreamError(msg) from exc
@@ -1630,15 +1699,22 @@ class NatsBackupStream(_BackupStreamBase):
             num_replicas=self._replicas,
         )
         try:
-            self._note_stream_limit(await js.add_stream(config))
+            self._use_stream(await js.add_stream(config))
         except nats.js.errors.BadRequestError as exc:
-            # Created meanwhile by another router with the same settings is fine; anything
-            # else (overlapping subjects...) is an error the operator must see.
+            # Created meanwhile by another router is fine; anything else (subjects another
+            # stream captures, replicas the server cannot have...) is the operator's to fix.
             try:
-                self._note_stream_limit(await js.stream_info(self.stream))
-            except (nats.errors.Error, OSError):
-                msg = f"cannot create the stream {self.stream!r} on {self.target}: {exc}"
-                raise BackupStreamError(msg) from exc
+                info = await js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                msg = (
+                    f"cannot create the stream {self.stream!r} on {self.target}: {_api_error(exc)}"
+                )
+                raise _Misconfigured(msg) from exc
+            except (nats.errors.Error, OSError) as lookup:
+                msg = f"cannot look up the stream {self.stream!r} on {self.target}: {lookup!r}"
+                raise BackupStreamError(msg) from lookup
+            self._use_stream(info)
+            return
         except (nats.errors.Error, OSError) as exc:
             msg = f"cannot create the stream {self.stream!r} on {self.target}: {exc!r}"
             raise BackupStreamError(msg) from exc
@@ -1676,7 +1752,20 @@ class NatsBackupStream(_BackupStreamBase):
             if exc.err_code == _JS_MESSAGE_TOO_LARGE:
                 msg = f"stream {self.stream!r}: {exc.description or 'message too large'}"
                 raise _TooLarge(msg) from exc
-            msg = f"publish to {self.target} failed: {exc!r}"
+            if isinstance(exc, nats.js.errors.BadRequestError):
+                # The server refuses this publish as such (another stream stores the
+                # subject, the stream is sealed...): the same publish is refused until the
+                # configuration changes. Look the stream up again before the next try.
+                self._stream_ready = False
+                subject = f"{self.subject_prefix}.{message.kind}"
+                why = (
+                    f"the subject {subject} is stored by another stream"
+                    if exc.err_code == _JS_STREAM_MISMATCH
+                    else f"a publish to {subject} is refused"
+                )
+                msg = f"JetStream stream {self.stream!r} on {self.target}: {why}: {_api_error(exc)}"
+                raise _Misconfigured(msg) from exc
+            msg = f"publish to {self.target} failed: {_api_error(exc)}"
             raise BackupStreamError(msg) from exc
         except (nats.errors.Error, OSError) as exc:
             msg = f"publish to {self.target} failed: {exc!r}"
@@ -1869,7 +1958,7 @@ class RedisBackupStream(_BackupStreamBase):
         """Nothing to do: the client connects on first use and after a failure."""
 
     async def _send(self, message: _Message) -> bool:
-        from redis.exceptions import RedisError
+        from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
         try:
             async with asyncio.timeout(self._socket_timeout * 2):
@@ -1879,6 +1968,15 @@ class RedisBackupStream(_BackupStreamBase):
                     maxlen=self.maxlen,
                     approximate=self._approximate,
                 )
+        except NoPermissionError as exc:
+            msg = f"XADD to {self.target} is not allowed to this user: {exc}"
+            raise _Misconfigured(msg) from exc
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                msg = f"the key of {self.target} holds something other than a stream: {exc}"
+                raise _Misconfigured(msg) from exc
+            msg = f"XADD to {self.target} failed: {exc!r}"
+            raise BackupStreamError(msg) from exc
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             msg = f"XADD to {self.target} failed: {exc!r}"
             raise BackupStreamError(msg) from exc

@@ -8,6 +8,7 @@ servers are stopped and started (``nats_server_factory`` / ``redis_server_factor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
@@ -747,6 +748,107 @@ async def test_a_record_larger_than_the_stream_allows_is_dropped_not_retried(
     await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
     published = [*(ticks(0, 1) if not limit_known else []), *small, *later]
     assert await tick_rows(postgres_url, pg_schema) == expected_ticks(published)
+
+
+async def nats_streams(url: str) -> Any:
+    """A JetStream context on a fresh connection (the caller closes ``.nc``)."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    js = nc.jetstream()
+    js.nc = nc  # type: ignore[attr-defined]
+    return js
+
+
+def config_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "configuration change" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "case", ["subjects-elsewhere", "subjects-taken", "missing", "expected-stream"]
+)
+async def test_a_jetstream_configuration_error_is_logged_as_an_error_and_retried(
+    nats_target: Target, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    from nats.js import api
+
+    name, prefix = nats_target.names["stream"], nats_target.names["subject_prefix"]
+    other = f"{name}_OTHER"
+    js = await nats_streams(nats_target.url)
+    stream = nats_target.make(spool_dir=tmp_path, create_stream=case != "missing")
+    try:
+        await stream.start()
+        if case == "subjects-elsewhere":  # the operator's stream does not take our subjects
+            await js.add_stream(api.StreamConfig(name=name, subjects=[f"{prefix}x.>"]))
+        elif case == "subjects-taken":  # another stream takes them: ours cannot be created
+            await js.add_stream(api.StreamConfig(name=other, subjects=[f"{prefix}.>"]))
+        elif case == "expected-stream":  # changed while the router runs: 10060 on publish
+            stream.publish_batch(ticks(0, 10))
+            await stream.flush(timeout=10)
+            await js.update_stream(api.StreamConfig(name=name, subjects=[f"{prefix}x.>"]))
+            await js.add_stream(api.StreamConfig(name=other, subjects=[f"{prefix}.>"]))
+        stream.publish_batch(ticks(10, 10))
+        failures = stream.stats().failures
+        await until(lambda: stream.stats().failures >= failures + 3, "three failed attempts")
+        stats = stream.stats()
+        assert stats.state == "down"
+        assert stats.last_error is not None
+        assert stats.last_error.startswith("configuration error:")
+        # Said at ERROR, not at every retry (the refused publish, then, for 10060, what the
+        # stream's configuration shows when it is looked up again), never as an outage.
+        [first, *_] = errors = config_errors(caplog)
+        assert len(errors) == (2 if case == "expected-stream" else 1)
+        assert all(e.levelname == "ERROR" for e in errors)
+        assert name in first.getMessage()
+        if case == "expected-stream":
+            assert "10060" in first.getMessage()
+        assert not any("is down" in r.getMessage() for r in caplog.records)
+
+        # The operator fixes the configuration: the stream publishes again by itself.
+        if case != "missing":
+            with contextlib.suppress(Exception):
+                await js.delete_stream(other)
+        if case in ("subjects-elsewhere", "expected-stream"):
+            await js.update_stream(api.StreamConfig(name=name, subjects=[f"{prefix}.>"]))
+        if case == "missing":
+            await js.add_stream(api.StreamConfig(name=name, subjects=[f"{prefix}.>"]))
+        await stream.flush(timeout=30)
+        stats = stream.stats()
+        await stream.aclose()
+        assert stats.state == "up"
+        assert stats.dropped_items == 0
+        assert stats.published_items == (20 if case == "expected-stream" else 10)
+    finally:
+        await stream.aclose()
+        with contextlib.suppress(Exception):
+            await js.delete_stream(other)
+        await js.nc.close()
+
+
+@pytest.mark.redis
+async def test_a_redis_key_of_another_type_is_a_configuration_error(
+    redis_url: str, redis_key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=10)
+    stream = Target("redis", redis_url, {"key": redis_key}).make(spool_dir=tmp_path)
+    try:
+        await client.set(redis_key, "not a stream")
+        await stream.start()
+        stream.publish_batch(ticks(0, 10))
+        await until(lambda: stream.stats().failures >= 3, "three failed attempts")
+        assert (stream.stats().last_error or "").startswith("configuration error:")
+        [error] = config_errors(caplog)
+        assert error.levelname == "ERROR"
+        assert "WRONGTYPE" in error.getMessage()
+        await client.unlink(redis_key)  # the operator removes the stray key
+        await stream.flush(timeout=30)
+        stats = stream.stats()
+        await stream.aclose()
+        assert stats.state == "up"
+        assert stats.published_items == 10
+    finally:
+        await stream.aclose()
+        await client.aclose()
 
 
 async def test_without_a_spool_a_down_stream_keeps_a_bounded_outbox(target: Target) -> None:
