@@ -59,6 +59,13 @@ moves the damaged bytes to a ``.corrupt-<offset>`` file beside the segment, logs
 carries on after the last good record. A torn record was never acknowledged, because
 acknowledgement waits for the sync.
 
+A segment file deleted while the journal is open (by a person or a cleanup script) takes
+its records with it. Reading finds it gone, reports it in :attr:`Journal.problems` and
+skips its LSNs, so the records after it are still replayed. If it was the segment being
+written, appends would go on into the deleted file until it is closed: that is checked
+where the journal does I/O anyway (a read, a checkpoint, a segment change, the close), and
+once seen, the next group starts a new segment.
+
 The journal must sit on a local file system: ``flock`` over NFS is not dependable.
 """
 
@@ -506,8 +513,9 @@ class JournalBatch:
 
     Attributes:
         records: ``(lsn, payload)`` pairs in LSN order; decode with :func:`decode_item`.
-        end_lsn: Every LSN up to this one has been returned or was unreadable (and moved
-            aside); pass it to :meth:`Journal.mark_stored` once the records are stored.
+        end_lsn: Every LSN up to this one has been returned or was unreadable (moved
+            aside, or its segment file deleted; see :attr:`Journal.problems`); pass it
+            to :meth:`Journal.mark_stored` once the records are stored.
     """
 
     records: list[tuple[int, bytes]]
@@ -922,6 +930,11 @@ class Journal:
         self._committer: _AnyCommitter | None = None  # while open
         self._stop_on_collect: weakref.finalize[[], Journal] | None = None
         self._read_cursor: tuple[int, int, int] | None = None  # (segment, offset, next lsn)
+        # Segments whose file was deleted under us: first LSN -> last LSN reported lost (each
+        # loss is reported once). Guarded by _io.
+        self._gone: dict[int, int] = {}
+        # The active segment's file was found deleted: the next group starts a new segment.
+        self._roll_next = False
         self._appends = 0
         self._records_appended = 0
         self._fsyncs = 0
@@ -1536,9 +1549,11 @@ class Journal:
             and self._active_fd is not None
             and current.size < self.segment_bytes
             and current.first_lsn + current.records == self._next_lsn
+            and not self._roll_next  # an attribute test per group, no system call
         ):
             return current
         self._release_active()
+        self._roll_next = False  # after: releasing a deleted active segment sets it again
         if current is not None and current.records == 0:
             # Abandoned before its first record was durable (a write failed and could not
             # be cut off): nothing in it was acknowledged, and the new one takes its name.
@@ -1569,6 +1584,13 @@ class Journal:
             return
         with self._io:
             current = self._segments[-1] if self._segments else None
+        if current is not None:
+            try:
+                deleted = os.fstat(fd).st_nlink == 0
+            except OSError:
+                deleted = False
+            if deleted:  # what it holds goes with the descriptor
+                self._report_gone(current, self._stored_lsn + 1, "it was being written")
         try:
             if current is not None and self._active_end > current.size:
                 # Not synced: zeros or not, a later scan reads the same records.
@@ -1584,6 +1606,9 @@ class Journal:
         self, after_lsn: int, *, max_records: int = 5_000, max_bytes: int = 8 * 1024 * 1024
     ) -> JournalBatch:
         """Read durable records with an LSN above ``after_lsn``, oldest first.
+
+        A segment whose file was deleted (not by the journal) is reported in
+        :attr:`problems` and skipped: its records are lost, the later ones are returned.
 
         Raises:
             JournalError: A segment could not be read.
@@ -1613,7 +1638,18 @@ class Journal:
                 offset, lsn = cursor[1], cursor[2]
             else:
                 offset, lsn = len(MAGIC), segment.first_lsn
-            with open(segment.path, "rb") as fh:
+            try:
+                fh = open(segment.path, "rb")  # noqa: SIM115 - closed by the with below
+            except FileNotFoundError:
+                # Deleted by someone else: its records are lost, the next ones are not.
+                note = "later records go to a new segment"
+                if self._report_gone(segment, max(lsn, want), note):
+                    end_lsn = max(end_lsn, segment.last_lsn)
+                lsn, offset = segment.last_lsn + 1, segment.size
+                self._read_cursor = (segment.first_lsn, offset, lsn)
+                want = max(want, lsn)
+                continue
+            with fh:
                 while (
                     lsn <= segment.last_lsn
                     and offset < segment.size
@@ -1667,6 +1703,35 @@ class Journal:
             f"{lsn}..{segment.last_lsn} ({len(data)} bytes) copied to {aside.name} and skipped"
         )
 
+    def _report_gone(self, segment: _Segment, first: int, note: str) -> bool:
+        """Report that the file of ``segment`` was deleted with records ``first`` and up.
+
+        Each record is reported once, however often the loss is found. ``note`` is added
+        when ``segment`` is the active one. Returns False when the journal itself deleted
+        the segment (its records were stored) and there is nothing to report.
+        """
+        with self._io:
+            if not any(s.first_lsn == segment.first_lsn for s in self._segments):
+                return False
+            active = self._segments[-1].first_lsn == segment.first_lsn
+            reported = self._gone.get(segment.first_lsn)
+            if reported is not None:
+                first = max(first, reported + 1)
+            self._gone[segment.first_lsn] = max(reported or 0, segment.last_lsn)
+        if active:
+            self._roll_next = True
+        last = segment.last_lsn
+        if reported is not None and first > last:
+            return True  # reported already
+        lost = (
+            f"records {first}..{last} are lost"
+            if first <= last
+            else "it held no record still to store"
+        )
+        extra = f" ({note})" if active else ""
+        self._problem(f"{segment.path}: file deleted while the journal was open{extra}; {lost}")
+        return True
+
     async def mark_stored(self, lsn: int, *, durable: bool = False) -> None:
         """Record that every record up to ``lsn`` is stored; delete segments wholly below.
 
@@ -1706,10 +1771,28 @@ class Journal:
         if dead:
             with self._io:
                 self._segments = [s for s in self._segments if s not in dead]
+                for segment in dead:
+                    self._gone.pop(segment.first_lsn, None)
             for segment in dead:
-                segment.path.unlink(missing_ok=True)
+                segment.path.unlink(missing_ok=True)  # gone already if deleted under us
             _fsync_dir(self.path)
         self._write_checkpoint()
+        self._check_active_file()
+
+    def _check_active_file(self) -> None:
+        """Report an active segment whose file was deleted, and have the next group start
+        a new one (appends to it would be lost with it). A ``stat`` per checkpoint."""
+        with self._io:
+            active = self._segments[-1] if self._segments else None
+            if active is None or not active.records:
+                return  # an empty one may be replaced by the committer right now
+            active = _Segment(active.first_lsn, active.path, active.records, active.size)
+        try:
+            os.stat(active.path)
+        except FileNotFoundError:
+            self._report_gone(active, self._stored_lsn + 1, "later records go to a new segment")
+        except OSError as exc:  # a check only: the checkpoint itself is written
+            logger.warning("journal %s: cannot check %s: %s", self.path, active.path, exc)
 
     def _write_checkpoint(self) -> None:
         # Synced before the rename, and the rename synced: a power loss leaves the old

@@ -1404,3 +1404,61 @@ async def test_a_cancelled_close_still_shuts_down_and_journals_the_rest(
     assert again.stats().orphans_adopted == 1
     await again.flush(timeout=WAIT)
     assert storage.stored_seqs() == list(range(5))
+
+
+async def test_a_journal_segment_deleted_in_backlog_mode_is_skipped_and_the_rest_replayed(
+    storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "journal", instance_id="gone", segment_bytes=1024)
+    pipeline = IngestPipeline(
+        storage,
+        journal=journal,
+        batch_size=5,
+        replay_batch=4,
+        flush_interval=1.0,
+        retry_attempts=2,
+        retry_initial=0.0,
+        retry_max_backoff=0.0,
+        retry_jitter=0.0,
+        breaker=breaker,
+        clock=clock,
+        orphan_scan_interval=None,
+    )
+    await pipeline.start()
+    try:
+        storage.down = True
+        # Backlog mode: one journal group per batch, a few groups per segment.
+        for i in range(0, 60, 5):
+            for seq in range(i, i + 5):
+                await pipeline.submit(tick(seq))
+            await until(lambda: pipeline.stats().queue_depth == 0)
+        assert pipeline.stats().spilled == 60
+        files = sorted(journal.path.glob("*.seg"))
+        assert len(files) >= 3
+        lost = range(int(files[1].name[:20]), int(files[2].name[:20]))
+        seq_of: dict[int, int] = {}
+        for lsn, item in journal.replay():
+            assert isinstance(item, TickData)
+            assert item.seq is not None
+            seq_of[lsn] = item.seq
+        files[1].unlink()  # a person's or a cleanup script's doing
+
+        storage.down = False
+        clock.advance(breaker.reset_timeout)
+        pipeline.wake()
+        async with asyncio.timeout(WAIT):
+            await pipeline.flush()
+        assert storage.stored_seqs() == sorted(
+            seq for lsn, seq in seq_of.items() if lsn not in lost
+        )
+        (problem,) = journal.problems
+        assert files[1].name in problem
+        assert f"records {lost[0]}..{lost[-1]} are lost" in problem
+        stats = pipeline.stats()
+        assert (stats.journal_records, stats.backlog_journals, stats.writer_errors) == (0, 0, 0)
+        await pipeline.submit(tick(100))  # written to the database again
+        await pipeline.flush(timeout=WAIT)
+        assert 100 in storage.stored_seqs()
+    finally:
+        await pipeline.close(timeout=5)
+    assert not journal.path.exists()

@@ -39,6 +39,8 @@ from tests.unit.test_journal_committer import seqs
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
+    from data_manager.settings import JournalSync
+
 T0 = 1_727_996_400_000
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -499,6 +501,100 @@ async def test_torn_tail_is_cut_off_and_kept_aside(tmp_path: Path) -> None:
     await again.append([tick(4)])  # appends go on after the last good record
     assert [lsn for lsn, _ in again.replay()] == [1, 2, 3, 4]
     await again.close()
+
+
+def first_lsn(segment: Path) -> int:
+    return int(segment.name.removesuffix(".seg"))
+
+
+async def test_a_segment_file_deleted_while_open_is_skipped_and_the_rest_read(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path, instance_id="gone", segment_bytes=1024)
+    await j.open()
+    for i in range(0, 60, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    files = segments(j.path)
+    assert len(files) >= 4
+    lost = range(first_lsn(files[1]), first_lsn(files[2]))
+    kept = [lsn for lsn in range(1, 61) if lsn not in lost]
+    files[1].unlink()  # a person's or a cleanup script's doing
+
+    async with asyncio.timeout(WAIT):
+        batch = await j.read(0, max_records=1_000)
+    assert [lsn for lsn, _ in batch.records] == kept
+    assert [decode_item(p).seq for _, p in batch.records] == [lsn - 1 for lsn in kept]  # type: ignore[union-attr]
+    assert batch.end_lsn == 60
+    (problem,) = j.problems
+    assert files[1].name in problem
+    assert f"records {lost[0]}..{lost[-1]} are lost" in problem
+    assert j.stats().problems == 1
+    await j.read(0, max_records=1_000)  # found again: reported once
+    assert len(j.problems) == 1
+
+    # Chunk by chunk, as the write path replays: the read moves past the gap.
+    replayed: list[int] = []
+    async with asyncio.timeout(WAIT):
+        while j.stored_lsn < j.last_lsn:
+            chunk = await j.read(j.stored_lsn, max_records=4)
+            replayed += [lsn for lsn, _ in chunk.records]
+            await j.mark_stored(chunk.end_lsn)  # deletes the missing segment too
+    assert replayed == kept
+    assert len(j.problems) == 1
+    assert segments(j.path) == [files[-1]]  # the active one stays until the close
+    assert j.stats().segments == 1
+    await j.close()
+    assert not j.path.exists()  # everything stored (or lost, and reported): removed
+
+
+@pytest.mark.parametrize("found_by", ["checkpoint", "read", "roll", "close"])
+@pytest.mark.parametrize("sync", ["thread", "loop", "aio"])
+async def test_an_active_segment_deleted_while_open_is_reported_and_replaced(
+    tmp_path: Path, sync: JournalSync, found_by: str
+) -> None:
+    j = Journal(tmp_path, instance_id="active", segment_bytes=1024, sync=sync)
+    await j.open()
+    await j.append([tick(0), tick(1), tick(2)])
+    (deleted,) = segments(j.path)
+    deleted.unlink()  # appends would go on into the deleted file and vanish with it
+    if found_by == "close":
+        await j.close()
+        (problem,) = j.problems
+        assert deleted.name in problem
+        assert "records 1..3 are lost" in problem
+        again = Journal(tmp_path, instance_id="active")
+        await again.open()
+        assert list(again.replay()) == []
+        await again.close()
+        return
+    if found_by == "checkpoint":
+        await j.mark_stored(1, durable=True)
+        lost = "records 2..3 are lost"
+    elif found_by == "read":
+        async with asyncio.timeout(WAIT):
+            batch = await j.read(0)
+        assert (batch.records, batch.end_lsn) == ([], 3)
+        lost = "records 1..3 are lost"
+    else:  # found when the segment is full: what went into it meanwhile is lost too
+        for i in range(3, 50):
+            await j.append([tick(i)])
+            if segments(j.path):
+                break
+        lost = f"records 1..{j.last_lsn - 1} are lost"
+    (problem,) = j.problems
+    assert deleted.name in problem
+    assert lost in problem
+    if found_by != "roll":
+        await j.append([tick(100)])  # the next group starts a new segment
+    (fresh,) = segments(j.path)
+    assert first_lsn(fresh) == j.last_lsn
+    async with asyncio.timeout(WAIT):
+        batch = await j.read(0)
+    assert [lsn for lsn, _ in batch.records] == [j.last_lsn]
+    assert len(j.problems) == 1  # found again by the read and the roll: reported once
+    await j.mark_stored(batch.end_lsn)
+    await j.close()
+    assert not j.path.exists()
 
 
 def logical_size(*items: TickData) -> int:
