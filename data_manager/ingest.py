@@ -173,6 +173,9 @@ class IngestStats:
             a journal, or when appending to it failed too (a full disk while the database
             is down). Logged as an error.
         writer_errors: Unexpected errors in the writer task (logged with traceback).
+        journal_problems: Problems this instance's journal and the adopted ones found and
+            logged as errors (:attr:`Journal.problems`: damaged bytes moved aside, a
+            segment file deleted under them), those of adopted journals since removed too.
     """
 
     queue_depth: int
@@ -204,6 +207,7 @@ class IngestStats:
     batch_size_histogram: HistogramSnapshot | None = None
     flush_seconds_histogram: HistogramSnapshot | None = None
     breaker_opens: int = 0
+    journal_problems: int = 0
 
 
 class IngestPipeline:
@@ -357,6 +361,7 @@ class IngestPipeline:
         self._replayed = 0
         self._orphans_adopted = 0
         self._dead_lettered = 0
+        self._removed_problems = 0  # journal problems of adopted journals since removed
         self._recent_dead: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._bp_waits = 0
         self._bp_timeouts = 0
@@ -536,7 +541,7 @@ class IngestPipeline:
                 logger.exception("cannot adopt the journal %s; leaving it", path)
                 continue
             if orphan.pending_records == 0:
-                await orphan.close()  # nothing to replay: removes it
+                await self._remove_adopted(orphan)  # nothing to replay
                 continue
             logger.warning(
                 "adopting the journal of dead instance %s: %d records to replay",
@@ -1387,6 +1392,11 @@ class IngestPipeline:
             logger.info("write path: journal replay caught up; writing to the database again")
             return
         logger.info("write path: journal of %s fully replayed; removing it", journal.instance_id)
+        await self._remove_adopted(journal)
+
+    async def _remove_adopted(self, journal: Journal) -> None:
+        """Close (and so remove) an adopted journal; its problems stay counted."""
+        self._removed_problems += len(journal.problems)
         await journal.close()
 
     # ------------------------------------------------------------------ progress & stats
@@ -1490,6 +1500,7 @@ class IngestPipeline:
             batch_size_histogram=self._batch_sizes.snapshot(),
             flush_seconds_histogram=self._flush_seconds.snapshot(),
             breaker_opens=self._breaker.opened_count,
+            journal_problems=self._removed_problems + sum(len(j.problems) for j in journals),
         )
 
 

@@ -163,6 +163,9 @@ data_manager_journal_spilled_total (counter)
     Items journaled because the database could not take them.
 data_manager_journal_replayed_total (counter)
     Items stored from a journal.
+data_manager_journal_problems_total (counter)
+    Problems the journals found and logged as errors (damaged bytes moved aside, a segment
+    file deleted under them).
 data_manager_journal_orphans_adopted_total (counter)
     Journals of dead instances taken over for replay.
 data_manager_circuit_state (gauge; backend, state)
@@ -415,6 +418,9 @@ _TABLE: Final[tuple[tuple[str, MetricType, tuple[str, ...], str], ...]] = (
     ("data_manager_journal_spilled_total", "counter", (),
      "Items journaled because the database could not take them."),
     ("data_manager_journal_replayed_total", "counter", (), "Items stored from a journal."),
+    ("data_manager_journal_problems_total", "counter", (),
+     "Problems the journals found and logged as errors (damaged bytes moved aside, a "
+     "segment file deleted under them)."),
     ("data_manager_journal_orphans_adopted_total", "counter", (),
      "Journals of dead instances taken over for replay."),
     ("data_manager_circuit_state", "gauge", ("backend", "state"),
@@ -838,6 +844,7 @@ def _ingest_families(f: _Families, s: IngestStats, opens: int | None) -> None:
     f.add("data_manager_journal_fsyncs_total", s.journal_fsyncs)
     f.add("data_manager_journal_spilled_total", s.spilled)
     f.add("data_manager_journal_replayed_total", s.replayed)
+    f.add("data_manager_journal_problems_total", s.journal_problems)
     f.add("data_manager_journal_orphans_adopted_total", s.orphans_adopted)
     _circuit(f, "database", s.breaker_state, opens)
 

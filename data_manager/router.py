@@ -2370,6 +2370,7 @@ class DataRouter:
             "stored": stats.stored,
             "retries": stats.retries,
             "dead_lettered": stats.dead_lettered,
+            "journal_problems": stats.journal_problems,
             "subscriptions_dropped": self._subs.dropped(),
             "forming_restore_failures": self._restore_failures,
             "ticks_awaiting_restore": sum(len(r.ticks) for r in self._agg_restoring.values()),

@@ -1263,6 +1263,21 @@ async def dead_journal(root: Path, name: str) -> Journal:
     return dead
 
 
+async def test_an_adopted_journals_problems_stay_counted_after_it_is_removed(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    dead = await dead_journal(tmp_path / "journal", "dead")
+    (segment,) = dead.path.glob("*.seg")
+    with segment.open("ab") as fh:
+        fh.write(b"\xde\xad\xbe\xef" * 8)  # bytes after the last record that do not parse
+    pipeline = await make(journal="adopter")
+    assert pipeline.stats().orphans_adopted == 1
+    await pipeline.flush()
+    assert storage.stored_seqs() == [1]
+    stats = pipeline.stats()
+    assert (stats.backlog_journals, stats.journal_problems) == (0, 1)  # replayed and removed
+
+
 async def lock_is_free(journal: Journal) -> bool:
     probe = Journal(journal.root, instance_id=journal.instance_id)
     try:
@@ -1456,6 +1471,7 @@ async def test_a_journal_segment_deleted_in_backlog_mode_is_skipped_and_the_rest
         assert f"records {lost[0]}..{lost[-1]} are lost" in problem
         stats = pipeline.stats()
         assert (stats.journal_records, stats.backlog_journals, stats.writer_errors) == (0, 0, 0)
+        assert stats.journal_problems == 1
         await pipeline.submit(tick(100))  # written to the database again
         await pipeline.flush(timeout=WAIT)
         assert 100 in storage.stored_seqs()
