@@ -108,6 +108,7 @@ from data_manager.errors import (
 from data_manager.journal import (
     IngestItem,
     Journal,
+    JournalBatch,
     decode_item,
     encode_item,
     find_orphans,
@@ -679,6 +680,8 @@ class _BackupStreamBase:
         # (spool, LSN) of the unreadable records of the spool chunk under way, counted and
         # logged already: a chunk that fails to publish is read and decoded again.
         self._unreadable: set[tuple[str, int]] = set()
+        # Per spool: the highest LSN up to which records the spool skipped were counted.
+        self._skips_counted: dict[str, int] = {}
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
         self._accepted_items = 0
@@ -1276,6 +1279,16 @@ class _BackupStreamBase:
             await spool.mark_stored(spool.last_lsn)
             self._unreadable.clear()
             return
+        skipped = self._newly_skipped(spool, chunk)
+        if skipped:
+            self._dropped += skipped
+            logger.error(
+                "backup stream %s: %d spooled record(s) in %s could not be read (damaged, or "
+                "their segment deleted: see the log above) and are not in the stream",
+                self.target,
+                skipped,
+                spool.path,
+            )
         if not self._breaker.allow():
             self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
             return
@@ -1332,6 +1345,22 @@ class _BackupStreamBase:
             logger.info("backup stream: spool of %s fully published", spool.instance_id)
             self._spools.remove(spool)
             await spool.close()
+
+    def _newly_skipped(self, spool: Journal, chunk: JournalBatch) -> int:
+        """How many records of ``chunk``'s LSN range the spool skipped (damaged bytes, a
+        segment file deleted), each counted once however often the chunk is read again."""
+        start = spool.stored_lsn
+        if chunk.end_lsn - start == len(chunk.records):
+            return 0  # nothing skipped: the common case
+        counted = max(start, self._skips_counted.get(spool.instance_id, start))
+        count = 0
+        previous = start
+        for lsn in [*(record[0] for record in chunk.records), chunk.end_lsn + 1]:
+            low = max(previous, counted) + 1  # LSNs previous+1 .. lsn-1 were skipped
+            count += max(0, lsn - low)
+            previous = lsn
+        self._skips_counted[spool.instance_id] = max(counted, chunk.end_lsn)
+        return count
 
     async def _finish_backlog(self) -> None:
         if self._to_spool or self._spooling:

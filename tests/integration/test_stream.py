@@ -1031,6 +1031,53 @@ async def test_an_unreadable_spool_record_is_counted_once_across_failed_drains(
         await delete_nats_stream(server.url, target.names["stream"])
 
 
+async def test_spooled_records_of_a_deleted_segment_are_counted_dropped_once(
+    nats_server_factory: Any,
+    storage: PostgresStorage,
+    postgres_url: str,
+    pg_schema: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import functools
+
+    from data_manager import stream as stream_module
+    from data_manager.journal import Journal
+
+    monkeypatch.setattr(stream_module, "Journal", functools.partial(Journal, segment_bytes=1024))
+    server = nats_server_factory()
+    target = Target("nats", server.url, nats_names())
+    server.stop()  # the drains fail until it is back
+    stream = target.make(spool_dir=tmp_path / "stream-spool", connect_timeout=0.2)
+    await stream.start()
+    batches = [ticks(start, 5) for start in range(0, 60, 5)]
+    for k, batch in enumerate(batches, 1):
+        stream.publish_batch(batch)  # one spool group each: segments roll between groups
+        await until(lambda k=k: stream.stats().spool_records == 5 * k, "a batch to be spooled")
+    spool_dir = next((tmp_path / "stream-spool").rglob("*.seg")).parent
+    segments = sorted(spool_dir.glob("*.seg"))
+    assert len(segments) >= 3
+    gone = segments[1]
+    first = int(gone.stem)
+    last = int(segments[2].stem) - 1
+    gone.unlink()  # a person's or a cleanup script's doing
+    failures = stream.stats().failures
+    await until(lambda: stream.stats().failures >= failures + 3, "three failed drains")
+    lost = last - first + 1
+    assert stream.stats().dropped_items == lost
+    server.start()
+    await stream.flush(timeout=30)
+    stats = stream.stats()
+    await stream.aclose()
+    assert stats.dropped_items == lost
+    assert stats.published_items == 60 - lost
+    kept = [t for batch in batches for t in batch]
+    del kept[first - 1 : last]  # LSNs count from 1
+    await replay_from_stream(storage, target.url, **target.replay_options())
+    assert await tick_rows(postgres_url, pg_schema) == expected_ticks(kept)
+    await delete_nats_stream(server.url, target.names["stream"])
+
+
 # --------------------------------------------------------------------------- Redis limits
 
 
