@@ -487,32 +487,44 @@ class _AckLostOnce(NatsBackupStream):
         return stored
 
 
-async def test_a_spool_chunk_sent_again_after_a_lost_ack_is_not_taken_for_a_duplicate(
-    nats_target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
-) -> None:
-    spool_root = tmp_path / "stream-spool"
+async def drain_after_an_outage(
+    cls: type[NatsBackupStream],
+    target: Target,
+    root: Path,
+    batch: list[IngestItem],
+    **options: Any,
+) -> NatsBackupStream:
+    """Spool ``batch`` while the stream is down, then drain the spool with a ``cls``
+    stream of the same instance (closed once it has flushed)."""
     down = NatsBackupStream(
-        dead_nats_url(),
-        spool_dir=spool_root,
-        instance_id="inst-a",
-        connect_timeout=0.2,
-        **nats_target.names,
+        dead_nats_url(), spool_dir=root, instance_id="inst-d", connect_timeout=0.2, **target.names
     )
     await down.start()
-    down.publish_batch(ticks(0, 3))
-    await until(lambda: down.stats().spool_records == 3, "3 records spooled")
+    down.publish_batch(batch)
+    await until(lambda: down.stats().spool_records == len(batch), "the batch to be spooled")
     await down.aclose(timeout=0.2)
-    up = _AckLostOnce(
-        nats_target.url,
-        spool_dir=spool_root,
-        instance_id="inst-a",
+    up = cls(
+        target.url,
+        spool_dir=root,
+        instance_id="inst-d",
         breaker=CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.05),
         retry_interval=0.01,
-        **nats_target.names,
+        **target.names,
+        **options,
     )
     await up.start()
     await up.flush(timeout=30)
     await up.aclose()
+    return up
+
+
+async def test_a_spool_chunk_sent_again_after_a_lost_ack_is_not_taken_for_a_duplicate(
+    nats_target: Target, storage: PostgresStorage, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    up = await drain_after_an_outage(
+        _AckLostOnce, nats_target, tmp_path / "stream-spool", ticks(0, 3)
+    )
+    assert isinstance(up, _AckLostOnce)
     assert up.lost
     await replay_from_stream(storage, nats_target.url, **nats_target.replay_options())
     assert await tick_rows(postgres_url, pg_schema) == expected_ticks(ticks(0, 8))
@@ -576,26 +588,9 @@ async def drain_failing_once(
     target: Target, root: Path, batch: list[IngestItem], *, ack_lost: bool, **options: Any
 ) -> BackupStreamStats:
     """Spool ``batch`` while the stream is down, then drain it with one failed send."""
-    down = NatsBackupStream(
-        dead_nats_url(), spool_dir=root, instance_id="inst-d", connect_timeout=0.2, **target.names
+    up = await drain_after_an_outage(
+        _SecondMessageFailsOnce, target, root, batch, ack_lost=ack_lost, **options
     )
-    await down.start()
-    down.publish_batch(batch)
-    await until(lambda: down.stats().spool_records == len(batch), "the batch to be spooled")
-    await down.aclose(timeout=0.2)
-    up = _SecondMessageFailsOnce(
-        target.url,
-        ack_lost=ack_lost,
-        spool_dir=root,
-        instance_id="inst-d",
-        breaker=CircuitBreaker("backup", failure_threshold=1, reset_timeout=0.05),
-        retry_interval=0.01,
-        **target.names,
-        **options,
-    )
-    await up.start()
-    await up.flush(timeout=30)
-    await up.aclose()
     return up.stats()
 
 
