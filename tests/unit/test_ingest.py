@@ -167,6 +167,15 @@ def hold_group_syncs(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, 
     return entered, release
 
 
+def database_back(
+    storage: FakeStorage, clock: ManualClock, breaker: CircuitBreaker, pipeline: IngestPipeline
+) -> None:
+    """The database answers again and the breaker's probe is due: wake the writer."""
+    storage.down = False
+    clock.advance(breaker.reset_timeout)
+    pipeline.wake()
+
+
 async def settle() -> None:
     """Let every ready task run (asserting that something did *not* happen)."""
     for _ in range(20):
@@ -540,9 +549,7 @@ async def test_without_journal_an_open_breaker_keeps_batches_in_memory(
     with pytest.raises(BackpressureTimeoutError):
         await pipeline.submit(tick(15))  # full: pushes back, never drops
     assert pipeline.stats().queue_depth == 15
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)
     await pipeline.flush()
     assert storage.stored_seqs() == list(range(15))
 
@@ -694,9 +701,7 @@ async def test_journal_mode_items_survive_a_database_outage(
         await pipeline.submit(tick(i), mode="journal" if i % 2 else "buffered")
     await until(lambda: pipeline.stats().store_failures >= 1)
     assert pipeline.stats().backlog_journals == 1
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)
     await pipeline.flush()
     assert storage.stored_seqs() == list(range(12))
     assert pipeline.journal is not None
@@ -829,9 +834,7 @@ async def test_flush_timeout_raises_and_keeps_the_data(
         await pipeline.submit(tick(i))
     with pytest.raises(QueryTimeoutError):
         await pipeline.flush(timeout=0.05)
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)
     await pipeline.flush()
     assert storage.stored_seqs() == list(range(4))
 
@@ -945,9 +948,7 @@ async def test_a_full_disk_in_backlog_mode_does_not_wedge_the_replay(
     await settle()
     assert pipeline.stats().spilled == 5
 
-    storage.down = False  # the database is back, the disk is still full
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)  # the database is back, the disk is still full
     await pipeline.flush(timeout=WAIT)
     written = [t.seq for _, items in storage.calls for t in items]
     assert written == list(range(10))  # the journal's older records first, then the batch
@@ -980,9 +981,7 @@ async def test_unreadable_records_skipped_in_a_replay_are_only_those_before_it(
         return JournalBatch(records=[], end_lsn=after_lsn)
 
     monkeypatch.setattr(Journal, "read", unreadable_once)
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)
     await pipeline.flush(timeout=WAIT)  # up to LSN 1
     await pipeline.flush(timeout=WAIT)  # up to LSN 2, accepted during the first
     assert storage.stored_seqs() == [1]
@@ -1007,9 +1006,7 @@ async def _journal_a_newer_candle_before_an_older_one(
     await pipeline.submit(candle(0, 1.0, is_closed=False))
     await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
     await until(lambda: pipeline.stats().queue_depth == 0 and pipeline.stats().spilled >= 2)
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)
     await pipeline.flush(timeout=WAIT)
 
 
@@ -1045,9 +1042,7 @@ async def test_a_journal_mode_series_keeps_its_newest_version_through_an_outage(
     await until(lambda: pipeline.stats().spilled == 1)
     storage.gate = None
     await pipeline.submit(candle(0, 2.0, is_closed=False), mode="journal")
-    storage.down = False
-    clock.advance(breaker.reset_timeout)
-    pipeline.wake()
+    database_back(storage, clock, breaker, pipeline)
     await pipeline.flush(timeout=WAIT)
     (stored,) = storage.candles.values()
     assert stored.close == 2.0
@@ -1097,9 +1092,7 @@ async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
     if ending == "spill":
         pipeline.configure(journal_batch_size=2)  # the queued pair is taken and spilled
         await until(lambda: pipeline.stats().queue_depth == 0)
-        storage.down = False
-        clock.advance(breaker.reset_timeout)
-        pipeline.wake()
+        database_back(storage, clock, breaker, pipeline)
         await pipeline.flush(timeout=WAIT)
         await pipeline.close()
     else:
@@ -1458,9 +1451,7 @@ async def test_a_journal_segment_deleted_in_backlog_mode_is_skipped_and_the_rest
             seq_of[lsn] = item.seq
         files[1].unlink()  # a person's or a cleanup script's doing
 
-        storage.down = False
-        clock.advance(breaker.reset_timeout)
-        pipeline.wake()
+        database_back(storage, clock, breaker, pipeline)
         async with asyncio.timeout(WAIT):
             await pipeline.flush()
         assert storage.stored_seqs() == sorted(
