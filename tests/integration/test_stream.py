@@ -491,7 +491,7 @@ async def drain_after_an_outage(
     cls: type[NatsBackupStream],
     target: Target,
     root: Path,
-    batch: list[IngestItem],
+    batch: Sequence[IngestItem],
     **options: Any,
 ) -> NatsBackupStream:
     """Spool ``batch`` while the stream is down, then drain the spool with a ``cls``
@@ -585,7 +585,7 @@ class _SecondMessageFailsOnce(NatsBackupStream):
 
 
 async def drain_failing_once(
-    target: Target, root: Path, batch: list[IngestItem], *, ack_lost: bool, **options: Any
+    target: Target, root: Path, batch: Sequence[IngestItem], *, ack_lost: bool, **options: Any
 ) -> BackupStreamStats:
     """Spool ``batch`` while the stream is down, then drain it with one failed send."""
     up = await drain_after_an_outage(
@@ -909,6 +909,17 @@ async def test_refused_items_are_logged_briefly_and_rate_limited(
 # --------------------------------------------------------------------------- outages
 
 
+def dedicated_target(
+    backend: str, request: pytest.FixtureRequest
+) -> tuple[NatsServer | RedisServer, Target]:
+    """A server of ``backend`` of the test's own (it may stop and start it) and its target."""
+    if backend == "nats":
+        nats: NatsServer = request.getfixturevalue("nats_server_factory")()
+        return nats, Target("nats", nats.url, nats_names())
+    redis: RedisServer = request.getfixturevalue("redis_server_factory")()
+    return redis, Target("redis", redis.url, {"key": f"t{secrets.token_hex(4)}:backup"})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["nats", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_stream_outage_spools_without_blocking_then_catches_up(
@@ -919,13 +930,7 @@ async def test_stream_outage_spools_without_blocking_then_catches_up(
     pg_schema: str,
     tmp_path: Path,
 ) -> None:
-    server: NatsServer | RedisServer
-    if backend == "nats":
-        server = request.getfixturevalue("nats_server_factory")()
-        target = Target("nats", server.url, nats_names())
-    else:
-        server = request.getfixturevalue("redis_server_factory")()
-        target = Target("redis", server.url, {"key": f"t{secrets.token_hex(4)}:backup"})
+    server, target = dedicated_target(backend, request)
     # A small outbox: the publish that hangs while the server goes away overflows it.
     stream = target.make(spool_dir=tmp_path / "stream-spool", max_pending_items=1_000)
     await stream.start()
@@ -988,13 +993,7 @@ async def test_an_unreadable_spool_record_is_counted_once_across_failed_drains(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server: NatsServer | RedisServer
-    if backend == "nats":
-        server = request.getfixturevalue("nats_server_factory")()
-        target = Target("nats", server.url, nats_names())
-    else:
-        server = request.getfixturevalue("redis_server_factory")()
-        target = Target("redis", server.url, {"key": f"t{secrets.token_hex(4)}:backup"})
+    server, target = dedicated_target(backend, request)
     server.stop()  # the first attempts fail: the stream is really down
     stream = target.make(spool_dir=tmp_path / "stream-spool", connect_timeout=0.2)
     await stream.start()
@@ -1046,9 +1045,14 @@ async def test_spooled_records_of_a_deleted_segment_are_counted_dropped_once(
     stream = target.make(spool_dir=tmp_path / "stream-spool", connect_timeout=0.2)
     await stream.start()
     batches = [ticks(start, 5) for start in range(0, 60, 5)]
-    for k, batch in enumerate(batches, 1):
+
+    def spooled(n: int) -> Callable[[], bool]:
+        return lambda: stream.stats().spool_records == n
+
+    for batch in batches:
+        done = spooled(stream.stats().spool_records + len(batch))
         stream.publish_batch(batch)  # one spool group each: segments roll between groups
-        await until(lambda k=k: stream.stats().spool_records == 5 * k, "a batch to be spooled")
+        await until(done, "a batch to be spooled")
     spool_dir = next((tmp_path / "stream-spool").rglob("*.seg")).parent
     segments = sorted(spool_dir.glob("*.seg"))
     assert len(segments) >= 3
