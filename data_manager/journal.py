@@ -1102,13 +1102,17 @@ class Journal:
     def _load(self) -> None:
         checkpoint = self._read_checkpoint()
         segments: list[_Segment] = []
+        damaged: set[int] = set()  # first LSNs of segments whose damage was reported
         for path in sorted(self.path.iterdir()):
             match = _SEGMENT_NAME.match(path.name)
             if match is None:
                 continue
+            reported = len(self.problems)
             segment = self._scan_segment(path, int(match.group(1)))
             if segment is not None:
                 segments.append(segment)
+                if len(self.problems) > reported:
+                    damaged.add(segment.first_lsn)
         for older, newer in itertools.pairwise(segments):
             if older.records and older.last_lsn >= newer.first_lsn:
                 self._cut_overlap(older, newer.first_lsn - older.first_lsn)
@@ -1125,6 +1129,20 @@ class Journal:
         if len(keep) != len(segments):
             _fsync_dir(self.path)
         self._segments = keep
+        if keep and keep[0].first_lsn > self._stored_lsn + 1:
+            # Nothing below the oldest segment is in the journal: stored (a crash between
+            # deleting stored segments and rewriting the checkpoint leaves the checkpoint
+            # behind) or deleted by hand; the two cannot be told apart, and neither is there
+            # to replay.
+            self._stored_lsn = keep[0].first_lsn - 1
+        for older, newer in itertools.pairwise(keep):
+            # Segments are deleted oldest first: a hole between two is a file deleted by
+            # someone else (damage moved aside was reported by the scan already).
+            if older.last_lsn + 1 < newer.first_lsn and older.first_lsn not in damaged:
+                self._problem(
+                    f"{self.path}: records {older.last_lsn + 1}..{newer.first_lsn - 1} are "
+                    "missing (a segment file was deleted); the others are replayed"
+                )
         if self.pending_records:
             logger.info(
                 "journal %s holds %d records to replay (%d bytes)",
@@ -1710,6 +1728,7 @@ class Journal:
         when ``segment`` is the active one. Returns False when the journal itself deleted
         the segment (its records were stored) and there is nothing to report.
         """
+        first = max(first, segment.first_lsn)  # the records before it are in other segments
         with self._io:
             if not any(s.first_lsn == segment.first_lsn for s in self._segments):
                 return False

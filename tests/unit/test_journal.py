@@ -989,3 +989,68 @@ async def test_dead_letter_file_keeps_refused_items(tmp_path: Path) -> None:
     assert lines[1]["raw"] == "t{broken"
     assert lines[1]["reason"] == "bad"
     assert dead.count == 2
+
+
+async def test_a_deleted_active_segment_is_reported_from_its_own_first_record(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path, instance_id="a", segment_bytes=1024, sync="thread")
+    await j.open()
+    for i in range(0, 30, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    files = segments(j.path)
+    assert len(files) >= 2
+    active_first = first_lsn(files[-1])
+    last = j.last_lsn
+    files[-1].unlink()
+    await j.mark_stored(1, durable=True)  # the checkpoint finds the active file gone
+    (problem,) = j.problems
+    # The records of the intact segments before it are not lost: they are read back.
+    batch = await j.read(1, max_records=1_000)
+    assert [lsn for lsn, _ in batch.records] == list(range(2, active_first))
+    assert f"records {active_first}..{last} are lost" in problem
+    await j.close()
+    assert len(j.problems) == 1
+
+
+async def test_a_segment_deleted_while_the_journal_was_closed_is_reported_at_open(
+    tmp_path: Path,
+) -> None:
+    j = Journal(tmp_path, instance_id="c", segment_bytes=1024, sync="thread")
+    await j.open()
+    for i in range(0, 60, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    files = segments(j.path)
+    lost = range(first_lsn(files[1]), first_lsn(files[2]))
+    files[1].unlink()
+    await j.close()  # records pending: the folder stays for the next router
+    again = Journal(tmp_path, instance_id="c", segment_bytes=1024)
+    await again.open()
+    got = [lsn for lsn, _ in again.replay()]
+    assert got == [lsn for lsn in range(1, j.last_lsn + 1) if lsn not in lost]
+    (problem,) = again.problems
+    assert f"records {lost[0]}..{lost[-1]} are missing" in problem
+    await again.close()
+
+
+async def test_a_checkpoint_behind_the_oldest_segment_leaves_no_gap_to_replay(
+    tmp_path: Path,
+) -> None:
+    # A crash between deleting stored segments and rewriting the checkpoint leaves the
+    # checkpoint behind the oldest segment: those records were stored, not lost.
+    j = Journal(tmp_path, instance_id="ck", segment_bytes=1024, sync="thread")
+    await j.open()
+    for i in range(0, 60, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    files = segments(j.path)
+    await j.mark_stored(first_lsn(files[1]) - 1)  # deletes the first segment
+    await j.close()
+    (j.path / "checkpoint").write_text("0\n")  # the older checkpoint a crash leaves
+    again = Journal(tmp_path, instance_id="ck", segment_bytes=1024)
+    await again.open()
+    assert again.stored_lsn == first_lsn(files[1]) - 1
+    assert again.pending_records == j.last_lsn - again.stored_lsn
+    batch = await again.read(again.stored_lsn, max_records=1_000)
+    assert batch.records[0][0] == again.stored_lsn + 1
+    assert again.problems == []
+    await again.close()
