@@ -177,6 +177,9 @@ _NATS_HEADER_BYTES: Final = 128
 _JS_MESSAGE_TOO_LARGE: Final = 10054
 # "expected stream does not match": the subject is stored by another stream than ours.
 _JS_STREAM_MISMATCH: Final = 10060
+# "resource limits exceeded for account": a status 400 that passes by itself once messages
+# age out of the account's streams; an outage, not a configuration error.
+_JS_ACCOUNT_LIMITS: Final = 10002
 _DECODE_SLICE: Final = 500  # spooled records decoded between two yields to the event loop
 _LOG_INTERVAL: Final = 60.0  # seconds between two log lines of one repeated problem
 _LOG_TEXT: Final = 200  # characters of an item's or a reason's text in a log line
@@ -571,6 +574,22 @@ def _describe_item(item: object) -> str:
     return _clip(f"{type(item).__name__}: {item!r}")
 
 
+def _add_range(ranges: list[tuple[int, int]], low: int, high: int) -> int:
+    """Add ``low..high`` to the disjoint, sorted ``ranges`` (in place); return how many of
+    its LSNs were not in them yet."""
+    new = high - low + 1
+    for a, b in ranges:
+        new -= max(0, min(b, high) - max(a, low) + 1)
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted([*ranges, (low, high)]):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    ranges[:] = merged
+    return new
+
+
 def _lsn_ranges(lsns: list[int], most: int = 10) -> str:
     """``"3, 7-9, 12"`` for ascending ``lsns`` (the first ``most`` ranges, then "...")."""
     ranges: list[str] = []
@@ -680,8 +699,8 @@ class _BackupStreamBase:
         # (spool, LSN) of the unreadable records of the spool chunk under way, counted and
         # logged already: a chunk that fails to publish is read and decoded again.
         self._unreadable: set[tuple[str, int]] = set()
-        # Per spool: the highest LSN up to which records the spool skipped were counted.
-        self._skips_counted: dict[str, int] = {}
+        # Per spool: the LSN ranges of skipped records counted so far (disjoint, sorted).
+        self._skips_counted: dict[str, list[tuple[int, int]]] = {}
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
         self._accepted_items = 0
@@ -1352,14 +1371,16 @@ class _BackupStreamBase:
         start = spool.stored_lsn
         if chunk.end_lsn - start == len(chunk.records):
             return 0  # nothing skipped: the common case
-        counted = max(start, self._skips_counted.get(spool.instance_id, start))
+        # Ranges, not a high-water mark: a record returned by one read may be skipped by
+        # the next (its file deleted between two failed drains).
+        counted = [r for r in self._skips_counted.get(spool.instance_id, ()) if r[1] > start]
         count = 0
         previous = start
         for lsn in [*(record[0] for record in chunk.records), chunk.end_lsn + 1]:
-            low = max(previous, counted) + 1  # LSNs previous+1 .. lsn-1 were skipped
-            count += max(0, lsn - low)
+            if lsn > previous + 1:  # LSNs previous+1 .. lsn-1 were skipped
+                count += _add_range(counted, previous + 1, lsn - 1)
             previous = lsn
-        self._skips_counted[spool.instance_id] = max(counted, chunk.end_lsn)
+        self._skips_counted[spool.instance_id] = counted
         return count
 
     async def _finish_backlog(self) -> None:
@@ -1781,7 +1802,10 @@ class NatsBackupStream(_BackupStreamBase):
             if exc.err_code == _JS_MESSAGE_TOO_LARGE:
                 msg = f"stream {self.stream!r}: {exc.description or 'message too large'}"
                 raise _TooLarge(msg) from exc
-            if isinstance(exc, nats.js.errors.BadRequestError):
+            if (
+                isinstance(exc, nats.js.errors.BadRequestError)
+                and exc.err_code != _JS_ACCOUNT_LIMITS
+            ):
                 # The server refuses this publish as such (another stream stores the
                 # subject, the stream is sealed...): the same publish is refused until the
                 # configuration changes. Look the stream up again before the next try.

@@ -820,6 +820,49 @@ async def test_a_jetstream_configuration_error_is_logged_as_an_error_and_retried
         await js.nc.close()
 
 
+async def test_jetstream_account_limits_are_an_outage_not_a_configuration_error(
+    nats_target: Target,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Error 10002 comes with status 400 but passes by itself once messages age out of the
+    # account's streams. The server answers for real; the refusal is injected in front of it
+    # (provoking it needs a clustered server with account limits).
+    from nats.js.client import JetStreamContext
+    from nats.js.errors import BadRequestError
+
+    real_publish = JetStreamContext.publish
+    refusals = 3
+
+    async def publish(self: JetStreamContext, *args: Any, **kwargs: Any) -> Any:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise BadRequestError(
+                code=400, err_code=10002, description="resource limits exceeded for account"
+            )
+        return await real_publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(JetStreamContext, "publish", publish)
+    stream = nats_target.make(spool_dir=tmp_path)
+    await stream.start()
+    try:
+        stream.publish_batch(ticks(0, 10))
+        await until(lambda: stream.stats().failures >= 1, "a refused publish")
+        last_error = stream.stats().last_error
+        assert last_error is not None
+        assert "10002" in last_error
+        assert not last_error.startswith("configuration error")
+        await stream.flush(timeout=30)
+        stats = stream.stats()
+        assert (stats.state, stats.published_items, stats.dropped_items) == ("up", 10, 0)
+        assert not config_errors(caplog)
+        assert any(r.levelname == "WARNING" and "is down" in r.getMessage() for r in caplog.records)
+    finally:
+        await stream.aclose()
+
+
 @pytest.mark.redis
 async def test_a_redis_key_of_another_type_is_a_configuration_error(
     redis_url: str, redis_key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture

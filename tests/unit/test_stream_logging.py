@@ -1,13 +1,20 @@
-"""The small pieces behind the backup stream's error reports (pure functions, no I/O)."""
+"""The small pieces behind the backup stream's error reports and loss counts."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 import pytest
 
 from data_manager.models import TickData
-from data_manager.stream import _captures, _describe_item, _lsn_ranges
+from data_manager.stream import (
+    _add_range,
+    _BackupStreamBase,
+    _captures,
+    _describe_item,
+    _lsn_ranges,
+)
 
 T0: Final = 1_727_996_400_000
 
@@ -48,3 +55,51 @@ def test_captures_follows_nats_subject_wildcards(
     pattern: str, subject: str, captured: bool
 ) -> None:
     assert _captures(pattern, subject) is captured
+
+
+def test_add_range_counts_only_new_lsns_and_merges() -> None:
+    ranges: list[tuple[int, int]] = []
+    assert _add_range(ranges, 5, 9) == 5
+    assert _add_range(ranges, 7, 12) == 3
+    assert _add_range(ranges, 1, 3) == 3
+    assert ranges == [(1, 3), (5, 12)]
+    assert _add_range(ranges, 4, 4) == 1
+    assert ranges == [(1, 12)]
+    assert _add_range(ranges, 2, 11) == 0
+
+
+async def test_spooled_records_skipped_on_a_later_read_are_counted_too(tmp_path: Path) -> None:
+    # A chunk skips segment A (deleted) and returns B's records; its publish fails, and B
+    # is deleted before the next attempt: B's records are lost too and must be counted.
+    from data_manager.journal import Journal
+
+    class Drain:
+        _skips_counted: dict[str, list[tuple[int, int]]]
+
+        def __init__(self) -> None:
+            self._skips_counted = {}
+
+    spool = Journal(tmp_path, instance_id="sp", segment_bytes=1024, sync="thread")
+    await spool.open()
+    for i in range(0, 60, 3):
+        await spool.append([_tick(i), _tick(i + 1), _tick(i + 2)])
+    files = sorted(spool.path.glob("*.seg"))
+    assert len(files) >= 3
+    a, b, c = files[:3]
+    b_lsns = list(range(int(b.stem), int(c.stem)))
+    drain = Drain()
+    a.unlink()
+    chunk = await spool.read(spool.stored_lsn, max_records=len(b_lsns))
+    assert [lsn for lsn, _ in chunk.records] == b_lsns
+    counted = _BackupStreamBase._newly_skipped(drain, spool, chunk)  # type: ignore[arg-type]
+    assert counted == int(b.stem) - 1  # A's records
+    b.unlink()  # the publish failed: nothing stored; B goes too
+    chunk = await spool.read(spool.stored_lsn, max_records=len(b_lsns))
+    counted += _BackupStreamBase._newly_skipped(drain, spool, chunk)  # type: ignore[arg-type]
+    assert counted == chunk.end_lsn - len(chunk.records)  # every record skipped, once
+    assert counted >= int(c.stem) - 1
+    await spool.close()
+
+
+def _tick(seq: int) -> TickData:
+    return TickData(symbol="EUR/USD", timestamp=T0 + seq, bid=1.1, ask=1.1002, source="t", seq=seq)
