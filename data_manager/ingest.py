@@ -361,7 +361,7 @@ class IngestPipeline:
         self._replayed = 0
         self._orphans_adopted = 0
         self._dead_lettered = 0
-        self._removed_problems = 0  # journal problems of adopted journals since removed
+        self._removed_problems = 0  # journal problems of adopted journals since closed
         self._recent_dead: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._bp_waits = 0
         self._bp_timeouts = 0
@@ -654,6 +654,7 @@ class IngestPipeline:
         await self._journal_leftovers()
         for backlog in self._backlog:
             if backlog is not journal:
+                self._removed_problems += len(backlog.problems)  # still counted in stats
                 await backlog.close()  # unlocked: the next router adopts what is left
         self._backlog.clear()
         if journal is not None:

@@ -1271,6 +1271,20 @@ async def test_an_adopted_journals_problems_stay_counted_after_it_is_removed(
     assert (stats.backlog_journals, stats.journal_problems) == (0, 1)  # replayed and removed
 
 
+async def test_a_closed_pipeline_still_counts_its_adopted_journals_problems(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    dead = await dead_journal(tmp_path / "journal", "dead")
+    (segment,) = dead.path.glob("*.seg")
+    with segment.open("ab") as fh:
+        fh.write(b"\xde\xad\xbe\xef" * 8)
+    storage.down = True  # the adopted journal stays in the backlog until close
+    pipeline = await make(journal="adopter")
+    assert pipeline.stats().journal_problems == 1
+    await pipeline.close(timeout=0.1)
+    assert pipeline.stats().journal_problems == 1  # a counter never goes down
+
+
 async def lock_is_free(journal: Journal) -> bool:
     probe = Journal(journal.root, instance_id=journal.instance_id)
     try:
