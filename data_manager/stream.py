@@ -590,6 +590,13 @@ def _add_range(ranges: list[tuple[int, int]], low: int, high: int) -> int:
     return new
 
 
+def _err(exc: BaseException) -> str:
+    """``Type: message`` of a driver error (redis-py's and nats-py's reprs can leave the
+    server's message out: ``server:ResponseError``, ``BadRequestError()``)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _lsn_ranges(lsns: list[int], most: int = 10) -> str:
     """``"3, 7-9, 12"`` for ascending ``lsns`` (the first ``most`` ranges, then "...")."""
     ranges: list[str] = []
@@ -1734,7 +1741,7 @@ class NatsBackupStream(_BackupStreamBase):
                 )
                 raise _Misconfigured(msg) from None
         except (nats.errors.Error, OSError) as exc:
-            msg = f"cannot look up the stream {self.stream!r} on {self.target}: {exc!r}"
+            msg = f"cannot look up the stream {self.stream!r} on {self.target}: {_err(exc)}"
             raise BackupStreamError(msg) from exc
         config = api.StreamConfig(
             name=self.stream,
@@ -1766,7 +1773,7 @@ class NatsBackupStream(_BackupStreamBase):
             self._use_stream(info)
             return
         except (nats.errors.Error, OSError) as exc:
-            msg = f"cannot create the stream {self.stream!r} on {self.target}: {exc!r}"
+            msg = f"cannot create the stream {self.stream!r} on {self.target}: {_err(exc)}"
             raise BackupStreamError(msg) from exc
         logger.info(
             "backup stream: created JetStream stream %s on %s (file storage, max_age=%ss)",
@@ -1821,7 +1828,7 @@ class NatsBackupStream(_BackupStreamBase):
             msg = f"publish to {self.target} failed: {_api_error(exc)}"
             raise BackupStreamError(msg) from exc
         except (nats.errors.Error, OSError) as exc:
-            msg = f"publish to {self.target} failed: {exc!r}"
+            msg = f"publish to {self.target} failed: {_err(exc)}"
             raise BackupStreamError(msg) from exc
         if ack.duplicate:
             self._duplicates += 1
@@ -1838,7 +1845,7 @@ class NatsBackupStream(_BackupStreamBase):
             async with asyncio.timeout(self._connect_timeout):
                 await nc.close()
         except (nats.errors.Error, OSError) as exc:
-            msg = f"closing the connection to {self.target} failed: {exc!r}"
+            msg = f"closing the connection to {self.target} failed: {_err(exc)}"
             raise BackupStreamError(msg) from exc
 
     async def _client_error(self, exc: Exception) -> None:
@@ -1893,7 +1900,7 @@ async def _nats_connect(
             )
     except (nats.errors.Error, OSError) as exc:  # TimeoutError is an OSError
         await _close_client(nc, within=connect_timeout)
-        msg = f"cannot connect to {_redact(url)}: {exc!r}"
+        msg = f"cannot connect to {_redact(url)}: {_err(exc)}"
         raise BackupStreamError(msg) from exc
     except BaseException:
         # Cancelled part-way (a closing stream stops its pump, a replay is abandoned): the
@@ -2028,10 +2035,10 @@ class RedisBackupStream(_BackupStreamBase):
             if str(exc).startswith("WRONGTYPE"):
                 msg = f"the key of {self.target} holds something other than a stream: {exc}"
                 raise _Misconfigured(msg) from exc
-            msg = f"XADD to {self.target} failed: {exc!r}"
+            msg = f"XADD to {self.target} failed: {_err(exc)}"
             raise BackupStreamError(msg) from exc
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
-            msg = f"XADD to {self.target} failed: {exc!r}"
+            msg = f"XADD to {self.target} failed: {_err(exc)}"
             raise BackupStreamError(msg) from exc
         return True  # a Redis stream has no de-duplication
 
@@ -2041,7 +2048,7 @@ class RedisBackupStream(_BackupStreamBase):
         try:
             await self._client.aclose()
         except (RedisError, OSError) as exc:
-            msg = f"closing the connection to {self.target} failed: {exc!r}"
+            msg = f"closing the connection to {self.target} failed: {_err(exc)}"
             raise BackupStreamError(msg) from exc
 
 
@@ -2404,7 +2411,7 @@ async def _read_nats(
                     break
             yield out
     except (nats.errors.Error, OSError) as exc:
-        msg = f"reading the stream {stream!r} on {target} failed: {exc!r}"
+        msg = f"reading the stream {stream!r} on {target} failed: {_err(exc)}"
         raise BackupStreamError(msg) from exc
     finally:
         if sub is not None:
@@ -2456,7 +2463,7 @@ async def _read_redis(
                 return
             start = b"(" + last_id
     except (RedisError, OSError) as exc:
-        msg = f"reading {target} failed: {exc!r}"
+        msg = f"reading {target} failed: {_err(exc)}"
         raise BackupStreamError(msg) from exc
     finally:
         with contextlib.suppress(RedisError, OSError):

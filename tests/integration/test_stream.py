@@ -864,6 +864,30 @@ async def test_jetstream_account_limits_are_an_outage_not_a_configuration_error(
 
 
 @pytest.mark.redis
+async def test_a_refused_xadd_shows_the_servers_message(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    server, target = dedicated_target("redis", request)
+    admin = Redis.from_url(server.url)
+    stream = target.make(spool_dir=tmp_path)
+    await stream.start()
+    try:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)  # every write is refused: OOM
+        stream.publish_batch(ticks(0, 10))
+        await until(lambda: stream.stats().failures >= 1, "a refused XADD")
+        last_error = stream.stats().last_error
+        assert last_error is not None
+        assert "OutOfMemoryError: command not allowed" in last_error  # not a bare repr
+        await admin.config_set("maxmemory", 0)
+        await stream.flush(timeout=30)
+        assert stream.stats().published_items == 10
+    finally:
+        await stream.aclose()
+        await admin.aclose()
+
+
+@pytest.mark.redis
 async def test_a_redis_key_of_another_type_is_a_configuration_error(
     redis_url: str, redis_key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
