@@ -41,10 +41,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 from data_manager._tasks import finish_despite_cancel
 from data_manager.errors import ConfigurationError, ValidationError
 from data_manager.models import (
+    MAX_SOURCE_LENGTH,
     MAX_TIMESTAMP_MS,
     MIN_TIMESTAMP_MS,
     CandleData,
     TickData,
+    _check_text,
     normalize_symbol,
     timeframe_ms,
     to_epoch_ms,
@@ -217,11 +219,14 @@ async def iter_candles(
     sources, else the one with the newest candle), and used for the whole range.
 
     Raises:
-        ValidationError: Unknown timeframe, naive datetimes, or ``end`` before ``start``.
+        ValidationError: Unknown timeframe, naive datetimes, ``end`` before ``start``, or a
+            ``source`` that is not a valid source name (checked and trimmed as writes do).
     """
     sym = normalize_symbol(symbol)
     bar_ms = timeframe_ms(timeframe)
     start_ms, end_ms = _check_range(start, end)
+    if source is not None:
+        source = _check_text(source, field="source", max_length=MAX_SOURCE_LENGTH)
     newest = await router.storage.latest_candles(
         sym,
         timeframe,

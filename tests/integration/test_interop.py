@@ -168,6 +168,14 @@ async def test_iter_candles_validates(router: DataRouter) -> None:
         _ = [c async for c in iter_candles(router, SYM, "2m", T0, T0 + 1)]
     with pytest.raises(ValidationError, match="before start"):
         _ = [c async for c in iter_candles(router, SYM, "1m", T0 + 1, T0)]
+    with pytest.raises(ValidationError, match="source"):
+        _ = [c async for c in iter_candles(router, SYM, "1m", T0, T0 + 1, source=7)]  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="source"):
+        _ = [c async for c in iter_candles(router, SYM, "1m", T0, T0 + 1, source="x" * 65)]
+    # Trimmed as writes trim it: the series written as "older" is found.
+    await router.save_candles_bulk([candle(0, source="older")])
+    found = [c async for c in iter_candles(router, SYM, "1m", T0, T0 + 1, source=" older ")]
+    assert [c.source for c in found] == ["older"]
 
 
 # --------------------------------------------------------------------------- DataFrames
