@@ -398,14 +398,17 @@ async def apply_retention(
     if stale and not dry_run:
         await db.script([s for r in stale for s in timescale_retention_sql(r, None)])
     for rule in rules:
-        if timescale and rule.timeframe is None:
+        # A table created before the extension was installed is a plain table: no
+        # TimescaleDB policy can be added to it, so its rows are deleted like anywhere else.
+        hypertable = rule.kind in hypertables
+        if hypertable and rule.timeframe is None:
             report.outcomes.append(
                 await _timescale_rule(db, rule, batch=policy.delete_batch_rows, dry_run=dry_run)
             )
         else:
             report.outcomes.append(
                 await _delete_rule(
-                    db, rule, batch=policy.delete_batch_rows, dry_run=dry_run, timescale=timescale
+                    db, rule, batch=policy.delete_batch_rows, dry_run=dry_run, timescale=hypertable
                 )
             )
     if timescale:

@@ -372,6 +372,33 @@ async def test_timescale_policies_follow_the_retention(
     assert (f"{off} (dry run: no change)", off) == (dry.compression[-1], report.compression[-1])
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+async def test_a_plain_table_next_to_hypertables_gets_the_delete_job(
+    router: DataRouter, store: Store, timescale: TimescalePolicies, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ticks table is not a hypertable (say, converting it failed): TimescaleDB cannot
+    # take a retention policy for it, so its rows are deleted like on plain PostgreSQL.
+    recorded = lifecycle._Maintenance.script
+
+    async def script(self: Any, statements: list[str]) -> list[Any]:
+        answers = await recorded(self, statements)
+        return [
+            None if "compression_enabled" in sql and "'ticks'" in sql else answer
+            for sql, answer in zip(statements, answers, strict=True)
+        ]
+
+    monkeypatch.setattr(lifecycle._Maintenance, "script", script)
+    await seed_around_cutoffs(router)
+    report = await apply_retention(router, policy=POLICY, now_ms=NOW)
+    methods = {o.rule.label: o.method for o in report.outcomes}
+    assert methods["ticks"] == "delete"
+    assert methods["order_flow"] == "timescaledb_policy"
+    assert ("ticks", "retention") not in timescale.in_force()
+    assert next(o.rows for o in report.outcomes if o.rule.kind == "ticks") == 6
+    assert len(await store.rows("ticks", "ts")) == 6
+
+
 # --------------------------------------------------------------------------- delete_range
 
 
