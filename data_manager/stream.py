@@ -78,6 +78,7 @@ replaced by a forming one).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import enum
@@ -575,18 +576,16 @@ def _describe_item(item: object) -> str:
 
 
 def _add_range(ranges: list[tuple[int, int]], low: int, high: int) -> int:
-    """Add ``low..high`` to the disjoint, sorted ``ranges`` (in place); return how many of
-    its LSNs were not in them yet."""
-    new = high - low + 1
-    for a, b in ranges:
-        new -= max(0, min(b, high) - max(a, low) + 1)
-    merged: list[tuple[int, int]] = []
-    for a, b in sorted([*ranges, (low, high)]):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    ranges[:] = merged
+    """Add ``low..high`` to the disjoint, sorted, non-adjacent ``ranges`` (in place);
+    return how many of its LSNs were not in them yet."""
+    # The ranges that overlap or touch low..high are merged with it into one.
+    first = bisect.bisect_left(ranges, low - 1, key=lambda r: r[1])
+    stop = bisect.bisect_right(ranges, high + 1, key=lambda r: r[0])
+    touched = ranges[first:stop]
+    new = high - low + 1 - sum(max(0, min(b, high) - max(a, low) + 1) for a, b in touched)
+    if touched:
+        low, high = min(low, touched[0][0]), max(high, touched[-1][1])
+    ranges[first:stop] = [(low, high)]
     return new
 
 
@@ -703,11 +702,10 @@ class _BackupStreamBase:
         # Ids acknowledged for the unit or spool chunk under way: a copy of one of them the
         # stream drops as a duplicate is not counted again (spooled ids repeat on a retry).
         self._acked: set[str] = set()
-        # (spool, LSN) of the unreadable records of the spool chunk under way, counted and
-        # logged already: a chunk that fails to publish is read and decoded again.
-        self._unreadable: set[tuple[str, int]] = set()
-        # Per spool: the LSN ranges of skipped records counted so far (disjoint, sorted).
-        self._skips_counted: dict[str, list[tuple[int, int]]] = {}
+        # Per spool: the LSN ranges (disjoint, sorted) of the chunk under way counted as
+        # dropped already (unreadable, or skipped by the spool): a chunk that fails to
+        # publish is read again and meets them again.
+        self._lost_counted: dict[str, list[tuple[int, int]]] = {}
         # Counters (see BackupStreamStats).
         self._accepted_batches = 0
         self._accepted_items = 0
@@ -1303,7 +1301,7 @@ class _BackupStreamBase:
                 spool.path,
             )
             await spool.mark_stored(spool.last_lsn)
-            self._unreadable.clear()
+            self._lost_counted.pop(spool.instance_id, None)
             return
         skipped = self._newly_skipped(spool, chunk)
         if skipped:
@@ -1326,9 +1324,7 @@ class _BackupStreamBase:
             try:
                 item = decode_item(payload)
             except ValidationError as exc:
-                # A chunk that fails to publish is read again: count each record once.
-                if (spool.instance_id, lsn) not in self._unreadable:
-                    self._unreadable.add((spool.instance_id, lsn))
+                if self._count_lost(spool, lsn, lsn):
                     unreadable.append(lsn)
                     first_error = first_error or exc
             else:
@@ -1365,7 +1361,7 @@ class _BackupStreamBase:
         await spool.mark_stored(chunk.end_lsn)
         # A stored chunk is never read again.
         self._acked.clear()
-        self._unreadable.clear()
+        self._lost_counted.pop(spool.instance_id, None)
         self._on_success()
         if spool is not self._spool and spool.pending_records == 0:
             logger.info("backup stream: spool of %s fully published", spool.instance_id)
@@ -1375,20 +1371,21 @@ class _BackupStreamBase:
     def _newly_skipped(self, spool: Journal, chunk: JournalBatch) -> int:
         """How many records of ``chunk``'s LSN range the spool skipped (damaged bytes, a
         segment file deleted), each counted once however often the chunk is read again."""
-        start = spool.stored_lsn
-        if chunk.end_lsn - start == len(chunk.records):
+        previous = spool.stored_lsn
+        if chunk.end_lsn - previous == len(chunk.records):
             return 0  # nothing skipped: the common case
-        # Ranges, not a high-water mark: a record returned by one read may be skipped by
-        # the next (its file deleted between two failed drains).
-        counted = [r for r in self._skips_counted.get(spool.instance_id, ()) if r[1] > start]
         count = 0
-        previous = start
         for lsn in [*(record[0] for record in chunk.records), chunk.end_lsn + 1]:
             if lsn > previous + 1:  # LSNs previous+1 .. lsn-1 were skipped
-                count += _add_range(counted, previous + 1, lsn - 1)
+                count += self._count_lost(spool, previous + 1, lsn - 1)
             previous = lsn
-        self._skips_counted[spool.instance_id] = counted
         return count
+
+    def _count_lost(self, spool: Journal, low: int, high: int) -> int:
+        """Note LSNs ``low..high`` of ``spool`` as counted dropped; return how many were
+        not yet. Ranges, not a high-water mark: a record returned by one read may be
+        skipped by the next (its file deleted between two failed drains)."""
+        return _add_range(self._lost_counted.setdefault(spool.instance_id, []), low, high)
 
     async def _finish_backlog(self) -> None:
         if self._to_spool or self._spooling:

@@ -74,10 +74,10 @@ async def test_spooled_records_skipped_on_a_later_read_are_counted_too(tmp_path:
     from data_manager.journal import Journal
 
     class Drain:
-        _skips_counted: dict[str, list[tuple[int, int]]]
+        _count_lost = _BackupStreamBase._count_lost
 
         def __init__(self) -> None:
-            self._skips_counted = {}
+            self._lost_counted: dict[str, list[tuple[int, int]]] = {}
 
     spool = Journal(tmp_path, instance_id="sp", segment_bytes=1024, sync="thread")
     await spool.open()
