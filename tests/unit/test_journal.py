@@ -507,13 +507,22 @@ def first_lsn(segment: Path) -> int:
     return int(segment.name.removesuffix(".seg"))
 
 
+async def over_small_segments(
+    root: Path, instance_id: str, records: int, **options: Any
+) -> Journal:
+    """An open journal holding ``records`` ticks appended three at a time over 1 KiB
+    segments (several segments to delete from)."""
+    j = Journal(root, instance_id=instance_id, segment_bytes=1024, **options)
+    await j.open()
+    for i in range(0, records, 3):
+        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    return j
+
+
 async def test_a_segment_file_deleted_while_open_is_skipped_and_the_rest_read(
     tmp_path: Path,
 ) -> None:
-    j = Journal(tmp_path, instance_id="gone", segment_bytes=1024)
-    await j.open()
-    for i in range(0, 60, 3):
-        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    j = await over_small_segments(tmp_path, "gone", 60)
     files = segments(j.path)
     assert len(files) >= 4
     lost = range(first_lsn(files[1]), first_lsn(files[2]))
@@ -823,10 +832,7 @@ async def test_a_journal_closed_while_its_open_runs_ends_closed_and_unlocked(
 async def test_a_closed_journal_leaves_the_folder_its_adopter_now_owns_alone(
     tmp_path: Path,
 ) -> None:
-    old = Journal(tmp_path, instance_id="x", segment_bytes=1024)
-    await old.open()
-    for i in range(0, 30, 3):
-        await old.append([tick(i), tick(i + 1), tick(i + 2)])
+    old = await over_small_segments(tmp_path, "x", 30)
     await old.close()  # 30 records pending: the folder stays, unlocked (an orphan)
     adopter = Journal(tmp_path, instance_id="x", segment_bytes=1024)
     await adopter.open(create=False)
@@ -994,10 +1000,7 @@ async def test_dead_letter_file_keeps_refused_items(tmp_path: Path) -> None:
 async def test_a_deleted_active_segment_is_reported_from_its_own_first_record(
     tmp_path: Path,
 ) -> None:
-    j = Journal(tmp_path, instance_id="a", segment_bytes=1024, sync="thread")
-    await j.open()
-    for i in range(0, 30, 3):
-        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    j = await over_small_segments(tmp_path, "a", 30, sync="thread")
     files = segments(j.path)
     assert len(files) >= 2
     active_first = first_lsn(files[-1])
@@ -1016,10 +1019,7 @@ async def test_a_deleted_active_segment_is_reported_from_its_own_first_record(
 async def test_a_segment_deleted_while_the_journal_was_closed_is_reported_at_open(
     tmp_path: Path,
 ) -> None:
-    j = Journal(tmp_path, instance_id="c", segment_bytes=1024, sync="thread")
-    await j.open()
-    for i in range(0, 60, 3):
-        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    j = await over_small_segments(tmp_path, "c", 60, sync="thread")
     files = segments(j.path)
     lost = range(first_lsn(files[1]), first_lsn(files[2]))
     files[1].unlink()
@@ -1038,10 +1038,7 @@ async def test_a_checkpoint_behind_the_oldest_segment_leaves_no_gap_to_replay(
 ) -> None:
     # A crash between deleting stored segments and rewriting the checkpoint leaves the
     # checkpoint behind the oldest segment: those records were stored, not lost.
-    j = Journal(tmp_path, instance_id="ck", segment_bytes=1024, sync="thread")
-    await j.open()
-    for i in range(0, 60, 3):
-        await j.append([tick(i), tick(i + 1), tick(i + 2)])
+    j = await over_small_segments(tmp_path, "ck", 60, sync="thread")
     files = segments(j.path)
     await j.mark_stored(first_lsn(files[1]) - 1)  # deletes the first segment
     await j.close()

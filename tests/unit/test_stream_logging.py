@@ -15,6 +15,7 @@ from data_manager.stream import (
     _describe_item,
     _lsn_ranges,
 )
+from tests.unit.test_journal import over_small_segments
 
 T0: Final = 1_727_996_400_000
 
@@ -71,18 +72,13 @@ def test_add_range_counts_only_new_lsns_and_merges() -> None:
 async def test_spooled_records_skipped_on_a_later_read_are_counted_too(tmp_path: Path) -> None:
     # A chunk skips segment A (deleted) and returns B's records; its publish fails, and B
     # is deleted before the next attempt: B's records are lost too and must be counted.
-    from data_manager.journal import Journal
-
     class Drain:
         _count_lost = _BackupStreamBase._count_lost
 
         def __init__(self) -> None:
             self._lost_counted: dict[str, list[tuple[int, int]]] = {}
 
-    spool = Journal(tmp_path, instance_id="sp", segment_bytes=1024, sync="thread")
-    await spool.open()
-    for i in range(0, 60, 3):
-        await spool.append([_tick(i), _tick(i + 1), _tick(i + 2)])
+    spool = await over_small_segments(tmp_path, "sp", 60, sync="thread")
     files = sorted(spool.path.glob("*.seg"))
     assert len(files) >= 3
     a, b, c = files[:3]
@@ -99,7 +95,3 @@ async def test_spooled_records_skipped_on_a_later_read_are_counted_too(tmp_path:
     assert counted == chunk.end_lsn - len(chunk.records)  # every record skipped, once
     assert counted >= int(c.stem) - 1
     await spool.close()
-
-
-def _tick(seq: int) -> TickData:
-    return TickData(symbol="EUR/USD", timestamp=T0 + seq, bid=1.1, ask=1.1002, source="t", seq=seq)
