@@ -1256,13 +1256,19 @@ async def dead_journal(root: Path, name: str) -> Journal:
     return dead
 
 
+async def damaged_dead_journal(root: Path) -> None:
+    """:func:`dead_journal` with bytes after its record that do not parse (one problem for
+    whoever opens it)."""
+    dead = await dead_journal(root, "dead")
+    (segment,) = dead.path.glob("*.seg")
+    with segment.open("ab") as fh:
+        fh.write(b"\xde\xad\xbe\xef" * 8)
+
+
 async def test_an_adopted_journals_problems_stay_counted_after_it_is_removed(
     make: Any, storage: FakeStorage, tmp_path: Path
 ) -> None:
-    dead = await dead_journal(tmp_path / "journal", "dead")
-    (segment,) = dead.path.glob("*.seg")
-    with segment.open("ab") as fh:
-        fh.write(b"\xde\xad\xbe\xef" * 8)  # bytes after the last record that do not parse
+    await damaged_dead_journal(tmp_path / "journal")
     pipeline = await make(journal="adopter")
     assert pipeline.stats().orphans_adopted == 1
     await pipeline.flush()
@@ -1274,10 +1280,7 @@ async def test_an_adopted_journals_problems_stay_counted_after_it_is_removed(
 async def test_a_closed_pipeline_still_counts_its_adopted_journals_problems(
     make: Any, storage: FakeStorage, tmp_path: Path
 ) -> None:
-    dead = await dead_journal(tmp_path / "journal", "dead")
-    (segment,) = dead.path.glob("*.seg")
-    with segment.open("ab") as fh:
-        fh.write(b"\xde\xad\xbe\xef" * 8)
+    await damaged_dead_journal(tmp_path / "journal")
     storage.down = True  # the adopted journal stays in the backlog until close
     pipeline = await make(journal="adopter")
     assert pipeline.stats().journal_problems == 1
