@@ -16,6 +16,12 @@ Storage keeps no arrival order, so that is the order every rebuild from stored t
 
 Timestamps cross this interface as Unix ms; each backend stores them its own way.
 Ranges are half-open: ``start_ms <= ts < end_ms``.
+
+``received_before`` (``iter_ticks``, ``aggregate_tick_buckets``) keeps only ticks stamped
+before that moment, ``received_at < received_before``, plus those without a stamp: after a
+crash, a router rebuilds candles from what the dead router had received, without the ticks
+it received itself since it started. ``None`` adds no predicate at all, so the statements
+(and their plans) are those of a plain range.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
+from data_manager.errors import ValidationError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
 if TYPE_CHECKING:
@@ -39,6 +46,7 @@ __all__ = [
     "SchemaInfo",
     "Storage",
     "TickBucket",
+    "check_received_before",
     "in_key_order",
     "tick_content_key",
 ]
@@ -80,6 +88,20 @@ def tick_content_key(
     )
     key: int = _from_bytes(_digest(packed, digest_size=8).digest(), "little", signed=True)
     return key
+
+
+def check_received_before(value: object) -> int | None:
+    """``received_before`` as given, once it is known to be ``None`` or an ``int`` (Unix ms).
+
+    Raises:
+        ValidationError: Anything else, a ``bool`` included.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"received_before must be Unix ms as an int or None, got {value!r}"
+        raise ValidationError(msg)
+    return int(value)
 
 
 async def in_key_order(ticks: AsyncIterable[TickData]) -> AsyncGenerator[TickData, None]:
@@ -318,8 +340,14 @@ class Storage(Protocol):
         *,
         source: str | None = None,
         batch_size: int = 10_000,
+        received_before: int | None = None,
     ) -> AsyncGenerator[TickData, None]:
-        """Stream ticks in ``[start_ms, end_ms)`` oldest first with a server-side cursor."""
+        """Stream ticks in ``[start_ms, end_ms)`` oldest first with a server-side cursor.
+
+        With ``received_before`` (Unix ms), only ticks whose ``received_at`` is unset or
+        earlier; a non-int raises :class:`~data_manager.errors.ValidationError` on the first
+        iteration.
+        """
         ...
 
     async def aggregate_tick_buckets(
@@ -331,6 +359,7 @@ class Storage(Protocol):
         *,
         price: PriceField,
         source: str | None = None,
+        received_before: int | None = None,
     ) -> list[TickBucket]:
         """Aggregate the ticks in ``[start_ms, end_ms)`` per (tick source, bucket), in SQL.
 
@@ -339,6 +368,11 @@ class Storage(Protocol):
         ticks of each source in key order ``(ts, content_key)``. One row per (source,
         bucket) that holds any tick, ordered by source then bucket start;
         :func:`data_manager.storage.candle_sql.candles_from_buckets` turns them into
-        candles. The SQL lives in :mod:`data_manager.storage.candle_sql`.
+        candles. The SQL lives in :mod:`data_manager.storage.candle_sql`. With
+        ``received_before`` (Unix ms), only ticks whose ``received_at`` is unset or earlier
+        count, as if the others were not stored.
+
+        Raises:
+            ValidationError: Unknown timeframe or price, or ``received_before`` not an int.
         """
         ...

@@ -65,7 +65,13 @@ from data_manager.errors import (
     map_database_errors,
 )
 from data_manager.storage import schema
-from data_manager.storage.base import BackendHealth, PoolStatus, SchemaInfo, TickBucket
+from data_manager.storage.base import (
+    BackendHealth,
+    PoolStatus,
+    SchemaInfo,
+    TickBucket,
+    check_received_before,
+)
 from data_manager.storage.candle_sql import TIMESCALEDB_SCHEMA_SQL, postgres_buckets_sql
 from data_manager.storage.schema import (
     CANDLE_COLUMNS,
@@ -236,6 +242,17 @@ class _Sql:
         self.ticks_range_source = (
             f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
             "AND source = $4 ORDER BY ts, content_key LIMIT $5"
+        )
+        # iter_ticks with received_before: the statements above plus that predicate (and no
+        # LIMIT), kept apart so that a plain range keeps its own statement and plan.
+        received = "(received_at IS NULL OR received_at < {})"
+        self.ticks_received_before_any = (
+            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
+            f"AND {received.format('$4')} ORDER BY ts"
+        )
+        self.ticks_received_before_source = (
+            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
+            f"AND source = $4 AND {received.format('$5')} ORDER BY ts, content_key"
         )
         self.latest_candles_source = (
             f"SELECT {ccols} FROM {candles} WHERE symbol = $1 AND timeframe = $2 "
@@ -1019,13 +1036,27 @@ class PostgresStorage:
         *,
         source: str | None = None,
         batch_size: int = 10_000,
+        received_before: int | None = None,
     ) -> AsyncGenerator[TickData, None]:
         """Stream ticks in ``[start_ms, end_ms)`` oldest first through a server-side cursor
         (``batch_size`` rows per fetch), holding one pooled connection until exhausted or
-        closed; wrap it in ``contextlib.aclosing`` when you may stop early."""
+        closed; wrap it in ``contextlib.aclosing`` when you may stop early. With
+        ``received_before``, only ticks whose ``received_at`` is unset or earlier.
+
+        Raises:
+            ValidationError: ``received_before`` is not an int.
+        """
         self._require()
+        received_before = check_received_before(received_before)
         args: tuple[object, ...]
-        if source is None:
+        if received_before is not None:
+            if source is None:
+                sql = self._sql.ticks_received_before_any
+                args = (symbol, start_ms, end_ms, received_before)
+            else:
+                sql = self._sql.ticks_received_before_source
+                args = (symbol, start_ms, end_ms, source, received_before)
+        elif source is None:
             sql, args = self._sql.ticks_range_any, (symbol, start_ms, end_ms, None)
         else:
             sql, args = self._sql.ticks_range_source, (symbol, start_ms, end_ms, source, None)
@@ -1045,20 +1076,25 @@ class PostgresStorage:
         *,
         price: PriceField,
         source: str | None = None,
+        received_before: int | None = None,
     ) -> list[TickBucket]:
         """Aggregate the ticks in ``[start_ms, end_ms)`` per (tick source, bucket) in one
         statement: ``time_bucket`` and ``first``/``last`` when the ``timescaledb`` extension
         is installed in the database, plain SQL otherwise (see
         :mod:`data_manager.storage.candle_sql`). Sums are added in key order, so the values
-        equal the Python aggregator's bit for bit.
+        equal the Python aggregator's bit for bit. With ``received_before``, only ticks
+        whose ``received_at`` is unset or earlier count.
 
         Raises:
-            ValidationError: Unknown timeframe or price.
+            ValidationError: Unknown timeframe or price, or ``received_before`` not an int.
         """
         self._require()
+        received_before = check_received_before(received_before)
         args: tuple[object, ...] = (symbol, start_ms, end_ms)
         if source is not None:
             args = (*args, source)
+        if received_before is not None:
+            args = (*args, received_before)
         with map_database_errors(target=self.target, timeout_seconds=self._timeout):
             async with self._pooled() as raw:
                 apg = _driver(raw)
@@ -1070,6 +1106,7 @@ class PostgresStorage:
                     price=price,
                     by_source=source is not None,
                     timescaledb_schema=extension_schema,
+                    received_before=received_before is not None,
                 )
                 rows = await apg.fetch(sql, *args)
         return [TickBucket(*row) for row in rows]

@@ -673,10 +673,16 @@ class ReplicatedStorage:
         *,
         source: str | None = None,
         batch_size: int = 10_000,
+        received_before: int | None = None,
     ) -> AsyncGenerator[TickData, None]:
         """Stream from the primary (see the module docstring for why not a replica)."""
         return self._primary.iter_ticks(
-            symbol, start_ms, end_ms, source=source, batch_size=batch_size
+            symbol,
+            start_ms,
+            end_ms,
+            source=source,
+            batch_size=batch_size,
+            received_before=received_before,
         )
 
     async def aggregate_tick_buckets(
@@ -688,11 +694,18 @@ class ReplicatedStorage:
         *,
         price: PriceField,
         source: str | None = None,
+        received_before: int | None = None,
     ) -> list[TickBucket]:
         """Aggregate on the primary, like ``iter_ticks``: a rebuild reads right after its
         flush, and its long statements are the ones a standby's replay cancels first."""
         return await self._primary.aggregate_tick_buckets(
-            symbol, timeframe, start_ms, end_ms, price=price, source=source
+            symbol,
+            timeframe,
+            start_ms,
+            end_ms,
+            price=price,
+            source=source,
+            received_before=received_before,
         )
 
     # ------------------------------------------------------------------ reads (replicas)

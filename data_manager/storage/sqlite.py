@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import URL, event
+from sqlalchemy import URL, event, or_
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool, StaticPool
 from sqlalchemy.util import greenlet_spawn
@@ -37,7 +37,13 @@ from sqlalchemy.util import greenlet_spawn
 from data_manager.errors import DataManagerError, RouterClosedError, map_database_errors
 from data_manager.settings import DEFAULT_SQLITE_PATH
 from data_manager.storage import schema
-from data_manager.storage.base import BackendHealth, PoolStatus, SchemaInfo, TickBucket
+from data_manager.storage.base import (
+    BackendHealth,
+    PoolStatus,
+    SchemaInfo,
+    TickBucket,
+    check_received_before,
+)
 from data_manager.storage.candle_sql import sqlite_buckets_sql
 from data_manager.storage.schema import (
     CANDLE_COLUMNS,
@@ -613,11 +619,19 @@ class SQLiteStorage:
         *,
         source: str | None = None,
         batch_size: int = 10_000,
+        received_before: int | None = None,
     ) -> AsyncGenerator[TickData, None]:
         """Stream ticks in ``[start_ms, end_ms)`` oldest first, ``batch_size`` rows per query
         (keyset paging on ``(ts, tie-breaker)``, so memory stays bounded and no connection is
-        held between pages)."""
+        held between pages). With ``received_before``, only ticks whose ``received_at`` is
+        unset or earlier.
+
+        Raises:
+            ValidationError: ``received_before`` is not an int.
+        """
         self._require()
+        received_before = check_received_before(received_before)
+        received = self._tables.ticks.c.received_at
         size = max(1, batch_size)
         after: tuple[int, int] | None = None
         while True:
@@ -631,6 +645,8 @@ class SQLiteStorage:
                 any_source_tie=ROWID,
                 after=after,
             )
+            if received_before is not None:
+                stmt = stmt.where(or_(received.is_(None), received < received_before))
             async with self._connection(write=False) as conn:
                 rows = (await conn.execute(stmt)).all()
             for row in rows:
@@ -649,21 +665,31 @@ class SQLiteStorage:
         *,
         price: PriceField,
         source: str | None = None,
+        received_before: int | None = None,
     ) -> list[TickBucket]:
         """Aggregate the ticks in ``[start_ms, end_ms)`` per (tick source, bucket) in one
         statement (window functions in key order; see :mod:`data_manager.storage.candle_sql`).
+        With ``received_before``, only ticks whose ``received_at`` is unset or earlier count.
 
         SQLite 3.43+ compensates its sums, so volume and VWAP may differ from the Python
         aggregator's in the last bits; everything else is exact.
 
         Raises:
-            ValidationError: Unknown timeframe or price.
+            ValidationError: Unknown timeframe or price, or ``received_before`` not an int.
         """
         self._require()
-        sql = sqlite_buckets_sql(timeframe, price=price, by_source=source is not None)
+        received_before = check_received_before(received_before)
+        sql = sqlite_buckets_sql(
+            timeframe,
+            price=price,
+            by_source=source is not None,
+            received_before=received_before is not None,
+        )
         params: tuple[object, ...] = (symbol, start_ms, end_ms)
         if source is not None:
             params = (*params, source)
+        if received_before is not None:
+            params = (*params, received_before)
         async with self._driver() as db:
             rows = await db.execute_fetchall(sql, params)
         return [TickBucket(*row) for row in rows]
