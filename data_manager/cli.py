@@ -823,6 +823,7 @@ def inspect_journals(root: Path) -> JournalSummary:
         _parse,
         find_orphans,
         kind_name,
+        parse_checkpoint,
     )
 
     summary = JournalSummary(root=str(root))
@@ -836,8 +837,8 @@ def inspect_journals(root: Path) -> JournalSummary:
             continue
         inst = InstanceJournal(entry.name, "orphan" if entry.name in orphans else "live")
         try:
-            text = (entry / CHECKPOINT_NAME).read_text(encoding="ascii").strip()
-            inst.stored_lsn = int(text) if text.isdigit() else 0
+            checkpoint = parse_checkpoint((entry / CHECKPOINT_NAME).read_text(encoding="ascii"))
+            inst.stored_lsn = 0 if checkpoint is None else checkpoint[0]
         except FileNotFoundError:
             pass
         for segment in sorted(entry.glob(f"*{SEGMENT_SUFFIX}")):

@@ -172,6 +172,19 @@ _KIND_NAME: Final = {ord("t"): "tick", ord("c"): "candle", ord("o"): "order_flow
 # --------------------------------------------------------------------------- records
 
 
+def parse_checkpoint(text: str) -> tuple[int, int] | None:
+    """A checkpoint file's replay point and stored LSN (``None``: damaged).
+
+    The file holds ``"N"``, or ``"N M"`` when the checkpoint was held below the stored LSN
+    ``M`` (see :meth:`Journal.hold_checkpoint`).
+    """
+    parts = text.strip().split(" ")
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+        return None
+    replay_from = int(parts[0])
+    return replay_from, max(replay_from, int(parts[-1]))
+
+
 def encode_item(item: IngestItem) -> bytes:
     """Return the journal payload of ``item``: a kind byte, then the model's JSON.
 
@@ -926,7 +939,10 @@ class Journal:
         self._active_end = 0  # bytes in the active segment file: records, then zeros
         self._next_lsn = 1
         self._stored_lsn = 0
-        self._checkpointed = 0
+        self._checkpointed = 0  # the checkpoint file's replay point
+        self._checkpointed_stored = 0  # ...and what it says was stored (see _write_checkpoint)
+        self._upserts_stored = 0  # see upserts_stored_lsn
+        self._hold: int | None = None  # see hold_checkpoint
         self._committer: _AnyCommitter | None = None  # while open
         self._stop_on_collect: weakref.finalize[[], Journal] | None = None
         self._read_cursor: tuple[int, int, int] | None = None  # (segment, offset, next lsn)
@@ -958,6 +974,34 @@ class Journal:
     def stored_lsn(self) -> int:
         """Every record up to this LSN is stored in the database (or dead-lettered)."""
         return self._stored_lsn
+
+    @property
+    def upserts_stored_lsn(self) -> int:
+        """Records up to this LSN were stored before the journal was opened; a replay stores
+        only the ticks among them again (a held checkpoint, see :meth:`hold_checkpoint`):
+        a newer version of an upsert may have been stored since."""
+        return self._upserts_stored
+
+    def hold_checkpoint(self, lsn: int | None) -> None:
+        """Keep the checkpoint (and the segments it frees) at or below ``lsn``; ``None``
+        lifts the hold.
+
+        Ticks above the hold are replayed after a crash even when they were stored: the
+        router holds back those the data it derives from them (candles, order flow, kept in
+        memory until its next maintenance pass) may still miss, so that a router recovering
+        after a crash knows which series to rebuild. The checkpoint file also says what was
+        stored: upserts below that are not replayed (:attr:`upserts_stored_lsn`). The
+        checkpoint never moves back.
+        """
+        self._hold = lsn
+
+    def _checkpoint_target(self) -> int:
+        """What the checkpoint may say: the stored LSN, held back by :meth:`hold_checkpoint`."""
+        hold = self._hold
+        stored = self._stored_lsn
+        if hold is None or hold >= stored:
+            return stored
+        return max(hold, self._checkpointed)
 
     @property
     def pending_records(self) -> int:
@@ -1100,7 +1144,7 @@ class Journal:
         self._lock = lock
 
     def _load(self) -> None:
-        checkpoint = self._read_checkpoint()
+        checkpoint, stored = self._read_checkpoint()
         segments: list[_Segment] = []
         damaged: set[int] = set()  # first LSNs of segments whose damage was reported
         for path in sorted(self.path.iterdir()):
@@ -1120,6 +1164,7 @@ class Journal:
         self._next_lsn = max(last, checkpoint) + 1
         self._stored_lsn = min(checkpoint, self._next_lsn - 1)
         self._checkpointed = self._stored_lsn
+        self._checkpointed_stored = self._upserts_stored = min(stored, self._next_lsn - 1)
         keep: list[_Segment] = []
         for segment in segments:
             if segment.records == 0 or segment.last_lsn <= self._stored_lsn:
@@ -1151,19 +1196,22 @@ class Journal:
                 sum(s.size for s in keep),
             )
 
-    def _read_checkpoint(self) -> int:
+    def _read_checkpoint(self) -> tuple[int, int]:
+        """The replay point and the stored LSN: ``"N"``, or ``"N M"`` when the checkpoint was
+        held below what was stored (:meth:`hold_checkpoint`)."""
         path = self.path / CHECKPOINT_NAME
         try:
-            text = path.read_text(encoding="ascii").strip()
+            text = path.read_text(encoding="ascii")
         except FileNotFoundError:
-            return 0
+            return 0, 0
         except (OSError, UnicodeDecodeError):
             logger.warning("journal checkpoint %s unreadable; replaying everything", path)
-            return 0
-        if not text.isdigit():
+            return 0, 0
+        parsed = parse_checkpoint(text)
+        if parsed is None:
             logger.warning("journal checkpoint %s is damaged; replaying everything", path)
-            return 0
-        return int(text)
+            return 0, 0
+        return parsed
 
     def _scan_segment(self, path: Path, first_lsn: int) -> _Segment | None:
         data = path.read_bytes()
@@ -1302,15 +1350,16 @@ class Journal:
                 committer.thread.join()
         self._release_active()
         try:
-            if self.pending_records == 0:
+            if self.pending_records == 0 and self._checkpoint_target() >= self.last_lsn:
                 self._remove_all()
             else:
                 self._write_checkpoint()
                 logger.warning(
-                    "journal %s closed with %d records not yet stored; the next router to "
-                    "start will replay them",
+                    "journal %s closed with %d records not yet stored (%d to replay); the "
+                    "next router to start will replay them",
                     self.path,
                     self.pending_records,
+                    self.last_lsn - self._checkpointed,
                 )
         finally:
             self._lock.release()
@@ -1769,14 +1818,15 @@ class Journal:
             raise JournalError(msg)
         lsn = min(lsn, self.last_lsn)
         if lsn <= self._stored_lsn:
-            if durable and self._checkpointed < self._stored_lsn:
+            if durable and self._checkpointed_stored < self._stored_lsn:
                 lsn = self._stored_lsn  # marked before without a checkpoint: write it now
             else:
                 return
         self._stored_lsn = lsn
+        target = self._checkpoint_target()
         with self._io:
-            dead = [s for s in self._segments[:-1] if s.last_lsn <= lsn]
-        if dead or durable or lsn - self._checkpointed >= self.checkpoint_every:
+            dead = [s for s in self._segments[:-1] if s.last_lsn <= target]
+        if dead or durable or target - self._checkpointed >= self.checkpoint_every:
             try:
                 await asyncio.to_thread(self._checkpoint_and_delete, dead)
             except OSError as exc:
@@ -1817,17 +1867,20 @@ class Journal:
         # Synced before the rename, and the rename synced: a power loss leaves the old
         # checkpoint or the new one, never an empty file in its place (which would only
         # replay everything again, idempotently, but for nothing).
+        replay_from = self._checkpoint_target()
         stored = self._stored_lsn
+        text = f"{replay_from}\n" if stored == replay_from else f"{replay_from} {stored}\n"
         tmp = self.path / f"{CHECKPOINT_NAME}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, f"{stored}\n".encode("ascii"))
+            _write_all(fd, text.encode("ascii"))
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path / CHECKPOINT_NAME)
         _fsync_dir(self.path)
-        self._checkpointed = stored
+        self._checkpointed = replay_from
+        self._checkpointed_stored = stored
 
     def replay(self) -> Iterator[tuple[int, IngestItem]]:
         """Yield every record not yet marked stored, decoded, oldest first.
