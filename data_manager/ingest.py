@@ -60,7 +60,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 from tenacity import (
     AsyncRetrying,
@@ -108,7 +108,7 @@ if TYPE_CHECKING:
     from data_manager.storage.base import Storage
     from data_manager.stream import BackupStream
 
-__all__ = ["IngestItem", "IngestPipeline", "IngestStats", "PipelineState"]
+__all__ = ["IngestItem", "IngestPipeline", "IngestStats", "PipelineState", "ReplayObserver"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,20 @@ _ITEM_TYPES: Final = frozenset({TickData, CandleData, OrderFlowMetrics})
 _REFUSED: Final = (QueryExecutionError, ValidationError)
 _DECODE_SLICE: Final = 500  # records decoded between two yields to the event loop
 _RECENT_DEAD_LETTERS: Final = 4_096  # refused records remembered, so none is kept twice
+
+
+class ReplayObserver(Protocol):
+    """What the router learns of dead instances' journals (see
+    :meth:`IngestPipeline.hold_for_derived`)."""
+
+    def adopted(self) -> None:
+        """Journals of dead instances were adopted; their replay begins."""
+
+    def replayed(self, items: Sequence[IngestItem]) -> None:
+        """These items of an adopted journal are stored."""
+
+    def adopted_replayed(self) -> None:
+        """Every adopted journal is replayed (and removed)."""
 
 
 class PipelineState(enum.Enum):
@@ -331,6 +345,10 @@ class IngestPipeline:
         self._cancelled: dict[int, IngestItem] = {}
         self._followups: set[asyncio.Task[None]] = set()
         self._backlog: list[Journal] = []  # journals to replay, in order
+        # Set by hold_for_derived: told of dead instances' records as they are replayed.
+        self._observer: ReplayObserver | None = None
+        # (items enqueued, LSN): see derived_barrier.
+        self._barriers: collections.deque[tuple[int, int]] = collections.deque()
         self._retry_at = 0.0  # no storage attempt before this (monotonic)
         self._spill_retry_at = 0.0  # no journal append before this (after a disk error)
         self._next_scan: float | None = None
@@ -473,6 +491,40 @@ class IngestPipeline:
         self._retry_jitter = jitter
         self.wake()
 
+    def hold_for_derived(self, observer: ReplayObserver) -> None:
+        """Keep the journal's records until the data derived from them is queued and stored,
+        and report what is replayed from dead instances' journals.
+
+        The router derives candles and order flow from the ticks it accepts and keeps them
+        in memory until its next maintenance pass; a crash loses them. With this, the
+        journal's checkpoint stops at the LSN of the last :meth:`derived_barrier` whose
+        queued items are placed, so a crash leaves every tick whose derived data may be lost
+        to the next router's replay; ``observer`` then learns which series to rebuild.
+        Call before :meth:`start`.
+        """
+        self._observer = observer
+        if self._journal is not None:
+            self._journal.hold_checkpoint(0)
+
+    def derived_barrier(self, lsn: int) -> None:
+        """The data derived from this journal's records up to ``lsn`` is queued: once what is
+        queued now is stored (or journaled), the checkpoint may pass ``lsn``."""
+        if self._journal is None or self._observer is None:
+            return
+        self._barriers.append((self._enqueued, lsn))
+        self._apply_barriers()
+
+    def _apply_barriers(self) -> None:
+        barriers = self._barriers
+        if not barriers or self._journal is None:
+            return
+        placed = self._placed
+        lsn = None
+        while barriers and barriers[0][0] <= placed:
+            lsn = barriers.popleft()[1]
+        if lsn is not None:
+            self._journal.hold_checkpoint(lsn)
+
     def set_backup(self, backup: BackupStream | None) -> None:
         """Start or stop publishing batches to a backup stream (strategy hot reload)."""
         self._backup = backup
@@ -554,6 +606,8 @@ class IngestPipeline:
             adopted += 1
         self._orphans_adopted += adopted
         if adopted:
+            if self._observer is not None:
+                self._observer.adopted()
             self.wake()
         return adopted
 
@@ -1134,6 +1188,7 @@ class IngestPipeline:
                     self._reorder_lsn = max(self._reorder_lsn, own.stored_lsn)
                 self._held = None
                 self._placed += len(batch)
+                self._apply_barriers()
                 return
         if own is not None and own.is_open:
             fresh = _to_journal(batch, self._overtaken)
@@ -1162,6 +1217,7 @@ class IngestPipeline:
                 self._backlog.append(own)
             self._held = None
             self._placed += len(batch)
+            self._apply_barriers()
             if not self._queue:
                 self._overtaken.clear()  # no queued journal-mode version left to overtake
             return
@@ -1360,12 +1416,19 @@ class IngestPipeline:
             return
         items: list[IngestItem] = []
         undecodable: list[tuple[bytes, BaseException]] = []
+        # Below a held checkpoint only the ticks are stored again: an upsert's newer version
+        # may have been stored since (see Journal.hold_checkpoint).
+        upserts_stored = journal.upserts_stored_lsn
         for start in range(0, len(chunk.records), _DECODE_SLICE):
-            for _, payload in chunk.records[start : start + _DECODE_SLICE]:
+            for lsn, payload in chunk.records[start : start + _DECODE_SLICE]:
                 try:
-                    items.append(decode_item(payload))
+                    item = decode_item(payload)
                 except ValidationError as exc:
-                    undecodable.append((payload, exc))
+                    if lsn > upserts_stored:
+                        undecodable.append((payload, exc))
+                    continue
+                if lsn > upserts_stored or type(item) is TickData:
+                    items.append(item)
             await asyncio.sleep(0)  # decoding is CPU work: let producers in between
         try:
             await self._store_batch(items, undecodable)
@@ -1379,9 +1442,12 @@ class IngestPipeline:
         await journal.mark_stored(
             chunk.end_lsn, durable=any(type(item) is not TickData for item in items)
         )
-        if self._backup is not None and journal is not self._journal:
-            # A dead instance acknowledged these; it may never have published them.
-            self._backup.publish_batch(items)
+        if journal is not self._journal:
+            if self._backup is not None:
+                # A dead instance acknowledged these; it may never have published them.
+                self._backup.publish_batch(items)
+            if self._observer is not None:
+                self._observer.replayed(items)
         self._replayed += len(items)
         if journal.stored_lsn >= journal.last_lsn:
             await self._finish_backlog(journal)
@@ -1394,6 +1460,8 @@ class IngestPipeline:
             return
         logger.info("write path: journal of %s fully replayed; removing it", journal.instance_id)
         await self._remove_adopted(journal)
+        if self._observer is not None and not any(j is not self._journal for j in self._backlog):
+            self._observer.adopted_replayed()
 
     async def _remove_adopted(self, journal: Journal) -> None:
         """Close (and so remove) an adopted journal; its problems stay counted."""

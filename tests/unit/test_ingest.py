@@ -660,6 +660,121 @@ async def test_journal_mode_group_fsync_and_checkpoint(make: Any, storage: FakeS
     assert pipeline.stats().journal_records == 0
 
 
+class Observer:
+    """A router's view of dead instances' journals (see ``hold_for_derived``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.items: list[Any] = []
+
+    def adopted(self) -> None:
+        self.calls.append("adopted")
+
+    def replayed(self, items: Sequence[Any]) -> None:
+        self.calls.append("replayed")
+        self.items.extend(items)
+
+    def adopted_replayed(self) -> None:
+        self.calls.append("adopted_replayed")
+
+
+async def reopened_pending(folder: Path, instance: str) -> int:
+    """Records a journal left to replay (it is opened and closed again)."""
+    journal = Journal(folder, instance_id=instance)
+    await journal.open(create=False)
+    try:
+        return journal.pending_records
+    finally:
+        await journal.close()
+
+
+async def test_held_checkpoint_keeps_stored_ticks_until_their_derived_data_is_placed(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    # Stored ticks stay in the journal while the data derived from them is not placed: a
+    # crash leaves them to the next router, which rebuilds their candles.
+    pipeline = await make(journal="held", batch_size=1_000)
+    pipeline.hold_for_derived(Observer())
+    for i in range(5):
+        await pipeline.submit(tick(i), mode="journal")
+    await pipeline.flush()
+    assert storage.stored_seqs() == list(range(5))
+    await pipeline.close(timeout=5)  # no barrier: their candles were never queued
+    assert await reopened_pending(tmp_path / "journal", "held") == 5
+
+
+async def test_a_placed_derived_barrier_frees_the_journal(
+    make: Any, storage: FakeStorage, tmp_path: Path
+) -> None:
+    pipeline = await make(journal="freed", batch_size=1_000)
+    pipeline.hold_for_derived(Observer())
+    for i in range(5):
+        await pipeline.submit(tick(i), mode="journal")
+    pipeline.submit_nowait(candle(1, 1.2))
+    pipeline.derived_barrier(5)
+    await pipeline.flush()  # the candle is stored: the checkpoint may pass the ticks
+    await pipeline.close(timeout=5)
+    assert not (tmp_path / "journal" / "freed").exists()  # nothing left to replay
+
+
+async def test_replay_of_a_dead_instances_journal_is_reported(
+    storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    folder = tmp_path / "journal"
+    dead = Journal(folder, instance_id="dead")
+    await dead.open()
+    await dead.append([tick(1), tick(2), candle(1, 1.2)])
+    await dead.close()  # not stored: an orphan with three records to replay
+    observer = Observer()
+    pipeline = IngestPipeline(
+        storage,
+        journal=Journal(folder, instance_id="alive"),
+        clock=clock,
+        orphan_scan_interval=None,
+    )
+    pipeline.hold_for_derived(observer)
+    await pipeline.start()
+    try:
+        await pipeline.flush()
+    finally:
+        await pipeline.close(timeout=5)
+    assert observer.calls == ["adopted", "replayed", "adopted_replayed"]
+    assert observer.items == [tick(1), tick(2), candle(1, 1.2)]
+
+
+async def test_below_a_held_checkpoint_only_ticks_are_replayed(
+    storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    # A dead router stored a tick and a candle, then a newer version of the candle (not
+    # through its journal); its checkpoint was held below both records. The replay stores
+    # the tick again (its candles are rebuilt from it) but not the older candle.
+    folder = tmp_path / "journal"
+    dead = Journal(folder, instance_id="dead")
+    await dead.open()
+    dead.hold_checkpoint(0)
+    await dead.append([tick(1), candle(1, 1.2)])
+    await dead.mark_stored(2, durable=True)
+    await dead.append([tick(2)])  # not stored
+    await dead.close()
+    assert (folder / "dead" / "checkpoint").read_text() == "0 2\n"
+    observer = Observer()
+    pipeline = IngestPipeline(
+        storage,
+        journal=Journal(folder, instance_id="alive"),
+        clock=clock,
+        orphan_scan_interval=None,
+    )
+    pipeline.hold_for_derived(observer)
+    await pipeline.start()
+    try:
+        await pipeline.flush()
+    finally:
+        await pipeline.close(timeout=5)
+    assert storage.stored_seqs() == [1, 2]
+    assert not storage.candles  # the newer version stored since stays
+    assert observer.items == [tick(1), tick(2)]
+
+
 async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
     make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
