@@ -17,6 +17,7 @@ flow, processors, subscribers) sees it only once the write path has accepted it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import heapq
@@ -121,6 +122,10 @@ L2_CACHE: Final = "dragonfly_cache"
 #: them, and the pause (seconds, router clock) before a failed one is retried.
 _RESTORE_ATTEMPTS: Final = 3
 _RESTORE_RETRY_SECONDS: Final = 1.0
+# How long first ticks of a series wait (in their restore, not in their callers) for the
+# candles a crashed router left to be rebuilt before they are aggregated without them.
+_RECOVERY_WAIT_SECONDS: Final = 60.0
+_RECOVERY_RETRY_SECONDS: Final = 5.0
 #: Longest wait for the backup stream at close (its own default); less if close's
 #: ``timeout`` has less left.
 _BACKUP_CLOSE_SECONDS: Final = 5.0
@@ -291,6 +296,109 @@ class _TierCounters:
         self.db_reads = 0
 
 
+class _DerivedRecovery:
+    """What a router knows of a crash recovery: the series a dead instance's replayed
+    journal touched, and whether their first ticks here wait for their rebuild."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], list[int]] = {}  # (symbol, source) -> [lo, hi]
+        self.cutoff_ms: int | None = None  # ticks received from then on are this router's
+        self.wait_until = 0.0  # monotonic
+        self.live: set[tuple[str, str]] = set()  # aggregated here before the adoption
+        self.done: asyncio.Event | None = None  # set when the rebuild has run (or given up)
+        self.replayed = False  # every adopted journal is replayed
+        self.task: asyncio.Task[object] | None = None
+        self.retry_at: float | None = None  # monotonic, after a failed rebuild
+        self.failures = 0  # failed rebuilds in a row
+
+    @property
+    def waiting(self) -> bool:
+        return self.done is not None and not self.done.is_set()
+
+    def begin(self, *, cutoff_ms: int, wait_until: float, live: set[tuple[str, str]]) -> None:
+        """Journals were adopted: a recovery begins (or the one under way goes on)."""
+        if self.done is None or self.done.is_set():
+            self.done = asyncio.Event()
+            self.cutoff_ms = cutoff_ms
+            self.live = live
+        else:
+            self.live |= live
+        self.wait_until = wait_until
+        self.replayed = False
+
+    def note(self, items: Sequence[Any], agg_prefix: str | None) -> None:
+        """Widen the series' ranges by replayed ticks and aggregated candles."""
+        series = self.series
+        for item in items:
+            cls = type(item)
+            if cls is TickData:
+                key = (item.symbol, item.source)
+            elif cls is CandleData and agg_prefix and item.source.startswith(agg_prefix):
+                key = (item.symbol, item.source[len(agg_prefix) :])
+            else:
+                continue
+            ts = item.timestamp
+            span = series.get(key)
+            if span is None:
+                series[key] = [ts, ts]
+            elif ts < span[0]:
+                span[0] = ts
+            elif ts > span[1]:
+                span[1] = ts
+
+    def take(self) -> dict[tuple[str, str], list[int]]:
+        series, self.series = self.series, {}
+        return series
+
+    def give_back(self, series: dict[tuple[str, str], list[int]]) -> None:
+        for key, (lo, hi) in series.items():
+            span = self.series.setdefault(key, [lo, hi])
+            span[0], span[1] = min(span[0], lo), max(span[1], hi)
+
+    def due(self, now: float) -> bool:
+        """The rebuild should start: every adopted journal is replayed, and no rebuild is
+        under way or a failed one's pause has passed."""
+        return (
+            self.waiting
+            and self.replayed
+            and (self.task is None or self.task.done())
+            and (self.retry_at is None or now >= self.retry_at)
+        )
+
+    def finish(self) -> bool:
+        """The rebuild ran; unless more journals are being replayed, the recovery ends."""
+        if not self.replayed or self.series or self.done is None:
+            return False
+        self.done.set()
+        self.live = set()
+        return True
+
+
+class _RecoveryObserver:
+    """The write path's :class:`~data_manager.ingest.ReplayObserver`: forwards to the router
+    without keeping it alive."""
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: DataRouter) -> None:
+        self._router = weakref.ref(router)
+
+    def adopted(self) -> None:
+        router = self._router()
+        if router is not None:
+            router._on_adopted()
+
+    def replayed(self, items: Sequence[Any]) -> None:
+        router = self._router()
+        if router is not None:
+            router._on_replayed(items)
+
+    def adopted_replayed(self) -> None:
+        router = self._router()
+        if router is not None:
+            router._on_adopted_replayed()
+
+
 class _FormingRestore:
     """The forming-candle restore of one (symbol, tick source) series under way, and the
     ticks that arrived meanwhile (aggregated, in arrival order, once it has run)."""
@@ -409,6 +517,11 @@ class DataRouter:
         # the restores under way: their ticks wait there, in arrival order.
         self._agg_restored: set[tuple[str, str]] = set()
         self._agg_restoring: dict[tuple[str, str], _FormingRestore] = {}
+        # Crash recovery (see _DerivedRecovery): the (symbol, tick source) series a dead
+        # instance's replayed journal touched, each with its oldest and newest timestamp.
+        self._recovery = _DerivedRecovery()
+        # The own journal's newest LSN at the last maintenance pass (see _hold_derived).
+        self._barrier_lsn: int | None = None
         self._orderflow = self._build_orderflow(strat)
         self._flow_dirty: dict[str, OrderFlowMetrics] = {}
         # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
@@ -494,6 +607,8 @@ class DataRouter:
             await self._teardown()
             raise
         self._state = RouterState.OPEN
+        if self._recovery.due(self._clock.monotonic()):
+            self._start_recovery()  # the adopted journals were replayed during the start
 
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - API
         """Flush what is queued and release every connection.
@@ -535,9 +650,10 @@ class DataRouter:
 
         try:
             if was_open and self._ingest is not None:
-                if self._agg_restoring:
+                if self._agg_restoring or self._recovery.waiting:
                     await self._settle_restores(left())
                 self._submit_forming()
+                self._release_derived_hold()
                 await self._ingest.close(left())
                 await self._rebuild_after_close(left())
             fills = [t for t in self._background if t is not self._maintenance]
@@ -736,7 +852,7 @@ class DataRouter:
             instance_id=self.instance_id,
             sync=self.settings.journal_sync,
         )
-        return IngestPipeline(
+        pipeline = IngestPipeline(
             storage,
             journal=journal,
             batch_size=batch.size,
@@ -749,6 +865,8 @@ class DataRouter:
             clock=self._clock,
             backup=self._backup if self._watcher.current.backup_stream.enabled else None,
         )
+        pipeline.hold_for_derived(_RecoveryObserver(self))
+        return pipeline
 
     async def _start_backup_stream(self) -> None:
         url = self.settings.backup_stream_url
@@ -1118,8 +1236,10 @@ class DataRouter:
         restore.ticks.append((tick, route))
         task = restore.task
         if task is None:
-            if self._clock.monotonic() < restore.retry_at:
-                return  # the last attempt failed moments ago: the tick waits for the next
+            if self._clock.monotonic() < restore.retry_at or self._recovery_waits():
+                # The last attempt failed moments ago, or the candles a crashed router left
+                # are being rebuilt: the tick waits for the next attempt.
+                return
             task = restore.task = self._start_restore(key, restore)
         # A caller that gives up waiting leaves its tick (and the others') in the restore,
         # which goes on; a restore that ends otherwise (cancelled by close()) is not the
@@ -1241,11 +1361,19 @@ class DataRouter:
         clock call it directly instead of waiting.
         """
         self._require_open()
-        if self._agg_restoring:
+        if self._recovery.due(self._clock.monotonic()):
+            self._start_recovery()
+        if self._agg_restoring and not self._recovery_waits():
             restoring = self._start_held_restores(due_only=True)
             if restoring:
                 await asyncio.wait(restoring)
         aggregator = self._aggregator
+        try:
+            await self._maintain_derived(aggregator)
+        finally:
+            self._hold_derived()
+
+    async def _maintain_derived(self, aggregator: CandleAggregator | None) -> None:
         if aggregator is not None:
             agg = self._watcher.current.aggregation
             grace_ms = round(agg.idle_close_grace_seconds * 1000)
@@ -1264,6 +1392,26 @@ class DataRouter:
                 await self._rebuild_late(aggregator, requests, agg.daily_close)
         else:
             self._submit_forming()
+
+    def _hold_derived(self) -> None:
+        """Let the journal's checkpoint pass the ticks whose derived data is now queued.
+
+        The barrier is the journal's newest LSN at the *previous* pass: a tick acknowledged
+        then has been aggregated since (its caller resumed), and this pass queued the
+        forming bars and order flow that hold it. Nothing moves while ticks wait for a
+        restore or buckets for a late-tick rebuild (their derived data is not queued yet).
+        """
+        ingest = self._ingest
+        journal = None if ingest is None else ingest.journal
+        if ingest is None or journal is None or not journal.is_open:
+            return
+        aggregator = self._aggregator
+        if self._agg_restoring or (aggregator is not None and aggregator.pending_rebuilds):
+            self._barrier_lsn = None
+            return
+        if self._barrier_lsn is not None:
+            ingest.derived_barrier(self._barrier_lsn)
+        self._barrier_lsn = journal.last_lsn
 
     async def _rebuild_late(
         self, aggregator: CandleAggregator, requests: Sequence[RebuildRequest], daily_close: Any
@@ -1423,8 +1571,28 @@ class DataRouter:
         assert self._ingest is not None
         self._submit_forming()
         await self._ingest.flush()  # rebuild from everything accepted so far
+        return await self._rebuild_range(sym, timeframe, first, last, source, in_sql=in_sql)
+
+    async def _rebuild_range(
+        self,
+        sym: str,
+        timeframe: str,
+        first: int,
+        last: int,
+        source: str | None,
+        *,
+        in_sql: bool | None = None,
+        received_before: int | None = None,
+    ) -> int:
+        """Rebuild the buckets of bucket-aligned ``[first, last)`` from the stored ticks
+        (those received before ``received_before``, when given); see :meth:`rebuild_candles`."""
+        agg = self._watcher.current.aggregation
+        if in_sql is None:
+            in_sql = sql_bucketable(timeframe, agg.daily_close)
         if in_sql:
-            return await self._rebuild_candles_sql(sym, timeframe, first, last, source, agg.price)
+            return await self._rebuild_candles_sql(
+                sym, timeframe, first, last, source, agg.price, received_before
+            )
         aggregator = CandleAggregator(
             timeframes=[timeframe],
             price=agg.price,
@@ -1436,7 +1604,9 @@ class DataRouter:
         written = 0
         batch: list[CandleData] = []
         newest: list[CandleData] = []  # the ring's window of what was written so far
-        ticks = self.storage.iter_ticks(sym, first, last, source=source)
+        ticks = self.storage.iter_ticks(
+            sym, first, last, source=source, received_before=received_before
+        )
         # One source's stream is already in key order; across sources, ticks of one
         # millisecond are not (PostgreSQL orders by ts alone).
         async for tick in ticks if source is not None else in_key_order(ticks):
@@ -1462,6 +1632,7 @@ class DataRouter:
         last: int,
         source: str | None,
         price: PriceField,
+        received_before: int | None = None,
     ) -> int:
         """``rebuild_candles(method="sql")`` over bucket-aligned ``[first, last)``.
 
@@ -1475,7 +1646,13 @@ class DataRouter:
         newest: list[CandleData] = []  # the ring's window of what was written so far
         for lo, hi in rebuild_chunks(first, last, timeframe):
             buckets = await self.storage.aggregate_tick_buckets(
-                symbol, timeframe, lo, hi, price=price, source=source
+                symbol,
+                timeframe,
+                lo,
+                hi,
+                price=price,
+                source=source,
+                received_before=received_before,
             )
             candles = candles_from_buckets(
                 buckets, symbol=symbol, timeframe=timeframe, now_ms=now, later_sources=later
@@ -1712,7 +1889,7 @@ class DataRouter:
         rebuilt from them."""
         await self._ready()
         assert self._ingest is not None
-        if self._agg_restoring:
+        if self._agg_restoring or self._recovery.waiting:
             await self._settle_restores(None)
         self._submit_forming()
         aggregator = self._aggregator
@@ -1735,10 +1912,143 @@ class DataRouter:
 
     async def _settle_restores(self, timeout: float | None) -> None:  # noqa: ASYNC109
         """Give every series whose ticks wait for their restore an attempt now, and wait
-        (up to ``timeout`` seconds) until the attempts have run."""
+        (up to ``timeout`` seconds) until the attempts have run; a crash recovery under way
+        is waited for first."""
+        deadline = None if timeout is None else self._clock.monotonic() + timeout
+        done = self._recovery.done
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done.wait()), timeout)
+        left = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
         tasks = self._start_held_restores(due_only=False)
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            await asyncio.wait(tasks, timeout=left)
+
+    def _release_derived_hold(self) -> None:
+        """Closing with every derived item queued: the checkpoint may pass every tick."""
+        ingest = self._ingest
+        journal = None if ingest is None else ingest.journal
+        aggregator = self._aggregator
+        if (
+            ingest is None
+            or journal is None
+            or not journal.is_open
+            or self._agg_restoring
+            or self._recovery.waiting
+            or (aggregator is not None and aggregator.pending_rebuilds)
+        ):
+            return  # ticks whose derived data is not queued stay for the next router
+        ingest.derived_barrier(journal.last_lsn)
+
+    # ------------------------------------------------------------------ crash recovery
+
+    def _recovery_waits(self) -> bool:
+        """Whether first ticks of a series wait for a crash recovery before their restore."""
+        recovery = self._recovery
+        return recovery.waiting and self._clock.monotonic() < recovery.wait_until
+
+    def _on_adopted(self) -> None:
+        now = self._clock.monotonic()
+        self._recovery.begin(
+            cutoff_ms=self._clock.time_ms(),
+            wait_until=now + _RECOVERY_WAIT_SECONDS,
+            live=set(self._agg_restored) | set(self._agg_restoring),
+        )
+
+    def _on_replayed(self, items: Sequence[Any]) -> None:
+        aggregator = self._aggregator
+        prefix = None if aggregator is None else aggregator.source_prefix
+        self._recovery.note(items, prefix)
+
+    def _on_adopted_replayed(self) -> None:
+        self._recovery.replayed = True
+        if self._state is RouterState.OPEN and self._recovery.due(self._clock.monotonic()):
+            self._start_recovery()
+
+    def _start_recovery(self) -> None:
+        recovery = self._recovery
+        recovery.retry_at = None
+        recovery.task = self._spawn(self._recover_derived())
+
+    async def _recover_derived(self) -> None:
+        """Rebuild the candles of the series a dead instance's replayed journal touched,
+        from the ticks stored before the adoption, then let their restores run.
+
+        The dead router kept the candles and order flow of its last moments in memory; its
+        journal's checkpoint held those ticks back (see :meth:`_hold_derived`), so they are
+        replayed, and every bucket they fall in is rebuilt here. Ticks this router received
+        since are left out (they are aggregated live, on top of the rebuilt bars). Order
+        flow is not recomputed. A failure is retried from the maintenance pass.
+        """
+        recovery = self._recovery
+        series = recovery.take()
+        aggregator = self._aggregator
+        written = 0
+        rebuilt = 0
+        skipped: list[tuple[str, str]] = []
+        try:
+            agg = self._watcher.current.aggregation
+            while series:
+                key, (lo, hi) = next(iter(series.items()))
+                symbol, source = key
+                if aggregator is None or symbol in agg.disabled_symbols:
+                    pass
+                elif key in recovery.live or key in self._agg_restored:
+                    skipped.append(key)
+                else:
+                    for tf in aggregator.timeframes:
+                        first, _ = bucket_bounds(lo, tf, daily_close=agg.daily_close)
+                        _, last = bucket_bounds(hi, tf, daily_close=agg.daily_close)
+                        written += await self._rebuild_range(
+                            symbol,
+                            tf,
+                            first,
+                            last,
+                            source,
+                            received_before=recovery.cutoff_ms,
+                        )
+                    rebuilt += 1
+                del series[key]
+        except Exception:
+            recovery.failures += 1
+            if recovery.failures < _RESTORE_ATTEMPTS:
+                recovery.give_back(series)
+                recovery.retry_at = self._clock.monotonic() + _RECOVERY_RETRY_SECONDS
+                logger.warning(
+                    "cannot rebuild the candles of %d series a dead instance's journal "
+                    "touched (attempt %d of %d); retrying in %.0f s",
+                    len(series),
+                    recovery.failures,
+                    _RESTORE_ATTEMPTS,
+                    _RECOVERY_RETRY_SECONDS,
+                    exc_info=True,
+                )
+                return
+            logger.error(
+                "giving up rebuilding the candles of %s after a crash; their bars miss the "
+                "dead instance's last ticks until rebuild_candles() recomputes them",
+                ", ".join(f"{sym} from {src}" for sym, src in sorted(series)),
+                exc_info=True,
+            )
+        finally:
+            if rebuilt or written:
+                logger.info(
+                    "crash recovery: rebuilt %d candles of %d series from the ticks a dead "
+                    "instance's journal replayed",
+                    written,
+                    rebuilt,
+                )
+            for symbol, source in skipped:
+                logger.warning(
+                    "crash recovery: %s from %s was aggregated here before the journal of a "
+                    "dead instance was replayed; its bars may miss that instance's last "
+                    "ticks: rebuild them with rebuild_candles()",
+                    symbol,
+                    source,
+                )
+        recovery.failures = 0
+        if recovery.finish() and self._agg_restoring and self._state is RouterState.OPEN:
+            self._start_held_restores(due_only=False)
 
     # ------------------------------------------------------------------ reads
 
