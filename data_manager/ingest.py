@@ -349,6 +349,8 @@ class IngestPipeline:
         self._observer: ReplayObserver | None = None
         # (items enqueued, LSN): see derived_barrier.
         self._barriers: collections.deque[tuple[int, int]] = collections.deque()
+        # Adopted journals replayed, kept (held) until release_adopted: see hold_for_derived.
+        self._replayed_adopted: list[Journal] = []
         self._retry_at = 0.0  # no storage attempt before this (monotonic)
         self._spill_retry_at = 0.0  # no journal append before this (after a disk error)
         self._next_scan: float | None = None
@@ -500,7 +502,9 @@ class IngestPipeline:
         journal's checkpoint stops at the LSN of the last :meth:`derived_barrier` whose
         queued items are placed, so a crash leaves every tick whose derived data may be lost
         to the next router's replay; ``observer`` then learns which series to rebuild.
-        Call before :meth:`start`.
+        An adopted journal, once replayed, is kept (its checkpoint held where it was found)
+        until :meth:`release_adopted`: if this router stops before it has rebuilt them, the
+        next one replays the ticks again and rebuilds. Call before :meth:`start`.
         """
         self._observer = observer
         if self._journal is not None:
@@ -513,6 +517,13 @@ class IngestPipeline:
             return
         self._barriers.append((self._enqueued, lsn))
         self._apply_barriers()
+
+    async def release_adopted(self) -> None:
+        """The data derived from the replayed adopted journals is rebuilt: remove them."""
+        journals, self._replayed_adopted = self._replayed_adopted, []
+        for journal in journals:
+            journal.hold_checkpoint(None)
+            await self._remove_adopted(journal)
 
     def _apply_barriers(self) -> None:
         barriers = self._barriers
@@ -576,6 +587,7 @@ class IngestPipeline:
         if own is None or self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
             return 0
         exclude = {own.instance_id} | {j.instance_id for j in self._backlog}
+        exclude |= {j.instance_id for j in self._replayed_adopted}
         try:
             paths = await asyncio.to_thread(find_orphans, own.root, exclude=exclude)
         except OSError:
@@ -600,6 +612,8 @@ class IngestPipeline:
                 orphan.instance_id,
                 orphan.pending_records,
             )
+            if self._observer is not None:
+                orphan.hold_checkpoint(orphan.stored_lsn)  # kept until release_adopted
             # Older data first: ahead of our own backlog, if we have one.
             at = self._backlog.index(own) if own in self._backlog else len(self._backlog)
             self._backlog.insert(at, orphan)
@@ -706,11 +720,12 @@ class IngestPipeline:
         journal = self._journal
         await self._stop_writer()
         await self._journal_leftovers()
-        for backlog in self._backlog:
+        for backlog in [*self._backlog, *self._replayed_adopted]:
             if backlog is not journal:
                 self._removed_problems += len(backlog.problems)  # still counted in stats
                 await backlog.close()  # unlocked: the next router adopts what is left
         self._backlog.clear()
+        self._replayed_adopted.clear()
         if journal is not None:
             await journal.close()
 
@@ -1458,9 +1473,13 @@ class IngestPipeline:
         if journal is self._journal:
             logger.info("write path: journal replay caught up; writing to the database again")
             return
-        logger.info("write path: journal of %s fully replayed; removing it", journal.instance_id)
-        await self._remove_adopted(journal)
-        if self._observer is not None and not any(j is not self._journal for j in self._backlog):
+        if self._observer is None:
+            logger.info("write path: journal of %s replayed; removing it", journal.instance_id)
+            await self._remove_adopted(journal)
+            return
+        logger.info("write path: journal of %s fully replayed", journal.instance_id)
+        self._replayed_adopted.append(journal)
+        if not any(j is not self._journal for j in self._backlog):
             self._observer.adopted_replayed()
 
     async def _remove_adopted(self, journal: Journal) -> None:

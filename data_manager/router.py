@@ -17,7 +17,6 @@ flow, processors, subscribers) sees it only once the write path has accepted it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import heapq
@@ -48,6 +47,7 @@ from data_manager.errors import (
     CacheError,
     DatabaseConnectionError,
     DataManagerError,
+    JournalError,
     RouterClosedError,
     ValidationError,
 )
@@ -310,6 +310,7 @@ class _DerivedRecovery:
         self.task: asyncio.Task[object] | None = None
         self.retry_at: float | None = None  # monotonic, after a failed rebuild
         self.failures = 0  # failed rebuilds in a row
+        self.current: tuple[str, str] | None = None  # the series being rebuilt
 
     @property
     def waiting(self) -> bool:
@@ -319,10 +320,12 @@ class _DerivedRecovery:
         """Journals were adopted: a recovery begins (or the one under way goes on)."""
         if self.done is None or self.done.is_set():
             self.done = asyncio.Event()
-            self.cutoff_ms = cutoff_ms
             self.live = live
         else:
+            # Series that got ticks here since the last adoption are aggregated live: the
+            # later cutoff would count those ticks twice in their rebuild.
             self.live |= live
+        self.cutoff_ms = cutoff_ms  # the dead instances' ticks were all received before
         self.wait_until = wait_until
         self.replayed = False
 
@@ -522,6 +525,7 @@ class DataRouter:
         self._recovery = _DerivedRecovery()
         # The own journal's newest LSN at the last maintenance pass (see _hold_derived).
         self._barrier_lsn: int | None = None
+        self._late_owed = False  # a late-tick rebuild failed since the last pass
         self._orderflow = self._build_orderflow(strat)
         self._flow_dirty: dict[str, OrderFlowMetrics] = {}
         # Symbols whose metrics changed since _emit_flow ran, and the timer that runs it.
@@ -1236,7 +1240,7 @@ class DataRouter:
         restore.ticks.append((tick, route))
         task = restore.task
         if task is None:
-            if self._clock.monotonic() < restore.retry_at or self._recovery_waits():
+            if self._clock.monotonic() < restore.retry_at or self._recovery_waits(key):
                 # The last attempt failed moments ago, or the candles a crashed router left
                 # are being rebuilt: the tick waits for the next attempt.
                 return
@@ -1254,7 +1258,10 @@ class DataRouter:
         those whose pause has passed); return every restore task under way."""
         now = self._clock.monotonic()
         tasks: list[asyncio.Task[None]] = []
+        rebuilding = self._recovery.current if self._recovery.waiting else None
         for key, restore in list(self._agg_restoring.items()):
+            if key == rebuilding:
+                continue  # its restore reads the rebuilt bars, once they are written
             if restore.task is None and not (due_only and now < restore.retry_at):
                 restore.task = self._start_restore(key, restore)
             if restore.task is not None:
@@ -1399,14 +1406,15 @@ class DataRouter:
         The barrier is the journal's newest LSN at the *previous* pass: a tick acknowledged
         then has been aggregated since (its caller resumed), and this pass queued the
         forming bars and order flow that hold it. Nothing moves while ticks wait for a
-        restore or buckets for a late-tick rebuild (their derived data is not queued yet).
+        restore, nor after a late-tick rebuild failed (their candles are not queued). Late
+        ticks that arrived during this pass are above the barrier.
         """
         ingest = self._ingest
         journal = None if ingest is None else ingest.journal
         if ingest is None or journal is None or not journal.is_open:
             return
-        aggregator = self._aggregator
-        if self._agg_restoring or (aggregator is not None and aggregator.pending_rebuilds):
+        late_owed, self._late_owed = self._late_owed, False
+        if self._agg_restoring or late_owed:
             self._barrier_lsn = None
             return
         if self._barrier_lsn is not None:
@@ -1432,6 +1440,8 @@ class DataRouter:
                     self._ingest.submit_nowait(candle)
                 done += 1
         finally:
+            if done < len(requests):
+                self._late_owed = True  # their candles are not queued: see _hold_derived
             aggregator.pending_rebuilds.update(requests[done:])
 
     def _spread_rebuilt(self, candles: Iterable[CandleData]) -> None:
@@ -1912,17 +1922,32 @@ class DataRouter:
 
     async def _settle_restores(self, timeout: float | None) -> None:  # noqa: ASYNC109
         """Give every series whose ticks wait for their restore an attempt now, and wait
-        (up to ``timeout`` seconds) until the attempts have run; a crash recovery under way
-        is waited for first."""
+        (up to ``timeout`` seconds) until the attempts have run; a crash recovery's rebuild
+        under way is waited for first (at close, one not started is left to the next router:
+        the adopted journals stay until it is done)."""
         deadline = None if timeout is None else self._clock.monotonic() + timeout
-        done = self._recovery.done
-        if done is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(done.wait()), timeout)
-        left = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+
+        recovery = self._recovery
+        if recovery.waiting:
+            if self._state is RouterState.OPEN and self._ingest is not None:
+                # flush(): the adopted journals' replay first, then their rebuild (a failed
+                # one is retried now).
+                await self._ingest.flush(left())
+                if recovery.due(0.0):
+                    self._start_recovery()
+            task = recovery.task
+            if task is not None and not task.done():
+                await asyncio.wait((task,), timeout=left())
+            if recovery.waiting:
+                # Not rebuilt: the ticks keep waiting (at close, the adopted journals and
+                # our own stay for the next router, which rebuilds their candles).
+                return
         tasks = self._start_held_restores(due_only=False)
         if tasks:
-            await asyncio.wait(tasks, timeout=left)
+            await asyncio.wait(tasks, timeout=left())
 
     def _release_derived_hold(self) -> None:
         """Closing with every derived item queued: the checkpoint may pass every tick."""
@@ -1942,10 +1967,16 @@ class DataRouter:
 
     # ------------------------------------------------------------------ crash recovery
 
-    def _recovery_waits(self) -> bool:
-        """Whether first ticks of a series wait for a crash recovery before their restore."""
+    def _recovery_waits(self, key: tuple[str, str] | None = None) -> bool:
+        """Whether first ticks of a series (``key``) wait for a crash recovery before their
+        restore: until it is done (at most ``_RECOVERY_WAIT_SECONDS``), and while their
+        series is being rebuilt."""
         recovery = self._recovery
-        return recovery.waiting and self._clock.monotonic() < recovery.wait_until
+        if not recovery.waiting:
+            return False
+        if self._clock.monotonic() < recovery.wait_until:
+            return True
+        return key is not None and recovery.current == key
 
     def _on_adopted(self) -> None:
         now = self._clock.monotonic()
@@ -1986,30 +2017,32 @@ class DataRouter:
         written = 0
         rebuilt = 0
         skipped: list[tuple[str, str]] = []
+        gave_up = False
         try:
             agg = self._watcher.current.aggregation
             while series:
                 key, (lo, hi) = next(iter(series.items()))
                 symbol, source = key
+                restoring = self._agg_restoring.get(key)
                 if aggregator is None or symbol in agg.disabled_symbols:
                     pass
-                elif key in recovery.live or key in self._agg_restored:
-                    skipped.append(key)
+                elif (
+                    key in recovery.live
+                    or key in self._agg_restored
+                    or (restoring is not None and restoring.task is not None)
+                ):
+                    skipped.append(key)  # aggregated here already (or about to be)
                 else:
+                    recovery.current = key
                     for tf in aggregator.timeframes:
-                        first, _ = bucket_bounds(lo, tf, daily_close=agg.daily_close)
-                        _, last = bucket_bounds(hi, tf, daily_close=agg.daily_close)
-                        written += await self._rebuild_range(
-                            symbol,
-                            tf,
-                            first,
-                            last,
-                            source,
-                            received_before=recovery.cutoff_ms,
+                        written += await self._recover_buckets(
+                            aggregator, symbol, source, tf, lo, hi, recovery.cutoff_ms
                         )
                     rebuilt += 1
+                recovery.current = None
                 del series[key]
         except Exception:
+            recovery.current = None
             recovery.failures += 1
             if recovery.failures < _RESTORE_ATTEMPTS:
                 recovery.give_back(series)
@@ -2024,9 +2057,11 @@ class DataRouter:
                     exc_info=True,
                 )
                 return
+            gave_up = True
             logger.error(
                 "giving up rebuilding the candles of %s after a crash; their bars miss the "
-                "dead instance's last ticks until rebuild_candles() recomputes them",
+                "dead instance's last ticks until rebuild_candles() recomputes them (or the "
+                "next router, which replays the adopted journals again)",
                 ", ".join(f"{sym} from {src}" for sym, src in sorted(series)),
                 exc_info=True,
             )
@@ -2047,8 +2082,42 @@ class DataRouter:
                     source,
                 )
         recovery.failures = 0
-        if recovery.finish() and self._agg_restoring and self._state is RouterState.OPEN:
+        if not recovery.finish():
+            return  # more journals were adopted meanwhile: their replay ends in a new run
+        if not gave_up and self._ingest is not None:
+            try:
+                await self._ingest.release_adopted()
+            except JournalError:
+                logger.exception("crash recovery: cannot remove the replayed journals")
+        if self._agg_restoring and self._state is RouterState.OPEN:
             self._start_held_restores(due_only=False)
+
+    async def _recover_buckets(
+        self,
+        aggregator: CandleAggregator,
+        symbol: str,
+        source: str,
+        timeframe: str,
+        lo: int,
+        hi: int,
+        cutoff_ms: int | None,
+    ) -> int:
+        """Rebuild one timeframe's buckets of ``[lo, hi]`` for a crash recovery; close the
+        forming bar stored before them (the dead router may have closed it in memory only:
+        its ticks are all stored, and one of a later bucket was replayed)."""
+        agg = self._watcher.current.aggregation
+        agg_source = f"{aggregator.source_prefix}{source}"
+        first, _ = bucket_bounds(lo, timeframe, daily_close=agg.daily_close)
+        _, last = bucket_bounds(hi, timeframe, daily_close=agg.daily_close)
+        newest = await self.storage.latest_candles(symbol, timeframe, 1, source=agg_source)
+        written = await self._rebuild_range(
+            symbol, timeframe, first, last, source, received_before=cutoff_ms
+        )
+        if newest and newest[-1].timestamp < first and not newest[-1].is_closed:
+            closed = newest[-1].model_copy(update={"is_closed": True})
+            written += await self.storage.write_candles([closed])
+            self._spread_rebuilt((closed,))
+        return written
 
     # ------------------------------------------------------------------ reads
 

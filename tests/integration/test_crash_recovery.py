@@ -189,15 +189,20 @@ async def assert_candles_match_ticks(router: DataRouter, acked: int) -> None:
             expected = [ohlcv(c) for c in aggregate_ticks(mine, tf)]
             stored = await router.get_candles(symbol, tf, START, END, source=f"agg:{SOURCE}")
             assert [ohlcv(c) for c in stored] == expected, (symbol, tf)
+            # Every bar but the newest was closed by a later tick (the clock is behind them).
+            assert all(c.is_closed for c in stored[:-1]), (symbol, tf)
 
 
-async def recover(url: str, schema: str, folder: Path, acked: int) -> None:
+async def recover(
+    url: str, schema: str, folder: Path, acked: int, *, adopted: int | None = 1
+) -> None:
     router = survivor(url, schema, folder)
     await router.initialize()
     try:
         await asyncio.wait_for(router.flush(), DEADLINE)
         assert router._ingest is not None
-        assert router._ingest.stats().orphans_adopted == 1
+        if adopted is not None:
+            assert router._ingest.stats().orphans_adopted == adopted
         await assert_candles_match_ticks(router, acked)
     finally:
         await router.close(timeout=DEADLINE)
@@ -225,3 +230,17 @@ async def test_stored_ticks_whose_candles_were_not_are_replayed(
     acked = await asyncio.to_thread(kill_when, child, lambda line, _n: line == b"stored\n")
     assert acked == 3_000 * len(SYMBOLS)
     await recover(postgres_url, pg_schema, tmp_path, acked)
+
+
+async def test_a_router_closed_before_rebuilding_leaves_it_to_the_next(
+    postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    child = start_child(postgres_url, pg_schema, tmp_path, 3_600.0, 1_000, one_by_one=True)
+    acked = await asyncio.to_thread(kill_when, child, lambda line, _n: line == b"stored\n")
+    router = survivor(postgres_url, pg_schema, tmp_path)
+    await router.initialize()
+    # Closed at once: the replay of the dead router's journal may not even have begun.
+    # close() must not wait for a rebuild nothing will start; what it did not rebuild
+    # stays in the journal for the next router.
+    await asyncio.wait_for(router.close(), DEADLINE)
+    await recover(postgres_url, pg_schema, tmp_path, acked, adopted=None)
