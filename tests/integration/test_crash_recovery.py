@@ -148,6 +148,15 @@ def kill_when(child: Any, done: Any) -> int:
     return acked
 
 
+async def kill_once_stored(url: str, schema: str, folder: Path, per_symbol: int) -> int:
+    """A child without maintenance passes saves ``per_symbol`` ticks of each symbol, one
+    symbol after another; it is killed once all are stored (no forming candle is)."""
+    child = start_child(url, schema, folder, 3_600.0, per_symbol, one_by_one=True)
+    acked = await asyncio.to_thread(kill_when, child, lambda line, _n: line == b"stored\n")
+    assert acked == per_symbol * len(SYMBOLS)
+    return acked
+
+
 def survivor(url: str, schema: str, folder: Path) -> DataRouter:
     settings = DataManagerSettings(
         postgres=PostgresSettings(url=url, db_schema=schema),
@@ -226,17 +235,14 @@ async def test_stored_ticks_whose_candles_were_not_are_replayed(
     # checkpoint interval (10,000 records), but no forming candle is. The symbols come one
     # after another, so the first ones' ticks all lie below a checkpoint that did not wait
     # for their candles: it must have stayed behind for the next router to rebuild them.
-    child = start_child(postgres_url, pg_schema, tmp_path, 3_600.0, 3_000, one_by_one=True)
-    acked = await asyncio.to_thread(kill_when, child, lambda line, _n: line == b"stored\n")
-    assert acked == 3_000 * len(SYMBOLS)
+    acked = await kill_once_stored(postgres_url, pg_schema, tmp_path, 3_000)
     await recover(postgres_url, pg_schema, tmp_path, acked)
 
 
 async def test_a_router_closed_before_rebuilding_leaves_it_to_the_next(
     postgres_url: str, pg_schema: str, tmp_path: Path
 ) -> None:
-    child = start_child(postgres_url, pg_schema, tmp_path, 3_600.0, 1_000, one_by_one=True)
-    acked = await asyncio.to_thread(kill_when, child, lambda line, _n: line == b"stored\n")
+    acked = await kill_once_stored(postgres_url, pg_schema, tmp_path, 1_000)
     router = survivor(postgres_url, pg_schema, tmp_path)
     await router.initialize()
     # Closed at once: the replay of the dead router's journal may not even have begun.

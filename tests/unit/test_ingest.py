@@ -717,14 +717,9 @@ async def test_a_placed_derived_barrier_frees_the_journal(
     assert not (tmp_path / "journal" / "freed").exists()  # nothing left to replay
 
 
-async def test_replay_of_a_dead_instances_journal_is_reported(
-    storage: FakeStorage, clock: ManualClock, tmp_path: Path
-) -> None:
-    folder = tmp_path / "journal"
-    dead = Journal(folder, instance_id="dead")
-    await dead.open()
-    await dead.append([tick(1), tick(2), candle(1, 1.2)])
-    await dead.close()  # not stored: an orphan with three records to replay
+async def adopt_and_report(storage: FakeStorage, clock: ManualClock, folder: Path) -> Observer:
+    """A pipeline holding for derived data adopts the journals in ``folder``, replays them
+    and closes; what it told its observer."""
     observer = Observer()
     pipeline = IngestPipeline(
         storage,
@@ -738,6 +733,18 @@ async def test_replay_of_a_dead_instances_journal_is_reported(
         await pipeline.flush()
     finally:
         await pipeline.close(timeout=5)
+    return observer
+
+
+async def test_replay_of_a_dead_instances_journal_is_reported(
+    storage: FakeStorage, clock: ManualClock, tmp_path: Path
+) -> None:
+    folder = tmp_path / "journal"
+    dead = Journal(folder, instance_id="dead")
+    await dead.open()
+    await dead.append([tick(1), tick(2), candle(1, 1.2)])
+    await dead.close()  # not stored: an orphan with three records to replay
+    observer = await adopt_and_report(storage, clock, folder)
     assert observer.calls == ["adopted", "replayed", "adopted_replayed"]
     assert observer.items == [tick(1), tick(2), candle(1, 1.2)]
 
@@ -757,19 +764,7 @@ async def test_below_a_held_checkpoint_only_ticks_are_replayed(
     await dead.append([tick(2)])  # not stored
     await dead.close()
     assert (folder / "dead" / "checkpoint").read_text() == "0 2\n"
-    observer = Observer()
-    pipeline = IngestPipeline(
-        storage,
-        journal=Journal(folder, instance_id="alive"),
-        clock=clock,
-        orphan_scan_interval=None,
-    )
-    pipeline.hold_for_derived(observer)
-    await pipeline.start()
-    try:
-        await pipeline.flush()
-    finally:
-        await pipeline.close(timeout=5)
+    observer = await adopt_and_report(storage, clock, folder)
     assert storage.stored_seqs() == [1, 2]
     assert not storage.candles  # the newer version stored since stays
     assert observer.items == [tick(1), tick(2)]
