@@ -349,8 +349,10 @@ class IngestPipeline:
         self._observer: ReplayObserver | None = None
         # (items enqueued, LSN): see derived_barrier.
         self._barriers: collections.deque[tuple[int, int]] = collections.deque()
-        # Adopted journals replayed, kept (held) until release_adopted: see hold_for_derived.
+        # Adopted journals replayed, kept (held) until release_adopted: see hold_for_derived;
+        # and those kept for the next router (keep_adopted).
         self._replayed_adopted: list[Journal] = []
+        self._kept_adopted: list[Journal] = []
         self._retry_at = 0.0  # no storage attempt before this (monotonic)
         self._spill_retry_at = 0.0  # no journal append before this (after a disk error)
         self._next_scan: float | None = None
@@ -520,10 +522,20 @@ class IngestPipeline:
 
     async def release_adopted(self) -> None:
         """The data derived from the replayed adopted journals is rebuilt: remove them."""
-        journals, self._replayed_adopted = self._replayed_adopted, []
-        for journal in journals:
+        journals = self._replayed_adopted
+        while journals:
+            journal = journals.pop(0)  # one at a time: a failure leaves the others listed
             journal.hold_checkpoint(None)
-            await self._remove_adopted(journal)
+            try:
+                await self._remove_adopted(journal)
+            except Exception:
+                logger.exception("write path: cannot remove the replayed journal %s", journal.path)
+
+    def keep_adopted(self) -> None:
+        """The replayed adopted journals stay (held) for the next router: their derived
+        data could not be rebuilt. They are closed, not removed, at shutdown."""
+        self._kept_adopted.extend(self._replayed_adopted)
+        self._replayed_adopted.clear()
 
     def _apply_barriers(self) -> None:
         barriers = self._barriers
@@ -587,7 +599,7 @@ class IngestPipeline:
         if own is None or self._state in (PipelineState.CLOSING, PipelineState.CLOSED):
             return 0
         exclude = {own.instance_id} | {j.instance_id for j in self._backlog}
-        exclude |= {j.instance_id for j in self._replayed_adopted}
+        exclude |= {j.instance_id for j in (*self._replayed_adopted, *self._kept_adopted)}
         try:
             paths = await asyncio.to_thread(find_orphans, own.root, exclude=exclude)
         except OSError:
@@ -720,12 +732,13 @@ class IngestPipeline:
         journal = self._journal
         await self._stop_writer()
         await self._journal_leftovers()
-        for backlog in [*self._backlog, *self._replayed_adopted]:
+        for backlog in [*self._backlog, *self._replayed_adopted, *self._kept_adopted]:
             if backlog is not journal:
                 self._removed_problems += len(backlog.problems)  # still counted in stats
                 await backlog.close()  # unlocked: the next router adopts what is left
         self._backlog.clear()
         self._replayed_adopted.clear()
+        self._kept_adopted.clear()
         if journal is not None:
             await journal.close()
 
@@ -1555,7 +1568,8 @@ class IngestPipeline:
     def stats(self) -> IngestStats:
         """Current counters (cheap; no I/O)."""
         own = self._journal
-        journals = list(self._backlog)
+        # Replayed adopted journals still held count too (problems, bytes on disk).
+        journals = [*self._backlog, *self._replayed_adopted, *self._kept_adopted]
         if own is not None and own not in journals:
             journals.append(own)
         return IngestStats(

@@ -47,7 +47,6 @@ from data_manager.errors import (
     CacheError,
     DatabaseConnectionError,
     DataManagerError,
-    JournalError,
     RouterClosedError,
     ValidationError,
 )
@@ -1597,6 +1596,8 @@ class DataRouter:
         """Rebuild the buckets of bucket-aligned ``[first, last)`` from the stored ticks
         (those received before ``received_before``, when given); see :meth:`rebuild_candles`."""
         agg = self._watcher.current.aggregation
+        storage = self._storage  # not self.storage: close() may finish a crash recovery's
+        assert storage is not None
         if in_sql is None:
             in_sql = sql_bucketable(timeframe, agg.daily_close)
         if in_sql:
@@ -1614,15 +1615,13 @@ class DataRouter:
         written = 0
         batch: list[CandleData] = []
         newest: list[CandleData] = []  # the ring's window of what was written so far
-        ticks = self.storage.iter_ticks(
-            sym, first, last, source=source, received_before=received_before
-        )
+        ticks = storage.iter_ticks(sym, first, last, source=source, received_before=received_before)
         # One source's stream is already in key order; across sources, ticks of one
         # millisecond are not (PostgreSQL orders by ts alone).
         async for tick in ticks if source is not None else in_key_order(ticks):
             batch.extend(c for c in aggregator.update(tick) if c.is_closed)
             if len(batch) >= 10_000:
-                written += await self.storage.write_candles(batch)
+                written += await storage.write_candles(batch)
                 newest = _ring_window([*newest, *batch], ring)
                 batch.clear()
         now = self._clock.time_ms()
@@ -1630,7 +1629,7 @@ class DataRouter:
         batch.extend(aggregator.close_idle(now, 0))
         batch.extend(aggregator.forming())
         if batch:
-            written += await self.storage.write_candles(batch)
+            written += await storage.write_candles(batch)
         self._spread_rebuilt([*newest, *batch])
         return written
 
@@ -1651,11 +1650,13 @@ class DataRouter:
         """
         now = self._clock.time_ms()
         ring = self._watcher.current.cache.candle_ring_size
+        storage = self._storage  # see _rebuild_range
+        assert storage is not None
         later: set[str] = set()
         written = 0
         newest: list[CandleData] = []  # the ring's window of what was written so far
         for lo, hi in rebuild_chunks(first, last, timeframe):
-            buckets = await self.storage.aggregate_tick_buckets(
+            buckets = await storage.aggregate_tick_buckets(
                 symbol,
                 timeframe,
                 lo,
@@ -1669,7 +1670,7 @@ class DataRouter:
             )
             later.update(row.source for row in buckets)
             for i in range(0, len(candles), 10_000):
-                written += await self.storage.write_candles(candles[i : i + 10_000])
+                written += await storage.write_candles(candles[i : i + 10_000])
             newest = _ring_window([*newest, *candles], ring)
         self._spread_rebuilt(newest)
         return written
@@ -1922,29 +1923,36 @@ class DataRouter:
 
     async def _settle_restores(self, timeout: float | None) -> None:  # noqa: ASYNC109
         """Give every series whose ticks wait for their restore an attempt now, and wait
-        (up to ``timeout`` seconds) until the attempts have run; a crash recovery's rebuild
-        under way is waited for first (at close, one not started is left to the next router:
-        the adopted journals stay until it is done)."""
+        (up to ``timeout`` seconds) until the attempts have run. A crash recovery's rebuild
+        comes first at a flush; at close it is left to the next router."""
         deadline = None if timeout is None else self._clock.monotonic() + timeout
 
         def left() -> float | None:
             return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
 
         recovery = self._recovery
-        if recovery.waiting:
-            if self._state is RouterState.OPEN and self._ingest is not None:
-                # flush(): the adopted journals' replay first, then their rebuild (a failed
-                # one is retried now).
-                await self._ingest.flush(left())
-                if recovery.due(0.0):
-                    self._start_recovery()
+        if recovery.waiting and self._state is RouterState.OPEN and self._ingest is not None:
+            # flush(): the adopted journals' replay first, then their rebuild, retried at
+            # once after a failure until it is done or given up.
+            await self._ingest.flush(left())
+            while recovery.waiting and recovery.replayed:
+                task = recovery.task
+                if task is None or task.done():
+                    task = self._start_recovery()
+                await asyncio.wait((task,), timeout=left())
+                if not task.done():
+                    break
+            if recovery.waiting:
+                return  # journals adopted meanwhile: their ticks wait for the next rebuild
+        elif recovery.waiting:
+            # close(): the rebuild is left to the next router (the adopted journals stay
+            # until one finishes it), so that the held ticks can be aggregated now, on the
+            # bars stored so far: the next rebuild corrects the buckets they share with the
+            # dead router's ticks (it counts every tick received before its own adoption).
             task = recovery.task
             if task is not None and not task.done():
-                await asyncio.wait((task,), timeout=left())
-            if recovery.waiting:
-                # Not rebuilt: the ticks keep waiting (at close, the adopted journals and
-                # our own stay for the next router, which rebuilds their candles).
-                return
+                task.cancel()
+                await asyncio.wait((task,))
         tasks = self._start_held_restores(due_only=False)
         if tasks:
             await asyncio.wait(tasks, timeout=left())
@@ -1996,10 +2004,11 @@ class DataRouter:
         if self._state is RouterState.OPEN and self._recovery.due(self._clock.monotonic()):
             self._start_recovery()
 
-    def _start_recovery(self) -> None:
+    def _start_recovery(self) -> asyncio.Task[object]:
         recovery = self._recovery
         recovery.retry_at = None
-        recovery.task = self._spawn(self._recover_derived())
+        task = recovery.task = self._spawn(self._recover_derived())
+        return task
 
     async def _recover_derived(self) -> None:
         """Rebuild the candles of the series a dead instance's replayed journal touched,
@@ -2082,13 +2091,12 @@ class DataRouter:
                     source,
                 )
         recovery.failures = 0
+        if gave_up and self._ingest is not None:
+            self._ingest.keep_adopted()  # for the next router, whatever happens next here
         if not recovery.finish():
             return  # more journals were adopted meanwhile: their replay ends in a new run
-        if not gave_up and self._ingest is not None:
-            try:
-                await self._ingest.release_adopted()
-            except JournalError:
-                logger.exception("crash recovery: cannot remove the replayed journals")
+        if self._ingest is not None:
+            await self._ingest.release_adopted()
         if self._agg_restoring and self._state is RouterState.OPEN:
             self._start_held_restores(due_only=False)
 
@@ -2109,13 +2117,15 @@ class DataRouter:
         agg_source = f"{aggregator.source_prefix}{source}"
         first, _ = bucket_bounds(lo, timeframe, daily_close=agg.daily_close)
         _, last = bucket_bounds(hi, timeframe, daily_close=agg.daily_close)
-        newest = await self.storage.latest_candles(symbol, timeframe, 1, source=agg_source)
+        storage = self._storage  # see _rebuild_range
+        assert storage is not None
+        newest = await storage.latest_candles(symbol, timeframe, 1, source=agg_source)
         written = await self._rebuild_range(
             symbol, timeframe, first, last, source, received_before=cutoff_ms
         )
         if newest and newest[-1].timestamp < first and not newest[-1].is_closed:
             closed = newest[-1].model_copy(update={"is_closed": True})
-            written += await self.storage.write_candles([closed])
+            written += await storage.write_candles([closed])
             self._spread_rebuilt((closed,))
         return written
 

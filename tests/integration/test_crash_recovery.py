@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING, Any, Final
 import pytest
 
 from data_manager.aggregation import aggregate_ticks
+from data_manager.errors import DatabaseConnectionError
+from data_manager.models import TickData
 from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, PostgresSettings
+from data_manager.storage.postgres import PostgresStorage
 from data_manager.strategy import strategy_from_mapping
 
 if TYPE_CHECKING:
-    from data_manager.models import CandleData, TickData
+    from data_manager.models import CandleData
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -150,7 +153,8 @@ def kill_when(child: Any, done: Any) -> int:
 
 async def kill_once_stored(url: str, schema: str, folder: Path, per_symbol: int) -> int:
     """A child without maintenance passes saves ``per_symbol`` ticks of each symbol, one
-    symbol after another; it is killed once all are stored (no forming candle is)."""
+    symbol after another; it is killed once all are stored (no forming candle is). They
+    are stored in batches of ``batch.journal_size`` (2,000): the total must be a multiple."""
     child = start_child(url, schema, folder, 3_600.0, per_symbol, one_by_one=True)
     acked = await asyncio.to_thread(kill_when, child, lambda line, _n: line == b"stored\n")
     assert acked == per_symbol * len(SYMBOLS)
@@ -250,3 +254,74 @@ async def test_a_router_closed_before_rebuilding_leaves_it_to_the_next(
     # stays in the journal for the next router.
     await asyncio.wait_for(router.close(), DEADLINE)
     await recover(postgres_url, pg_schema, tmp_path, acked, adopted=None)
+
+
+async def until(condition: Any, what: str) -> None:
+    """Poll with a deadline (a background task of the router changes it)."""
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_flush_waits_for_a_failed_rebuild_to_be_retried(
+    postgres_url: str, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acked = await kill_once_stored(postgres_url, pg_schema, tmp_path, 500)
+    real = PostgresStorage.aggregate_tick_buckets
+    calls = 0
+
+    async def fails_once(self: PostgresStorage, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise DatabaseConnectionError("the database went away for a moment")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStorage, "aggregate_tick_buckets", fails_once)
+    router = survivor(postgres_url, pg_schema, tmp_path)
+    await router.initialize()
+    try:
+        await until(lambda: router._recovery.failures == 1, "the first rebuild to fail")
+        await asyncio.wait_for(router.flush(), DEADLINE)  # retried now, not in 5 s
+        await assert_candles_match_ticks(router, acked)
+    finally:
+        await router.close(timeout=DEADLINE)
+
+
+async def test_ticks_held_for_a_recovery_are_aggregated_at_close(
+    postgres_url: str, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # buffered mode: the held ticks are not in this router's journal. close() during the
+    # recovery aggregates them (the rebuild is left to the next router, which keeps them).
+    acked = await kill_once_stored(postgres_url, pg_schema, tmp_path, 500)
+    gate = asyncio.Event()  # the rebuild never gets past its first read
+    real = PostgresStorage.aggregate_tick_buckets
+
+    async def stuck(self: PostgresStorage, *args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStorage, "aggregate_tick_buckets", stuck)
+    router = survivor(postgres_url, pg_schema, tmp_path)
+    await router.initialize()
+    base = int(time.time() * 1000)
+    new = [
+        TickData(symbol="NZD/USD", timestamp=base + i, bid=1.1, ask=1.1002, source=SOURCE, seq=i)
+        for i in range(20)
+    ]
+    for tick in new:
+        await router.save_tick(tick)  # returns: the tick waits for the recovery
+    await until(lambda: router._recovery.task is not None, "the rebuild to start")
+    await router.close(timeout=DEADLINE)
+    monkeypatch.undo()
+
+    await recover(postgres_url, pg_schema, tmp_path, acked)
+    router = survivor(postgres_url, pg_schema, tmp_path)
+    await router.initialize()
+    try:
+        stored = await router.get_candles("NZD/USD", "1m", START, END, source=f"agg:{SOURCE}")
+        assert [ohlcv(c) for c in stored] == [ohlcv(c) for c in aggregate_ticks(new, "1m")]
+    finally:
+        await router.close(timeout=DEADLINE)
