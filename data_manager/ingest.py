@@ -132,7 +132,8 @@ class ReplayObserver(Protocol):
         """These items of an adopted journal are stored."""
 
     def adopted_replayed(self) -> None:
-        """Every adopted journal is replayed (and removed)."""
+        """Every adopted journal is replayed (each is kept, held, until the pipeline's
+        ``release_adopted`` or its shutdown)."""
 
 
 class PipelineState(enum.Enum):

@@ -380,25 +380,12 @@ class _RecoveryObserver:
     """The write path's :class:`~data_manager.ingest.ReplayObserver`: forwards to the router
     without keeping it alive."""
 
-    __slots__ = ("_router",)
+    __slots__ = ("adopted", "adopted_replayed", "replayed")
 
     def __init__(self, router: DataRouter) -> None:
-        self._router = weakref.ref(router)
-
-    def adopted(self) -> None:
-        router = self._router()
-        if router is not None:
-            router._on_adopted()
-
-    def replayed(self, items: Sequence[Any]) -> None:
-        router = self._router()
-        if router is not None:
-            router._on_replayed(items)
-
-    def adopted_replayed(self) -> None:
-        router = self._router()
-        if router is not None:
-            router._on_adopted_replayed()
+        self.adopted = _weak_callback(router._on_adopted)
+        self.replayed = _weak_callback(router._on_replayed)
+        self.adopted_replayed = _weak_callback(router._on_adopted_replayed)
 
 
 class _FormingRestore:
@@ -1408,17 +1395,22 @@ class DataRouter:
         restore, nor after a late-tick rebuild failed (their candles are not queued). Late
         ticks that arrived during this pass are above the barrier.
         """
-        ingest = self._ingest
-        journal = None if ingest is None else ingest.journal
-        if ingest is None or journal is None or not journal.is_open:
+        journal = self._barrier_journal()
+        if journal is None:
             return
+        assert self._ingest is not None
         late_owed, self._late_owed = self._late_owed, False
         if self._agg_restoring or late_owed:
             self._barrier_lsn = None
             return
         if self._barrier_lsn is not None:
-            ingest.derived_barrier(self._barrier_lsn)
+            self._ingest.derived_barrier(self._barrier_lsn)
         self._barrier_lsn = journal.last_lsn
+
+    def _barrier_journal(self) -> Journal | None:
+        """This router's journal while it is open: the one derived-data barriers hold."""
+        journal = None if self._ingest is None else self._ingest.journal
+        return journal if journal is not None and journal.is_open else None
 
     async def _rebuild_late(
         self, aggregator: CandleAggregator, requests: Sequence[RebuildRequest], daily_close: Any
@@ -1959,19 +1951,17 @@ class DataRouter:
 
     def _release_derived_hold(self) -> None:
         """Closing with every derived item queued: the checkpoint may pass every tick."""
-        ingest = self._ingest
-        journal = None if ingest is None else ingest.journal
+        journal = self._barrier_journal()
         aggregator = self._aggregator
         if (
-            ingest is None
-            or journal is None
-            or not journal.is_open
+            journal is None
             or self._agg_restoring
             or self._recovery.waiting
             or (aggregator is not None and aggregator.pending_rebuilds)
         ):
             return  # ticks whose derived data is not queued stay for the next router
-        ingest.derived_barrier(journal.last_lsn)
+        assert self._ingest is not None
+        self._ingest.derived_barrier(journal.last_lsn)
 
     # ------------------------------------------------------------------ crash recovery
 

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -26,7 +25,7 @@ from data_manager.storage.base import TickBucket, tick_content_key
 from data_manager.storage.postgres import PostgresStorage
 from data_manager.storage.replicas import ReplicatedStorage
 from data_manager.storage.sqlite import SQLiteStorage
-from tests.integration.test_rebuild_sql import EMULATION
+from tests.integration.test_rebuild_sql import EMULATION, _execute
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -122,14 +121,6 @@ def _spy(build: Callable[..., str], calls: list[dict[str, Any]]) -> Callable[...
         return build(*args, **kwargs)
 
     return spy
-
-
-async def _execute(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        await conn.execute(sql, timeout=10)
-    finally:
-        await conn.close(timeout=10)
 
 
 # --------------------------------------------------------------------------- ticks
