@@ -1883,7 +1883,9 @@ class Journal:
         self._checkpointed_stored = stored
 
     def replay(self) -> Iterator[tuple[int, IngestItem]]:
-        """Yield every record not yet marked stored, decoded, oldest first.
+        """Yield every record not yet marked stored, decoded, oldest first; below a held
+        checkpoint's stored LSN (:attr:`upserts_stored_lsn`) only the ticks, as the write
+        path replays them (a newer version of an upsert may have been stored since).
 
         Blocking file I/O, for tools and tests; the pipeline uses :meth:`read`. Damage found
         on :meth:`open` is listed in :attr:`problems`; reading stops cleanly at it.
@@ -1892,9 +1894,12 @@ class Journal:
             ValidationError: A record holds data the model refuses.
         """
         after = self._stored_lsn
+        upserts_stored = self._upserts_stored
         while True:
             batch = self._read_sync(after, 1_000, 8 * 1024 * 1024)
             for lsn, payload in batch.records:
+                if lsn <= upserts_stored and kind_name(payload) != "tick":
+                    continue
                 yield lsn, decode_item(payload)
             if batch.end_lsn <= after:
                 return
