@@ -2316,20 +2316,31 @@ class DataRouter:
     ) -> list[CandleData]:
         """Backfill L1 with ``rows`` and answer from the merged ring.
 
-        L1 holds what this router wrote but the database may not have yet (forming candles
-        and buffered saves), so the merged ring is the read-your-writes answer. ``gen`` is
-        ``_l1_gen + _ring_drops`` when the read began: if L1 (or the series' ring) was
-        cleared since, ``rows`` may be older than what the clear was for and are only
-        returned.
+        L1 holds what this router wrote or was sent but the database may not have yet
+        (forming candles and buffered saves), so the merged ring is the read-your-writes
+        answer. ``gen`` is ``_l1_gen + _ring_drops`` when the read began: if L1 (or the
+        series' ring) was cleared since, ``rows`` may be older than what the clear was for
+        and are only returned.
+
+        When ``rows`` do not reach the ring's oldest candle (none, or all older: the tier
+        below lags behind the live writes), nothing proves what lies between them: the
+        answer is both, newest ``limit``, and is not cached; a later read tries again.
         """
         if not self._l1_enabled or source is None or self._l1_gen + self._ring_drops != gen:
             return rows
+        l1 = self._l1
         if rows:
-            self._l1.put_candles(rows, complete=len(rows) < limit)
-        else:
-            self._l1.mark_complete(symbol, timeframe, source)
-        merged = self._l1.get_candles(symbol, timeframe, limit, source)
-        return merged if merged is not None else rows
+            l1.put_candles(rows, complete=len(rows) < limit)
+        merged = l1.get_candles(symbol, timeframe, limit, source)
+        if merged is not None:
+            return merged
+        live = l1.peek_candles(symbol, timeframe, source)
+        if rows and live:
+            newest = rows[-1].timestamp
+            live = [*rows, *(c for c in live if c.timestamp > newest)]
+        elif not live:
+            return rows
+        return live[-limit:]
 
     def _source_rank(self, source: str) -> tuple[int, bool]:
         preference = self._watcher.current.sources.candle_preference

@@ -497,10 +497,12 @@ class MemoryCache:
         * same bucket: replaces the cached candle, except that a closed candle is never
           replaced by a forming one (``is_closed=False``);
         * newer bucket: appended (the oldest is dropped past ``ring_size``);
-        * older bucket inside the ring's span: inserted in order;
+        * older bucket inside the ring's span: inserted in order (the oldest is dropped
+          past ``ring_size``);
         * older than the ring's oldest: ignored, unless the ring is complete and not full
           (then it is the new oldest) — otherwise the ring would show a gap the database
-          does not have.
+          does not have. A complete ring that is full is complete no longer: the tiers
+          below now hold a candle older than its oldest.
 
         An expired ring is discarded first: the candle starts a new ring.
 
@@ -536,6 +538,7 @@ class MemoryCache:
             pos = bisect_left(items, ts, key=_candle_ts)
             if pos == 0 and ts < items[0].timestamp:
                 if not ring.complete or len(items) >= self._ring_size:
+                    ring.complete = False
                     self._stale_writes += 1
                     return False
                 items.insert(0, candle)
@@ -546,6 +549,9 @@ class MemoryCache:
                 items[pos] = candle
             else:
                 items.insert(pos, candle)
+                if len(items) > self._ring_size:
+                    del items[0]
+                    ring.complete = False
         ring.stored_at = ring.used = now
         self._rings.move_to_end(key)
         return True
@@ -556,6 +562,11 @@ class MemoryCache:
         Candles the ring already holds win over the backfill for the same bucket (the ring
         is fed by live writes, which are at least as fresh), except that a closed candle
         replaces a forming one. An expired ring is discarded first.
+
+        A backfill that ends before the ring's oldest candle is not joined to it: candles
+        between the two (written but not yet stored, say) may be in neither, and the joined
+        ring would serve that gap as if it were the series. The ring is then left as it is,
+        no longer complete, and 0 is returned; :meth:`peek_candles` still shows it.
 
         Args:
             candles: Candles of one (symbol, timeframe, source), in any order.
@@ -590,6 +601,9 @@ class MemoryCache:
             ring = self._new_ring(key, now)
             backfill_is_oldest = True
         else:
+            if ring.items and max(merged) < ring.items[0].timestamp:
+                ring.complete = False  # the tiers below hold older candles
+                return 0
             backfill_is_oldest = not ring.items or min(merged) <= ring.items[0].timestamp
             for cached in ring.items:
                 incoming = merged.get(cached.timestamp)
@@ -618,14 +632,14 @@ class MemoryCache:
         self._drop_ring(key)
         return True
 
-    def mark_complete(self, symbol: str, timeframe: str, source: str) -> bool:
-        """Record that the tier below holds no candles of this series at all, so the ring
-        (fed by live writes only) is the whole series. Returns False when there is no ring."""
+    def peek_candles(self, symbol: str, timeframe: str, source: str) -> list[CandleData]:
+        """Every candle of a live ring, oldest to newest, complete or not ([] when there is
+        none): what this router saw of the series, for an answer the tiers below cannot
+        complete. Not counted as a hit or a miss; the ring's LRU position is unchanged."""
         ring = self._rings.get((symbol, timeframe, source))
-        if ring is None or len(ring.items) >= self._ring_size:
-            return False
-        ring.complete = True
-        return True
+        if ring is None or self._now() - ring.stored_at >= self._candle_ttl:
+            return []
+        return ring.items[:]
 
     def get_candles(
         self, symbol: str, timeframe: str, limit: int, source: str

@@ -265,6 +265,9 @@ if op == 'C' then
   elseif oldest and tonumber(ts) < oldest then
     local complete = tonumber(redis.call('GET', floor) or '') == oldest
     if not complete or redis.call('ZCARD', ring) >= size then
+      -- Older than a ring that cannot take it: the database has a candle older than the
+      -- ring's oldest now, so the ring is not complete (if it was).
+      redis.call('DEL', floor)
       return 0
     end
     redis.call('SET', floor, ts, 'PX', ttl)
@@ -272,6 +275,20 @@ if op == 'C' then
   redis.call('ZADD', ring, ts, value)
   stored = 1
 else
+  local highest = nil
+  for i = 5, #ARGV, 3 do
+    local t = tonumber(ARGV[i])
+    if not highest or t > highest then
+      highest = t
+    end
+  end
+  if oldest and highest and highest < oldest then
+    -- The backfill ends before the ring begins: candles between the two (written but not
+    -- stored yet, say) may be in neither, so they are not joined; the ring stays, no
+    -- longer complete.
+    redis.call('DEL', floor)
+    return 0
+  end
   local lowest, lowest_ts = nil, nil
   for i = 5, #ARGV, 3 do
     local ts, closed, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -1107,7 +1124,9 @@ class RedisCache:
 
         Buckets the ring lacks are added; a forming candle in the ring is replaced by a
         closed one; any other candle the ring holds wins (live writes are at least as
-        fresh). Live candles go through the cache bus instead.
+        fresh). A series whose candles all end before the ring's oldest is not joined to
+        it (what lies between may be in neither); its ring just stops claiming to be
+        complete. Live candles go through the cache bus instead.
 
         Args:
             candles: Candles of one or more series, in any order.

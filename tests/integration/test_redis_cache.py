@@ -256,6 +256,32 @@ async def test_live_candle_older_than_an_incomplete_ring_is_refused(cache: Redis
     assert [c.timestamp for c in got or []] == [TS + i * MINUTE for i in (3, 4, 5, 6)]
 
 
+async def test_a_full_complete_ring_refusing_an_older_candle_is_complete_no_longer(
+    cache: RedisCache,
+) -> None:
+    await cache.put_candles([candle(i) for i in range(5, 10)], complete=True)  # size 5: full
+    assert len(await cache.get_candles("EUR/USD", "1m", 10, "ig") or []) == 5
+    await live(cache, candle(4))  # stored below now; the full ring cannot take it
+    assert len(await cache.client.zrange(cache.candle_key("EUR/USD", "1m", "ig"), 0, -1)) == 5
+    assert await cache.get_candles("EUR/USD", "1m", 10, "ig") is None
+    assert len(await cache.get_candles("EUR/USD", "1m", 5, "ig") or []) == 5
+
+
+async def test_a_backfill_ending_before_the_ring_is_not_joined(cache: RedisCache) -> None:
+    # The ring has live candle 12; the database (lagging) up to 10: bucket 11 may be in
+    # neither, so the two are not joined, and the ring stops claiming to be complete.
+    await cache.put_candles([candle(12)], complete=True)
+    assert len(await cache.get_candles("EUR/USD", "1m", 3, "ig") or []) == 1
+    await cache.put_candles([candle(i) for i in range(8, 11)], complete=True)
+    ring = await cache.client.zrange(cache.candle_key("EUR/USD", "1m", "ig"), 0, -1)
+    assert len(ring) == 1
+    assert await cache.get_candles("EUR/USD", "1m", 3, "ig") is None
+    # A backfill reaching the ring's oldest candle joins it.
+    await cache.put_candles([candle(i) for i in range(9, 13)], complete=False)
+    got = await cache.get_candles("EUR/USD", "1m", 4, "ig")
+    assert [c.timestamp for c in got or []] == [TS + i * MINUTE for i in range(9, 13)]
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -761,6 +761,74 @@ def l1_bars(router: DataRouter, limit: int) -> list[tuple[Any, ...]] | None:
     return None if ring is None else [bar(c) for c in ring]
 
 
+# ----------------------------------------------------------------------------- candle rings
+# The database lags behind live candles (write-behind): a reader's ring, fed live, must not
+# be taken for the whole series, nor joined to older stored candles across a gap.
+
+WRITE_BEHIND: Final = {"batch": {"flush_interval_seconds": 3600.0}}
+MINUTE: Final = 60_000
+
+
+def minutes(rows: list[CandleData]) -> list[int]:
+    return [(c.timestamp - TS) // MINUTE for c in rows]
+
+
+async def until_live(router: DataRouter, minute: int) -> None:
+    async def arrived() -> bool:
+        ring = router.cache.l1.peek_candles(SYM, "1m", SRC)
+        return bool(ring) and ring[-1].timestamp == TS + minute * MINUTE
+
+    await until(arrived, f"the candle of minute {minute} to reach the reader's L1")
+
+
+async def test_live_candles_the_database_lacks_yet_are_not_cached_as_the_whole_series(
+    make_router: RouterFactory,
+) -> None:
+    writer = await make_router(strategy=WRITE_BEHIND)
+    for i in (1, 2, 3):
+        await writer.save_candle(candle(TS + i * MINUTE), mode="buffered")
+    await bus_of(writer).flush()
+    reader = await make_router(strategy=WRITE_BEHIND)  # sees the next ones live only
+    for i in (4, 5):
+        await writer.save_candle(candle(TS + i * MINUTE), mode="buffered")
+    await bus_of(writer).flush()
+    await until_live(reader, 5)
+    # Nothing is stored yet and L2's ring does not say it is the whole series: the reader
+    # answers with what it has, without caching that as complete...
+    assert minutes(await reader.get_latest_candles(SYM, "1m", 10, source=SRC)) == [4, 5]
+    await writer.flush()
+    # ... so once stored, the older candles are there.
+    got = await reader.get_latest_candles(SYM, "1m", 10, source=SRC)
+    assert minutes(got) == [1, 2, 3, 4, 5]
+
+
+async def test_a_gap_between_stored_and_live_candles_is_never_cached(
+    make_router: RouterFactory,
+) -> None:
+    writer = await make_router(strategy=WRITE_BEHIND)
+    await writer.storage.write_candles([candle(TS + i * MINUTE) for i in range(1, 11)])
+    await writer.save_candle(candle(TS + 11 * MINUTE), mode="buffered")  # queued, not stored
+    await bus_of(writer).flush()
+    l2 = l2_of(writer)
+    await l2.client.delete(l2.candle_key(SYM, "1m", SRC))  # L2 lost the ring (evicted)
+    reader = await make_router(strategy=WRITE_BEHIND)
+    await writer.save_candle(candle(TS + 12 * MINUTE), mode="buffered")
+    await bus_of(writer).flush()
+    await until_live(reader, 12)
+    # Minute 11 is in no tier the reader can see: this answer has the gap, but it is kept
+    # neither in its L1 nor in L2.
+    assert minutes(await reader.get_latest_candles(SYM, "1m", 5, source=SRC)) == [7, 8, 9, 10, 12]
+    await backfills_done(reader)
+    await writer.flush()
+    got = await reader.get_latest_candles(SYM, "1m", 5, source=SRC)
+    assert minutes(got) == [8, 9, 10, 11, 12]
+    await backfills_done(reader)
+    other = await make_router(strategy=WRITE_BEHIND)
+    got = await other.get_latest_candles(SYM, "1m", 5, source=SRC)
+    assert minutes(got) == [8, 9, 10, 11, 12]
+    assert (await stats(other)).l2.hits == 1  # from the ring the reader backfilled
+
+
 async def test_a_late_tick_rebuild_reaches_l2_other_routers_and_subscribers(
     make_router: RouterFactory,
 ) -> None:

@@ -596,10 +596,23 @@ def test_complete_ring_accepts_older_candle_until_full() -> None:
     assert cache.put_candle(candle(3))  # nothing older is known: it is the new oldest
     assert stamps(cache.get_candles(SYM, "1m", 10, "ig")) == [3, 5, 6]
     cache.put_candle(candle(7))
+    assert stamps(cache.get_candles(SYM, "1m", 10, "ig")) == [3, 5, 6, 7]
     assert not cache.put_candle(candle(1))  # full: it would be trimmed at once
-    cache.put_candle(candle(8))  # trims candle 3: older candles now exist elsewhere
+    # ... and candle 1 now exists below: the ring is no longer the whole series.
+    assert cache.get_candles(SYM, "1m", 5, "ig") is None
+    cache.put_candle(candle(8))  # trims candle 3
     assert cache.get_candles(SYM, "1m", 5, "ig") is None
     assert stamps(cache.get_candles(SYM, "1m", 4, "ig")) == [5, 6, 7, 8]
+
+
+def test_a_candle_inserted_inside_a_full_ring_trims_the_oldest() -> None:
+    cache = make(ring_size=3)
+    cache.put_candles([candle(0), candle(5), candle(9)], complete=True)
+    for i in (1, 2, 6, 7):
+        assert cache.put_candle(candle(i))
+    assert stamps(cache.get_candles(SYM, "1m", 3, "ig")) == [6, 7, 9]
+    assert cache.get_candles(SYM, "1m", 4, "ig") is None  # trimmed: no longer complete
+    assert cache.stats().candles == 3
 
 
 def test_incomplete_ring_ignores_candle_older_than_span() -> None:
@@ -654,6 +667,44 @@ def test_put_candles_keeps_ring_completeness_when_ring_is_older() -> None:
     cache.put_candles([candle(0), candle(1)], complete=True)
     cache.put_candles([candle(1), candle(2)], complete=False)  # newer slice only
     assert stamps(cache.get_candles(SYM, "1m", 10, "ig")) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_backfill_ending_before_the_ring_is_not_joined(complete: bool) -> None:
+    # Live candles 11 and 12 reached the ring; the database has stored up to 10 only. Bucket
+    # 11 is in both, but from 12 alone nothing tells whether the database lacks a candle
+    # between 10 and 12 (written, not stored yet): joining them could serve a gap.
+    cache = make(ring_size=10)
+    cache.put_candle(candle(12))
+    assert cache.put_candles([candle(i) for i in range(6, 11)], complete=complete) == 0
+    assert cache.get_candles(SYM, "1m", 2, "ig") is None
+    assert stamps(cache.peek_candles(SYM, "1m", "ig")) == [12]
+    # Once the database reaches the ring's oldest candle, the two join.
+    assert cache.put_candles([candle(i) for i in range(8, 13)], complete=False) == 4
+    assert stamps(cache.get_candles(SYM, "1m", 5, "ig")) == [8, 9, 10, 11, 12]
+
+
+def test_a_complete_ring_given_an_older_disjoint_backfill_is_complete_no_longer() -> None:
+    cache = make(ring_size=10)
+    cache.put_candles([candle(5), candle(6)], complete=True)
+    assert stamps(cache.get_candles(SYM, "1m", 10, "ig")) == [5, 6]
+    assert cache.put_candles([candle(1), candle(2)], complete=True) == 0
+    assert cache.get_candles(SYM, "1m", 10, "ig") is None
+
+
+def test_peek_candles_shows_a_short_ring_without_counting() -> None:
+    clock = ManualClock()
+    cache = make(clock, candle_ttl=10.0)
+    assert cache.peek_candles(SYM, "1m", "ig") == []
+    cache.put_candle(candle(3))
+    peeked = cache.peek_candles(SYM, "1m", "ig")
+    assert stamps(peeked) == [3]
+    peeked.clear()  # a copy
+    assert stamps(cache.peek_candles(SYM, "1m", "ig")) == [3]
+    stats = cache.stats()
+    assert (stats.candle_hits, stats.candle_misses) == (0, 0)
+    clock.advance(10)
+    assert cache.peek_candles(SYM, "1m", "ig") == []  # expired
 
 
 def test_put_candles_refuses_mixed_series_and_ignores_empty() -> None:
