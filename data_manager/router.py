@@ -2255,10 +2255,11 @@ class DataRouter:
                 self._c_candles.l1_hits += 1
                 return hit
         self._c_candles.l1_misses += 1
-        return await self._flight.do(
+        shared = await self._flight.do(
             ("candles", sym, timeframe, limit, source, self._l1_gen + self._ring_drops),
             lambda: self._load_latest_candles(sym, timeframe, limit, source),
         )
+        return list(shared)  # every caller of a shared read gets a list of its own
 
     async def _load_latest_candles(
         self, symbol: str, timeframe: str, limit: int, source: str | None

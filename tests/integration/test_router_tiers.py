@@ -356,6 +356,37 @@ async def test_concurrent_misses_share_one_database_read(
     assert l2_of(router).stats().misses == 1  # one L2 GET as well
 
 
+async def test_concurrent_candle_misses_share_a_read_but_not_a_list(
+    make_router: RouterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = await make_router(routing={"get_latest_candles": DB_ONLY})
+    await router.storage.write_candles([candle(TS + i * 60_000) for i in range(5)])
+    storage = router.storage
+    real = storage.latest_candles
+    calls = 0
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def gated(*args: Any, **kwargs: Any) -> list[CandleData]:
+        nonlocal calls
+        calls += 1
+        entered.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "latest_candles", gated)
+    readers = [
+        asyncio.create_task(router.get_latest_candles(SYM, "1m", 5, source=SRC)) for _ in range(3)
+    ]
+    async with asyncio.timeout(10):
+        await entered.wait()
+    release.set()
+    first, second, third = await asyncio.gather(*readers)
+    assert calls == 1
+    first.pop()  # a caller drops the newest bar: the others' answers are theirs
+    assert (len(first), len(second), len(third)) == (4, 5, 5)
+    assert second is not third
+
+
 async def test_concurrent_misses_on_different_keys_are_not_merged(
     make_router: RouterFactory,
 ) -> None:
