@@ -198,6 +198,30 @@ def _source(raw: str | None) -> str | None:
     return _checked_source(raw)
 
 
+#: The largest count a read accepts: what the database and L2 take as a 64-bit integer.
+_MAX_COUNT: Final = 2**63 - 1
+
+
+def _count(value: object, name: str) -> int:
+    """A read's ``limit`` (or batch size) argument, checked before any I/O."""
+    if type(value) is not int or not 1 <= value <= _MAX_COUNT:
+        msg = f"{name} must be a positive int, got {value!r}"
+        raise ValidationError(msg)
+    return value
+
+
+def _names(value: Iterable[str], what: str) -> list[str]:
+    """A list of symbols or timeframes: a lone string is refused, not taken letter by letter."""
+    if isinstance(value, str | bytes):
+        msg = f"{what} must be a list, got the string {value!r}; wrap it: [{value!r}]"
+        raise ValidationError(msg)
+    try:
+        return list(value)
+    except TypeError:
+        msg = f"{what} must be a list, got {type(value).__name__}"
+        raise ValidationError(msg) from None
+
+
 def _ring_window(candles: Iterable[CandleData], ring_size: int) -> list[CandleData]:
     """Per series, the last version of each of its newest ``ring_size`` buckets, oldest
     first: all of ``candles`` a candle ring can hold (older buckets would fall out of it at
@@ -2243,9 +2267,8 @@ class DataRouter:
             timeframe_ms(timeframe)  # raises a clear ValidationError
         if source is not None:
             source = _source(source)
-        if type(limit) is not int or limit < 1:
-            msg = f"limit must be a positive int, got {limit!r}"
-            raise ValidationError(msg)
+        if type(limit) is not int or not 1 <= limit <= _MAX_COUNT:
+            _count(limit, "limit")  # raises a clear ValidationError
         if self._forming_touched:
             self._emit_forming()  # read-your-writes: forming bars not yet materialised
         src = source if source is not None else self._default_candle_source.get((sym, timeframe))
@@ -2419,11 +2442,14 @@ class DataRouter:
         """Ticks with ``start <= timestamp < end`` (Unix ms or aware datetimes), oldest first.
 
         Raises:
-            ValidationError: Naive datetimes, ``end`` before ``start``, or a bad source.
+            ValidationError: Naive datetimes, ``end`` before ``start``, a bad source, or a
+                ``limit`` that is not a positive int.
         """
         await self._ready()
         sym = _norm(symbol)
         start_ms, end_ms = self._interval(start, end)
+        if limit is not None:
+            limit = _count(limit, "limit")
         db = self._db_for(self._watcher.current.routing.get_ticks)
         return await db.ticks_range(sym, start_ms, end_ms, source=_source(source), limit=limit)
 
@@ -2469,6 +2495,7 @@ class DataRouter:
         await self._ready()
         sym = _norm(symbol)
         start_ms, end_ms = self._interval(start, end)
+        batch_size = _count(batch_size, "batch_size")
         async for tick in self.storage.iter_ticks(
             sym, start_ms, end_ms, source=_source(source), batch_size=batch_size
         ):
@@ -2591,11 +2618,18 @@ class DataRouter:
 
         Returns:
             How many items were loaded.
+
+        Raises:
+            ValidationError: ``symbols`` or ``timeframes`` is not a list (a lone string is
+                refused), holds a bad symbol or an unknown timeframe, or ``limit`` is not a
+                positive int.
         """
         await self._ready()
-        syms = [_norm(s) for s in symbols]
+        syms = [_norm(s) for s in _names(symbols, "symbols")]
+        timeframes = _names(timeframes, "timeframes")
         for tf in timeframes:
             timeframe_ms(tf)
+        limit = _count(limit, "limit")
         storage = self.storage
         gen = self._l1_gen
         ticks = await storage.latest_ticks(syms)

@@ -568,6 +568,37 @@ async def test_a_bad_timeframe_is_a_validation_error_on_every_read(
     assert await not_refused(calls, "timeframe") == []
 
 
+@pytest.mark.parametrize("limit", ["5", 1.5, 0, -1, True, 2**63, None], ids=repr)
+async def test_a_bad_limit_is_a_validation_error_on_every_read(
+    router: DataRouter, limit: Any
+) -> None:
+    limits: dict[str, Callable[[], Awaitable[object]]] = {
+        "get_latest_candles": lambda: router.get_latest_candles(SYM, "1m", limit),
+        "warm_start": lambda: router.warm_start([SYM], ["1m"], limit),
+    }
+    if limit is not None:  # get_ticks takes None: no limit
+        limits["get_ticks"] = lambda: router.get_ticks(SYM, T0, T0 + 1, limit=limit)
+    assert await not_refused(limits, "limit") == []
+    batch = {"iter_ticks": lambda: anext(router.iter_ticks(SYM, T0, T0 + 1, batch_size=limit))}
+    assert await not_refused(batch, "batch_size") == []
+
+
+async def test_the_largest_limit_is_served(router: DataRouter) -> None:
+    await router.save_tick(tick(), mode="sync")
+    largest = 2**63 - 1
+    assert len(await router.get_ticks(SYM, T0, T0 + 1, limit=largest)) == 1
+    assert await router.get_latest_candles(SYM, "1m", largest) == []
+    assert await router.warm_start([SYM], ["1m"], largest) == 1
+
+
+@pytest.mark.parametrize("argument", ["symbols", "timeframes"])
+async def test_warm_start_refuses_a_lone_string(router: DataRouter, argument: str) -> None:
+    symbols: Any = SYM if argument == "symbols" else [SYM]
+    timeframes: Any = "1m" if argument == "timeframes" else ["1m"]
+    with pytest.raises(ValidationError, match=f"{argument} must be a list"):
+        await router.warm_start(symbols, timeframes)
+
+
 async def test_a_read_source_is_trimmed_as_a_saved_one_is(router: DataRouter) -> None:
     await router.save_tick(tick(source=" polygon "), mode="sync")  # stored as "polygon"
     got = await router.get_latest_tick(SYM, source=" polygon ")
