@@ -416,6 +416,14 @@ class CacheBus:
             lost += 1
         return lost
 
+    def _lose_candles(self, items: list[CacheItem]) -> None:
+        """The candles of a dropped batch may be missing from L2's rings (and have reached
+        the other routers, if the announcement went out): their series are reset with the
+        next batch, as when retained candles are given up."""
+        for item in items:
+            if type(item) is CandleData:
+                self._gaps[(item.symbol, item.timeframe, item.source)] = None
+
     async def _send(self, items: list[CacheItem]) -> bool:
         """Write and announce one batch; False when L2 could not take it and its candles
         were kept for a later batch."""
@@ -431,7 +439,11 @@ class CacheBus:
         except CacheError as exc:
             # Unreachable (a transient failure): keep the candles for the next batch. A
             # refused call would be refused again: drop everything, as for latest values.
-            lost = self._retain(items) if isinstance(exc, CacheUnavailableError) else len(items)
+            if isinstance(exc, CacheUnavailableError):
+                lost = self._retain(items)
+            else:
+                lost = len(items)
+                self._lose_candles(items)
             self._counters.dropped += lost
             if not self._dropping:
                 self._dropping = True
@@ -444,6 +456,7 @@ class CacheBus:
         except Exception:
             # A bug must not silence the fast path for good: log it loudly and go on.
             self._counters.dropped += len(items)
+            self._lose_candles(items)
             logger.exception("cache bus sender failed on a batch of %d updates", len(items))
             return True
         for series in gaps:

@@ -20,7 +20,7 @@ from data_manager.breaker import CircuitBreaker
 from data_manager.cache.bus import CacheBus
 from data_manager.cache.redis import RedisCache
 from data_manager.clock import ManualClock
-from data_manager.errors import CacheUnavailableError
+from data_manager.errors import CacheError, CacheUnavailableError
 from data_manager.models import CandleData, TickData
 
 if TYPE_CHECKING:
@@ -240,14 +240,17 @@ def bar(i: int, *, symbol: str = "EUR/USD") -> CandleData:
     )  # fmt: skip
 
 
-def fail_applies(cache: RedisCache, times: int) -> None:
-    """Make the next ``times`` pipelines of ``cache`` fail as a timed-out socket does."""
+def fail_applies(cache: RedisCache, times: int, *, refused: bool = False) -> None:
+    """Make the next ``times`` pipelines of ``cache`` fail as a timed-out socket does (or,
+    ``refused``, as a server refusing the call does: out of memory, say)."""
     real = cache.apply
     left = [times]
 
     async def apply(ops: Sequence[WriteOp], **kw: Any) -> None:
         if left[0] > 0:
             left[0] -= 1
+            if refused:
+                raise CacheError("simulated: OOM command not allowed")
             msg = "simulated: socket timeout on the bus pipeline"
             raise CacheUnavailableError(msg)
         await real(ops, **kw)
@@ -273,6 +276,24 @@ async def test_candles_of_a_failed_batch_go_out_with_the_next_one(pair: Pair) ->
     assert pair.router_b.messages[-1] == [bar(5), bar(6)]  # oldest first, in one message
     stats = pair.a.stats()
     assert (stats.dropped, stats.retried, stats.reset_series) == (0, 1, 0)
+
+
+async def test_candles_of_a_refused_batch_reset_their_series(pair: Pair) -> None:
+    """A batch the server refuses is dropped (it would be refused again); its candles'
+    rings would show a gap once the next candle is appended, so they are reset."""
+    for i in range(5):
+        pair.a.publish(bar(i))
+    await pair.a.flush()
+    fail_applies(pair.cache_a, 1, refused=True)
+    pair.a.publish(bar(5))
+    await pair.a.flush()
+    pair.a.publish(bar(6))
+    await pair.a.flush()
+    assert await pair.cache_b.get_candles("EUR/USD", "1m", 3, "feed") is None  # not 3, 4, 6
+    got = await pair.cache_b.get_candles("EUR/USD", "1m", 1, "feed")
+    assert [c.timestamp for c in got or []] == [bar(6).timestamp]
+    stats = pair.a.stats()
+    assert (stats.dropped, stats.reset_series) == (1, 1)
 
 
 async def test_candles_given_up_reset_their_series_everywhere(
