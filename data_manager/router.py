@@ -972,6 +972,8 @@ class DataRouter:
             self._orderflow = self._build_orderflow(new)
         if self._ingest is not None and old.backup_stream != new.backup_stream:
             self._ingest.set_backup(self._backup if new.backup_stream.enabled else None)
+        if old.sources != new.sources:
+            self._default_candle_source.clear()  # resolved under the old preference
 
     @property
     def metrics(self) -> MetricsServer | None:
@@ -1008,6 +1010,7 @@ class DataRouter:
                 l1.put_tick(item, settled=False)
             elif type(item) is CandleData:
                 l1.put_candle(item)
+                self._promote_source(item)
             else:
                 l1.put_order_flow(item, settled=False)  # type: ignore[arg-type]
         if l1.confirmations_due:
@@ -1052,14 +1055,17 @@ class DataRouter:
         )
 
     def _on_subscription_lost(self) -> None:
-        # Without the bus we cannot know what other routers wrote: stop trusting L1.
+        # Without the bus we cannot know what other routers wrote: stop trusting L1, and the
+        # candle sources resolved from what it saw.
         self._l1_enabled = False
         self._l1.clear()
+        self._default_candle_source.clear()
         self._l1_gen += 1
         logger.warning("cache subscription lost; L1 cleared and bypassed until resubscribed")
 
     def _on_subscription_restored(self) -> None:
         self._l1.clear()
+        self._default_candle_source.clear()
         self._l1_gen += 1
         self._l1_enabled = True
         logger.info("cache subscription restored; L1 in use again")

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from data_manager.clock import ManualClock
-from data_manager.models import TickData
+from data_manager.models import CandleData, TickData
 from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
 
@@ -225,6 +225,29 @@ async def test_reloaded_staleness_applies_at_once(make_router: RouterFactory) ->
     )
     assert await reload(router)
     assert (await router.check_staleness(SYM)).tick is False
+
+
+async def test_reloaded_candle_preference_applies_to_source_less_reads(
+    make_router: RouterFactory,
+) -> None:
+    router = await make_router()
+    for source, count in (("alpha", 3), ("beta", 4)):
+        for i in range(count):
+            candle = CandleData(
+                symbol=SYM, timeframe="1m", timestamp=TS + i * 60_000, open=1.1, high=1.2,
+                low=1.0, close=1.1, source=source,
+            )  # fmt: skip
+            await router.save_candle(candle, mode="sync")
+    # No preference: the source with the newest candle.
+    assert {c.source for c in await router.get_latest_candles(SYM, "1m", 3)} == {"beta"}
+    write_strategy(
+        router.settings.resolved_strategy_file,
+        BASE.replace(
+            '"aggregation"', '"sources": {"candle_preference": ["alpha"]},\n    "aggregation"'
+        ),
+    )
+    assert await reload(router)
+    assert {c.source for c in await router.get_latest_candles(SYM, "1m", 3)} == {"alpha"}
 
 
 async def test_reloaded_l2_ttl_applies_to_new_writes(make_router: RouterFactory) -> None:

@@ -860,6 +860,43 @@ async def test_a_gap_between_stored_and_live_candles_is_never_cached(
     assert (await stats(other)).l2.hits == 1  # from the ring the reader backfilled
 
 
+async def test_a_preferred_source_saved_by_another_router_is_what_reads_resolve_to(
+    make_router: RouterFactory,
+) -> None:
+    preference = {"sources": {"candle_preference": ["alpha"]}}
+    reader = await make_router(strategy=preference)
+    writer = await make_router(strategy=preference)
+
+    def bar(i: int, source: str) -> CandleData:
+        return candle(TS + i * MINUTE).model_copy(update={"source": source})
+
+    for i in range(4):
+        await writer.save_candle(bar(i, "beta"))
+    assert {c.source for c in await reader.get_latest_candles(SYM, "1m", 3)} == {"beta"}
+    for i in range(4):
+        await writer.save_candle(bar(i, "alpha"))
+    await bus_of(writer).flush()
+
+    async def resolved_to_alpha() -> bool:
+        return {c.source for c in await reader.get_latest_candles(SYM, "1m", 3)} == {"alpha"}
+
+    await until(resolved_to_alpha, "the reader to answer with the preferred source")
+
+
+async def test_an_l1_clear_forgets_the_candle_sources_it_resolved(
+    make_router: RouterFactory,
+) -> None:
+    preference = {"sources": {"candle_preference": ["alpha"]}}
+    reader = await make_router(strategy=preference)
+    await reader.storage.write_candles([candle(TS).model_copy(update={"source": "beta"})])
+    assert {c.source for c in await reader.get_latest_candles(SYM, "1m", 1)} == {"beta"}
+    # Written while this router could not hear of it (its subscription was down).
+    await reader.storage.write_candles([candle(TS).model_copy(update={"source": "alpha"})])
+    reader._on_subscription_lost()
+    reader._on_subscription_restored()
+    assert {c.source for c in await reader.get_latest_candles(SYM, "1m", 1)} == {"alpha"}
+
+
 async def test_a_late_tick_rebuild_reaches_l2_other_routers_and_subscribers(
     make_router: RouterFactory,
 ) -> None:
