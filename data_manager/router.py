@@ -2188,6 +2188,7 @@ class DataRouter:
             l2_get=None if l2 is None else (lambda: l2.get_tick(symbol, source)),
             db_get=lambda db: db.latest_tick(symbol, source=source),
             l1_fill=lambda tick: self._l1.fill_tick(symbol, source, tick),
+            l1_peek=lambda: self._l1.peek_tick(symbol, source),
             l2_put=None
             if l2 is None
             else (lambda tick: l2.put_ticks([tick], per_source=source is not None)),
@@ -2201,6 +2202,7 @@ class DataRouter:
         l2_get: Callable[[], Awaitable[L | None]] | None,
         db_get: Callable[[Storage], Awaitable[L | None]],
         l1_fill: Callable[[L | None], L | None],
+        l1_peek: Callable[[], L | None],
         l2_put: Callable[[L], Coroutine[Any, Any, object]] | None,
     ) -> L | None:
         """Read-through for one "latest" value along the operation's route; the answer
@@ -2246,8 +2248,14 @@ class DataRouter:
                 ):
                     self._spawn(l2_put(value))
                 break
-        if self._l1_enabled and self._l1_gen == gen:
-            return l1_fill(value)
+        if self._l1_enabled:
+            return l1_fill(value) if self._l1_gen == gen else value
+        # L1 is bypassed (the subscription is down): it holds this router's own writes
+        # since it was cleared, which the tiers below may not have yet (write-behind, L2
+        # down): the newer of the two, so a router always reads its own writes.
+        own = l1_peek()
+        if own is not None and (value is None or supersedes(own, value)):
+            return own
         return value
 
     async def get_latest_candles(
@@ -2431,6 +2439,7 @@ class DataRouter:
             l2_get=None if l2 is None else (lambda: l2.get_order_flow(symbol, source)),
             db_get=lambda db: db.latest_order_flow(symbol, source=source),
             l1_fill=lambda m: self._l1.fill_order_flow(symbol, source, m),
+            l1_peek=lambda: self._l1.peek_order_flow(symbol, source),
             l2_put=None
             if l2 is None
             else (lambda m: l2.put_order_flow([m], per_source=source is not None)),

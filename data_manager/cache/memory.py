@@ -715,18 +715,21 @@ class MemoryCache:
 
     # ------------------------------------------------------------------ peeks (for health)
 
-    def peek_tick(self, symbol: str) -> TickData | None:
-        """The live any-source tick of ``symbol``, without counting a read: no hit or miss,
-        no LRU move; an expired entry is left for the next read to drop. An entry not yet
-        settled counts too: for staleness any tick this cache saw will do."""
-        entry = self._ticks.get(symbol)
+    def peek_tick(self, symbol: str, source: str | None = None) -> TickData | None:
+        """The live tick of ``symbol`` (from ``source``, or from any source), without
+        counting a read: no hit or miss, no LRU move; an expired entry is left for the next
+        read to drop. An entry not yet settled counts too: any tick this cache saw will do
+        (for staleness, or to answer beside a lower tier's value)."""
+        entry = self._ticks.get(symbol if source is None else (symbol, source))
         if entry is None or self._now() - entry.stored_at >= self._tick_ttl:
             return None
         return entry.value
 
-    def peek_order_flow(self, symbol: str) -> OrderFlowMetrics | None:
-        """Like :meth:`peek_tick`, for the any-source order-flow metrics."""
-        entry = self._flows.get(symbol)
+    def peek_order_flow(
+        self, symbol: str, source: str | None = None
+    ) -> OrderFlowMetrics | None:
+        """Like :meth:`peek_tick`, for order-flow metrics."""
+        entry = self._flows.get(symbol if source is None else (symbol, source))
         if entry is None or self._now() - entry.stored_at >= self._flow_ttl:
             return None
         return entry.value

@@ -599,6 +599,27 @@ async def test_a_read_begun_after_a_restored_subscription_does_not_share_an_olde
 # ----------------------------------------------------------------------------- TTL and staleness
 
 
+async def test_a_router_whose_l2_is_down_still_reads_its_own_writes(
+    make_router: RouterFactory,
+) -> None:
+    # Nothing listens on port 1: no subscription, so L1 is bypassed from the start.
+    router = await make_router(
+        redis="redis://127.0.0.1:1/0", strategy={"batch": {"flush_interval_seconds": 3600.0}}
+    )
+    assert not router._l1_enabled
+    await router.save_tick(tick(TS + 1_000, 1.10), mode="sync")
+    await router.save_tick(tick(TS + 2_000, 1.20), mode="buffered")  # not stored yet
+    for source in (None, SRC):
+        got = await router.get_latest_tick(SYM, source=source)
+        assert got is not None
+        assert got.bid == 1.20
+    # A newer value stored by someone else still wins over its own older write.
+    await router.storage.write_ticks([tick(TS + 3_000, 1.30)])
+    got = await router.get_latest_tick(SYM)
+    assert got is not None
+    assert got.bid == 1.30
+
+
 async def test_l1_tick_ttl_expiry_falls_back_to_l2_then_the_database(
     make_router: RouterFactory,
 ) -> None:
