@@ -725,9 +725,7 @@ class MemoryCache:
             return None
         return entry.value
 
-    def peek_order_flow(
-        self, symbol: str, source: str | None = None
-    ) -> OrderFlowMetrics | None:
+    def peek_order_flow(self, symbol: str, source: str | None = None) -> OrderFlowMetrics | None:
         """Like :meth:`peek_tick`, for order-flow metrics."""
         entry = self._flows.get(symbol if source is None else (symbol, source))
         if entry is None or self._now() - entry.stored_at >= self._flow_ttl:
