@@ -43,6 +43,7 @@ __all__ = [
     "ConnectionPoolExhaustedError",
     "DataManagerError",
     "DatabaseConnectionError",
+    "DatabaseUnavailableError",
     "JournalError",
     "JournalLockedError",
     "QueryExecutionError",
@@ -61,6 +62,13 @@ class DataManagerError(Exception):
 
 class DatabaseConnectionError(DataManagerError):
     """The database is unreachable or refused the connection."""
+
+
+class DatabaseUnavailableError(DatabaseConnectionError):
+    """The database answers but cannot carry out the statement now: its disk is full, it is
+    out of memory, it is read-only (a standby, a failover under way), or the statement lost
+    a deadlock or a lock wait. Transient like an unreachable database: the data is not at
+    fault, so the write path retries, then journals it, instead of dead-lettering it."""
 
 
 class QueryTimeoutError(DataManagerError):
@@ -136,6 +144,10 @@ TRANSIENT_ERRORS: Final[tuple[type[DataManagerError], ...]] = (
 
 # asyncpg / PostgreSQL SQLSTATE classes that mean "the connection is gone or was refused".
 _CONNECTION_SQLSTATES: Final = ("08", "57P01", "57P02", "57P03", "53300")
+# ... and those that mean "the server cannot do it now": insufficient resources (class 53:
+# disk full, out of memory), serialization failure, deadlock, completion unknown, lock not
+# available, read-only transaction (a standby or a failover), system and I/O errors (58).
+_UNAVAILABLE_SQLSTATES: Final = ("53", "40001", "40P01", "40003", "55P03", "25006", "58")
 _TIMEOUT_SQLSTATES: Final = ("57014",)  # query_canceled (statement_timeout)
 
 
@@ -195,12 +207,18 @@ def _raise_translated(exc: Exception, *, target: str, timeout_seconds: float | N
     if sqlite_code in _SQLITE_UNREACHABLE_CODES:
         msg = f"cannot open {target}: {detail}"
         raise DatabaseConnectionError(msg) from exc
+    if sqlite_code in _SQLITE_UNAVAILABLE_CODES:
+        msg = f"{target} cannot take the statement now: {detail}"
+        raise DatabaseUnavailableError(msg) from exc
     if state is not None and state.startswith(_TIMEOUT_SQLSTATES):
         msg = f"statement on {target} cancelled by statement_timeout: {detail}"
         raise QueryTimeoutError(msg, timeout_seconds=timeout_seconds) from exc
     if state is not None and state.startswith(_CONNECTION_SQLSTATES):
         msg = f"connection to {target} failed: {detail}"
         raise DatabaseConnectionError(msg) from exc
+    if state is not None and state.startswith(_UNAVAILABLE_SQLSTATES):
+        msg = f"{target} cannot take the statement now ({state}): {detail}"
+        raise DatabaseUnavailableError(msg) from exc
     orig = getattr(exc, "orig", None)
     if isinstance(exc, sa_exc.DBAPIError) and (
         exc.connection_invalidated or isinstance(orig, ConnectionError | OSError)
@@ -217,6 +235,7 @@ def _raise_translated(exc: Exception, *, target: str, timeout_seconds: float | N
 # SQLite primary result codes (the low byte of an extended code).
 _SQLITE_BUSY_CODES: Final = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
 _SQLITE_UNREACHABLE_CODES: Final = frozenset({10, 14})  # SQLITE_IOERR, SQLITE_CANTOPEN
+_SQLITE_UNAVAILABLE_CODES: Final = frozenset({7, 13})  # SQLITE_NOMEM, SQLITE_FULL
 
 
 def _sqlite_code(exc: BaseException) -> int | None:

@@ -155,6 +155,40 @@ async def test_flush_waits_for_concurrent_producers_accepted_before_it(
         assert await side.count() == 1000
 
 
+@pytest.mark.parametrize("sqlstate", ["53100", "53200", "25006", "40P01", "55P03"])
+async def test_a_server_that_cannot_store_now_is_retried_not_dead_lettered(
+    postgres_url: str, pg_schema: str, tmp_path: Path, side: Side, sqlstate: str
+) -> None:
+    """Disk full, out of memory, read-only (a failover), a deadlock or a lock wait: the data
+    is not at fault, so it waits (retries, then the journal) instead of being refused."""
+    q = f'"{pg_schema}"'
+    s = settings(postgres_url, pg_schema, tmp_path, write_mode="buffered")
+    async with DataRouter(s, strategy=held()) as router:
+        await side.conn.execute(f"CREATE TABLE {q}.cannot_now (on_ boolean)")
+        await side.conn.execute(f"INSERT INTO {q}.cannot_now VALUES (true)")
+        await side.conn.execute(
+            f"CREATE FUNCTION {q}.cannot_now() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF (SELECT on_ FROM {q}.cannot_now) THEN "
+            f"RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        await side.conn.execute(
+            f"CREATE TRIGGER cannot_now BEFORE INSERT ON {q}.ticks "
+            f"FOR EACH ROW EXECUTE FUNCTION {q}.cannot_now()"
+        )
+        for i in range(50):
+            await router.save_tick(tick(i))
+        flushing = asyncio.create_task(router.flush())
+        async with asyncio.timeout(DEADLINE):
+            while not router._ingest.stats().retries:  # noqa: ASYNC110 - no event to await
+                await asyncio.sleep(0.01)
+        await side.conn.execute(f"UPDATE {q}.cannot_now SET on_ = false")
+        async with asyncio.timeout(DEADLINE):
+            await flushing
+        assert await side.count() == 50
+        assert router._ingest.stats().dead_lettered == 0
+
+
 async def test_journal_mode_is_on_disk_before_it_is_stored(
     postgres_url: str, pg_schema: str, tmp_path: Path, side: Side
 ) -> None:

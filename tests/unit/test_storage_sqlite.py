@@ -13,7 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data_manager.errors import (
+    TRANSIENT_ERRORS,
     DatabaseConnectionError,
+    DatabaseUnavailableError,
+    QueryExecutionError,
     QueryTimeoutError,
     RouterClosedError,
     map_database_errors,
@@ -175,6 +178,40 @@ def test_sqlite_cantopen_maps_to_connection_error() -> None:
     with pytest.raises(DatabaseConnectionError, match="cannot open"):  # noqa: SIM117
         with map_database_errors(target="sqlite /nowhere"):
             sqlite3.connect("file:/nonexistent-dir/x.db?mode=rw", uri=True)
+
+
+class _DriverError(Exception):
+    def __init__(self, *, sqlstate: str | None = None, sqlite_errorcode: int | None = None):
+        super().__init__("injected")
+        self.sqlstate = sqlstate
+        self.sqlite_errorcode = sqlite_errorcode
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (_DriverError(sqlstate="53100"), DatabaseUnavailableError),  # disk full
+        (_DriverError(sqlstate="53200"), DatabaseUnavailableError),  # out of memory
+        (_DriverError(sqlstate="25006"), DatabaseUnavailableError),  # read-only (standby)
+        (_DriverError(sqlstate="40P01"), DatabaseUnavailableError),  # deadlock
+        (_DriverError(sqlstate="40001"), DatabaseUnavailableError),  # serialization
+        (_DriverError(sqlstate="55P03"), DatabaseUnavailableError),  # lock not available
+        (_DriverError(sqlstate="58030"), DatabaseUnavailableError),  # I/O error
+        (_DriverError(sqlite_errorcode=13), DatabaseUnavailableError),  # SQLITE_FULL
+        (_DriverError(sqlite_errorcode=7), DatabaseUnavailableError),  # SQLITE_NOMEM
+        (_DriverError(sqlstate="23505"), QueryExecutionError),  # the data: unique violation
+        (_DriverError(sqlstate="22P02"), QueryExecutionError),  # the data: bad text
+    ],
+    ids=lambda v: getattr(v, "sqlstate", None) or getattr(v, "sqlite_errorcode", None),
+)
+def test_what_the_server_cannot_do_now_is_transient(
+    error: Exception, expected: type[Exception]
+) -> None:
+    with pytest.raises(expected) as info:  # noqa: SIM117
+        with map_database_errors(target="db"):
+            raise error
+    assert type(info.value) is expected
+    assert isinstance(info.value, TRANSIENT_ERRORS) is (expected is DatabaseUnavailableError)
 
 
 # --------------------------------------------------------------------------- schema module
