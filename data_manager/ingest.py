@@ -341,6 +341,9 @@ class IngestPipeline:
         self._overtaken: dict[Any, int] = {}
         self._spill_items: list[IngestItem] = []
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
+        # Journal-mode calls whose append is not durable yet, by id(item) (a count: one
+        # model may be saved twice at once); _on_durable removes them.
+        self._appending: dict[int, int] = {}
         # Items of journal-mode calls cancelled mid-append (id → item), until their append
         # settles; see _release_if_lost.
         self._cancelled: dict[int, IngestItem] = {}
@@ -942,15 +945,29 @@ class IngestPipeline:
         if len(self._queue) + self._reserved >= self._max_queue or self._space_waiters:
             await self._wait_for_space()
         self._reserved += 1
+        key = id(item)
+        appending = self._appending
+        appending[key] = appending.get(key, 0) + 1
         try:
             await journal.append((item,), on_durable=self._on_durable)
         except asyncio.CancelledError:
-            self._release_if_lost(journal, item)  # the append goes on without this caller
+            if key in appending:
+                self._release_if_lost(journal, item)  # the append goes on without this caller
+            else:
+                # Cancelled after its append was durable (a timeout firing as it returned):
+                # it is queued for the database like any other, and its slot was released.
+                self._accepted += 1
             raise
         except BaseException:
             self._reserved -= 1  # _on_durable will not run for a failed append
+            self._done_appending(key)
             raise
         self._accepted += 1
+
+    def _done_appending(self, key: int) -> None:
+        left = self._appending.pop(key, 1) - 1
+        if left:
+            self._appending[key] = left
 
     def _release_if_lost(self, journal: Journal, item: IngestItem) -> None:
         """Give a cancelled call's queue slot back if its append fails.
@@ -966,6 +983,7 @@ class IngestPipeline:
             await journal.wait_idle()
             if self._cancelled.pop(id(item), None) is not None:
                 self._reserved -= 1
+                self._done_appending(id(item))
                 self._release_space()
 
         task = asyncio.get_running_loop().create_task(follow_up())
@@ -975,6 +993,12 @@ class IngestPipeline:
     def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
         """Journal callback: the items are on disk; queue them (in LSN order)."""
         self._reserved -= len(items)
+        appending = self._appending
+        for item in items:
+            key = id(item)
+            left = appending.pop(key, 1) - 1
+            if left:
+                appending[key] = left
         # Callbacks run in LSN order, after any spill settled before them: the newest so far.
         self._journaled_lsn = first_lsn + len(items) - 1
         if self._cancelled:

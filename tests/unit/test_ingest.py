@@ -796,6 +796,35 @@ async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
     assert storage.stored_seqs() == [7, 8]
 
 
+async def test_journal_call_cancelled_as_its_append_returns_keeps_the_bound(
+    make: Any, storage: FakeStorage
+) -> None:
+    # A caller's timeout fires in the very loop pass that made its append durable: the
+    # slot was released with the append; it must not be released twice (the queue bound
+    # would erode by one each time), and the item counts as accepted (it is stored).
+    pipeline = await make(max_queue=2)
+    calls: list[asyncio.Task[None]] = []
+    durable = pipeline._on_durable
+
+    def then_cancel(first: int, items: Any) -> None:
+        durable(first, items)
+        calls[0].cancel()
+
+    pipeline._on_durable = then_cancel
+    calls.append(asyncio.create_task(pipeline.submit(tick(1), mode="journal")))
+    with pytest.raises(asyncio.CancelledError):
+        await calls[0]
+    pipeline._on_durable = durable
+    journal = pipeline.journal
+    assert journal is not None
+    await journal.wait_idle()
+    await asyncio.gather(*pipeline._followups)
+    assert pipeline._reserved == 0
+    assert pipeline.stats().accepted == 1
+    await pipeline.flush()
+    assert storage.stored_seqs() == [1]
+
+
 async def test_journal_mode_without_journal_is_a_configuration_error(make: Any) -> None:
     pipeline = await make(journal=False)
     with pytest.raises(ConfigurationError):
