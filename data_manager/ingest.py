@@ -736,15 +736,22 @@ class IngestPipeline:
         journal = self._journal
         await self._stop_writer()
         await self._journal_leftovers()
-        for backlog in [*self._backlog, *self._replayed_adopted, *self._kept_adopted]:
-            if backlog is not journal:
-                self._removed_problems += len(backlog.problems)  # still counted in stats
-                await backlog.close()  # unlocked: the next router adopts what is left
+        others = [*self._backlog, *self._replayed_adopted, *self._kept_adopted]
         self._backlog.clear()
         self._replayed_adopted.clear()
         self._kept_adopted.clear()
-        if journal is not None:
-            await journal.close()
+        for backlog in [*(j for j in others if j is not journal), journal]:
+            if backlog is None:
+                continue
+            if backlog is not journal:
+                self._removed_problems += len(backlog.problems)  # still counted in stats
+            try:
+                await backlog.close()  # unlocked: the next router adopts what is left
+            except JournalError:
+                # Its checkpoint or its removal failed (a full disk, say): the records stay
+                # on disk and are replayed (idempotently) by the next router; the others
+                # are closed all the same.
+                logger.exception("write path: closing the journal %s failed", backlog.path)
 
     async def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None

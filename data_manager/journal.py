@@ -1312,9 +1312,14 @@ class Journal:
         committer, self._committer = self._committer, None
         assert committer is not None
         committer.close(self)
-        await asyncio.to_thread(self._close_sync, committer)
-        if _open_journals is not None:
-            _open_journals.discard(self)
+        try:
+            await asyncio.to_thread(self._close_sync, committer)
+        except OSError as exc:  # the lock is released; what is on disk replays as it is
+            msg = f"cannot finish closing the journal {self.path}: {exc}"
+            raise JournalError(msg) from exc
+        finally:
+            if _open_journals is not None:
+                _open_journals.discard(self)
 
     def _start_committer(self) -> None:
         if self.sync == "loop":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -1435,6 +1436,49 @@ async def lock_is_free(journal: Journal) -> bool:
         return False
     await probe.close()
     return True
+
+
+async def test_a_full_disk_at_close_still_closes_and_unlocks_every_journal(
+    make: Any, storage: FakeStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orphan = await dead_journal(tmp_path / "journal", "dead")
+    storage.down = True  # the orphan cannot be replayed: it is still held at close
+    pipeline = await make(journal="live")
+    assert pipeline.stats().orphans_adopted == 1
+    own = pipeline.journal
+    assert own is not None
+    await pipeline.submit(tick(2), mode="journal")  # the own journal has a record too
+    real = Journal._write_checkpoint
+
+    def disk_full(self: Journal) -> None:
+        if self.instance_id == "dead":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self)
+
+    monkeypatch.setattr(Journal, "_write_checkpoint", disk_full)
+    await pipeline.close(timeout=0.1)  # no raw OSError; the other journals still close
+    monkeypatch.undo()
+    assert not own.is_open
+    assert await lock_is_free(orphan)
+    assert await lock_is_free(own)
+
+
+async def test_journal_close_failing_on_disk_is_a_journal_error_and_unlocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path, instance_id="me")
+    await journal.open()
+    await journal.append([tick(1)])  # not stored: close writes a checkpoint
+
+    def disk_full(self: Journal) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Journal, "_write_checkpoint", disk_full)
+    with pytest.raises(JournalError, match="No space left"):
+        await journal.close()
+    monkeypatch.undo()
+    assert not journal.is_open
+    assert await lock_is_free(journal)
 
 
 @pytest.mark.parametrize("cancels", [1, 2])
