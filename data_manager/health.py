@@ -190,7 +190,9 @@ def overall_status(
         problems.append(f"database write circuit {write_path.circuit}")
     if write_path.details.get("backup_stream_state") == "down":
         problems.append("backup stream down; batches are spooled locally")
-    if write_path.journal_records:
+    if write_path.details.get("backlog_journals"):
+        # Spilled while the database was down, or left by a dead router: a replay is owed.
+        # (Journal-mode records waiting for their batch are normal operation.)
         problems.append(f"{write_path.journal_records} records waiting in the journal")
     if strategy.last_error:
         problems.append("last strategy edit rejected")

@@ -2810,6 +2810,7 @@ class DataRouter:
             "stored": stats.stored,
             "retries": stats.retries,
             "dead_lettered": stats.dead_lettered,
+            "backlog_journals": stats.backlog_journals,
             "journal_problems": stats.journal_problems,
             "subscriptions_dropped": self._subs.dropped(),
             "forming_restore_failures": self._restore_failures,
