@@ -417,6 +417,11 @@ class IngestPipeline:
         """The database circuit breaker."""
         return self._breaker
 
+    @property
+    def replay_owed(self) -> bool:
+        """Journals wait to be replayed (spilled batches, a dead instance's journal)."""
+        return bool(self._backlog)
+
     def configure(
         self,
         *,

@@ -1863,8 +1863,10 @@ class DataRouter:
         candle ring (``cache.candle_ring_size``, the newest buckets), oldest first.
 
         Candles this router queued with :meth:`save_candle` (``buffered`` or ``journal``)
-        are stored first, so none of them can overwrite a bulk candle afterwards; while
-        the database is down that waits, as :meth:`flush` does.
+        are stored first, so none of them can overwrite a bulk candle afterwards; so are
+        journals waiting to be replayed (a dead router's, batches spilled during an
+        outage), whose candles are older than the bulk ones. While the database is down
+        that waits, as :meth:`flush` does.
 
         Returns:
             How many rows were inserted or updated.
@@ -1873,7 +1875,8 @@ class DataRouter:
         batch = self._check_all(candles, CandleData)
         if not batch:
             return 0
-        if self._candles_queued:
+        assert self._ingest is not None
+        if self._candles_queued or self._ingest.replay_owed:
             await self._flush_write_path()
         stored = await self.storage.write_candles(batch)
         strat = self._watcher.current
