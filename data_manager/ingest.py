@@ -1311,6 +1311,7 @@ class IngestPipeline:
             _StoreFailed: Some of it could not be stored now (retry later, as a whole).
         """
         refused = [] if refused is None else refused
+        undecodable = len(refused)  # not among items
         started = time.perf_counter()
         try:
             for kind, group, versions in _group(items):
@@ -1334,7 +1335,7 @@ class IngestPipeline:
         if refused:
             await self._dead_letter(refused)
         if items:
-            self._stored += len(items)
+            self._stored += len(items) - (len(refused) - undecodable)  # not the refused
             self._record_batch(len(items), time.perf_counter() - started)
 
     def _breaker_wait(self) -> float:

@@ -566,6 +566,7 @@ async def test_refused_item_is_isolated_and_dead_lettered(
     assert storage.stored_seqs() == [i for i in range(20) if i != 13]
     stats = pipeline.stats()
     assert (stats.dead_lettered, stats.breaker_state) == (1, "closed")
+    assert stats.stored == 19  # the refused one is not counted as stored
     lines = (tmp_path / "journal" / DEAD_LETTER_DIR / "poison.jsonl").read_bytes().splitlines()
     (record,) = [orjson.loads(line) for line in lines]
     assert record["kind"] == "tick"
