@@ -66,8 +66,8 @@ class DatabaseConnectionError(DataManagerError):
 
 class DatabaseUnavailableError(DatabaseConnectionError):
     """The database answers but cannot carry out the statement now: its disk is full, it is
-    out of memory, it is read-only (a standby, a failover under way), or the statement lost
-    a deadlock or a lock wait. Transient like an unreachable database: the data is not at
+    read-only (a standby, a failover under way), the statement lost a deadlock or a lock
+    wait, or the server hit an I/O error. Transient like an unreachable database: the data is not at
     fault, so the write path retries, then journals it, instead of dead-lettering it."""
 
 
@@ -144,10 +144,16 @@ TRANSIENT_ERRORS: Final[tuple[type[DataManagerError], ...]] = (
 
 # asyncpg / PostgreSQL SQLSTATE classes that mean "the connection is gone or was refused".
 _CONNECTION_SQLSTATES: Final = ("08", "57P01", "57P02", "57P03", "53300")
-# ... and those that mean "the server cannot do it now": insufficient resources (class 53:
-# disk full, out of memory), serialization failure, deadlock, completion unknown, lock not
-# available, read-only transaction (a standby or a failover), system and I/O errors (58).
-_UNAVAILABLE_SQLSTATES: Final = ("53", "40001", "40P01", "40003", "55P03", "25006", "58")
+# ... and those that mean "the server cannot do it now": disk full, serialization failure,
+# deadlock, completion unknown, lock not available, read-only transaction (a standby or a
+# failover), system and I/O errors. Exact codes, not classes: 53400 (a configured limit such
+# as temp_file_limit), 53200 (out of shared memory: max_locks_per_transaction, which a batch
+# spanning many chunks can exceed every time) and 58P01/58P02 (a missing or duplicate file)
+# fail the same statement again, and retried they would hold every later write back; as
+# QueryExecutionError the batch is split, and only what fails alone is dead-lettered.
+_UNAVAILABLE_SQLSTATES: Final = frozenset(
+    {"53100", "40001", "40P01", "40003", "55P03", "25006", "58000", "58030"}
+)
 _TIMEOUT_SQLSTATES: Final = ("57014",)  # query_canceled (statement_timeout)
 
 
@@ -216,7 +222,7 @@ def _raise_translated(exc: Exception, *, target: str, timeout_seconds: float | N
     if state is not None and state.startswith(_CONNECTION_SQLSTATES):
         msg = f"connection to {target} failed: {detail}"
         raise DatabaseConnectionError(msg) from exc
-    if state is not None and state.startswith(_UNAVAILABLE_SQLSTATES):
+    if state in _UNAVAILABLE_SQLSTATES:
         msg = f"{target} cannot take the statement now ({state}): {detail}"
         raise DatabaseUnavailableError(msg) from exc
     orig = getattr(exc, "orig", None)

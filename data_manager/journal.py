@@ -1353,8 +1353,8 @@ class Journal:
             committer.stop()
             if committer.thread is not None:
                 committer.thread.join()
-        self._release_active()
         try:
+            self._release_active()
             if self.pending_records == 0 and self._checkpoint_target() >= self.last_lsn:
                 self._remove_all()
             else:

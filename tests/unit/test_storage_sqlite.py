@@ -191,7 +191,6 @@ class _DriverError(Exception):
     ("error", "expected"),
     [
         (_DriverError(sqlstate="53100"), DatabaseUnavailableError),  # disk full
-        (_DriverError(sqlstate="53200"), DatabaseUnavailableError),  # out of memory
         (_DriverError(sqlstate="25006"), DatabaseUnavailableError),  # read-only (standby)
         (_DriverError(sqlstate="40P01"), DatabaseUnavailableError),  # deadlock
         (_DriverError(sqlstate="40001"), DatabaseUnavailableError),  # serialization
@@ -200,6 +199,10 @@ class _DriverError(Exception):
         (_DriverError(sqlite_errorcode=13), DatabaseUnavailableError),  # SQLITE_FULL
         (_DriverError(sqlite_errorcode=7), DatabaseUnavailableError),  # SQLITE_NOMEM
         (_DriverError(sqlstate="23505"), QueryExecutionError),  # the data: unique violation
+        # Fail the same statement again: split and dead-lettered, never retried for ever.
+        (_DriverError(sqlstate="53400"), QueryExecutionError),  # temp_file_limit, say
+        (_DriverError(sqlstate="53200"), QueryExecutionError),  # max_locks_per_transaction
+        (_DriverError(sqlstate="58P01"), QueryExecutionError),  # a file is missing
         (_DriverError(sqlstate="22P02"), QueryExecutionError),  # the data: bad text
     ],
     ids=lambda v: getattr(v, "sqlstate", None) or getattr(v, "sqlite_errorcode", None),
