@@ -67,8 +67,9 @@ class DatabaseConnectionError(DataManagerError):
 class DatabaseUnavailableError(DatabaseConnectionError):
     """The database answers but cannot carry out the statement now: its disk is full, it is
     read-only (a standby, a failover under way), the statement lost a deadlock or a lock
-    wait, or the server hit an I/O error. Transient like an unreachable database: the data is not at
-    fault, so the write path retries, then journals it, instead of dead-lettering it."""
+    wait, or the server hit an I/O error. Transient like an unreachable database: the data
+    is not at fault, so the write path retries, then journals it, instead of dead-lettering
+    it."""
 
 
 class QueryTimeoutError(DataManagerError):

@@ -101,7 +101,7 @@ from data_manager.metrics import BATCH_SIZE_BUCKETS, HistogramRecorder, Histogra
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
     from pathlib import Path
 
     from data_manager.settings import WriteMode
@@ -972,14 +972,17 @@ class IngestPipeline:
             raise
         except BaseException:
             self._reserved -= 1  # _on_durable will not run for a failed append
-            self._done_appending(key)
+            self._done_appending((key,))
             raise
         self._accepted += 1
 
-    def _done_appending(self, key: int) -> None:
-        left = self._appending.pop(key, 1) - 1
-        if left:
-            self._appending[key] = left
+    def _done_appending(self, keys: Iterable[int]) -> None:
+        """These journal-mode calls' appends are settled (``keys``: ``id(item)`` each)."""
+        appending = self._appending
+        for key in keys:
+            left = appending.pop(key, 1) - 1
+            if left:
+                appending[key] = left
 
     def _release_if_lost(self, journal: Journal, item: IngestItem) -> None:
         """Give a cancelled call's queue slot back if its append fails.
@@ -995,7 +998,7 @@ class IngestPipeline:
             await journal.wait_idle()
             if self._cancelled.pop(id(item), None) is not None:
                 self._reserved -= 1
-                self._done_appending(id(item))
+                self._done_appending((id(item),))
                 self._release_space()
 
         task = asyncio.get_running_loop().create_task(follow_up())
@@ -1005,12 +1008,7 @@ class IngestPipeline:
     def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
         """Journal callback: the items are on disk; queue them (in LSN order)."""
         self._reserved -= len(items)
-        appending = self._appending
-        for item in items:
-            key = id(item)
-            left = appending.pop(key, 1) - 1
-            if left:
-                appending[key] = left
+        self._done_appending(map(id, items))
         # Callbacks run in LSN order, after any spill settled before them: the newest so far.
         self._journaled_lsn = first_lsn + len(items) - 1
         if self._cancelled:
@@ -1485,16 +1483,16 @@ class IngestPipeline:
         # Below a held checkpoint only the ticks are stored again: an upsert's newer version
         # may have been stored since (see Journal.hold_checkpoint).
         upserts_stored = journal.upserts_stored_lsn
+        replays = journal.replays
         for start in range(0, len(chunk.records), _DECODE_SLICE):
             for lsn, payload in chunk.records[start : start + _DECODE_SLICE]:
-                try:
-                    item = decode_item(payload)
-                except ValidationError as exc:
-                    if lsn > upserts_stored:
-                        undecodable.append((payload, exc))
+                if not replays(lsn, payload):
                     continue
-                if lsn > upserts_stored or type(item) is TickData:
-                    items.append(item)
+                try:
+                    items.append(decode_item(payload))
+                except ValidationError as exc:
+                    if lsn > upserts_stored:  # a stored tick's damage is not news
+                        undecodable.append((payload, exc))
             await asyncio.sleep(0)  # decoding is CPU work: let producers in between
         try:
             await self._store_batch(items, undecodable)

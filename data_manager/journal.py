@@ -982,6 +982,11 @@ class Journal:
         a newer version of an upsert may have been stored since."""
         return self._upserts_stored
 
+    def replays(self, lsn: int, payload: bytes) -> bool:
+        """Whether a replay stores this record (not yet marked stored) again: all but the
+        upserts at or below :attr:`upserts_stored_lsn`."""
+        return lsn > self._upserts_stored or kind_name(payload) == "tick"
+
     def hold_checkpoint(self, lsn: int | None) -> None:
         """Keep the checkpoint (and the segments it frees) at or below ``lsn``; ``None``
         lifts the hold.
@@ -1899,13 +1904,11 @@ class Journal:
             ValidationError: A record holds data the model refuses.
         """
         after = self._stored_lsn
-        upserts_stored = self._upserts_stored
         while True:
             batch = self._read_sync(after, 1_000, 8 * 1024 * 1024)
             for lsn, payload in batch.records:
-                if lsn <= upserts_stored and kind_name(payload) != "tick":
-                    continue
-                yield lsn, decode_item(payload)
+                if self.replays(lsn, payload):
+                    yield lsn, decode_item(payload)
             if batch.end_lsn <= after:
                 return
             after = batch.end_lsn

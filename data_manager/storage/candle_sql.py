@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_MS",
+    "RECEIVED_BEFORE_SQL",
     "TIMESCALEDB_SCHEMA_SQL",
     "bucket_grid",
     "candles_from_buckets",
@@ -86,8 +87,9 @@ _PRICE_SQL: Final = {
 _CALENDAR_TIMEFRAMES: Final = frozenset({"4h", "1d", "1w"})
 #: ``ts_ms * 2**64 + content_key`` orders like ``(ts, content_key)``: content_key is int64.
 _KEY_SCALE: Final = 2**64
-#: Ticks kept by ``received_before``: unstamped ones, and those received before the bound.
-_RECEIVED_BEFORE: Final = " AND (received_at IS NULL OR received_at < {})"
+#: Ticks kept by ``received_before``: unstamped ones, and those received before the bound
+#: (``.format(parameter)``); the PostgreSQL ``iter_ticks`` statements use it too.
+RECEIVED_BEFORE_SQL: Final = " AND (received_at IS NULL OR received_at < {})"
 _PRICED: Final = "FILTER (WHERE px IS NOT NULL)"
 _CANDLE_FIELDS_SET: Final = set(CandleData.model_fields)
 
@@ -182,7 +184,7 @@ def postgres_buckets_sql(
         close = f"{prices}[count(px)]"
     filters = " AND source = $4" if by_source else ""
     if received_before:
-        filters += _RECEIVED_BEFORE.format(f"${5 if by_source else 4}")
+        filters += RECEIVED_BEFORE_SQL.format(f"${5 if by_source else 4}")
     return f"""WITH t AS (
     SELECT source, ts, content_key,
            {bucket} AS bucket,
@@ -234,7 +236,7 @@ def sqlite_buckets_sql(
     probe_filters = f" AND {px} IS NOT NULL" if price == "last" else ""
     if received_before:
         # Numbered parameters: SQLite expects as many values as the highest number.
-        received = _RECEIVED_BEFORE.format(f"?{5 if by_source else 4}")
+        received = RECEIVED_BEFORE_SQL.format(f"?{5 if by_source else 4}")
         filters += received
         probe_filters += received
 

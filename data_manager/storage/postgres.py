@@ -72,7 +72,11 @@ from data_manager.storage.base import (
     TickBucket,
     check_received_before,
 )
-from data_manager.storage.candle_sql import TIMESCALEDB_SCHEMA_SQL, postgres_buckets_sql
+from data_manager.storage.candle_sql import (
+    RECEIVED_BEFORE_SQL,
+    TIMESCALEDB_SCHEMA_SQL,
+    postgres_buckets_sql,
+)
 from data_manager.storage.schema import (
     CANDLE_COLUMNS,
     CANDLE_KEY,
@@ -245,14 +249,13 @@ class _Sql:
         )
         # iter_ticks with received_before: the statements above plus that predicate (and no
         # LIMIT), kept apart so that a plain range keeps its own statement and plan.
-        received = "(received_at IS NULL OR received_at < {})"
         self.ticks_received_before_any = (
-            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
-            f"AND {received.format('$4')} ORDER BY ts"
+            f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3"
+            f"{RECEIVED_BEFORE_SQL.format('$4')} ORDER BY ts"
         )
         self.ticks_received_before_source = (
             f"SELECT {tcols} FROM {ticks} WHERE symbol = $1 AND ts >= $2 AND ts < $3 "
-            f"AND source = $4 AND {received.format('$5')} ORDER BY ts, content_key"
+            f"AND source = $4{RECEIVED_BEFORE_SQL.format('$5')} ORDER BY ts, content_key"
         )
         self.latest_candles_source = (
             f"SELECT {ccols} FROM {candles} WHERE symbol = $1 AND timeframe = $2 "
