@@ -341,12 +341,14 @@ class IngestPipeline:
         self._overtaken: dict[Any, int] = {}
         self._spill_items: list[IngestItem] = []
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
-        # Journal-mode calls whose append is not durable yet, by id(item) (a count: one
-        # model may be saved twice at once); _on_durable removes them.
-        self._appending: dict[int, int] = {}
+        # Journal-mode calls whose append is not durable yet, by id(item) (one object per
+        # call: a model saved again while in flight is journaled as a copy); _on_durable
+        # removes them.
+        self._appending: set[int] = set()
         # Items of journal-mode calls cancelled mid-append (id → item), until their append
         # settles; see _release_if_lost.
         self._cancelled: dict[int, IngestItem] = {}
+        self._cancelled_but_taken: IngestItem | None = None  # see took_despite_cancel
         self._followups: set[asyncio.Task[None]] = set()
         self._backlog: list[Journal] = []  # journals to replay, in order
         # Set by hold_for_derived: told of dead instances' records as they are replayed.
@@ -956,10 +958,16 @@ class IngestPipeline:
         self._check_submit(item)
         if len(self._queue) + self._reserved >= self._max_queue or self._space_waiters:
             await self._wait_for_space()
-        self._reserved += 1
-        key = id(item)
         appending = self._appending
-        appending[key] = appending.get(key, 0) + 1
+        given = item
+        key = id(item)
+        if key in appending:
+            # The same object is already on its way (saved twice at once): journal an equal
+            # copy, so that every call in flight is told apart by its own object's id.
+            item = item.model_copy()
+            key = id(item)
+        self._reserved += 1
+        appending.add(key)
         try:
             await journal.append((item,), on_durable=self._on_durable)
         except asyncio.CancelledError:
@@ -968,7 +976,9 @@ class IngestPipeline:
             else:
                 # Cancelled after its append was durable (a timeout firing as it returned):
                 # it is queued for the database like any other, and its slot was released.
+                # The caller learns it from took_despite_cancel (the data derived from it).
                 self._accepted += 1
+                self._cancelled_but_taken = given
             raise
         except BaseException:
             self._reserved -= 1  # _on_durable will not run for a failed append
@@ -976,13 +986,20 @@ class IngestPipeline:
             raise
         self._accepted += 1
 
+    def took_despite_cancel(self, item: IngestItem) -> bool:
+        """Whether the cancelled :meth:`submit` of ``item`` that is unwinding right now had
+        its item accepted (a ``journal`` append durable as the cancellation landed).
+
+        Ask in the ``except asyncio.CancelledError`` around ``submit``, before any await:
+        the answer concerns the call whose cancellation is propagating.
+        """
+        taken = self._cancelled_but_taken is item
+        self._cancelled_but_taken = None
+        return taken
+
     def _done_appending(self, keys: Iterable[int]) -> None:
         """These journal-mode calls' appends are settled (``keys``: ``id(item)`` each)."""
-        appending = self._appending
-        for key in keys:
-            left = appending.pop(key, 1) - 1
-            if left:
-                appending[key] = left
+        self._appending.difference_update(keys)
 
     def _release_if_lost(self, journal: Journal, item: IngestItem) -> None:
         """Give a cancelled call's queue slot back if its append fails.

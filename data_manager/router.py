@@ -1126,8 +1126,17 @@ class DataRouter:
         if self._l1.confirmations_due:
             self._confirm_latest()
         self._publish(route, tick)
-        assert self._ingest is not None
-        await self._ingest.submit(tick, mode=write_mode)
+        ingest = self._ingest
+        assert ingest is not None
+        try:
+            await ingest.submit(tick, mode=write_mode)
+        except asyncio.CancelledError:
+            # The caller gave up as its journal append became durable: the tick is accepted
+            # (it will be stored), so the derived data counts it all the same.
+            taken = ingest.took_despite_cancel(tick)
+            if taken and self._state is RouterState.OPEN and self._derive(tick, series, route):
+                self._join_restore(tick, route)
+            raise
         # Accepted (queued, journaled or committed): only now does the tick reach the data
         # derived from it, so a refused tick is not counted and the caller's retry counts it
         # once. (Buffered: submit does not wait unless the queue is full: no extra await.)
@@ -1135,6 +1144,15 @@ class DataRouter:
             # close() began while the write was under way: the tick is stored or journaled
             # (so this call succeeds), but the derived data was closed with the router.
             return
+        if self._derive(tick, series, route):
+            # The first ticks of a series since the start: aggregated once the bars a
+            # previous router left forming are restored (last, as it may wait).
+            await self._aggregate_after_restore(tick, route)
+
+    def _derive(self, tick: TickData, series: tuple[str, str], route: Sequence[str]) -> bool:
+        """Hand an accepted tick to the derived data and this router's subscribers; True
+        when its series' forming bars are still to be restored (the caller then aggregates
+        it through the restore)."""
         restoring = False
         if self._aggregator is not None:
             if series in self._agg_restored:
@@ -1147,10 +1165,7 @@ class DataRouter:
             self._processors.process(tick)
         if self._subs:
             self._subs.dispatch(tick)
-        if restoring:
-            # The first ticks of a series since the start: aggregated once the bars a
-            # previous router left forming are restored (last, as it may wait).
-            await self._aggregate_after_restore(tick, route)
+        return restoring
 
     def _check_new_series(self, tick: TickData) -> None:
         """Refuse a tick that would open a series the aggregator cannot form."""
@@ -1249,6 +1264,16 @@ class DataRouter:
         timeframe); their ticks wait in it and are aggregated in arrival order when it
         ends, so none can open a bucket the restore then skips.
         """
+        task = self._join_restore(tick, route)
+        if task is not None:
+            # A caller that gives up waiting leaves its tick (and the others') in the
+            # restore, which goes on; a restore that ends otherwise (cancelled by close())
+            # is not the caller's error: its tick is accepted already.
+            await asyncio.wait((task,))
+
+    def _join_restore(self, tick: TickData, route: Sequence[str]) -> asyncio.Task[None] | None:
+        """Add ``tick`` to its series' restore, started here if none runs; return the
+        restore's task, or None when the tick waits for a later attempt."""
         key = (tick.symbol, tick.source)
         restore = self._agg_restoring.get(key)
         if restore is None:
@@ -1259,12 +1284,9 @@ class DataRouter:
             if self._clock.monotonic() < restore.retry_at or self._recovery_waits(key):
                 # The last attempt failed moments ago, or the candles a crashed router left
                 # are being rebuilt: the tick waits for the next attempt.
-                return
+                return None
             task = restore.task = self._start_restore(key, restore)
-        # A caller that gives up waiting leaves its tick (and the others') in the restore,
-        # which goes on; a restore that ends otherwise (cancelled by close()) is not the
-        # caller's error: its tick is accepted already.
-        await asyncio.wait((task,))
+        return task
 
     def _start_restore(self, key: tuple[str, str], restore: _FormingRestore) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self._restore_forming(key, restore))

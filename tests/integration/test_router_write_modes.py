@@ -262,6 +262,38 @@ async def test_journal_mode_is_on_disk_before_it_is_stored(
         assert health.status == "healthy", health.reason
 
 
+async def test_a_journaled_tick_whose_caller_gave_up_still_reaches_the_candles(
+    postgres_url: str, pg_schema: str, tmp_path: Path, side: Side
+) -> None:
+    # The caller's timeout fires in the very loop pass that made its append durable: the
+    # tick is accepted (stored), so the candles must count it too.
+    strategy = strategy_from_mapping(
+        {**HELD, "aggregation": {"enabled": True, "timeframes": ["1m"]}}
+    )
+    s = settings(postgres_url, pg_schema, tmp_path, write_mode="journal")
+    async with DataRouter(s, strategy=strategy) as router:
+        await router.save_tick(tick(1))  # the series' forming bar is restored (none)
+        ingest = router._ingest
+        assert ingest is not None
+        durable = ingest._on_durable
+        calls: list[asyncio.Task[None]] = []
+
+        def then_cancel(first: int, items: Any) -> None:
+            durable(first, items)
+            calls[0].cancel()
+
+        ingest._on_durable = then_cancel  # type: ignore[method-assign]
+        calls.append(asyncio.create_task(router.save_tick(tick(2))))
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+        ingest._on_durable = durable  # type: ignore[method-assign]
+        await router.flush()
+        assert await side.count() == 2
+        (bar,) = await router.get_latest_candles(SYM, "1m", 1)
+        assert bar.close == tick(2).mid
+        assert bar.end_time == tick(2).timestamp
+
+
 async def test_sync_mode_is_committed_when_the_call_returns(
     postgres_url: str, pg_schema: str, tmp_path: Path, side: Side
 ) -> None:

@@ -798,6 +798,38 @@ async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
     assert storage.stored_seqs() == [7, 8]
 
 
+async def test_one_model_saved_twice_settles_each_calls_slot(
+    make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same object is saved twice in journal mode: the first caller gives up and its
+    # append fails; the second append succeeds. Each call must settle its own queue slot:
+    # the second's success is not the first's (the first's slot would never come back).
+    pipeline = await make(max_queue=2)
+    shared = tick(1)
+    real_write = Journal._write_group
+
+    def failing_write(self: Journal, group: Any) -> Any:
+        raise JournalError("disk full")
+
+    monkeypatch.setattr(Journal, "_write_group", failing_write)
+    first = asyncio.create_task(pipeline.submit(shared, mode="journal"))
+    await asyncio.sleep(0)  # the append is queued for the next group
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    journal = pipeline.journal
+    assert journal is not None
+    monkeypatch.setattr(Journal, "_write_group", real_write)
+    await pipeline.submit(shared, mode="journal")  # the same object, while the first is unsettled
+    await journal.wait_idle()
+    await asyncio.gather(*pipeline._followups)
+    assert pipeline._reserved == 0
+    assert not pipeline._appending
+    assert not pipeline._cancelled
+    await pipeline.flush()
+    assert storage.stored_seqs() == [1]
+
+
 async def test_journal_call_cancelled_as_its_append_returns_keeps_the_bound(
     make: Any, storage: FakeStorage
 ) -> None:
