@@ -854,20 +854,23 @@ class CandleAggregator:
         ]
 
     def restore(self, candles: Iterable[CandleData]) -> int:
-        """Reload forming buckets read back from storage after a restart.
+        """Reload the newest candles read back from storage after a restart.
 
-        Only forming candles (``is_closed=False``) whose source starts with the prefix, whose
-        timeframe is aggregated here and whose timestamp is a bucket start under the current
-        options are used; a series/timeframe that already has state is left alone. Volume,
-        VWAP (numerator ``vwap * volume``, exact up to float rounding) and ``num_trades``
-        continue where they stopped; anything older than the restored bucket is late.
+        Only candles whose source starts with the prefix, whose timeframe is aggregated here
+        and whose timestamp is a bucket start under the current options are used; a
+        series/timeframe that already has state is left alone. A forming candle
+        (``is_closed=False``) goes on: volume, VWAP (numerator ``vwap * volume``, exact up to
+        float rounding) and ``num_trades`` continue where they stopped, and anything older
+        than its bucket is late. A closed candle marks where its series' closed buckets
+        end: a tick older than that end is late, as if this aggregator had closed it (a
+        resent tick never reopens a stored bar).
 
         Returns:
             How many candles were restored.
         """
         restored = 0
         for candle in candles:
-            if candle.is_closed or not candle.source.startswith(self._prefix):
+            if not candle.source.startswith(self._prefix):
                 continue
             if candle.timeframe not in self._timeframes:
                 continue
@@ -875,8 +878,6 @@ class CandleAggregator:
             key = (candle.symbol, source)
             series = self._series.get(key) or self._new_series(candle.symbol, source)
             bucket = series.buckets[self._timeframes.index(candle.timeframe)]
-            for coarse in bucket.folds_into:
-                coarse.unfold()  # restored state need not lie inside what they fold
             if bucket.values is not None or bucket.watermark:
                 logger.debug("restore skipped %s %s: already has state", key, candle.timeframe)
                 continue
@@ -892,6 +893,13 @@ class CandleAggregator:
                     self._daily_close,
                 )
                 continue
+            if candle.is_closed:
+                bucket.watermark = end
+                bucket.last_close = candle.close
+                restored += 1
+                continue
+            for coarse in bucket.folds_into:
+                coarse.unfold()  # restored state need not lie inside what they fold
             count = candle.num_trades
             volume = candle.volume or 0.0
             if candle.vwap is not None:
@@ -926,6 +934,43 @@ class CandleAggregator:
             }
             restored += 1
         return restored
+
+    def take_over(self, previous: CandleAggregator) -> list[CandleData]:
+        """Go on where ``previous`` stopped (the aggregator this one replaces when the
+        settings change): for every timeframe both aggregate, its forming buckets, where
+        its closed buckets end (older ticks stay late, never reopening a closed bar) and
+        the rebuilds it still owes; also its counters.
+
+        Returns:
+            The forming candles of the timeframes this aggregator drops, closed as they
+            stand: nothing will add to them any more.
+        """
+        self.stats = previous.stats
+        kept = self._timeframes
+        self.restore(previous.forming())
+        dropped: list[CandleData] = []
+        for (symbol, source), old in previous._series.items():
+            series = self._series.get((symbol, source))
+            for bucket in old.buckets:
+                if bucket.timeframe not in kept:
+                    if bucket.values is not None:
+                        dropped.append(previous._close(bucket))
+                    continue
+                if not bucket.watermark or bucket.last_close is None:
+                    continue  # never closed a bucket (a forming one came over above)
+                if series is None:
+                    series = self._new_series(symbol, source)
+                new = series.buckets[kept.index(bucket.timeframe)]
+                if bucket.watermark > new.watermark:
+                    new.watermark = bucket.watermark
+                    new.last_close = bucket.last_close
+        self.pending_rebuilds.update(r for r in previous.pending_rebuilds if r.timeframe in kept)
+        return dropped
+
+    def owe(self, requests: Iterable[RebuildRequest]) -> None:
+        """Owe these rebuilds again (a failed attempt), those of timeframes aggregated here."""
+        kept = self._timeframes
+        self.pending_rebuilds.update(r for r in requests if r.timeframe in kept)
 
     # ------------------------------------------------------------------ rebuilds
 

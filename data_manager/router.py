@@ -111,6 +111,8 @@ _HEALTH_STALENESS_SYMBOLS: Final = 200
 #: Order-flow settings that change only when metrics are published, not how they are
 #: computed: changing them keeps the calculator's state.
 _FLOW_TIMING: Final = {"publish_interval_seconds"}
+#: Aggregation settings read where they apply, each time: changing them keeps the aggregator.
+_AGG_LIVE: Final = {"publish_interval_seconds", "idle_close_grace_seconds", "disabled_symbols"}
 
 TIMESCALE: Final = "timescale"
 REPLICA: Final = "timescale_replica"
@@ -829,13 +831,11 @@ class DataRouter:
             msg = f"cannot connect to {storage.target} within {deadline:g}s: {exc}"
             raise DatabaseConnectionError(msg) from exc
 
-    def _build_aggregator(
-        self, strat: RoutingStrategy, previous: CandleAggregator | None = None
-    ) -> CandleAggregator | None:
+    def _build_aggregator(self, strat: RoutingStrategy) -> CandleAggregator | None:
         agg = strat.aggregation
         if not agg.enabled or not agg.timeframes:
             return None
-        aggregator = CandleAggregator(
+        return CandleAggregator(
             timeframes=list(agg.timeframes),
             price=agg.price,
             late_policy=agg.late_policy,
@@ -844,10 +844,34 @@ class DataRouter:
             # the event loop, not once per tick per timeframe.
             emit_forming=False,
         )
-        if previous is not None:
-            # A strategy reload must not lose the buckets that are forming right now.
-            aggregator.restore(previous.forming())
-        return aggregator
+
+    def _replace_aggregator(self, strat: RoutingStrategy) -> None:
+        """Aggregate under new settings from here on, continuing the current state: the
+        forming bars, where closed bars end, the rebuilds owed (see
+        :meth:`CandleAggregator.take_over`). The forming bars of a timeframe no longer
+        aggregated are closed as they stand and go where closed bars go."""
+        previous = self._aggregator
+        if self._forming_touched:
+            self._emit_forming()  # from the aggregator being replaced
+        aggregator = self._aggregator = self._build_aggregator(strat)
+        if previous is None:
+            return
+        if aggregator is None:
+            # Aggregation switched off: the bars stay as last published (forming); a
+            # restart or rebuild_candles() settles them.
+            return
+        dropped = aggregator.take_over(previous)
+        if not dropped:
+            return
+        route = strat.routing.save_tick
+        assert self._ingest is not None
+        for candle in dropped:
+            self._forming_dirty.pop((candle.symbol, candle.source, candle.timeframe), None)
+            self._l1.put_candle(candle)
+            self._publish(route, candle)
+            if self._subs:
+                self._subs.dispatch(candle)
+            self._ingest.submit_nowait(candle)
 
     def _build_orderflow(self, strat: RoutingStrategy) -> OrderFlowCalculator | None:
         flow = strat.order_flow
@@ -962,8 +986,10 @@ class DataRouter:
                 max_batch=b.max_batch,
                 put_timeout=b.put_timeout_seconds,
             )
-        if old.aggregation != new.aggregation:
-            self._aggregator = self._build_aggregator(new, previous=self._aggregator)
+        if old.aggregation.model_dump(exclude=_AGG_LIVE) != new.aggregation.model_dump(
+            exclude=_AGG_LIVE
+        ):
+            self._replace_aggregator(new)
         if old.order_flow.model_dump(exclude=_FLOW_TIMING) != new.order_flow.model_dump(
             exclude=_FLOW_TIMING
         ):
@@ -1316,16 +1342,16 @@ class DataRouter:
         ``_RESTORE_ATTEMPTS`` failures aggregation goes on without the restored bars.
         """
         symbol, source = key
-        forming: list[CandleData] = []
+        newest: list[CandleData] = []
         aggregator = self._aggregator
         storage = self._storage  # not self.storage: close() runs the last attempts
         try:
             if aggregator is not None and storage is not None:
                 agg_source = f"{aggregator.source_prefix}{source}"
                 for tf in aggregator.timeframes:
-                    rows = await storage.latest_candles(symbol, tf, 1, source=agg_source)
-                    if rows and not rows[-1].is_closed:
-                        forming.append(rows[-1])
+                    # The newest bar: a forming one goes on; a closed one tells where the
+                    # closed bars end, so a resent or late tick cannot reopen it.
+                    newest += await storage.latest_candles(symbol, tf, 1, source=agg_source)
         except Exception:  # the storage's errors, or a bug: either way retried, then given up
             if self._agg_restoring.get(key) is not restore:
                 return
@@ -1362,9 +1388,11 @@ class DataRouter:
         if aggregator is None:
             return
         if key not in self._agg_restored:
-            if forming:
-                restored = aggregator.restore(forming)
-                logger.info("restored %d forming candles of %s from %s", restored, symbol, source)
+            if newest:
+                restored = aggregator.restore(newest)
+                logger.info(
+                    "restored the newest %d candles of %s from %s", restored, symbol, source
+                )
             self._agg_restored.add(key)
         ingest = self._ingest
         if ingest is None or ingest.state is not PipelineState.RUNNING:
@@ -1485,7 +1513,10 @@ class DataRouter:
         finally:
             if done < len(requests):
                 self._late_owed = True  # their candles are not queued: see _hold_derived
-            aggregator.pending_rebuilds.update(requests[done:])
+                # Owed by the aggregator in force (a strategy reload may have replaced it).
+                current = self._aggregator
+                if current is not None:
+                    current.owe(requests[done:])
 
     def _spread_rebuilt(self, candles: Iterable[CandleData]) -> None:
         """Send rebuilt candles where live aggregated candles go: L1, L2 and the other

@@ -519,12 +519,54 @@ def test_restore_ignores_what_it_must_not_use() -> None:
     base.update(tick(T0, 1.1))
     forming = base.forming()
     vendor = forming[0].model_copy(update={"source": "feed"})  # a vendor's own candle
-    closed = forming[0].model_copy(update={"is_closed": True})
     misaligned = forming[0].model_copy(update={"timestamp": T0 + 1})
-    assert aggregator.restore([vendor, closed, misaligned, forming[1]]) == 0
+    assert aggregator.restore([vendor, misaligned, forming[1]]) == 0
     assert aggregator.restore([forming[0]]) == 1
     assert aggregator.restore([forming[0]]) == 0  # state exists already
     assert aggregator.forming() == [forming[0]]
+
+
+def test_a_restored_closed_candle_keeps_its_bucket_closed() -> None:
+    # The previous router closed the bar of T0; a tick resent after the restart (or a
+    # late one) must not reopen it with itself alone.
+    base = CandleAggregator(timeframes=["1m"])
+    base.update(tick(T0 + 1_000, 1.1))
+    (closed, _) = base.update(tick(T0 + 60_000, 1.2))
+    assert closed.is_closed
+    aggregator = CandleAggregator(timeframes=["1m"])
+    assert aggregator.restore([closed]) == 1
+    assert aggregator.update(tick(T0 + 1_000, 1.1)) == []
+    assert aggregator.stats.late_dropped == 1
+    (opened,) = aggregator.update(tick(T0 + 61_000, 1.3))
+    assert (opened.timestamp, opened.num_trades) == (T0 + 60_000, 1)
+
+
+def test_take_over_keeps_closed_ends_rebuilds_and_counters() -> None:
+    old = CandleAggregator(timeframes=["1m", "5m"], late_policy="rebuild")
+    old.update(tick(T0 + 1_000, 1.1))
+    old.update(tick(T0 + 61_000, 1.2))  # closes the 1m bar of T0
+    old.update(tick(T0 + 2_000, 1.0))  # late for it: a rebuild owed
+    new = CandleAggregator(timeframes=["1m", "5m"], late_policy="rebuild")
+    assert new.take_over(old) == []
+    assert new.pending_rebuilds == {RebuildRequest("EUR/USD", "feed", "1m", T0)}
+    assert new.stats is old.stats
+    assert [c.timestamp for c in new.forming()] == [T0 + 60_000, T0]
+    new.drain_rebuilds()
+    assert new.update(tick(T0 + 30_000, 1.5)) == [_forming_5m(new)]  # late for 1m only
+    assert new.pending_rebuilds == {RebuildRequest("EUR/USD", "feed", "1m", T0)}
+
+
+def _forming_5m(aggregator: CandleAggregator) -> CandleData:
+    return next(c for c in aggregator.forming() if c.timeframe == "5m")
+
+
+def test_take_over_closes_the_forming_bars_of_dropped_timeframes() -> None:
+    old = CandleAggregator(timeframes=["1m", "5m"])
+    old.update(tick(T0 + 1_000, 1.1))
+    new = CandleAggregator(timeframes=["1m"])
+    (dropped,) = new.take_over(old)
+    assert (dropped.timeframe, dropped.timestamp, dropped.is_closed) == ("5m", T0, True)
+    assert [c.timeframe for c in new.forming()] == ["1m"]
 
 
 # --------------------------------------------------------------------------- calendars

@@ -690,3 +690,108 @@ async def test_health_check_is_not_an_l1_read(tmp_path: Path) -> None:
         counted += ("order_flow_hits", "order_flow_misses")
         assert [getattr(after, n) for n in counted] == [getattr(before, n) for n in counted]
         assert l1.symbols() == order  # nothing moved in the LRU order
+
+
+def strategy_file(path: Path, aggregation: dict[str, Any]) -> Path:
+    text = f"DATA_MANAGER_STRATEGY = {{'aggregation': {aggregation!r}}}\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def watching(tmp_path: Path, aggregation: dict[str, Any]) -> DataManagerSettings:
+    return DataManagerSettings(
+        sqlite_path=str(tmp_path / "db.sqlite3"),
+        journal_dir=tmp_path / "journal",
+        strategy_file=strategy_file(tmp_path / "strategy.py", aggregation),
+        strategy_poll_seconds=3600,
+    )
+
+
+async def stored_1m(router: DataRouter) -> CandleData:
+    (bar,) = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 1)
+    return bar
+
+
+@pytest.mark.parametrize(
+    ("change", "trades"),
+    [
+        ({"publish_interval_seconds": 0.5}, 3),  # read live: the aggregator stays
+        ({"price": "bid", "late_policy": "drop"}, 3),  # a new aggregator
+        ({"late_policy": "rebuild"}, 4),  # the late tick rebuilds the bar from storage
+    ],
+)
+async def test_a_strategy_reload_keeps_closed_bars_closed(
+    tmp_path: Path, change: dict[str, Any], trades: int
+) -> None:
+    base = {"timeframes": ["1m"], "idle_close_grace_seconds": 0}
+    clock = ManualClock(wall_ms=T0)
+    async with DataRouter(watching(tmp_path, base), clock=clock) as router:
+        for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
+            await router.save_tick(q(T0 + offset, bid))
+        clock.advance(61.0)
+        await router.run_maintenance()  # the idle timer closes the bar of T0
+        await router.flush()
+        before = await stored_1m(router)
+        assert before.is_closed
+        strategy_file(tmp_path / "strategy.py", {**base, **change})
+        assert await router.reload_strategy()
+        await router.save_tick(q(T0 + 40_000, 1.50))  # late for the closed bar
+        await router.save_tick(q(T0 + 70_000, 1.10))
+        await router.flush()
+        after = await stored_1m(router)  # not reopened by the late tick alone
+        assert (after.open, after.num_trades, after.start_time) == (
+            before.open,
+            trades,
+            before.start_time,
+        )
+
+
+async def test_a_strategy_reload_keeps_the_rebuilds_owed(tmp_path: Path) -> None:
+    base = {"timeframes": ["1m"], "late_policy": "rebuild"}
+    clock = ManualClock(wall_ms=T0 + 70_000)
+    async with DataRouter(watching(tmp_path, base), clock=clock) as router:
+        await owe_a_late_rebuild(router)
+        strategy_file(tmp_path / "strategy.py", {**base, "timeframes": ["1m", "5m"]})
+        assert await router.reload_strategy()
+        await router.flush()
+        bar = await stored_1m(router)
+    assert (bar.num_trades, bar.is_closed) == (2, True)
+    assert bar.low == pytest.approx(1.0901)
+
+
+async def test_a_dropped_timeframes_forming_bar_is_closed_on_reload(tmp_path: Path) -> None:
+    base = {"timeframes": ["1m", "5m"]}
+    async with DataRouter(watching(tmp_path, base), clock=ManualClock(wall_ms=T0)) as router:
+        await router.save_tick(q(T0 + 1_000, 1.1))
+        strategy_file(tmp_path / "strategy.py", {"timeframes": ["1m"]})
+        assert await router.reload_strategy()
+        await router.flush()
+        (bar,) = await router.storage.candles_range("EUR/USD", "5m", T0, T0 + 1)
+        assert (bar.is_closed, bar.num_trades) == (True, 1)
+        (live,) = await router.get_latest_candles("EUR/USD", "5m", 1)
+        assert live.is_closed
+
+
+async def test_a_resent_tick_after_a_restart_does_not_reopen_a_closed_bar(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(wall_ms=T0)
+    strategy = strategy_from_mapping(
+        {"aggregation": {"timeframes": ["1m"], "idle_close_grace_seconds": 0}}
+    )
+    async with DataRouter(on_disk(tmp_path, "a"), clock=clock, strategy=strategy) as first:
+        for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
+            await first.save_tick(q(T0 + offset, bid))
+        clock.advance(61.0)
+        await first.run_maintenance()  # the idle timer closes the bar of T0: the newest
+        await first.flush()
+        before = await stored_1m(first)
+    assert before.is_closed
+    async with DataRouter(on_disk(tmp_path, "b"), clock=clock, strategy=strategy) as second:
+        await second.save_tick(q(T0 + 50_000, 1.09))  # the feed resends its last ticks
+        await second.save_tick(q(T0 + 61_000, 1.11))
+        await second.save_tick(q(T0 + 62_000, 1.12))
+        await second.flush()
+        assert await stored_1m(second) == before
