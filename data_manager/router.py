@@ -79,6 +79,7 @@ from data_manager.models import (
 )
 from data_manager.orderflow import OrderFlowCalculator
 from data_manager.processors import ProcessorRegistry, TickProcessor
+from data_manager.repeats import RepeatFilter
 from data_manager.settings import DataManagerSettings, WriteMode
 from data_manager.storage.base import Storage, in_key_order
 from data_manager.storage.candle_sql import candles_from_buckets, rebuild_chunks, sql_bucketable
@@ -532,6 +533,7 @@ class DataRouter:
         # the restores under way: their ticks wait there, in arrival order.
         self._agg_restored: set[tuple[str, str]] = set()
         self._agg_restoring: dict[tuple[str, str], _FormingRestore] = {}
+        self._repeats = RepeatFilter()  # ticks saved again: counted once (see _derive)
         # Crash recovery (see _DerivedRecovery): the (symbol, tick source) series a dead
         # instance's replayed journal touched, each with its oldest and newest timestamp.
         self._recovery = _DerivedRecovery()
@@ -1178,7 +1180,16 @@ class DataRouter:
     def _derive(self, tick: TickData, series: tuple[str, str], route: Sequence[str]) -> bool:
         """Hand an accepted tick to the derived data and this router's subscribers; True
         when its series' forming bars are still to be restored (the caller then aggregates
-        it through the restore)."""
+        it through the restore).
+
+        A tick saved again (the same timestamp and content as one of the series' last
+        ticks: stored once) reaches only the subscribers: the derived data counts it once.
+        """
+        derives = self._aggregator is not None or self._orderflow is not None
+        if (derives or self._has_processors) and self._repeats.is_repeat(tick, series):
+            if self._subs:
+                self._subs.dispatch(tick)
+            return False
         restoring = False
         if self._aggregator is not None:
             if series in self._agg_restored:

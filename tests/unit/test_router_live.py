@@ -795,3 +795,25 @@ async def test_a_resent_tick_after_a_restart_does_not_reopen_a_closed_bar(
         await second.save_tick(q(T0 + 62_000, 1.12))
         await second.flush()
         assert await stored_1m(second) == before
+
+
+async def test_a_tick_saved_again_is_counted_once_by_the_derived_data(
+    router: DataRouter,
+) -> None:
+    # An at-least-once feed resends a tick: storage keeps it once, and so must the candles,
+    # the order flow and the processors.
+    sma = IncrementalSMA(period=10)
+    router.register_processor(sma)
+    trade = {"last_price": 1.1002, "last_size": 5e5, "aggressor": "buy"}
+    first = q(T0 + 1_000, 1.1000, volume=100.0, **trade)
+    second = q(T0 + 2_000, 1.2000, volume=300.0, **trade)
+    for tick in (first, first, second, q(T0 + 1_000, 1.1000, volume=100.0, **trade)):
+        await router.save_tick(tick)
+    flow = await router.get_latest_order_flow("EUR/USD")
+    assert flow is not None
+    assert flow.buy_volume == pytest.approx(1e6)  # two trades, not four
+    (bar,) = await router.get_latest_candles("EUR/USD", "1m", 1)
+    assert (bar.num_trades, bar.volume) == (2, 400.0)
+    assert router.processors.stats()[sma.name].calls == 2
+    await router.flush()
+    assert len(await router.storage.ticks_range("EUR/USD", T0, T0 + 60_000)) == 2

@@ -1,0 +1,41 @@
+"""RepeatFilter: a tick saved again is recognised; an out-of-order or distinct one is not."""
+
+from __future__ import annotations
+
+from data_manager.models import TickData
+from data_manager.repeats import RepeatFilter
+
+T0 = 1_727_996_400_000
+SERIES = ("EUR/USD", "feed")
+
+
+def tick(ts: int, bid: float = 1.1, **extra: object) -> TickData:
+    return TickData(
+        symbol="EUR/USD", timestamp=ts, bid=bid, ask=bid + 0.0002, source="feed", **extra
+    )
+
+
+def test_a_resent_tick_is_a_repeat_whatever_its_arrival_stamp() -> None:
+    seen = RepeatFilter()
+    assert not seen.is_repeat(tick(T0), SERIES)
+    assert not seen.is_repeat(tick(T0 + 1), SERIES)
+    assert seen.is_repeat(tick(T0, received_at=T0 + 5), SERIES)  # not part of the content
+    assert seen.is_repeat(tick(T0 + 1), SERIES)
+
+
+def test_older_or_equal_ticks_with_other_content_are_new() -> None:
+    seen = RepeatFilter()
+    assert not seen.is_repeat(tick(T0 + 10), SERIES)
+    assert not seen.is_repeat(tick(T0 + 5), SERIES)  # out of order, first seen
+    assert not seen.is_repeat(tick(T0 + 10, 1.2), SERIES)  # same time, other price
+    assert not seen.is_repeat(tick(T0 + 10, seq=7), SERIES)  # same time, other seq
+    assert seen.is_repeat(tick(T0 + 5), SERIES)
+    assert not seen.is_repeat(tick(T0 + 10), ("EUR/USD", "other"))  # another series
+
+
+def test_only_the_last_depth_ticks_are_remembered() -> None:
+    seen = RepeatFilter(depth=3)
+    for i in range(4):
+        assert not seen.is_repeat(tick(T0 + i), SERIES)
+    assert not seen.is_repeat(tick(T0), SERIES)  # forgotten: counted again
+    assert seen.is_repeat(tick(T0 + 3), SERIES)
