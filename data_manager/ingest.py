@@ -983,6 +983,7 @@ class IngestPipeline:
         except BaseException:
             self._reserved -= 1  # _on_durable will not run for a failed append
             self._done_appending((key,))
+            self._release_space()  # a caller may wait for this very slot
             raise
         self._accepted += 1
 
@@ -1030,7 +1031,8 @@ class IngestPipeline:
         self._journaled_lsn = first_lsn + len(items) - 1
         if self._cancelled:
             for item in items:
-                self._cancelled.pop(id(item), None)
+                if self._cancelled.pop(id(item), None) is not None:
+                    self._accepted += 1  # its caller gave up, but the append was kept
         own = self._journal
         if self._backlog and own is not None and not (self._queue or self._held is not None):
             # Backlog mode: the replay will read them from the journal. (With anything waiting

@@ -798,6 +798,47 @@ async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
     assert storage.stored_seqs() == [7, 8]
 
 
+async def test_failed_journal_appends_wake_a_caller_waiting_for_their_slots(
+    make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both slots are held by journal appends that then fail (a full disk): the caller
+    # waiting for space must get one at once, not wait for some unrelated later event.
+    pipeline = await make(max_queue=2)
+
+    def failing_write(self: Journal, group: Any) -> Any:
+        raise JournalError("disk full")
+
+    monkeypatch.setattr(Journal, "_write_group", failing_write)
+    failing = [asyncio.create_task(pipeline.submit(tick(s), mode="journal")) for s in (1, 2)]
+    await asyncio.sleep(0)  # both hold their slot now
+    waiting = asyncio.create_task(pipeline.submit(tick(3)))
+    for call in failing:
+        with pytest.raises(JournalError):
+            await call
+    async with asyncio.timeout(WAIT):
+        await waiting
+    await pipeline.flush()
+    assert storage.stored_seqs() == [3]
+
+
+async def test_a_cancelled_journal_call_whose_append_is_kept_counts_as_accepted(
+    make: Any, storage: FakeStorage
+) -> None:
+    pipeline = await make()
+    call = asyncio.create_task(pipeline.submit(tick(1), mode="journal"))
+    await asyncio.sleep(0)  # the append is queued for the next group
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    journal = pipeline.journal
+    assert journal is not None
+    await journal.wait_idle()
+    await pipeline.flush()
+    assert storage.stored_seqs() == [1]
+    stats = pipeline.stats()
+    assert (stats.accepted, stats.stored) == (1, 1)
+
+
 async def test_one_model_saved_twice_settles_each_calls_slot(
     make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
