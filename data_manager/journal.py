@@ -934,6 +934,9 @@ class Journal:
         self._close_done: asyncio.Event | None = None
         self._lock = _FileLock(self.path / LOCK_NAME)
         self._io = threading.Lock()  # guards _segments against the committer and workers
+        # Held by whatever rewrites the checkpoint or deletes files (a mark_stored worker,
+        # the close): a worker left running by a cancelled mark_stored finishes first.
+        self._checkpointing = threading.Lock()
         self._segments: list[_Segment] = []
         self._active_fd: int | None = None
         self._active_end = 0  # bytes in the active segment file: records, then zeros
@@ -1359,20 +1362,25 @@ class Journal:
             if committer.thread is not None:
                 committer.thread.join()
         try:
-            self._release_active()
-            if self.pending_records == 0 and self._checkpoint_target() >= self.last_lsn:
-                self._remove_all()
-            else:
-                self._write_checkpoint()
-                logger.warning(
-                    "journal %s closed with %d records not yet stored (%d to replay); the "
-                    "next router to start will replay them",
-                    self.path,
-                    self.pending_records,
-                    self.last_lsn - self._checkpointed,
-                )
+            with self._checkpointing:
+                self._finish_files()
         finally:
             self._lock.release()
+
+    def _finish_files(self) -> None:
+        """Close the active segment; remove the folder when fully stored, else checkpoint."""
+        self._release_active()
+        if self.pending_records == 0 and self._checkpoint_target() >= self.last_lsn:
+            self._remove_all()
+        else:
+            self._write_checkpoint()
+            logger.warning(
+                "journal %s closed with %d records not yet stored (%d to replay); the "
+                "next router to start will replay them",
+                self.path,
+                self.pending_records,
+                self.last_lsn - self._checkpointed,
+            )
 
     def _remove_all(self) -> None:
         with self._io:
@@ -1401,6 +1409,7 @@ class Journal:
         # held at the fork: they would stay held in this process forever.
         self._committer = None
         self._io = threading.Lock()
+        self._checkpointing = threading.Lock()
         if self._stop_on_collect is not None:
             self._stop_on_collect.detach()
             self._stop_on_collect = None
@@ -1844,6 +1853,10 @@ class Journal:
                 raise JournalError(msg) from exc
 
     def _checkpoint_and_delete(self, dead: list[_Segment]) -> None:
+        with self._checkpointing:
+            self._checkpoint_and_delete_locked(dead)
+
+    def _checkpoint_and_delete_locked(self, dead: list[_Segment]) -> None:
         # Delete first: on a full disk the checkpoint (a new file) can be written only once
         # stored segments are gone. A crash in between loses nothing: the older checkpoint
         # replays a little more (idempotently), and the segments left are all newer.

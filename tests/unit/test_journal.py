@@ -471,6 +471,60 @@ async def test_the_checkpoint_is_synced_before_it_replaces_the_last_one(
     await j.close()
 
 
+class _ContendedLock:
+    """A lock that reports when a second caller has to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+async def test_close_waits_for_a_checkpoint_a_cancelled_mark_stored_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mark_stored's worker thread goes on after its caller is cancelled (a close stopping
+    # the writer); the close must not rewrite the checkpoint or remove the files meanwhile.
+    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
+    await j.open()
+    await j.append([tick(1), tick(2)])
+    gate, inside = threading.Event(), threading.Event()
+    lock = j._checkpointing = _ContendedLock()  # type: ignore[assignment]
+    real_write = Journal._write_checkpoint
+    close_saw_gate: list[bool] = []
+
+    def held_write(self: Journal) -> None:
+        inside.set()
+        gate.wait(WAIT)
+        real_write(self)
+
+    def release_active(self: Journal, real: Any = Journal._release_active) -> None:
+        close_saw_gate.append(gate.is_set())  # the close's file work begins...
+        lock.contended.set()  # ...or goes ahead without waiting (what must not happen)
+        real(self)
+
+    monkeypatch.setattr(Journal, "_write_checkpoint", held_write)
+    monkeypatch.setattr(Journal, "_release_active", release_active)
+    marking = asyncio.create_task(j.mark_stored(2))
+    await asyncio.to_thread(inside.wait, WAIT)
+    marking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await marking
+    closing = asyncio.create_task(j.close())
+    await asyncio.to_thread(lock.contended.wait, WAIT)  # the close waits for the lock...
+    gate.set()
+    await closing
+    assert close_saw_gate == [True]
+    assert not j.path.exists()  # everything stored: the folder is removed
+
+
 async def test_a_new_journal_root_is_durable_at_every_level_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
