@@ -772,6 +772,15 @@ async def test_below_a_held_checkpoint_only_ticks_are_replayed(
     assert observer.items == [tick(1), tick(2)]
 
 
+async def give_up_while_queued(pipeline: IngestPipeline, item: Any) -> None:
+    """A journal-mode submit whose caller is cancelled once its append is queued."""
+    call = asyncio.create_task(pipeline.submit(item, mode="journal"))
+    await asyncio.sleep(0)  # the append is queued for the next group
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
 async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
     make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -782,11 +791,7 @@ async def test_cancelled_journal_call_whose_append_fails_gives_its_slot_back(
 
     monkeypatch.setattr(Journal, "_write_group", failing_write)
     for seq in range(2):  # each caller gives up (a timeout, say) before its append fails
-        call = asyncio.create_task(pipeline.submit(tick(seq), mode="journal"))
-        await asyncio.sleep(0)  # the append is queued for the next group
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
+        await give_up_while_queued(pipeline, tick(seq))
     journal = pipeline.journal
     assert journal is not None
     await journal.wait_idle()  # both appends have failed by now
@@ -825,11 +830,7 @@ async def test_a_cancelled_journal_call_whose_append_is_kept_counts_as_accepted(
     make: Any, storage: FakeStorage
 ) -> None:
     pipeline = await make()
-    call = asyncio.create_task(pipeline.submit(tick(1), mode="journal"))
-    await asyncio.sleep(0)  # the append is queued for the next group
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await give_up_while_queued(pipeline, tick(1))
     journal = pipeline.journal
     assert journal is not None
     await journal.wait_idle()
@@ -853,11 +854,7 @@ async def test_one_model_saved_twice_settles_each_calls_slot(
         raise JournalError("disk full")
 
     monkeypatch.setattr(Journal, "_write_group", failing_write)
-    first = asyncio.create_task(pipeline.submit(shared, mode="journal"))
-    await asyncio.sleep(0)  # the append is queued for the next group
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
+    await give_up_while_queued(pipeline, shared)
     journal = pipeline.journal
     assert journal is not None
     monkeypatch.setattr(Journal, "_write_group", real_write)
