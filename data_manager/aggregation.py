@@ -935,29 +935,21 @@ class CandleAggregator:
             restored += 1
         return restored
 
-    def take_over(self, previous: CandleAggregator) -> list[CandleData]:
+    def take_over(self, previous: CandleAggregator) -> None:
         """Go on where ``previous`` stopped (the aggregator this one replaces when the
         settings change): for every timeframe both aggregate, its forming buckets, where
         its closed buckets end (older ticks stay late, never reopening a closed bar) and
-        the rebuilds it still owes; also its counters.
-
-        Returns:
-            The forming candles of the timeframes this aggregator drops, closed as they
-            stand: nothing will add to them any more.
+        the rebuilds it still owes; also its counters. The forming bars of timeframes this
+        one drops are left as they stand (continued if the timeframe comes back).
         """
         self.stats = previous.stats
         kept = self._timeframes
         self.restore(previous.forming())
-        dropped: list[CandleData] = []
         for (symbol, source), old in previous._series.items():
             series = self._series.get((symbol, source))
             for bucket in old.buckets:
-                if bucket.timeframe not in kept:
-                    if bucket.values is not None:
-                        dropped.append(previous._close(bucket))
-                    continue
-                if not bucket.watermark or bucket.last_close is None:
-                    continue  # never closed a bucket (a forming one came over above)
+                if bucket.timeframe not in kept or bucket.last_close is None:
+                    continue  # dropped, or never closed a bucket (a forming one came over)
                 if series is None:
                     series = self._new_series(symbol, source)
                 new = series.buckets[kept.index(bucket.timeframe)]
@@ -965,7 +957,6 @@ class CandleAggregator:
                     new.watermark = bucket.watermark
                     new.last_close = bucket.last_close
         self.pending_rebuilds.update(r for r in previous.pending_rebuilds if r.timeframe in kept)
-        return dropped
 
     def owe(self, requests: Iterable[RebuildRequest]) -> None:
         """Owe these rebuilds again (a failed attempt), those of timeframes aggregated here."""

@@ -10,35 +10,57 @@ ticks. :class:`RepeatFilter` remembers the last ticks of every series to recogni
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from collections.abc import Iterable
+from typing import Any, Final
 
 from data_manager.models import TickData
-from data_manager.storage.base import tick_content_key
 
 #: Ticks remembered per (symbol, source): a resend of more than the last this many is
 #: counted again (documented in the README's limitations).
-DEFAULT_DEPTH: Final = 32
+DEFAULT_DEPTH: Final = 16
+#: Most contents remembered for the newest millisecond of a series (a burst of ticks that
+#: share one timestamp is recognised within this bound).
+_MAX_AT_NEWEST: Final = 1024
+
+
+def tick_identity(tick: TickData) -> tuple[Any, ...]:
+    """What storage tells ticks of one series apart by: the timestamp and the content that
+    :func:`~data_manager.storage.base.tick_content_key` digests (not ``received_at``)."""
+    d = tick.__dict__
+    return (
+        d["timestamp"],
+        d["bid"],
+        d["ask"],
+        d["bid_size"],
+        d["ask_size"],
+        d["last_price"],
+        d["last_size"],
+        d["volume"],
+        d["seq"],
+        d["aggressor"],
+    )
 
 
 class _Recent:
-    __slots__ = ("newest", "ticks")
+    __slots__ = ("at_newest", "newest", "ticks")
 
     def __init__(self, depth: int) -> None:
-        self.newest = -1  # the newest timestamp among the ticks remembered so far
+        self.newest = -1  # the newest timestamp seen
         self.ticks: deque[TickData] = deque(maxlen=depth)
+        # Identities of the ticks at ``newest``, built once a second tick shares it.
+        self.at_newest: set[tuple[Any, ...]] | None = None
 
 
 class RepeatFilter:
     """Remembers the last ``depth`` ticks of every (symbol, source) series.
 
     A tick is a repeat when storage would not store it again: a remembered tick of its series
-    has the same timestamp and content (:func:`~data_manager.storage.base.tick_content_key`:
-    prices, sizes, ``seq``, aggressor; not ``received_at``). A tick newer than every
-    remembered one of its series costs one comparison; an older or equal one is compared with
-    the remembered ticks of the same timestamp.
+    has the same :func:`tick_identity`. A tick newer than every one seen in its series costs
+    one comparison; one at the newest timestamp is looked up in that millisecond's set of
+    identities; an older one is compared with the remembered ticks of its timestamp.
 
     Args:
-        depth: Ticks remembered per series.
+        depth: Ticks remembered per series (besides the newest millisecond's identities).
     """
 
     __slots__ = ("_depth", "_series")
@@ -51,23 +73,31 @@ class RepeatFilter:
         """Whether ``tick`` (of ``series``, its ``(symbol, source)``) repeats a remembered
         tick; a new one is remembered."""
         recent = self._series.get(series)
-        ts = tick.timestamp
         if recent is None:
             recent = self._series[series] = _Recent(self._depth)
+        ts = tick.timestamp
         if ts > recent.newest:
             recent.newest = ts
-        elif _remembered(recent.ticks, tick, ts):
+            recent.at_newest = None
+            recent.ticks.append(tick)
+            return False
+        identity = tick_identity(tick)
+        if ts == recent.newest:
+            seen = recent.at_newest
+            if seen is None:
+                seen = recent.at_newest = {
+                    tick_identity(old) for old in recent.ticks if old.timestamp == ts
+                }
+            if identity in seen:
+                return True
+            if len(seen) < _MAX_AT_NEWEST:
+                seen.add(identity)
+        elif any(old.timestamp == ts and tick_identity(old) == identity for old in recent.ticks):
             return True
         recent.ticks.append(tick)
         return False
 
-
-def _remembered(ticks: deque[TickData], tick: TickData, ts: int) -> bool:
-    content: int | None = None
-    for old in ticks:
-        if old.timestamp == ts:
-            if content is None:
-                content = tick_content_key(tick)
-            if tick_content_key(old) == content:
-                return True
-    return False
+    def remember(self, series: tuple[str, str], ticks: Iterable[TickData]) -> None:
+        """Remember ``ticks`` of ``series`` as seen (ticks another router counted)."""
+        for tick in ticks:
+            self.is_repeat(tick, series)

@@ -79,7 +79,7 @@ from data_manager.models import (
 )
 from data_manager.orderflow import OrderFlowCalculator
 from data_manager.processors import ProcessorRegistry, TickProcessor
-from data_manager.repeats import RepeatFilter
+from data_manager.repeats import RepeatFilter, tick_identity
 from data_manager.settings import DataManagerSettings, WriteMode
 from data_manager.storage.base import Storage, in_key_order
 from data_manager.storage.candle_sql import candles_from_buckets, rebuild_chunks, sql_bucketable
@@ -454,6 +454,7 @@ class DataRouter:
         self._state = RouterState.UNOPENED
         self._init_lock = asyncio.Lock()
         self._fork_gen = _fork_generation
+        self._opened_ms = 0  # the clock's time when initialize() finished (Unix ms)
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._watcher = StrategyWatcher(
             self.settings.resolved_strategy_file,
@@ -532,6 +533,11 @@ class DataRouter:
         # Series whose forming candles were restored (the hot path's one set lookup), and
         # the restores under way: their ticks wait there, in arrival order.
         self._agg_restored: set[tuple[str, str]] = set()
+        # Series aggregated here before a reload sent them back to restore (see
+        # _replace_aggregator): still "aggregated here" for crash recovery.
+        self._agg_seen: set[tuple[str, str]] = set()
+        # Forming bars of timeframes a reload dropped, by (symbol, source, timeframe).
+        self._set_aside: dict[tuple[str, str, str], CandleData] = {}
         self._agg_restoring: dict[tuple[str, str], _FormingRestore] = {}
         self._repeats = RepeatFilter()  # ticks saved again: counted once (see _derive)
         # Crash recovery (see _DerivedRecovery): the (symbol, tick source) series a dead
@@ -624,6 +630,7 @@ class DataRouter:
         except BaseException:
             await self._teardown()
             raise
+        self._opened_ms = self._clock.time_ms()  # ticks received before: another router's
         self._state = RouterState.OPEN
         if self._recovery.due(self._clock.monotonic()):
             self._start_recovery()  # the adopted journals were replayed during the start
@@ -850,30 +857,32 @@ class DataRouter:
     def _replace_aggregator(self, strat: RoutingStrategy) -> None:
         """Aggregate under new settings from here on, continuing the current state: the
         forming bars, where closed bars end, the rebuilds owed (see
-        :meth:`CandleAggregator.take_over`). The forming bars of a timeframe no longer
-        aggregated are closed as they stand and go where closed bars go."""
+        :meth:`CandleAggregator.take_over`). Timeframes it did not aggregate (added, or
+        aggregation switched back on) may have bars in storage: every series restores them
+        on its next tick, as after a restart."""
         previous = self._aggregator
         if self._forming_touched:
             self._emit_forming()  # from the aggregator being replaced
         aggregator = self._aggregator = self._build_aggregator(strat)
-        if previous is None:
-            return
+        kept = () if aggregator is None else aggregator.timeframes
+        set_aside = self._set_aside
+        if previous is not None:
+            # The forming bars of timeframes dropped: stored as they stand, and kept here
+            # to go on if the timeframe comes back.
+            for candle in previous.forming():
+                if candle.timeframe not in kept:
+                    key = (candle.symbol, candle.source, candle.timeframe)
+                    set_aside[key] = self._forming_dirty[key] = candle
         if aggregator is None:
-            # Aggregation switched off: the bars stay as last published (forming); a
-            # restart or rebuild_candles() settles them.
             return
-        dropped = aggregator.take_over(previous)
-        if not dropped:
-            return
-        route = strat.routing.save_tick
-        assert self._ingest is not None
-        for candle in dropped:
-            self._forming_dirty.pop((candle.symbol, candle.source, candle.timeframe), None)
-            self._l1.put_candle(candle)
-            self._publish(route, candle)
-            if self._subs:
-                self._subs.dispatch(candle)
-            self._ingest.submit_nowait(candle)
+        if previous is not None:
+            aggregator.take_over(previous)
+        back = [key for key in set_aside if key[2] in kept]
+        if back:
+            aggregator.restore([set_aside.pop(key) for key in back])
+        if previous is None or set(kept) - set(previous.timeframes):
+            self._agg_seen |= self._agg_restored
+            self._agg_restored.clear()
 
     def _build_orderflow(self, strat: RoutingStrategy) -> OrderFlowCalculator | None:
         flow = strat.order_flow
@@ -1354,15 +1363,25 @@ class DataRouter:
         """
         symbol, source = key
         newest: list[CandleData] = []
+        counted: set[tuple[Any, ...]] = set()
         aggregator = self._aggregator
         storage = self._storage  # not self.storage: close() runs the last attempts
+        read: set[str] = set()
         try:
-            if aggregator is not None and storage is not None:
+            # Until every timeframe aggregated now is read (a reload may add some meanwhile).
+            while aggregator is not None and storage is not None:
+                missing = [tf for tf in aggregator.timeframes if tf not in read]
+                if not missing:
+                    break
                 agg_source = f"{aggregator.source_prefix}{source}"
-                for tf in aggregator.timeframes:
+                for tf in missing:
                     # The newest bar: a forming one goes on; a closed one tells where the
                     # closed bars end, so a resent or late tick cannot reopen it.
                     newest += await storage.latest_candles(symbol, tf, 1, source=agg_source)
+                    read.add(tf)
+                aggregator = self._aggregator
+            if storage is not None:
+                counted = await self._counted_before(storage, key, newest, restore.ticks)
         except Exception:  # the storage's errors, or a bug: either way retried, then given up
             if self._agg_restoring.get(key) is not restore:
                 return
@@ -1409,7 +1428,37 @@ class DataRouter:
         if ingest is None or ingest.state is not PipelineState.RUNNING:
             return  # closed meanwhile: the ticks are stored; the derived data closed too
         for tick, route in restore.ticks:
+            if counted and tick_identity(tick) in counted:
+                continue  # resent: the restored bars hold it already
             self._feed_aggregator(tick, route)
+
+    async def _counted_before(
+        self,
+        storage: Storage,
+        key: tuple[str, str],
+        newest: Sequence[CandleData],
+        waiting: Sequence[tuple[TickData, Sequence[str]]],
+    ) -> set[tuple[Any, ...]]:
+        """The waiting ticks' identities that a previous router counted in the forming bars
+        just read: stored before this router opened, no later than those bars' last tick (a
+        feed resending its last ticks after a reconnect). They are remembered as seen, so a
+        resend that comes after the restore is a repeat too."""
+        ends = [c.end_time for c in newest if not c.is_closed and c.end_time is not None]
+        if not ends or not waiting:
+            return set()
+        first = min(tick.timestamp for tick, _ in waiting)
+        last = max(ends)
+        if first > last:
+            return set()
+        symbol, source = key
+        opened = self._opened_ms
+        counted = [
+            tick
+            for tick in await storage.ticks_range(symbol, first, last + 1, source=source)
+            if tick.received_at is not None and tick.received_at < opened
+        ]
+        self._repeats.remember(key, counted)
+        return {tick_identity(tick) for tick in counted}
 
     def _materialise_derived(self) -> None:
         """Publish the forming bars and order flow still waiting for their timer (before
@@ -2078,7 +2127,7 @@ class DataRouter:
         self._recovery.begin(
             cutoff_ms=self._clock.time_ms(),
             wait_until=now + _RECOVERY_WAIT_SECONDS,
-            live=set(self._agg_restored) | set(self._agg_restoring),
+            live=self._agg_restored | self._agg_seen | set(self._agg_restoring),
         )
 
     def _on_replayed(self, items: Sequence[Any]) -> None:
@@ -2125,6 +2174,7 @@ class DataRouter:
                 elif (
                     key in recovery.live
                     or key in self._agg_restored
+                    or key in self._agg_seen
                     or (restoring is not None and restoring.task is not None)
                 ):
                     skipped.append(key)  # aggregated here already (or about to be)

@@ -547,7 +547,7 @@ def test_take_over_keeps_closed_ends_rebuilds_and_counters() -> None:
     old.update(tick(T0 + 61_000, 1.2))  # closes the 1m bar of T0
     old.update(tick(T0 + 2_000, 1.0))  # late for it: a rebuild owed
     new = CandleAggregator(timeframes=["1m", "5m"], late_policy="rebuild")
-    assert new.take_over(old) == []
+    new.take_over(old)
     assert new.pending_rebuilds == {RebuildRequest("EUR/USD", "feed", "1m", T0)}
     assert new.stats is old.stats
     assert [c.timestamp for c in new.forming()] == [T0 + 60_000, T0]
@@ -560,13 +560,13 @@ def _forming_5m(aggregator: CandleAggregator) -> CandleData:
     return next(c for c in aggregator.forming() if c.timeframe == "5m")
 
 
-def test_take_over_closes_the_forming_bars_of_dropped_timeframes() -> None:
+def test_take_over_leaves_a_dropped_timeframes_bar_as_it_stands() -> None:
     old = CandleAggregator(timeframes=["1m", "5m"])
     old.update(tick(T0 + 1_000, 1.1))
     new = CandleAggregator(timeframes=["1m"])
-    (dropped,) = new.take_over(old)
-    assert (dropped.timeframe, dropped.timestamp, dropped.is_closed) == ("5m", T0, True)
+    new.take_over(old)
     assert [c.timeframe for c in new.forming()] == ["1m"]
+    assert [c.timeframe for c in old.forming()] == ["1m", "5m"]  # not closed
 
 
 # --------------------------------------------------------------------------- calendars

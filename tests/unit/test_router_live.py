@@ -761,17 +761,74 @@ async def test_a_strategy_reload_keeps_the_rebuilds_owed(tmp_path: Path) -> None
     assert bar.low == pytest.approx(1.0901)
 
 
-async def test_a_dropped_timeframes_forming_bar_is_closed_on_reload(tmp_path: Path) -> None:
-    base = {"timeframes": ["1m", "5m"]}
-    async with DataRouter(watching(tmp_path, base), clock=ManualClock(wall_ms=T0)) as router:
+@pytest.mark.parametrize("back", ["reload", "restart"])
+async def test_a_timeframe_removed_and_added_back_continues_its_bar(
+    tmp_path: Path, back: str
+) -> None:
+    both = {"timeframes": ["1m", "5m"]}
+    clock = ManualClock(wall_ms=T0)
+    async with DataRouter(watching(tmp_path, both), clock=clock) as router:
         await router.save_tick(q(T0 + 1_000, 1.1))
         strategy_file(tmp_path / "strategy.py", {"timeframes": ["1m"]})
         assert await router.reload_strategy()
+        await router.save_tick(q(T0 + 2_000, 1.2))  # no 5m bar meanwhile
+        if back == "reload":
+            strategy_file(tmp_path / "strategy.py", both)
+            assert await router.reload_strategy()
+            await router.save_tick(q(T0 + 3_000, 1.3))
+            await router.flush()
+            (bar,) = await router.get_latest_candles("EUR/USD", "5m", 1)
+    if back == "restart":
+        clock.advance(1.0)
+        strategy_file(tmp_path / "strategy.py", both)
+        async with DataRouter(watching(tmp_path, both), clock=clock) as router:
+            await router.save_tick(q(T0 + 3_000, 1.3))
+            await router.flush()
+            (bar,) = await router.get_latest_candles("EUR/USD", "5m", 1)
+    # The bar goes on from where it stood (the tick saved without 5m is not in it).
+    assert (bar.timestamp, bar.is_closed, bar.num_trades) == (T0, False, 2)
+    assert (bar.open, bar.close) == pytest.approx((1.1001, 1.3001))
+
+
+async def test_aggregation_switched_off_and_on_restores_its_bars(tmp_path: Path) -> None:
+    base = {"timeframes": ["1m"], "idle_close_grace_seconds": 0}
+    clock = ManualClock(wall_ms=T0)
+    async with DataRouter(watching(tmp_path, base), clock=clock) as router:
+        for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
+            await router.save_tick(q(T0 + offset, bid))
+        clock.advance(61.0)
+        await router.run_maintenance()  # the bar of T0 closes
+        await router.save_tick(q(T0 + 61_000, 1.11))
         await router.flush()
-        (bar,) = await router.storage.candles_range("EUR/USD", "5m", T0, T0 + 1)
-        assert (bar.is_closed, bar.num_trades) == (True, 1)
-        (live,) = await router.get_latest_candles("EUR/USD", "5m", 1)
-        assert live.is_closed
+        before = await stored_1m(router)
+        for enabled in (False, True):
+            strategy_file(tmp_path / "strategy.py", {**base, "enabled": enabled})
+            assert await router.reload_strategy()
+        await router.save_tick(q(T0 + 40_000, 1.50))  # late for the closed bar
+        await router.save_tick(q(T0 + 62_000, 1.12))
+        await router.flush()
+        assert await stored_1m(router) == before
+        (forming,) = await router.get_latest_candles("EUR/USD", "1m", 1)
+        assert (forming.timestamp, forming.num_trades) == (T0 + 60_000, 2)
+
+
+async def test_ticks_resent_after_a_restart_are_counted_once_in_the_restored_bar(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(wall_ms=T0)
+    ticks = [q(T0 + 1_000 * i, 1.1 + i / 1000, volume=100.0) for i in range(1, 4)]
+    async with DataRouter(on_disk(tmp_path, "a"), clock=clock, strategy=ONE_MINUTE) as first:
+        for tick in ticks:
+            await first.save_tick(tick)
+    clock.advance(5.0)
+    async with DataRouter(on_disk(tmp_path, "b"), clock=clock, strategy=ONE_MINUTE) as second:
+        for tick in ticks[1:]:  # the feed resends its last two ticks after reconnecting
+            await second.save_tick(tick)
+        await second.save_tick(ticks[2])  # and once more, after the restore
+        await second.save_tick(q(T0 + 4_000, 1.2, volume=100.0))
+        await second.flush()
+        (bar,) = await second.get_latest_candles("EUR/USD", "1m", 1)
+    assert (bar.num_trades, bar.volume) == (4, 400.0)
 
 
 async def test_a_resent_tick_after_a_restart_does_not_reopen_a_closed_bar(
