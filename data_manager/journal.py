@@ -937,6 +937,7 @@ class Journal:
         # Held by whatever rewrites the checkpoint or deletes files (a mark_stored worker,
         # the close): a worker left running by a cancelled mark_stored finishes first.
         self._checkpointing = threading.Lock()
+        self._files_final = False  # set by the close, under _checkpointing
         self._segments: list[_Segment] = []
         self._active_fd: int | None = None
         self._active_end = 0  # bytes in the active segment file: records, then zeros
@@ -1369,6 +1370,7 @@ class Journal:
 
     def _finish_files(self) -> None:
         """Close the active segment; remove the folder when fully stored, else checkpoint."""
+        self._files_final = True
         self._release_active()
         if self.pending_records == 0 and self._checkpoint_target() >= self.last_lsn:
             self._remove_all()
@@ -1854,6 +1856,8 @@ class Journal:
 
     def _checkpoint_and_delete(self, dead: list[_Segment]) -> None:
         with self._checkpointing:
+            if self._files_final:
+                return  # a worker that close() overtook: the close wrote the newer state
             self._checkpoint_and_delete_locked(dead)
 
     def _checkpoint_and_delete_locked(self, dead: list[_Segment]) -> None:

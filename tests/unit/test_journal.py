@@ -525,6 +525,19 @@ async def test_close_waits_for_a_checkpoint_a_cancelled_mark_stored_left_running
     assert not j.path.exists()  # everything stored: the folder is removed
 
 
+async def test_a_checkpoint_worker_that_close_overtook_writes_nothing(tmp_path: Path) -> None:
+    # A mark_stored worker thread that reaches the lock only after the close finished must
+    # not write its (older) checkpoint over what the close left, nor into a removed folder.
+    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
+    await j.open()
+    await j.append([tick(1)])
+    await j.mark_stored(1)
+    await j.close()
+    assert not j.path.exists()
+    await asyncio.to_thread(j._checkpoint_and_delete, [])
+    assert not j.path.exists()
+
+
 async def test_a_new_journal_root_is_durable_at_every_level_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
