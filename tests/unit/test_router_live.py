@@ -709,6 +709,14 @@ def watching(tmp_path: Path, aggregation: dict[str, Any]) -> DataManagerSettings
     )
 
 
+async def close_by_the_idle_timer(router: DataRouter, clock: ManualClock) -> None:
+    """Three ticks in the 1m bar of T0, then the idle timer closes it (no grace)."""
+    for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
+        await router.save_tick(q(T0 + offset, bid))
+    clock.advance(61.0)
+    await router.run_maintenance()
+
+
 async def stored_1m(router: DataRouter) -> CandleData:
     (bar,) = await router.storage.candles_range("EUR/USD", "1m", T0, T0 + 1)
     return bar
@@ -728,10 +736,7 @@ async def test_a_strategy_reload_keeps_closed_bars_closed(
     base = {"timeframes": ["1m"], "idle_close_grace_seconds": 0}
     clock = ManualClock(wall_ms=T0)
     async with DataRouter(watching(tmp_path, base), clock=clock) as router:
-        for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
-            await router.save_tick(q(T0 + offset, bid))
-        clock.advance(61.0)
-        await router.run_maintenance()  # the idle timer closes the bar of T0
+        await close_by_the_idle_timer(router, clock)
         await router.flush()
         before = await stored_1m(router)
         assert before.is_closed
@@ -794,10 +799,7 @@ async def test_aggregation_switched_off_and_on_restores_its_bars(tmp_path: Path)
     base = {"timeframes": ["1m"], "idle_close_grace_seconds": 0}
     clock = ManualClock(wall_ms=T0)
     async with DataRouter(watching(tmp_path, base), clock=clock) as router:
-        for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
-            await router.save_tick(q(T0 + offset, bid))
-        clock.advance(61.0)
-        await router.run_maintenance()  # the bar of T0 closes
+        await close_by_the_idle_timer(router, clock)
         await router.save_tick(q(T0 + 61_000, 1.11))
         await router.flush()
         before = await stored_1m(router)
@@ -839,10 +841,7 @@ async def test_a_resent_tick_after_a_restart_does_not_reopen_a_closed_bar(
         {"aggregation": {"timeframes": ["1m"], "idle_close_grace_seconds": 0}}
     )
     async with DataRouter(on_disk(tmp_path, "a"), clock=clock, strategy=strategy) as first:
-        for offset, bid in ((1_000, 1.10), (30_000, 1.12), (50_000, 1.09)):
-            await first.save_tick(q(T0 + offset, bid))
-        clock.advance(61.0)
-        await first.run_maintenance()  # the idle timer closes the bar of T0: the newest
+        await close_by_the_idle_timer(first, clock)  # the newest stored bar is closed
         await first.flush()
         before = await stored_1m(first)
     assert before.is_closed
