@@ -10,7 +10,6 @@ ticks. :class:`RepeatFilter` remembers the last ticks of every series to recogni
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from typing import Any, Final
 
 from data_manager.models import TickData
@@ -96,8 +95,3 @@ class RepeatFilter:
             return True
         recent.ticks.append(tick)
         return False
-
-    def remember(self, series: tuple[str, str], ticks: Iterable[TickData]) -> None:
-        """Remember ``ticks`` of ``series`` as seen (ticks another router counted)."""
-        for tick in ticks:
-            self.is_repeat(tick, series)

@@ -79,7 +79,7 @@ from data_manager.models import (
 )
 from data_manager.orderflow import OrderFlowCalculator
 from data_manager.processors import ProcessorRegistry, TickProcessor
-from data_manager.repeats import RepeatFilter, tick_identity
+from data_manager.repeats import RepeatFilter
 from data_manager.settings import DataManagerSettings, WriteMode
 from data_manager.storage.base import Storage, in_key_order
 from data_manager.storage.candle_sql import candles_from_buckets, rebuild_chunks, sql_bucketable
@@ -454,7 +454,6 @@ class DataRouter:
         self._state = RouterState.UNOPENED
         self._init_lock = asyncio.Lock()
         self._fork_gen = _fork_generation
-        self._opened_ms = 0  # the clock's time when initialize() finished (Unix ms)
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._watcher = StrategyWatcher(
             self.settings.resolved_strategy_file,
@@ -630,7 +629,6 @@ class DataRouter:
         except BaseException:
             await self._teardown()
             raise
-        self._opened_ms = self._clock.time_ms()  # ticks received before: another router's
         self._state = RouterState.OPEN
         if self._recovery.due(self._clock.monotonic()):
             self._start_recovery()  # the adopted journals were replayed during the start
@@ -1327,9 +1325,12 @@ class DataRouter:
         restore.ticks.append((tick, route))
         task = restore.task
         if task is None:
-            if self._clock.monotonic() < restore.retry_at or self._recovery_waits(key):
+            if self._clock.monotonic() < restore.retry_at or (
+                key not in self._agg_seen and self._recovery_waits(key)
+            ):
                 # The last attempt failed moments ago, or the candles a crashed router left
-                # are being rebuilt: the tick waits for the next attempt.
+                # are being rebuilt: the tick waits for the next attempt. (A series a reload
+                # sent back here was aggregated here already: recovery leaves it alone.)
                 return None
             task = restore.task = self._start_restore(key, restore)
         return task
@@ -1363,7 +1364,6 @@ class DataRouter:
         """
         symbol, source = key
         newest: list[CandleData] = []
-        counted: set[tuple[Any, ...]] = set()
         aggregator = self._aggregator
         storage = self._storage  # not self.storage: close() runs the last attempts
         read: set[str] = set()
@@ -1380,8 +1380,6 @@ class DataRouter:
                     newest += await storage.latest_candles(symbol, tf, 1, source=agg_source)
                     read.add(tf)
                 aggregator = self._aggregator
-            if storage is not None:
-                counted = await self._counted_before(storage, key, newest, restore.ticks)
         except Exception:  # the storage's errors, or a bug: either way retried, then given up
             if self._agg_restoring.get(key) is not restore:
                 return
@@ -1428,37 +1426,7 @@ class DataRouter:
         if ingest is None or ingest.state is not PipelineState.RUNNING:
             return  # closed meanwhile: the ticks are stored; the derived data closed too
         for tick, route in restore.ticks:
-            if counted and tick_identity(tick) in counted:
-                continue  # resent: the restored bars hold it already
             self._feed_aggregator(tick, route)
-
-    async def _counted_before(
-        self,
-        storage: Storage,
-        key: tuple[str, str],
-        newest: Sequence[CandleData],
-        waiting: Sequence[tuple[TickData, Sequence[str]]],
-    ) -> set[tuple[Any, ...]]:
-        """The waiting ticks' identities that a previous router counted in the forming bars
-        just read: stored before this router opened, no later than those bars' last tick (a
-        feed resending its last ticks after a reconnect). They are remembered as seen, so a
-        resend that comes after the restore is a repeat too."""
-        ends = [c.end_time for c in newest if not c.is_closed and c.end_time is not None]
-        if not ends or not waiting:
-            return set()
-        first = min(tick.timestamp for tick, _ in waiting)
-        last = max(ends)
-        if first > last:
-            return set()
-        symbol, source = key
-        opened = self._opened_ms
-        counted = [
-            tick
-            for tick in await storage.ticks_range(symbol, first, last + 1, source=source)
-            if tick.received_at is not None and tick.received_at < opened
-        ]
-        self._repeats.remember(key, counted)
-        return {tick_identity(tick) for tick in counted}
 
     def _materialise_derived(self) -> None:
         """Publish the forming bars and order flow still waiting for their timer (before

@@ -46,10 +46,3 @@ def test_a_burst_in_one_millisecond_is_told_apart_beyond_the_depth() -> None:
     burst = [tick(T0, 1.1 + i / 1000) for i in range(5)]
     assert not any(seen.is_repeat(t, SERIES) for t in burst)
     assert all(seen.is_repeat(t, SERIES) for t in burst)
-
-
-def test_remembered_ticks_of_another_router_are_repeats() -> None:
-    seen = RepeatFilter()
-    seen.remember(SERIES, [tick(T0), tick(T0 + 1)])
-    assert seen.is_repeat(tick(T0 + 1, received_at=T0 + 9), SERIES)
-    assert not seen.is_repeat(tick(T0 + 2), SERIES)

@@ -814,25 +814,6 @@ async def test_aggregation_switched_off_and_on_restores_its_bars(tmp_path: Path)
         assert (forming.timestamp, forming.num_trades) == (T0 + 60_000, 2)
 
 
-async def test_ticks_resent_after_a_restart_are_counted_once_in_the_restored_bar(
-    tmp_path: Path,
-) -> None:
-    clock = ManualClock(wall_ms=T0)
-    ticks = [q(T0 + 1_000 * i, 1.1 + i / 1000, volume=100.0) for i in range(1, 4)]
-    async with DataRouter(on_disk(tmp_path, "a"), clock=clock, strategy=ONE_MINUTE) as first:
-        for tick in ticks:
-            await first.save_tick(tick)
-    clock.advance(5.0)
-    async with DataRouter(on_disk(tmp_path, "b"), clock=clock, strategy=ONE_MINUTE) as second:
-        for tick in ticks[1:]:  # the feed resends its last two ticks after reconnecting
-            await second.save_tick(tick)
-        await second.save_tick(ticks[2])  # and once more, after the restore
-        await second.save_tick(q(T0 + 4_000, 1.2, volume=100.0))
-        await second.flush()
-        (bar,) = await second.get_latest_candles("EUR/USD", "1m", 1)
-    assert (bar.num_trades, bar.volume) == (4, 400.0)
-
-
 async def test_a_resent_tick_after_a_restart_does_not_reopen_a_closed_bar(
     tmp_path: Path,
 ) -> None:
@@ -873,3 +854,20 @@ async def test_a_tick_saved_again_is_counted_once_by_the_derived_data(
     assert router.processors.stats()[sma.name].calls == 2
     await router.flush()
     assert len(await router.storage.ticks_range("EUR/USD", T0, T0 + 60_000)) == 2
+
+
+async def test_a_reload_during_a_recovery_wait_does_not_hold_series_aggregated_here(
+    tmp_path: Path,
+) -> None:
+    # A dead router's journal was adopted (its candles are being rebuilt, new series wait);
+    # a reload that adds a timeframe sends the series aggregated here back to restore: they
+    # must not wait for a recovery that leaves them alone.
+    clock = ManualClock(wall_ms=T0)
+    async with DataRouter(watching(tmp_path, {"timeframes": ["1m"]}), clock=clock) as router:
+        await router.save_tick(q(T0 + 1_000, 1.1))
+        router._on_adopted()
+        strategy_file(tmp_path / "strategy.py", {"timeframes": ["1m", "5m"]})
+        assert await router.reload_strategy()
+        await router.save_tick(q(T0 + 2_000, 1.2))
+        (bar,) = await router.get_latest_candles("EUR/USD", "1m", 1)
+        assert bar.num_trades == 2
