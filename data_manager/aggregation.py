@@ -956,10 +956,11 @@ class CandleAggregator:
                 if bucket.watermark > new.watermark:
                     new.watermark = bucket.watermark
                     new.last_close = bucket.last_close
-        self.pending_rebuilds.update(r for r in previous.pending_rebuilds if r.timeframe in kept)
+        self.owe(previous.pending_rebuilds)
 
     def owe(self, requests: Iterable[RebuildRequest]) -> None:
-        """Owe these rebuilds again (a failed attempt), those of timeframes aggregated here."""
+        """Owe these rebuilds (a failed attempt's, or a replaced aggregator's), those of
+        timeframes aggregated here."""
         kept = self._timeframes
         self.pending_rebuilds.update(r for r in requests if r.timeframe in kept)
 

@@ -101,7 +101,7 @@ from data_manager.metrics import BATCH_SIZE_BUCKETS, HistogramRecorder, Histogra
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from pathlib import Path
 
     from data_manager.settings import WriteMode
@@ -982,7 +982,7 @@ class IngestPipeline:
             raise
         except BaseException:
             self._reserved -= 1  # _on_durable will not run for a failed append
-            self._done_appending((key,))
+            appending.discard(key)
             self._release_space()  # a caller may wait for this very slot
             raise
         self._accepted += 1
@@ -998,10 +998,6 @@ class IngestPipeline:
         self._cancelled_but_taken = None
         return taken
 
-    def _done_appending(self, keys: Iterable[int]) -> None:
-        """These journal-mode calls' appends are settled (``keys``: ``id(item)`` each)."""
-        self._appending.difference_update(keys)
-
     def _release_if_lost(self, journal: Journal, item: IngestItem) -> None:
         """Give a cancelled call's queue slot back if its append fails.
 
@@ -1016,7 +1012,7 @@ class IngestPipeline:
             await journal.wait_idle()
             if self._cancelled.pop(id(item), None) is not None:
                 self._reserved -= 1
-                self._done_appending((id(item),))
+                self._appending.discard(id(item))
                 self._release_space()
 
         task = asyncio.get_running_loop().create_task(follow_up())
@@ -1026,7 +1022,7 @@ class IngestPipeline:
     def _on_durable(self, first_lsn: int, items: Sequence[IngestItem]) -> None:
         """Journal callback: the items are on disk; queue them (in LSN order)."""
         self._reserved -= len(items)
-        self._done_appending(map(id, items))
+        self._appending.difference_update(map(id, items))
         # Callbacks run in LSN order, after any spill settled before them: the newest so far.
         self._journaled_lsn = first_lsn + len(items) - 1
         if self._cancelled:

@@ -1858,22 +1858,19 @@ class Journal:
         with self._checkpointing:
             if self._files_final:
                 return  # a worker that close() overtook: the close wrote the newer state
-            self._checkpoint_and_delete_locked(dead)
-
-    def _checkpoint_and_delete_locked(self, dead: list[_Segment]) -> None:
-        # Delete first: on a full disk the checkpoint (a new file) can be written only once
-        # stored segments are gone. A crash in between loses nothing: the older checkpoint
-        # replays a little more (idempotently), and the segments left are all newer.
-        if dead:
-            with self._io:
-                self._segments = [s for s in self._segments if s not in dead]
+            # Delete first: on a full disk the checkpoint (a new file) can be written only once
+            # stored segments are gone. A crash in between loses nothing: the older checkpoint
+            # replays a little more (idempotently), and the segments left are all newer.
+            if dead:
+                with self._io:
+                    self._segments = [s for s in self._segments if s not in dead]
+                    for segment in dead:
+                        self._gone.pop(segment.first_lsn, None)
                 for segment in dead:
-                    self._gone.pop(segment.first_lsn, None)
-            for segment in dead:
-                segment.path.unlink(missing_ok=True)  # gone already if deleted under us
-            _fsync_dir(self.path)
-        self._write_checkpoint()
-        self._check_active_file()
+                    segment.path.unlink(missing_ok=True)  # gone already if deleted under us
+                _fsync_dir(self.path)
+            self._write_checkpoint()
+            self._check_active_file()
 
     def _check_active_file(self) -> None:
         """Report an active segment whose file was deleted, and have the next group start

@@ -1093,17 +1093,20 @@ class DataRouter:
         # Without the bus we cannot know what other routers wrote: stop trusting L1, and the
         # candle sources resolved from what it saw.
         self._l1_enabled = False
-        self._l1.clear()
-        self._default_candle_source.clear()
-        self._l1_gen += 1
+        self._forget_l1()
         logger.warning("cache subscription lost; L1 cleared and bypassed until resubscribed")
 
     def _on_subscription_restored(self) -> None:
+        self._forget_l1()
+        self._l1_enabled = True
+        logger.info("cache subscription restored; L1 in use again")
+
+    def _forget_l1(self) -> None:
+        """Clear L1 and what was resolved from it (the candle sources); reads under way
+        see the new generation and do not fill it with what they read before."""
         self._l1.clear()
         self._default_candle_source.clear()
         self._l1_gen += 1
-        self._l1_enabled = True
-        logger.info("cache subscription restored; L1 in use again")
 
     # ------------------------------------------------------------------ writes
 
