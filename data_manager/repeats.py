@@ -9,10 +9,12 @@ ticks. :class:`RepeatFilter` remembers the last ticks of every series to recogni
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import Any, Final
 
 from data_manager.models import TickData
+from data_manager.storage.base import TICK_CONTENT_FIELDS
 
 #: Ticks remembered per (symbol, source): a resend of more than the last this many is
 #: counted again (documented in the README's limitations).
@@ -22,22 +24,14 @@ DEFAULT_DEPTH: Final = 16
 _MAX_AT_NEWEST: Final = 1024
 
 
+_IDENTITY: Final = operator.itemgetter("timestamp", *TICK_CONTENT_FIELDS)
+
+
 def tick_identity(tick: TickData) -> tuple[Any, ...]:
     """What storage tells ticks of one series apart by: the timestamp and the content that
     :func:`~data_manager.storage.base.tick_content_key` digests (not ``received_at``)."""
-    d = tick.__dict__
-    return (
-        d["timestamp"],
-        d["bid"],
-        d["ask"],
-        d["bid_size"],
-        d["ask_size"],
-        d["last_price"],
-        d["last_size"],
-        d["volume"],
-        d["seq"],
-        d["aggressor"],
-    )
+    identity: tuple[Any, ...] = _IDENTITY(tick.__dict__)
+    return identity
 
 
 class _Recent:

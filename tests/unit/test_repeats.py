@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from data_manager.models import TickData
-from data_manager.repeats import RepeatFilter
+from data_manager.repeats import RepeatFilter, tick_identity
+from data_manager.storage.base import TICK_CONTENT_FIELDS, tick_content_key
 
 T0 = 1_727_996_400_000
 SERIES = ("EUR/USD", "feed")
@@ -46,3 +47,29 @@ def test_a_burst_in_one_millisecond_is_told_apart_beyond_the_depth() -> None:
     burst = [tick(T0, 1.1 + i / 1000) for i in range(5)]
     assert not any(seen.is_repeat(t, SERIES) for t in burst)
     assert all(seen.is_repeat(t, SERIES) for t in burst)
+
+
+def test_the_identity_holds_exactly_what_the_stored_key_digests() -> None:
+    # A repeat must be what storage would not store again: every field the content key
+    # digests changes the identity, and the fields it leaves out change neither.
+    base = tick(T0, seq=1, bid_size=1.0, ask_size=1.0, last_price=1.1, last_size=1.0)
+    changes: dict[str, object] = {
+        "bid": 1.0,
+        "ask": 1.3,
+        "bid_size": 2.0,
+        "ask_size": 2.0,
+        "last_price": 1.2,
+        "last_size": 2.0,
+        "volume": 5.0,
+        "seq": 2,
+        "aggressor": "buy",
+    }
+    assert set(changes) == set(TICK_CONTENT_FIELDS)
+    for field, value in changes.items():
+        other = base.model_copy(update={field: value})
+        assert tick_content_key(other) != tick_content_key(base), field
+        assert tick_identity(other) != tick_identity(base), field
+    for field, value in {"received_at": T0 + 5, "exchange": "x", "use_case": "u"}.items():
+        other = base.model_copy(update={field: value})
+        assert tick_content_key(other) == tick_content_key(base), field
+        assert tick_identity(other) == tick_identity(base), field
