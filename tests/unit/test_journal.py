@@ -455,12 +455,18 @@ def record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return events
 
 
+async def checkpointing_every_record(tmp_path: Path, *ticks: TickData) -> Journal:
+    """An open journal that rewrites its checkpoint at every mark_stored, holding ``ticks``."""
+    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
+    await j.open()
+    await j.append(list(ticks))
+    return j
+
+
 async def test_the_checkpoint_is_synced_before_it_replaces_the_last_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
-    await j.open()
-    await j.append([tick(1), tick(2)])
+    j = await checkpointing_every_record(tmp_path, tick(1), tick(2))
     events = record_syncs(monkeypatch)
     await j.mark_stored(1)
     monkeypatch.undo()
@@ -492,9 +498,7 @@ async def test_close_waits_for_a_checkpoint_a_cancelled_mark_stored_left_running
 ) -> None:
     # mark_stored's worker thread goes on after its caller is cancelled (a close stopping
     # the writer); the close must not rewrite the checkpoint or remove the files meanwhile.
-    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
-    await j.open()
-    await j.append([tick(1), tick(2)])
+    j = await checkpointing_every_record(tmp_path, tick(1), tick(2))
     gate, inside = threading.Event(), threading.Event()
     lock = j._checkpointing = _ContendedLock()  # type: ignore[assignment]
     real_write = Journal._write_checkpoint
@@ -528,9 +532,7 @@ async def test_close_waits_for_a_checkpoint_a_cancelled_mark_stored_left_running
 async def test_a_checkpoint_worker_that_close_overtook_writes_nothing(tmp_path: Path) -> None:
     # A mark_stored worker thread that reaches the lock only after the close finished must
     # not write its (older) checkpoint over what the close left, nor into a removed folder.
-    j = Journal(tmp_path, instance_id="cp", checkpoint_every=1)
-    await j.open()
-    await j.append([tick(1)])
+    j = await checkpointing_every_record(tmp_path, tick(1))
     await j.mark_stored(1)
     await j.close()
     assert not j.path.exists()
