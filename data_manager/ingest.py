@@ -119,6 +119,9 @@ _ITEM_TYPES: Final = frozenset({TickData, CandleData, OrderFlowMetrics})
 _REFUSED: Final = (QueryExecutionError, ValidationError)
 _DECODE_SLICE: Final = 500  # records decoded between two yields to the event loop
 _RECENT_DEAD_LETTERS: Final = 4_096  # refused records remembered, so none is kept twice
+# Upsert keys noted as overtaken (see _to_journal) before the ones no queued version can be
+# below any more are looked for; then again each time the count doubles.
+_OVERTAKEN_PRUNE_MIN = 4_096
 
 
 class ReplayObserver(Protocol):
@@ -339,6 +342,7 @@ class IngestPipeline:
         # the first LSN of that append: a queued journal-mode version of the key below it is
         # journaled once more when it goes to the journal (see _to_journal).
         self._overtaken: dict[Any, int] = {}
+        self._overtaken_prune_at = _OVERTAKEN_PRUNE_MIN
         self._spill_items: list[IngestItem] = []
         self._reserved = 0  # queue slots promised to journal-mode appends in flight
         # Journal-mode calls whose append is not durable yet, by id(item) (one object per
@@ -423,6 +427,12 @@ class IngestPipeline:
     def replay_owed(self) -> bool:
         """Journals wait to be replayed (spilled batches, a dead instance's journal)."""
         return bool(self._backlog)
+
+    def unstored(self) -> list[IngestItem]:
+        """The accepted items held in memory and not stored yet (the batch being written,
+        then the queue), oldest first; what a spill moved to the journal is not among them."""
+        entries = [*(self._held or ()), *self._queue]
+        return [entry[0] if type(entry) is tuple else entry for entry in entries]
 
     def configure(
         self,
@@ -1296,11 +1306,34 @@ class IngestPipeline:
             self._held = None
             self._placed += len(batch)
             self._apply_barriers()
-            if not self._queue:
-                self._overtaken.clear()  # no queued journal-mode version left to overtake
+            self._prune_overtaken()
             return
         # No journal: keep the batch and try again when the breaker lets a probe through.
         self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.001)
+
+    def _prune_overtaken(self) -> None:
+        """Forget the overtaken keys no journal-mode version can be journaled below any more.
+
+        A journal-mode entry is copied when its LSN is below its key's (see _to_journal).
+        Journal-mode entries join the queue in LSN order, and all those appended before a
+        spill have joined it once the spill is durable (the journal reports groups in LSN
+        order before its callers resume); later ones are above every spill so far. So a key
+        noted at or below the oldest queued journal-mode LSN can never cause a copy again:
+        during a long outage the queue may never empty, and the keys (a new one per
+        order-flow row or candle bucket) would otherwise pile up until it does.
+        """
+        overtaken = self._overtaken
+        if not overtaken:
+            return
+        if self._queue and len(overtaken) < self._overtaken_prune_at:
+            return  # the scan below is paid for by a doubling of the keys
+        floor = next((entry[1] for entry in self._queue if type(entry) is tuple), None)
+        if floor is None:
+            overtaken.clear()  # no queued journal-mode version left to overtake
+        else:
+            for key in [key for key, first in overtaken.items() if first <= floor]:
+                del overtaken[key]
+        self._overtaken_prune_at = max(_OVERTAKEN_PRUNE_MIN, 2 * len(overtaken))
 
     def _note_overtaken(self, appended: list[IngestItem], last: int) -> None:
         """Note the upsert keys of ``appended``, journaled up to ``last`` (see _to_journal)."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 
+from data_manager import ingest
 from data_manager.breaker import BreakerState, CircuitBreaker
 from data_manager.clock import ManualClock
 from data_manager.errors import (
@@ -1259,16 +1260,21 @@ async def test_a_journal_mode_series_keeps_its_newest_version_through_an_outage(
     assert stored.close == 2.0
 
 
+@pytest.mark.parametrize("prune_min", [ingest._OVERTAKEN_PRUNE_MIN, 0])
 @pytest.mark.parametrize("ending", ["spill", "close"])
 async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
     make: Any,
     storage: FakeStorage,
     clock: ManualClock,
     breaker: CircuitBreaker,
+    monkeypatch: pytest.MonkeyPatch,
     ending: str,
+    prune_min: int,
 ) -> None:
     # v1 and v2 (journal mode) end up queued in one batch below and above the spill's
     # watermark: v1 is written again (it was overtaken), so v2 must be written after it.
+    # (prune_min 0: the overtaken keys are pruned after every spill, which must keep v1's.)
+    monkeypatch.setattr(ingest, "_OVERTAKEN_PRUNE_MIN", prune_min)
     spill_next = asyncio.Event()
     real_write_ticks = storage.write_ticks
     attempts = 0
@@ -1315,6 +1321,24 @@ async def test_an_older_upsert_written_again_brings_the_newer_ones_after_it(
         await following.flush(timeout=WAIT)
     (stored,) = storage.candles.values()
     assert stored.close == 2.0
+
+
+async def test_overtaken_keys_do_not_pile_up_while_an_outage_keeps_the_queue_busy(
+    make: Any, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each spilled buffered upsert notes its key (a new one per order-flow row) for the
+    # journal-mode versions queued below it; with none queued, none is needed, even though
+    # the queue never empties.
+    monkeypatch.setattr(ingest, "_OVERTAKEN_PRUNE_MIN", 64)
+    pipeline = await make(
+        journal="a", sync="loop", batch_size=10, max_batch=10, flush_interval=3600
+    )
+    storage.down = True
+    for window in range(1, 2_001):
+        await pipeline.submit(flow(window))
+    await until(lambda: pipeline.stats().spilled >= 1_000)
+    assert pipeline.stats().queue_depth > 0
+    assert len(pipeline._overtaken) < 2 * 64
 
 
 @pytest.mark.parametrize("when", ["mid-spill", "after-spill"])

@@ -679,6 +679,17 @@ async def test_the_database_holds_what_was_accepted(
     )
 
 
+@pytest.mark.usefixtures("model_env")
+@pytest.mark.parametrize("seed", seeds(list(range(QUICK_SEEDS))))
+async def test_the_database_holds_what_was_accepted_pruning_after_every_spill(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The upsert keys spills overtook are pruned after every spill, not once thousands of
+    # them pile up: what the pruning keeps must still order every copy.
+    monkeypatch.setattr(ingest_module, "_OVERTAKEN_PRUNE_MIN", 0)
+    await run_model(seed, tmp_path, QUICK_OPS, monkeypatch)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("model_env")
 @pytest.mark.parametrize(
