@@ -162,6 +162,15 @@ SUPPORTED_BACKENDS: Final[Mapping[Operation, frozenset[Backend]]] = MappingProxy
     }
 )
 _DATABASE: Final = "timescale"
+_L2: Final = "dragonfly_cache"
+#: The write route that keeps L2's latest values of each read route's data.
+_FED_BY: Final[Mapping[Operation, Operation]] = MappingProxyType(
+    {
+        "get_latest_tick": "save_tick",
+        "get_latest_candles": "save_candle",
+        "get_latest_order_flow": "save_order_flow",
+    }
+)
 
 #: The one name the strategy file may assign.
 STRATEGY_VARIABLE: Final = "DATA_MANAGER_STRATEGY"
@@ -371,6 +380,14 @@ class RoutingTable(_StrategyModel):
                 msg = (
                     f"{where}: {list(route)} must end with {_DATABASE!r}: caches are tried "
                     "first and the database is the last resort"
+                )
+                raise RoutingError(msg)
+        for read, write in _FED_BY.items():
+            if _L2 in getattr(self, read) and _L2 not in getattr(self, write):
+                msg = (
+                    f"routing.{read} reads {_L2!r} but routing.{write} does not write it: "
+                    f"it would answer what L2 held before, up to its TTL; add {_L2!r} to "
+                    f"{write} or remove it from {read}"
                 )
                 raise RoutingError(msg)
         return self

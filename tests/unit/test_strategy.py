@@ -309,6 +309,21 @@ BAD_EDITS: dict[str, tuple[str, type[Exception], str]] = {
         RoutingError,
         "'dragonfly_cache' cannot serve get_ticks",
     ),
+    "cache read that no write feeds": (
+        'DATA_MANAGER_STRATEGY = {"routing": {"save_tick": ["timescale"]}}',
+        RoutingError,
+        "routing.get_latest_tick reads 'dragonfly_cache' but routing.save_tick does not write",
+    ),
+    "candle cache read that no write feeds": (
+        'DATA_MANAGER_STRATEGY = {"routing": {"save_candle": ["timescale"]}}',
+        RoutingError,
+        "routing.get_latest_candles reads 'dragonfly_cache' but routing.save_candle",
+    ),
+    "order-flow cache read that no write feeds": (
+        'DATA_MANAGER_STRATEGY = {"routing": {"save_order_flow": ["timescale"]}}',
+        RoutingError,
+        "routing.get_latest_order_flow reads 'dragonfly_cache' but routing.save_order_flow",
+    ),
     "batch larger than its bound": (
         'DATA_MANAGER_STRATEGY = {"batch": {"size": 60000}}',
         ConfigurationError,
@@ -317,6 +332,16 @@ BAD_EDITS: dict[str, tuple[str, type[Exception], str]] = {
     "not a dict": ("DATA_MANAGER_STRATEGY = []", ConfigurationError, "must be a dict"),
     "empty file": ("# nothing here\n", ConfigurationError, "no assignment"),
 }
+
+
+def test_a_strategy_without_l2_for_ticks_drops_it_from_both_routes() -> None:
+    s = parse_strategy(
+        'DATA_MANAGER_STRATEGY = {"routing": {"save_tick": ["timescale"], '
+        '"get_latest_tick": ["timescale"]}}'
+    )
+    assert s.routing.save_tick == ("timescale",)
+    assert s.routing.get_latest_tick == ("timescale",)
+    assert "dragonfly_cache" in s.routing.get_latest_candles  # the other data keep L2
 
 
 @pytest.mark.parametrize(("text", "error", "message"), BAD_EDITS.values(), ids=BAD_EDITS)
