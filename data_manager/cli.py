@@ -193,6 +193,12 @@ def _fail(what: str, exc: BaseException) -> typer.Exit:
     return typer.Exit(EXIT_FAILED)
 
 
+def _unexpected(exc: BaseException) -> str:
+    """One line for an error from outside the SDK (its type says more than its text)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _interrupted(exc: Interrupted, what: str) -> typer.Exit:
     err_console.print(f"[yellow]{what} stopped by {signal.Signals(exc.signum).name}[/]")
     return typer.Exit(EXIT_INTERRUPTED.get(signal.Signals(exc.signum), 128 + exc.signum))
@@ -205,8 +211,24 @@ def _settings(**overrides: Any) -> DataManagerSettings:
 
 
 def _router(settings: DataManagerSettings | None = None) -> DataRouter:
+    """A router on ``settings`` (default: the environment's).
+
+    Raises:
+        ConfigurationError: The settings are invalid, or name no usable store.
+    """
+    from data_manager.errors import ConfigurationError
     from data_manager.router import DataRouter
 
+    if settings is None:
+        settings = _settings()
+    if not settings.postgres.configured and not settings.sqlite_path:
+        # Without this, an empty variable reaches the SQLite driver as an in-memory URL
+        # and fails there with a TypeError (a traceback, and exit 1 = "degraded").
+        msg = (
+            "DATA_MANAGER_SQLITE_PATH is empty and no PostgreSQL host is configured; set "
+            "it to a file path (or ':memory:'), or unset it for the default file"
+        )
+        raise ConfigurationError(msg)
     return DataRouter(settings)
 
 
@@ -286,11 +308,16 @@ def health(
         report = run_async(run)
     except Interrupted as exc:
         raise _interrupted(exc, "health") from exc
-    except DataManagerError as exc:
+    except Exception as exc:  # a probe must read any failed check as unhealthy
+        # Exit 1 means "degraded": an unexpected error must not pass for that (nor print a
+        # traceback into a probe's log); --verbose logs the traceback.
+        reason = str(exc) if isinstance(exc, DataManagerError) else _unexpected(exc)
+        if not isinstance(exc, DataManagerError):
+            logging.getLogger(__name__).info("the health check failed", exc_info=exc)
         if as_json:
-            _print_json({"status": "unhealthy", "reason": str(exc)})
+            _print_json({"status": "unhealthy", "reason": reason})
         else:
-            err_console.print(f"[red]unhealthy:[/] {exc}")
+            err_console.print(f"[red]unhealthy:[/] {reason}")
         raise typer.Exit(HEALTH_EXIT["unhealthy"]) from exc
     if as_json:
         print(report.model_dump_json(indent=2))
@@ -440,7 +467,7 @@ def import_(
             "import again is safe (nothing is stored twice)"
         )
         raise _interrupted(exc, "import") from exc
-    except DataManagerError as exc:
+    except (DataManagerError, OSError) as exc:
         if report.batches:
             _print_import(report, as_json)
         raise _fail("import", exc) from exc
@@ -552,7 +579,7 @@ def export(
         run_async(run)
     except Interrupted as exc:
         raise _interrupted(exc, "export") from exc
-    except DataManagerError as exc:
+    except (DataManagerError, OSError) as exc:  # OSError: writing the file (disk full, ...)
         raise _fail("export", exc) from exc
     if as_json and file != "-":
         _print_json(report.to_dict())
@@ -900,7 +927,7 @@ def journal_inspect(
     _setup_logging(verbose)
     try:
         summary = inspect_journals(_journal_root(directory))
-    except DataManagerError as exc:
+    except (DataManagerError, OSError) as exc:
         raise _fail("journal inspect", exc) from exc
     if as_json:
         _print_json(summary.to_dict())
@@ -954,8 +981,12 @@ def journal_replay(
     Example: `data-manager journal replay --timeout 60`
     """
     _setup_logging(verbose)
-    root = _journal_root(directory)
-    before = inspect_journals(root)
+    try:
+        # Inside the try: invalid settings are a failure (exit 2), not a traceback.
+        root = _journal_root(directory)
+        before = inspect_journals(root)
+    except (DataManagerError, OSError) as exc:
+        raise _fail("journal replay", exc) from exc
 
     async def run() -> None:
         settings = _settings(journal_dir=root)
@@ -973,11 +1004,11 @@ def journal_replay(
 
     try:
         run_async(run)
+        after = inspect_journals(root)
     except Interrupted as exc:
         raise _interrupted(exc, "journal replay") from exc
-    except DataManagerError as exc:
+    except (DataManagerError, OSError) as exc:
         raise _fail("journal replay", exc) from exc
-    after = inspect_journals(root)
     replayed = max(0, before.orphan_records - after.orphan_records)
     result = {
         "root": str(root),
@@ -1089,12 +1120,14 @@ class StreamKindOption(enum.StrEnum):
 @app.command("replay")
 def replay(
     from_stream: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--from-stream",
-            help="nats://host:4222 (JetStream) or redis://host:6379/0 (Redis stream).",
+            help="nats://host:4222 (JetStream) or redis://host:6379/0 (Redis stream). "
+            "Default: DATA_MANAGER_BACKUP_STREAM_URL.",
+            show_default=False,
         ),
-    ],
+    ] = None,
     since: Annotated[
         str | None,
         typer.Option(
@@ -1105,9 +1138,21 @@ def replay(
     kind: Annotated[
         StreamKindOption | None, typer.Option("--kind", "-k", help="Only this kind.")
     ] = None,
-    stream: Annotated[str, typer.Option(help="JetStream stream name.")] = "DM_BACKUP",
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            help="JetStream stream name. Default: DATA_MANAGER_BACKUP_STREAM_NAME (DM_BACKUP).",
+            show_default=False,
+        ),
+    ] = None,
     subject_prefix: Annotated[str, typer.Option(help="JetStream subject prefix.")] = "dm.backup",
-    key: Annotated[str, typer.Option(help="Redis stream key.")] = "dm:backup:v1",
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="Redis stream key. Default: DATA_MANAGER_BACKUP_STREAM_KEY (dm:backup:v1).",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Items per database write.", min=1)
     ] = 10_000,
@@ -1119,12 +1164,16 @@ def replay(
     Reads the stream from --since to its end (as it was when the replay started) and
     writes through the storage's idempotent writes: running the same replay twice leaves
     the same rows. --since is the time the stream stored a message, so data that was
-    spooled during a stream outage and published later is included.
+    spooled during a stream outage and published later is included. The stream URL, name
+    and key default to the ones the router publishes to (`DATA_MANAGER_BACKUP_STREAM_URL`,
+    `_NAME`, `_KEY`); the options override them.
 
     Exit code: 0 done, 1 some messages could not be decoded (skipped, logged), 2 failed,
     130/143 interrupted.
 
     Examples:
+
+    `data-manager replay --since 2024-10-03T00:00:00Z` (the configured stream)
 
     `data-manager replay --from-stream nats://127.0.0.1:4222 --since 2024-10-03T00:00:00Z`
 
@@ -1139,23 +1188,36 @@ def replay(
         raise typer.BadParameter(str(exc), param_hint="--since") from exc
 
     async def run() -> ReplayReport:
+        from data_manager.errors import ConfigurationError
+
+        # What the router publishes to, unless an option says otherwise.
+        settings = _settings()
+        url = from_stream
+        if url is None:
+            if settings.backup_stream_url is None:
+                msg = (
+                    "no stream to replay from: pass --from-stream or set "
+                    "DATA_MANAGER_BACKUP_STREAM_URL"
+                )
+                raise ConfigurationError(msg)
+            url = settings.backup_stream_url.get_secret_value()
         with _progress("items") as bar:
             task = bar.add_task("replaying", total=None)
 
             def advance(report: ReplayReport) -> None:
                 bar.update(task, completed=report.items)
 
-            async with _router() as router:
+            async with _router(settings) as router:
                 await router.storage.create_schema()  # a rebuild may start from nothing
                 return await replay_from_stream(
                     router.storage,
-                    from_stream,
+                    url,
                     since_ms=since_ms,
                     kind=kind.value if kind is not None else None,
                     batch_size=batch_size,
-                    stream=stream,
+                    stream=stream if stream is not None else settings.backup_stream_name,
                     subject_prefix=subject_prefix,
-                    key=key,
+                    key=key if key is not None else settings.backup_stream_key,
                     on_progress=advance,
                 )
 

@@ -26,6 +26,7 @@ and DataFrames; an import accepts Unix ms, ISO-8601 with a timezone, or aware da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import os
@@ -46,6 +47,7 @@ from data_manager.models import (
     MIN_TIMESTAMP_MS,
     CandleData,
     TickData,
+    _check_count,
     _check_text,
     normalize_symbol,
     timeframe_ms,
@@ -140,6 +142,10 @@ _EXTRAS: Final = {"pandas": "pandas", "polars": "polars", "arrow": "arrow", "pya
 MIN_WINDOW_BARS: Final = 10_000
 #: How many line numbers each reject reason keeps for the report.
 FIRST_LINES_KEPT: Final = 5
+#: Text columns whose empty value is a value of its own, not a missing one: an empty
+#: ``event_type`` is kept as ``""`` (not replaced by the model's default) when the file
+#: format tells an empty string from a missing value (Parquet; CSV cannot).
+_EMPTY_IS_A_VALUE: Final = frozenset({"event_type", "use_case"})
 _NUMBER: Final = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _QUOTED: Final = re.compile(r"'[^']*'")
 
@@ -219,15 +225,20 @@ async def iter_candles(
     sources, else the one with the newest candle), and used for the whole range.
 
     Raises:
-        ValidationError: Unknown timeframe, naive datetimes, ``end`` before ``start``, or a
-            ``source`` that is not a valid source name (checked and trimmed as writes do).
+        ValidationError: Unknown timeframe, naive datetimes, ``end`` before ``start``, a
+            ``source`` that is not a valid source name (checked and trimmed as writes do),
+            or a ``batch_size`` that is not a positive int (as ``iter_ticks`` refuses it).
     """
+    _check_count(batch_size, "batch_size")
     sym = normalize_symbol(symbol)
     bar_ms = timeframe_ms(timeframe)
     start_ms, end_ms = _check_range(start, end)
     if source is not None:
         source = _check_text(source, field="source", max_length=MAX_SOURCE_LENGTH)
-    newest = await router.storage.latest_candles(
+    # The database get_candles reads (replicas only if its route names them), so the end
+    # is not clamped to a lagging replica's newest candle.
+    db = router._db_for(router.strategy.routing.get_candles)
+    newest = await db.latest_candles(
         sym,
         timeframe,
         1,
@@ -515,6 +526,8 @@ class _RowSource:
     columns: list[str]
     total: int | None  # progress total (bytes or rows)
     unit: str
+    #: The format tells an empty string from a missing value (Parquet's null; CSV has none).
+    empty_is_not_missing: bool = False
 
     def position(self) -> int:
         raise NotImplementedError
@@ -537,7 +550,17 @@ class _CsvSource(_RowSource):
             # newline="" lets the csv module handle quoted line breaks; utf-8-sig drops a BOM.
             self._text = io.TextIOWrapper(self._raw, encoding="utf-8-sig", newline="")
             self._reader = csv.reader(self._text, delimiter=_csv_delimiter(path))
-            header = next(self._reader, None)
+            # The first read decodes a whole chunk (~8 KB), so a bad byte several lines
+            # below the header, or a broken header, fails here: as in rows(), that is the
+            # file's problem (ValidationError), not a crash.
+            try:
+                header = next(self._reader, None)
+            except csv.Error as exc:
+                line = max(1, self._reader.line_num)
+                msg = f"CSV syntax error near line {line}: {exc}"
+                raise ValidationError(msg) from exc
+            except UnicodeDecodeError as exc:
+                raise self._not_utf8(exc, max(1, self._reader.line_num)) from exc
         except BaseException:
             self._raw.close()
             raise
@@ -567,15 +590,43 @@ class _CsvSource(_RowSource):
             msg = f"CSV syntax error near line {reader.line_num}: {exc}"
             raise ValidationError(msg) from exc
         except UnicodeDecodeError as exc:
-            msg = f"the file is not UTF-8 text (near line {reader.line_num})"
-            raise ValidationError(msg) from exc
+            raise self._not_utf8(exc, reader.line_num) from exc
+
+    def _not_utf8(self, exc: UnicodeDecodeError, near: int) -> ValidationError:
+        """The error for a byte that is not UTF-8, naming the line that holds it.
+
+        The text layer decodes what it just read (plus any bytes it held back), so the bad
+        byte's offset in the file follows from where the binary file is now; the lines
+        before it are counted by reading the file again (once, on this failure only).
+        ``near`` (the reader's last line) is the fallback.
+        """
+        line = near
+        with contextlib.suppress(OSError, ValueError):
+            offset = self._raw.tell() - len(exc.object) + exc.start
+            if offset >= 0:
+                line = 1 + _count_newlines(self._raw.fileno(), offset)
+        return ValidationError(f"the file is not UTF-8 text (near line {line})")
 
     def close(self) -> None:
         self._text.close()  # closes the binary file under it too
 
 
+def _count_newlines(fd: int, size: int) -> int:
+    """Newlines in the first ``size`` bytes of the open file ``fd`` (position untouched)."""
+    count = 0
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        offset += len(chunk)
+    return count
+
+
 class _ParquetSource(_RowSource):
     unit = "rows"
+    empty_is_not_missing = True
 
     def __init__(self, path: Path, batch_size: int) -> None:
         pq = _require_module("pyarrow.parquet")
@@ -627,6 +678,8 @@ class _RowParser:
         columns: Sequence[str],
         defaults: dict[str, str],
         report: ImportReport,
+        *,
+        empty_is_not_missing: bool = False,
     ) -> None:
         self._model = _MODELS[kind]
         spec = dict(_SPECS[kind])
@@ -651,6 +704,7 @@ class _RowParser:
             msg = f"missing column(s) {', '.join(map(repr, missing))}{tail}"
             raise ValidationError(msg)
         self._times = {n for n, t in spec.items() if t == "time"} | {"timestamp_ms"}
+        self._keep_empty = _EMPTY_IS_A_VALUE if empty_is_not_missing else frozenset()
         self._defaults = defaults
         self._report = report
 
@@ -676,8 +730,10 @@ class _RowParser:
         return out, line, True
 
     def _prepare(self, values: dict[str, Any]) -> dict[str, Any]:
-        # Absent (None or empty) cells are left out, so the model's defaults apply.
-        data = {k: v for k, v in values.items() if v is not None and v != ""}
+        # Absent (None or empty) cells are left out, so the model's defaults apply; an
+        # empty event_type stays "" where the format can tell it from a missing value.
+        keep = self._keep_empty
+        data = {k: v for k, v in values.items() if v is not None and (v != "" or k in keep)}
         for key in self._times.intersection(data):
             data[key] = parse_timestamp(data[key], field=key)
         for key, value in self._defaults.items():
@@ -750,7 +806,9 @@ async def import_file(
     # from our own cancellation) before the file is closed under it.
     parses: list[asyncio.Future[tuple[list[Any], int, bool]]] = []
     try:
-        parser = _RowParser(kind, src.columns, given, report)
+        parser = _RowParser(
+            kind, src.columns, given, report, empty_is_not_missing=src.empty_is_not_missing
+        )
         rows = src.rows()
         save = router.save_ticks if kind == "ticks" else router.save_candles_bulk
 
@@ -863,6 +921,21 @@ class _Writer:
                 self._text.close()
 
 
+def _open_writer(target: str, fmt: FileFormat, spec: Sequence[tuple[str, _ColumnType]]) -> _Writer:
+    """A :class:`_Writer` for ``target``; a path that cannot be written is a ValidationError."""
+    try:
+        return _Writer(target, fmt, spec)
+    except FileNotFoundError as exc:
+        msg = f"cannot write {target}: no such folder {os.path.dirname(target) or '.'!r}"
+        raise ValidationError(msg) from exc
+    except IsADirectoryError as exc:
+        msg = f"cannot write {target}: it is a folder, not a file"
+        raise ValidationError(msg) from exc
+    except OSError as exc:
+        msg = f"cannot write {target}: {exc.strerror or exc}"
+        raise ValidationError(msg) from exc
+
+
 async def export_file(
     router: DataRouter,
     path: str | os.PathLike[str],
@@ -890,7 +963,8 @@ async def export_file(
         end: Default: the newest time the models accept.
 
     Raises:
-        ValidationError: Bad arguments (no symbol, candles without a timeframe, ...).
+        ValidationError: Bad arguments (no symbol, candles without a timeframe, a path in
+            a folder that does not exist or cannot be written, ...).
     """
     if kind not in _MODELS:
         msg = f"unknown kind {kind!r}; expected ticks or candles"
@@ -911,7 +985,7 @@ async def export_file(
     report = report or ExportReport(path=target, kind=kind, format=fmt)
     started = time.perf_counter()
     spec = _SPECS[kind]
-    writer = await asyncio.to_thread(_Writer, target, fmt, spec)
+    writer = await asyncio.to_thread(_open_writer, target, fmt, spec)
     columns = _Columns(spec)
     size = max(1, batch_size)
 

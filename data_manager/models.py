@@ -11,6 +11,12 @@ Rules shared by every model:
   nanoseconds (> 1e13, i.e. after 2286 when read as ms) are refused.
 * Symbols go through :func:`normalize_symbol`.
 * Any failure raises :class:`data_manager.ValidationError`, never a raw pydantic error.
+* ``model_copy(update=...)`` validates the result like the constructor (pydantic's own skips
+  validation); ``model_copy()`` without ``update`` is a plain copy. ``model_construct`` is
+  pydantic's unchecked constructor and stays so: it is for values known to be valid, and
+  what it builds is stored as given.
+* Text that PostgreSQL, the cache and the journal cannot store is refused: a NUL character
+  (``"\\x00"``; PostgreSQL refuses it in text columns) or a lone surrogate, in any field.
 """
 
 from __future__ import annotations
@@ -283,6 +289,15 @@ def normalize_symbol(raw: str) -> str:
     return symbol
 
 
+def _check_count(value: object, name: str) -> int:
+    """A read's ``limit`` or batch size: an int from 1 to what the database and L2 take as
+    a 64-bit integer (bool refused), checked before any I/O."""
+    if type(value) is not int or not 1 <= value <= _INT64_MAX:
+        msg = f"{name} must be a positive int, got {value!r}"
+        raise ValidationError(msg)
+    return value
+
+
 def _check_text(value: object, *, field: str, max_length: int) -> str:
     if not isinstance(value, str):
         msg = f"{field} must be a string, got {type(value).__name__}"
@@ -294,13 +309,18 @@ def _check_text(value: object, *, field: str, max_length: int) -> str:
     return text
 
 
-#: Free-text fields (any characters); they must still be storable as UTF-8.
+#: Free-text fields (any characters but NUL); they must still be storable as UTF-8.
 _FREE_TEXT: Final = ("event_type", "use_case")
 
 
 def _check_encodable(text: str, *, field: str) -> None:
-    """Refuse a string with a lone surrogate: PostgreSQL, the cache and the journal all
-    store UTF-8, so such a value would be accepted here and fail later, far from its caller."""
+    """Refuse a string with a NUL character or a lone surrogate: PostgreSQL refuses NUL in
+    text columns, and PostgreSQL, the cache and the journal all store UTF-8, so such a value
+    would be accepted here and fail later, far from its caller (a buffered save would return
+    and its row be dead-lettered)."""
+    if "\x00" in text:
+        msg = f"{field} {text[:40]!r} contains a NUL character, which PostgreSQL cannot store"
+        raise ValidationError(msg)
     try:
         text.encode()
     except UnicodeEncodeError as exc:
@@ -403,6 +423,31 @@ class _MarketModel(BaseModel):
         except PydanticValidationError as exc:
             raise ValidationError(_format_pydantic_error(cls.__name__, exc)) from exc
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy of the model; with ``update``, the result is validated like a new model.
+
+        Pydantic's ``model_copy`` does not validate ``update``; here the copied values and
+        the updates go through the same checks as the constructor (``timestamp_ms`` and
+        datetimes are accepted, symbols normalised, ``mid``/``spread`` ignored). Without
+        ``update`` this is pydantic's cheap copy. The result's set fields are the original's
+        plus the updated ones, as with pydantic.
+
+        Raises:
+            ValidationError: An updated value is invalid, or names no field.
+        """
+        if not update:
+            return super().model_copy(deep=deep)
+        values = dict(self.__dict__)
+        if "timestamp_ms" in update and "timestamp" not in update:
+            del values["timestamp"]  # the alias replaces it (both given must agree)
+        values.update(update)
+        copied = self.model_validate(values)  # every value is immutable: deep changes nothing
+        fields_set = self.__pydantic_fields_set__ | (update.keys() & type(self).model_fields)
+        if "timestamp_ms" in update:
+            fields_set = fields_set | {"timestamp"}
+        _set_fields_set(copied, fields_set)
+        return copied
+
     @model_validator(mode="before")
     @classmethod
     def _normalise_input(cls, data: Any) -> Any:
@@ -432,7 +477,7 @@ class _MarketModel(BaseModel):
             )
         for name in _FREE_TEXT:
             value = data.get(name)
-            if type(value) is str and not value.isascii():
+            if isinstance(value, str) and ("\x00" in value or not value.isascii()):
                 _check_encodable(value, field=name)
         for name in cls._derived:
             data.pop(name, None)

@@ -175,7 +175,7 @@ class PostgresSettings(_Backend):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
         description="PostgreSQL schema (namespace) that holds the SDK's tables.",
     )
-    pool_min: int = Field(default=5, ge=0, description="Connections kept open (pool_size).")
+    pool_min: int = Field(default=5, description="Connections kept open (pool_size); at least 1.")
     pool_max: int = Field(default=20, ge=1, description="Upper bound of open connections.")
     pool_timeout: float = Field(default=5.0, gt=0, description="Seconds to wait for a free one.")
     hot_read_connections: int = Field(
@@ -195,6 +195,18 @@ class PostgresSettings(_Backend):
     replica_max_lag_seconds: float = Field(default=5.0, gt=0)
     replica_max_lag_bytes: int | None = Field(default=None, ge=0)
     replica_check_interval: float = Field(default=1.0, gt=0)
+
+    @field_validator("pool_min")
+    @classmethod
+    def _check_pool_min(cls, value: int) -> int:
+        # SQLAlchemy's QueuePool reads pool_size 0 as "no limit": pool_max would bound nothing.
+        if value < 1:
+            msg = (
+                f"pool_min must be at least 1 (got {value}): a pool of size 0 opens any "
+                "number of connections, so pool_max would not bound them"
+            )
+            raise ValueError(msg)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> PostgresSettings:

@@ -84,6 +84,7 @@ import contextlib
 import enum
 import logging
 import math
+import reprlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -390,8 +391,11 @@ def decode_batch_message(data: bytes | bytearray | memoryview | str) -> BatchMes
     raw = obj.get("items")
     batch_id = obj.get("batch_id")
     origin = obj.get("origin")
-    if kind not in _CLASS_OF or type(raw) is not list:
-        msg = f"backup message needs a known 'kind' and a list 'items', got kind={kind!r}"
+    # ``kind`` is checked as a string first: a list or an object is not hashable, and the
+    # dict lookup would raise a TypeError instead of refusing the message.
+    if type(kind) is not str or kind not in _CLASS_OF or type(raw) is not list:
+        shown = reprlib.repr(kind)  # bounded: the message is logged per skipped message
+        msg = f"backup message needs a known 'kind' and a list 'items', got kind={shown}"
         raise ValidationError(msg)
     if type(batch_id) is not str or type(origin) is not str:
         msg = "backup message needs string 'batch_id' and 'origin'"
@@ -409,7 +413,9 @@ def decode_batch_message(data: bytes | bytearray | memoryview | str) -> BatchMes
             # (mid, spread) the model drops itself.
             entry = {k: v for k, v in entry.items() if k in fields}
         items.append(cls.model_validate(entry))
-    return BatchMessage(kind=kind, batch_id=batch_id, origin=origin, items=items)
+    return BatchMessage(
+        kind=cast("StreamKind", kind), batch_id=batch_id, origin=origin, items=items
+    )
 
 
 #: Names a message from the items it holds (called once per message encoded).

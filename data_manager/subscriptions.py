@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
@@ -26,6 +26,14 @@ class Subscription(Generic[T]):
 
     ``async for tick in router.subscribe_ticks(["EUR/USD"]): ...`` — leaving the loop (or
     ``await sub.aclose()``) unsubscribes.
+
+    ``async for`` iterates through an async generator (:meth:`__aiter__`) whose ``finally``
+    unsubscribes, so ``break``, ``return``, an exception or a cancellation in the loop body
+    releases the subscription: the generator is finalised as soon as the loop drops it (the
+    event loop's async-generator hooks run its ``aclose``). A subscription is therefore good
+    for one ``async for`` loop. Calling ``anext(sub)`` / ``sub.__anext__()`` directly
+    reads the same buffer and never unsubscribes by itself; use ``aclose()`` or
+    ``async with`` then.
     """
 
     __slots__ = ("_buffer", "_closed", "_event", "_on_close", "dropped", "kind", "match")
@@ -60,8 +68,21 @@ class Subscription(Generic[T]):
         buffer.append(item)
         self._event.set()
 
-    def __aiter__(self) -> Subscription[T]:
-        return self
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncGenerator[T, None]:
+        # Not ``self``: a plain iterator is never told that its loop was left.
+        try:
+            while True:
+                while not self._buffer:
+                    if self._closed:
+                        return
+                    self._event.clear()
+                    await self._event.wait()
+                yield self._buffer.popleft()
+        finally:
+            self._close()
 
     async def __anext__(self) -> T:
         while not self._buffer:
@@ -79,6 +100,9 @@ class Subscription(Generic[T]):
 
     async def aclose(self) -> None:
         """Unsubscribe; a pending ``async for`` ends after the buffered items."""
+        self._close()
+
+    def _close(self) -> None:
         if not self._closed:
             self._closed = True
             self._event.set()

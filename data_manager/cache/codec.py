@@ -287,7 +287,8 @@ def _build(obj: Any, kind: _Kind, validate: bool) -> Any:
         raise CacheError(msg)
     version = obj.pop("v", None)
     tag = obj.pop("type", None)
-    if version != SCHEMA_VERSION or tag != kind.tag:
+    # ``type() is int``: True == 1 == 1.0 in Python, but only the integer 1 is version 1.
+    if type(version) is not int or version != SCHEMA_VERSION or tag != kind.tag:
         msg = f"expected a v{SCHEMA_VERSION} {kind.tag!r} object, got v={version!r} type={tag!r}"
         raise CacheError(msg)
     if validate:
@@ -409,9 +410,15 @@ def decode_bus_message(
             refused: a partial batch would be harder to reason about than a missing one).
     """
     obj = _loads(data)
-    if type(obj) is not dict or obj.get("v") != SCHEMA_VERSION or obj.get("type") != _BUS:
+    version = obj.get("v") if type(obj) is dict else None
+    if (
+        type(obj) is not dict
+        or type(version) is not int  # True == 1 == 1.0; only the integer 1 is version 1
+        or version != SCHEMA_VERSION
+        or obj.get("type") != _BUS
+    ):
         head = obj.get("type") if type(obj) is dict else type(obj).__name__
-        msg = f"expected a v{SCHEMA_VERSION} 'bus' object, got {head!r}"
+        msg = f"expected a v{SCHEMA_VERSION} 'bus' object, got v={version!r} type {head!r}"
         raise CacheError(msg)
     origin = obj.get("origin")
     raw_items = obj.get("items")

@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 import pytest
+from redis.asyncio import Redis
 
 from data_manager import DataManagerSettings, DataRouter, PostgresSettings, TickData
 from data_manager.cli import inspect_journals
 from data_manager.strategy import RoutingStrategy, strategy_from_mapping
+from data_manager.stream import encode_batch_message
 from tests.servers import free_port
 
 if TYPE_CHECKING:
@@ -336,6 +339,56 @@ def test_export_import_round_trip(
         assert pq.read_table(ticks_a).num_rows == 550
 
 
+# --------------------------------------------------------------------------- failures
+
+
+def one_line_failure(proc: subprocess.CompletedProcess[str], said: str) -> None:
+    """Exit 2 with a one-line message on stderr, as every failed command reports it."""
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, explain(proc)
+    assert said in lines[0], explain(proc)
+
+
+def test_an_empty_sqlite_path_is_a_configuration_failure(tmp_path: Path) -> None:
+    env = dict(base_env(tmp_path), DATA_MANAGER_SQLITE_PATH="")
+    health = cli("health", env=env, cwd=tmp_path)
+    one_line_failure(health, "DATA_MANAGER_SQLITE_PATH is empty")  # unhealthy, not "degraded"
+    as_json = cli("health", "--json", env=env, cwd=tmp_path)
+    assert as_json.returncode == 2, explain(as_json)
+    assert "DATA_MANAGER_SQLITE_PATH is empty" in json.loads(as_json.stdout)["reason"]
+    one_line_failure(cli("init-db", env=env, cwd=tmp_path), "init-db failed")
+
+
+def test_journal_replay_with_invalid_settings_is_a_failure(tmp_path: Path) -> None:
+    env = dict(base_env(tmp_path), DATA_MANAGER_WRITE_MODE="bogus")
+    for command in ("inspect", "replay"):
+        proc = cli("journal", command, env=env, cwd=tmp_path)
+        one_line_failure(proc, f"journal {command} failed")
+        assert "write_mode" in proc.stderr, explain(proc)
+
+
+def test_import_of_a_file_that_is_not_utf8_is_a_failure(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(
+        b"symbol,timestamp,bid,ask,source,use_case\n"
+        b"EUR/USD,1727996400000,1.1,1.1002,csv,spot\n"
+        b"EUR/USD,1727996400001,1.1,1.1002,csv,caf\xe9\n"  # Latin-1, in the first read
+    )
+    proc = cli("import", str(path), "--kind", "ticks", env=base_env(tmp_path), cwd=tmp_path)
+    one_line_failure(proc, "import failed: the file is not UTF-8 text (near line 3)")
+
+
+def test_export_into_a_missing_folder_is_a_failure(tmp_path: Path) -> None:
+    target = tmp_path / "absent" / "out.csv"
+    proc = cli("export", str(target), "-k", "ticks", "-s", "EUR/USD", env=base_env(tmp_path),
+               cwd=tmp_path)  # fmt: skip
+    one_line_failure(proc, "export failed: cannot write")
+    assert "no such folder" in proc.stderr, explain(proc)
+    assert not target.parent.exists()
+
+
 # --------------------------------------------------------------------------- retention
 
 
@@ -397,7 +450,7 @@ async def test_journal_inspect_and_replay_after_an_outage(
     server = postgres_server_factory()
     schema, journal, n = "cli_journal", tmp_path / "journal", 500
     settings = DataManagerSettings(
-        postgres=PostgresSettings(url=server.url, db_schema=schema, pool_min=0, pool_max=2),
+        postgres=PostgresSettings(url=server.url, db_schema=schema, pool_min=1, pool_max=2),
         journal_dir=journal,
         watch_strategy=False,
     )
@@ -437,7 +490,7 @@ async def test_journal_replay_with_a_hanging_database_ends_within_its_timeout(
 ) -> None:
     journal, n = tmp_path / "journal", 50
     settings = DataManagerSettings(
-        postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema, pool_min=0, pool_max=2),
+        postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema, pool_min=1, pool_max=2),
         journal_dir=journal,
         watch_strategy=False,
     )
@@ -586,6 +639,72 @@ async def test_sigterm_with_a_hanging_database_exits_within_the_shutdown_timeout
     assert took < 20
     # What the hanging database did not take is in the journal, for the next router.
     assert inspect_journals(tmp_path / "journal").orphan_records > 0
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def batch(i: int) -> bytes:
+    tick = TickData(symbol="EUR/USD", timestamp=T0 + i, bid=1.1, ask=1.1002, source="r", seq=i)
+    return encode_batch_message("tick", f"b{i}", "test", [tick])
+
+
+async def add_messages(url: str, key: str, payloads: list[bytes]) -> None:
+    client = Redis.from_url(url, socket_timeout=10)
+    try:
+        for payload in payloads:
+            await client.xadd(key, {"kind": "tick", "payload": payload})
+    finally:
+        await client.aclose()
+
+
+def stored_seqs(tmp_path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(str(tmp_path / "store.sqlite3"), timeout=5)) as db:
+        return [row[0] for row in db.execute("SELECT seq FROM ticks ORDER BY seq")]
+
+
+async def test_replay_reads_the_configured_stream_unless_told_otherwise(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    key = f"{redis_prefix}:named-backup"
+    await add_messages(redis_url, key, [batch(0), batch(1)])
+    env = base_env(tmp_path)
+    unset = cli("replay", env=env, cwd=tmp_path)
+    one_line_failure(unset, "pass --from-stream or set DATA_MANAGER_BACKUP_STREAM_URL")
+
+    configured = dict(
+        env, DATA_MANAGER_BACKUP_STREAM_URL=redis_url, DATA_MANAGER_BACKUP_STREAM_KEY=key
+    )
+    # Explicit options win: another key holds nothing.
+    other = cli("replay", "--key", f"{redis_prefix}:other", "--json", env=configured,
+                cwd=tmp_path)  # fmt: skip
+    assert other.returncode == 0, explain(other)
+    assert json.loads(other.stdout)["messages"] == 0
+    proc = cli("replay", "--json", env=configured, cwd=tmp_path)  # URL and key from settings
+    assert proc.returncode == 0, explain(proc)
+    report = json.loads(proc.stdout)
+    assert (report["messages"], report["ticks"], report["invalid_messages"]) == (2, 2, 0)
+    assert stored_seqs(tmp_path) == [0, 1]
+
+
+async def test_replay_skips_a_malformed_message_and_goes_on(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    key = f"{redis_prefix}:backup"
+    bad_kinds: list[object] = [["tick"], {"tick": 1}]
+    bad = [
+        orjson.dumps(
+            {"v": 1, "type": "batch", "kind": k, "batch_id": "x", "origin": "o", "items": []}
+        )
+        for k in bad_kinds
+    ]
+    await add_messages(redis_url, key, [batch(0), bad[0], batch(1), bad[1], batch(2)])
+    proc = cli("replay", "--from-stream", redis_url, "--key", key, "--json",
+               env=base_env(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1, explain(proc)  # some messages could not be decoded
+    report = json.loads(proc.stdout)
+    assert (report["messages"], report["ticks"], report["invalid_messages"]) == (3, 3, 2)
+    assert stored_seqs(tmp_path) == [0, 1, 2]
 
 
 # --------------------------------------------------------------------------- bench / metrics

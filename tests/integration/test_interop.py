@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -178,6 +180,25 @@ async def test_iter_candles_validates(router: DataRouter) -> None:
     assert [c.source for c in found] == ["older"]
 
 
+@pytest.mark.parametrize("bad", ["x", None, 0, -5, 1.5, True, 2**63])
+async def test_iter_candles_refuses_a_bad_batch_size_as_iter_ticks_does(
+    router: DataRouter, bad: Any
+) -> None:
+    await router.save_candles_bulk([candle(0)])
+    await router.save_ticks([tick(0)])
+    with pytest.raises(ValidationError) as from_ticks:
+        _ = [t async for t in router.iter_ticks(SYM, T0, T0 + MINUTE, batch_size=bad)]
+    with pytest.raises(ValidationError) as from_function:
+        _ = [c async for c in iter_candles(router, SYM, "1m", T0, T0 + MINUTE, batch_size=bad)]
+    with pytest.raises(ValidationError) as from_router:
+        _ = [c async for c in router.iter_candles(SYM, "1m", T0, T0 + MINUTE, batch_size=bad)]
+    assert str(from_function.value) == str(from_router.value) == str(from_ticks.value)
+    assert str(from_ticks.value).startswith("batch_size must be a positive int")
+    assert [c async for c in router.iter_candles(SYM, "1m", T0, T0 + MINUTE, batch_size=1)] == [
+        candle(0)
+    ]
+
+
 # --------------------------------------------------------------------------- DataFrames
 
 
@@ -330,6 +351,38 @@ async def test_import_refuses_unknown_or_missing_columns(
         await import_file(router, tmp_path / "ticks.xlsx", kind="ticks")
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        # The first read decodes ~8 KB at once: a bad byte in the header or a few lines
+        # below it fails while the header is read, not in the rows.
+        (b"symbol,timestamp,bid,ask,source,caf\xe9\n", "not UTF-8 text (near line 1)"),
+        (
+            b"symbol,timestamp,bid,ask,source,use_case\n"
+            b"EUR/USD,1727996400000,1.1,1.1002,csv,spot\n"
+            b"EUR/USD,1727996400001,1.1,1.1002,csv,caf\xe9\n",
+            "not UTF-8 text (near line 3)",
+        ),
+        # Past the first read: the line holding the byte, not the reader's last line.
+        (
+            b"symbol,timestamp,bid,ask,source,use_case\n"
+            + b"".join(b"EUR/USD,%d,1.1,1.1002,csv,spot\n" % (T0 + i) for i in range(2000))
+            + b"EUR/USD,1727996500000,1.1,1.1002,csv,caf\xe9\n",
+            "not UTF-8 text (near line 2002)",
+        ),
+        (b'"' + b"s" * 200_000 + b'",timestamp\n', "CSV syntax error near line 1: field larger"),
+    ],
+    ids=["header", "third-line", "line-2002", "huge-header-field"],
+)
+async def test_a_csv_unreadable_as_text_is_a_validation_error(
+    router: DataRouter, tmp_path: Path, content: bytes, said: str
+) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValidationError, match=re.escape(said)):
+        await import_file(router, path, kind="ticks", batch_size=100)
+
+
 async def test_cancelled_import_keeps_what_it_stored(router: DataRouter, tmp_path: Path) -> None:
     path = tmp_path / "many.csv"
     lines = ["symbol,timestamp,bid,ask,source"]
@@ -417,6 +470,56 @@ async def test_export_import_round_trip(router: DataRouter, tmp_path: Path, fmt:
         assert await other.get_candles(SYM, "1m", T0, T0 + 60 * MINUTE) == candles
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+async def test_an_empty_event_type_round_trips_where_the_format_can_say_so(
+    router: DataRouter, tmp_path: Path, fmt: str
+) -> None:
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    ticks = [tick(0, event_type=""), tick(1), tick(2, event_type="trade", use_case="")]
+    candles = [candle(0, event_type=""), candle(1)]
+    await router.save_ticks(ticks)
+    await router.save_candles_bulk(candles)
+    tick_file, candle_file = tmp_path / f"t.{fmt}", tmp_path / f"c.{fmt}"
+    await export_file(router, tick_file, kind="ticks", symbols=[SYM])
+    await export_file(router, candle_file, kind="candles", symbols=[SYM], timeframe="1m")
+    async with DataRouter(embedded_settings(tmp_path, "copy"), strategy=plain()) as other:
+        await import_file(other, tick_file, kind="ticks")
+        await import_file(other, candle_file, kind="candles")
+        got_ticks = await other.get_ticks(SYM, T0, T0 + 10)
+        got_candles = await other.get_candles(SYM, "1m", T0, T0 + 10 * MINUTE)
+    if fmt == "parquet":  # "" and null are different values: "" comes back as ""
+        assert got_ticks == ticks
+        assert got_candles == candles
+    else:  # CSV has no null: an empty cell is a missing value, so the default applies
+        assert [t.event_type for t in got_ticks] == ["quote", "quote", "trade"]
+        assert [c.event_type for c in got_candles] == ["ohlcv", "ohlcv"]
+
+
+async def test_a_parquet_null_event_type_takes_the_default(
+    router: DataRouter, tmp_path: Path
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "nulls.parquet"
+    table = pa.table(
+        {
+            "symbol": [SYM, SYM],
+            "timestamp": [T0, T0 + 1],
+            "bid": [1.1, 1.1],
+            "ask": [1.1002, 1.1002],
+            "source": ["pq", "pq"],
+            "event_type": pa.array([None, ""], type=pa.string()),
+            "use_case": pa.array([None, None], type=pa.string()),
+        }
+    )
+    pq.write_table(table, path)
+    report = await import_file(router, path, kind="ticks")
+    assert (report.accepted, report.rejected) == (2, 0)
+    stored = await router.get_ticks(SYM, T0, T0 + 10, source="pq")
+    assert [(t.event_type, t.use_case) for t in stored] == [("quote", ""), ("", "")]
+
+
 async def test_export_range_and_arguments(router: DataRouter, tmp_path: Path) -> None:
     await router.save_ticks([tick(i) for i in range(10)])
     out = tmp_path / "part.csv"
@@ -429,6 +532,13 @@ async def test_export_range_and_arguments(router: DataRouter, tmp_path: Path) ->
         await export_file(router, out, kind="candles", symbols=[SYM])
     with pytest.raises(ValidationError, match="symbol"):
         await export_file(router, out, kind="ticks", symbols=[])
+    names = ["absent/out.csv"] + (["absent/out.parquet"] if find_spec("pyarrow") else [])
+    for name in names:
+        with pytest.raises(ValidationError, match=r"cannot write .* no such folder"):
+            await export_file(router, tmp_path / name, kind="ticks", symbols=[SYM])
+    assert not (tmp_path / "absent").exists()
+    with pytest.raises(ValidationError, match="it is a folder"):
+        await export_file(router, tmp_path, kind="ticks", symbols=[SYM], file_format="csv")
 
 
 # --------------------------------------------------------------------------- memory

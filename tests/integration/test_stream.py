@@ -943,7 +943,8 @@ async def test_refused_items_are_logged_briefly_and_rate_limited(
     bulky = "s" * 100_000
 
     def bad(seq: int) -> TickData:
-        return ticks(seq, 1)[0].model_copy(update={"use_case": object(), "source": bulky})
+        changes = {"use_case": object(), "source": bulky}
+        return TickData.model_construct(**(ticks(seq, 1)[0].__dict__ | changes))
 
     clock = ManualClock()
     stream = nats_target.make(clock=clock)
@@ -1047,7 +1048,7 @@ async def test_stream_outage_spools_without_blocking_then_catches_up(
 
 def unreadable_tick(seq: int) -> TickData:
     """A tick the spool takes but cannot read back: built without validation (bid < 0)."""
-    return ticks(seq, 1)[0].model_copy(update={"bid": -1.0})
+    return TickData.model_construct(**(ticks(seq, 1)[0].__dict__ | {"bid": -1.0}))
 
 
 @pytest.mark.parametrize("backend", ["nats", pytest.param("redis", marks=pytest.mark.redis)])
@@ -1321,3 +1322,63 @@ async def test_a_cancelled_start_gives_back_its_spool(
     except JournalLockedError as exc:
         pytest.fail(f"the cancelled start() still holds its spool: {exc}")
     await again.aclose()
+
+
+async def _child_publishes_on_its_own_stream(router: DataRouter, parent: object) -> int:
+    """In a forked child (a new event loop): the exit code says what failed."""
+    await router.save_ticks([])  # first use in the child: it reconnects
+    backup = router._backup
+    if backup is None or backup is parent:
+        return 3  # still the parent's stream object, whose tasks belong to the parent
+    await router.save_ticks(ticks(T0 + 1_000, 25))  # bulk: stored, not streamed
+    for tick in ticks(T0 + 2_000, 25):
+        await router.save_tick(tick)  # buffered: streamed with its batch
+    await router.flush()
+    if backup.stats().published_items < 25:
+        return 4
+    await router.close()
+    return 0
+
+
+@pytest.mark.postgres
+async def test_a_forked_child_publishes_on_a_backup_stream_of_its_own(
+    postgres_url: str, pg_schema: str, redis_url: str, redis_key: str, tmp_path: Path
+) -> None:
+    from tests.integration.test_router_coherence import _fork_and_run, _wait_child
+
+    settings = DataManagerSettings(
+        postgres=pg_settings(postgres_url, pg_schema),
+        watch_strategy=False,
+        journal_dir=tmp_path / "journal",
+        backup_stream_url=redis_url,
+        backup_stream_key=redis_key,
+    )
+    router = DataRouter(settings, strategy=plain_strategy())
+    await router.initialize()
+    try:
+        await router.save_tick(ticks(T0, 1)[0])
+        await router.flush()
+        parent = router._backup
+        assert parent is not None
+        before = parent.stats().published_items
+
+        pid = _fork_and_run(lambda: _child_publishes_on_its_own_stream(router, parent))
+        assert await _wait_child(pid) == 0
+
+        client = Redis.from_url(redis_url)
+        try:
+            entries = await client.xrange(redis_key)
+        finally:
+            await client.aclose()
+        streamed = sum(
+            len(orjson.loads(fields[b"payload"])["items"])
+            for _, fields in entries
+            if fields[b"kind"] == b"tick"
+        )
+        assert streamed == before + 25  # the child's 25 buffered ticks reached the stream
+        assert router._backup is parent  # the parent's stream goes on, untouched
+        await router.save_tick(ticks(T0 + 3_000, 1)[0])
+        await router.flush()
+        assert parent.stats().published_items == before + 1
+    finally:
+        await router.close()

@@ -153,3 +153,73 @@ async def test_bulk_saves_reach_this_and_the_other_routers_subscribers_alike(
         expected = ([("even", T0 + 8), ("odd", T0 + 9)], [c.timestamp for c in candles])
         assert got == {"a": expected, "b": expected}
         assert subs["a"][0].pending == subs["a"][1].pending == 0
+
+
+async def test_leaving_an_async_for_unsubscribes(
+    postgres_url: str, pg_schema: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    import time
+
+    from data_manager import TickData
+
+    settings = DataManagerSettings(
+        postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema),
+        dragonfly=DragonflySettings(url=redis_url, key_prefix=redis_prefix),
+        watch_strategy=False,
+        journal_dir=tmp_path / "j",
+    )
+
+    def tick(i: int) -> TickData:
+        return TickData(symbol="EUR/USD", timestamp=T0 + i, bid=1.1, ask=1.1002, source="s")
+
+    class Leave(Exception):
+        pass
+
+    async def returns(router: DataRouter) -> TickData | None:
+        async for t in router.subscribe_ticks(["EUR/USD"]):
+            return t
+        return None
+
+    async def breaks(router: DataRouter) -> TickData | None:
+        got = None
+        async for t in router.subscribe_ticks(["EUR/USD"]):
+            got = t
+            break
+        return got
+
+    async def raises(router: DataRouter) -> TickData | None:
+        try:
+            async for _t in router.subscribe_ticks(["EUR/USD"]):
+                raise Leave
+        except Leave:
+            pass
+        return None
+
+    async with DataRouter(settings=settings) as router:
+        consumers = [asyncio.create_task(leave(router)) for leave in (returns, breaks, raises) * 20]
+        deadline = time.monotonic() + 10
+        while len(router._subs) < len(consumers):  # every consumer is waiting in its loop
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0)
+        await router.save_tick(tick(0))
+        async with asyncio.timeout(10):
+            await asyncio.gather(*consumers)
+        deadline = time.monotonic() + 10
+        while router._subs:  # finalising a left loop's generator runs on a later pass
+            assert time.monotonic() < deadline, f"{len(router._subs)} subscriptions left"
+            await asyncio.sleep(0)
+        await router.save_tick(tick(1))  # nothing buffers it any more
+        assert len(router._subs) == 0
+
+        # aclose(), async with and direct anext() still work as before.
+        sub = router.subscribe_ticks(["EUR/USD"])
+        async with sub:
+            await router.save_tick(tick(2))
+            assert (await anext(sub)).timestamp == T0 + 2
+            assert len(router._subs) == 1  # reading with anext() keeps the subscription
+        assert len(router._subs) == 0
+        sub = router.subscribe_ticks(["EUR/USD"])
+        await router.save_tick(tick(3))
+        await sub.aclose()
+        assert [t.timestamp async for t in sub] == [T0 + 3]  # buffered items, then the end
+        assert len(router._subs) == 0

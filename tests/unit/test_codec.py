@@ -282,6 +282,27 @@ def test_validate_refuses_what_the_fast_path_trusts() -> None:
         decode_tick(crossed, validate=True)
 
 
+_TICK_BODY = '"type":"tick","symbol":"X","timestamp":1727996400000,"bid":1,"ask":1,"source":"s"'
+
+
+@pytest.mark.parametrize("version", ["true", "1.0", '"1"', "2", "null"])
+@pytest.mark.parametrize("validate", [False, True])
+def test_only_the_integer_1_is_version_1(version: str, validate: bool) -> None:
+    # True == 1 == 1.0 in Python, but a payload must say "v": 1 to be version 1.
+    item = f'{{"v":{version},{_TICK_BODY}}}'
+    with pytest.raises(CacheError, match="expected a v1"):
+        decode_tick(item.encode(), validate=validate)
+    with pytest.raises(CacheError, match="expected a v1"):
+        decode_item(item.encode(), validate=validate)
+    bus = f'{{"v":{version},"type":"bus","origin":"o","items":[]}}'
+    with pytest.raises(CacheError, match="expected a v1"):
+        decode_bus_message(bus.encode(), validate=validate)
+    inner = f'{{"v":1,"type":"bus","origin":"o","items":[{item}]}}'
+    with pytest.raises(CacheError, match="expected a v1"):
+        decode_bus_message(inner.encode(), validate=validate)
+    assert decode_tick(f'{{"v":1,{_TICK_BODY}}}'.encode(), validate=validate).bid == 1
+
+
 @pytest.mark.parametrize(
     "message",
     [

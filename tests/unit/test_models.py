@@ -258,3 +258,90 @@ def test_stamp_received_copies_without_touching_the_original() -> None:
     assert t.received_at is None
     assert stamped.mid == t.mid
     assert stamped.model_dump(exclude={"received_at"}) == t.model_dump(exclude={"received_at"})
+
+
+def flow(**over: Any) -> OrderFlowMetrics:
+    return OrderFlowMetrics(**{"symbol": "EUR/USD", "timestamp": TS, "window_ms": 60_000, **over})
+
+
+@pytest.mark.parametrize(
+    ("build", "update", "message"),
+    [
+        (tick, {"bid": -5.0, "ask": -1.0}, "greater than 0"),
+        (tick, {"ask": float("inf")}, "finite"),
+        (tick, {"ask": 1.0}, "below bid"),
+        (tick, {"timestamp": 5}, "seconds"),
+        (tick, {"timestamp": 1_727_996_400}, "seconds"),  # time.time(), not ms
+        (tick, {"symbol": ""}, "empty"),
+        (tick, {"exchange": 2**63}, "less than or equal"),
+        (tick, {"use_case": object()}, "string"),
+        (tick, {"source": "s" * 65}, "printable"),
+        (tick, {"event_type": "quote\x00"}, "NUL"),
+        (tick, {"timestamp_ms": TS + 1, "timestamp": TS}, "disagree"),
+        (tick, {"no_such_field": 1}, "Extra inputs"),
+        (candle, {"high": 1.0}, "below low"),
+        (candle, {"timeframe": "2m"}, "timeframe"),
+        (candle, {"close": -1.0}, "greater than 0"),
+        (candle, {"event_type": "\x00"}, "NUL"),
+        (flow, {"window_ms": 0}, "greater than 0"),
+        (flow, {"imbalance": 1.5}, "less than or equal"),
+        (flow, {"symbol": "A B"}, "spaces"),
+    ],
+)
+def test_model_copy_with_update_validates(build: Any, update: dict[str, Any], message: str) -> None:
+    original = build()
+    with pytest.raises(ValidationError, match=message):
+        original.model_copy(update=update)
+
+
+def test_model_copy_with_update_normalises_like_the_constructor() -> None:
+    t = tick(seq=1)
+    moved = t.model_copy(update={"timestamp": datetime(2024, 10, 4, tzinfo=UTC), "bid": 1.0955})
+    assert moved.timestamp == 1_728_000_000_000
+    assert moved == tick(seq=1, timestamp=1_728_000_000_000, bid=1.0955)
+    assert moved.__pydantic_fields_set__ == t.__pydantic_fields_set__ | {"timestamp", "bid"}
+    assert t.model_copy(update={"timestamp_ms": TS + 1}).timestamp == TS + 1
+    assert t.model_copy(update={"symbol": "gbp_usd", "mid": 99.0}).symbol == "GBP/USD"
+    closed = candle(is_closed=False).model_copy(update={"is_closed": True})
+    assert closed == candle(is_closed=True)
+    assert flow().model_copy(update={"ofi": 3.0}).ofi == 3.0
+    # Without update: a plain copy (no validation needed, nothing changes).
+    for model in (t, candle(), flow()):
+        copied = model.model_copy()
+        assert copied == model
+        assert copied is not model
+        assert model.model_copy(update={}) == model
+
+
+def test_unchecked_constructors_stay_unchecked() -> None:
+    # model_construct is pydantic's documented unchecked constructor, and the SDK's own
+    # fast paths build values it validated before: none of them validates again.
+    t = tick()
+    assert TickData.model_construct(**{**t.__dict__, "bid": -1.0}).bid == -1.0
+    assert stamp_received(t, TS + 1).received_at == TS + 1
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (tick, "event_type"),
+        (tick, "use_case"),
+        (tick, "source"),
+        (tick, "symbol"),
+        (candle, "event_type"),
+        (candle, "source"),
+        (flow, "source"),
+        (flow, "symbol"),
+    ],
+)
+@pytest.mark.parametrize("text", ["\x00", "quote\x00", "\x00\u00e9", "a\x00b"])
+def test_nul_is_refused_in_every_text_field(build: Any, field: str, text: str) -> None:
+    # PostgreSQL refuses NUL in text columns: a buffered save would return and the row be
+    # dead-lettered later.
+    with pytest.raises(ValidationError):
+        build(**{field: text})
+    with pytest.raises(ValidationError):
+        build().model_copy(update={field: text})
+    cls = type(build())
+    with pytest.raises(ValidationError):
+        cls.model_validate({**build().model_dump(exclude={"mid", "spread"}), field: text})

@@ -219,3 +219,24 @@ def test_repo_config_matches_packaged_defaults() -> None:
         assert (root / "config" / rel).read_bytes() == (
             root / "data_manager" / "_defaults" / rel
         ).read_bytes()
+
+
+@pytest.mark.parametrize("pool_min", [0, -1])
+def test_pool_min_below_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pool_min: int
+) -> None:
+    # SQLAlchemy's pool treats pool_size 0 as "no limit": pool_max would bound nothing.
+    message = "pool_min must be at least 1"
+    with pytest.raises(ValueError, match=message):
+        PostgresSettings(pool_min=pool_min, pool_max=2)
+    with pytest.raises(ConfigurationError, match=message):
+        DataManagerSettings(postgres={"pool_min": pool_min, "pool_max": 2})
+    monkeypatch.setenv("DATA_MANAGER_POSTGRES__POOL_MIN", str(pool_min))
+    with pytest.raises(ConfigurationError, match=message):
+        DataManagerSettings()
+    monkeypatch.delenv("DATA_MANAGER_POSTGRES__POOL_MIN")
+    folder = write_static(tmp_path / "cfg", "postgresql.json", {"pool": {"min": pool_min}})
+    monkeypatch.setenv("DATA_MANAGER_CONFIG_DIR", str(folder))
+    with pytest.raises(ConfigurationError, match=message):
+        DataManagerSettings()
+    assert PostgresSettings(pool_min=1, pool_max=2).pool_min == 1

@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 import pytest
 
 from data_manager.breaker import CircuitBreaker
@@ -36,8 +37,12 @@ def ticks(start: int, count: int) -> list[TickData]:
 
 
 def unencodable(seq: int) -> TickData:
-    """A tick of the right class holding a value that is not JSON (built without validation)."""
-    return ticks(seq, 1)[0].model_copy(update={"use_case": object()})
+    """A tick of the right class holding a value that is not JSON (built without validation:
+    ``model_construct``, since ``model_copy(update=...)`` validates)."""
+    tick = ticks(seq, 1)[0]
+    return TickData.model_construct(
+        tick.model_fields_set, **{**tick.__dict__, "use_case": object()}
+    )
 
 
 class _Stream(_BackupStreamBase):
@@ -143,3 +148,23 @@ async def test_an_unencodable_item_is_dropped_and_the_rest_published() -> None:
     assert stats.dropped_items == 1
     assert stats.published_items == 8
     assert stream.published() == [*ticks(0, 3), *ticks(4, 5)]
+
+
+@pytest.mark.parametrize("kind", [["tick"], {"tick": 1}, None, 7, True, "ticks"])
+def test_a_message_whose_kind_is_not_a_known_name_is_a_validation_error(kind: object) -> None:
+    # replay_from_stream counts a ValidationError as an invalid message and goes on; any
+    # other error (a list or an object is not hashable) would stop the whole replay.
+    payload = orjson.dumps(
+        {"v": 1, "type": "batch", "kind": kind, "batch_id": "b", "origin": "o", "items": []}
+    )
+    with pytest.raises(ValidationError, match="needs a known 'kind'"):
+        decode_batch_message(payload)
+
+
+def test_a_huge_unknown_kind_is_shown_briefly() -> None:
+    payload = orjson.dumps(
+        {"v": 1, "type": "batch", "kind": ["x"] * 100_000, "batch_id": "b", "origin": "o"}
+    )
+    with pytest.raises(ValidationError) as caught:
+        decode_batch_message(payload)
+    assert len(str(caught.value)) < 200  # logged once per skipped message
