@@ -20,6 +20,7 @@ import asyncio
 import enum
 import functools
 import heapq
+import itertools
 import logging
 import os
 import time
@@ -45,6 +46,7 @@ from data_manager.cache.singleflight import SingleFlight
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
     CacheError,
+    CacheUnavailableError,
     DatabaseConnectionError,
     DataManagerError,
     RouterClosedError,
@@ -77,12 +79,14 @@ from data_manager.models import (
     timeframe_ms,
     to_epoch_ms,
 )
+from data_manager.models import _check_count as _count
 from data_manager.orderflow import OrderFlowCalculator
 from data_manager.processors import ProcessorRegistry, TickProcessor
 from data_manager.repeats import RepeatFilter
 from data_manager.settings import DataManagerSettings, WriteMode
 from data_manager.storage.base import Storage, in_key_order
 from data_manager.storage.candle_sql import candles_from_buckets, rebuild_chunks, sql_bucketable
+from data_manager.storage.schema import AGGREGATED_PREFIX
 from data_manager.strategy import RoutingStrategy, StrategyWatcher
 from data_manager.subscriptions import Subscription, SubscriptionHub
 
@@ -102,6 +106,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 L = TypeVar("L", TickData, OrderFlowMetrics)
+_S = TypeVar("_S", bound="Storage | None")
 P = ParamSpec("P")
 
 #: Buckets (seconds) of the served-value age histogram.
@@ -124,6 +129,11 @@ L2_CACHE: Final = "dragonfly_cache"
 #: them, and the pause (seconds, router clock) before a failed one is retried.
 _RESTORE_ATTEMPTS: Final = 3
 _RESTORE_RETRY_SECONDS: Final = 1.0
+# The newest values of this router's writes sent to L2 again when the cache subscription
+# comes back: per pipeline, and how long to wait while L2 stays unreachable (its breaker
+# open) before trying again.
+_RESEND_CHUNK: Final = 500
+_RESEND_RETRY_SECONDS: Final = 0.5
 # How long first ticks of a series wait (in their restore, not in their callers) for the
 # candles a crashed router left to be rebuilt before they are aggregated without them.
 _RECOVERY_WAIT_SECONDS: Final = 60.0
@@ -203,14 +213,14 @@ def _source(raw: str | None) -> str | None:
 
 #: The largest count a read accepts: what the database and L2 take as a 64-bit integer.
 _MAX_COUNT: Final = 2**63 - 1
+_MAX_FETCH_ROWS: Final = 1_000_000  # iter_ticks' batch_size: rows held in memory at once
 
 
-def _count(value: object, name: str) -> int:
-    """A read's ``limit`` (or batch size) argument, checked before any I/O."""
-    if type(value) is not int or not 1 <= value <= _MAX_COUNT:
-        msg = f"{name} must be a positive int, got {value!r}"
-        raise ValidationError(msg)
-    return value
+def _primary_of(storage: _S) -> _S:
+    """``storage``'s primary when it has read replicas (reads that must see the newest
+    rows: another router's bars, rebuilds, cache fills), else ``storage`` itself."""
+    primary: _S = getattr(storage, "primary", storage)
+    return primary
 
 
 def _names(value: Iterable[str], what: str) -> list[str]:
@@ -760,6 +770,9 @@ class DataRouter:
         logger.info("fork detected in router %s; reconnecting", self.instance_id)
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._background.clear()
+        # The parent's backup stream (its tasks, connection and spool) stays the parent's,
+        # untouched; the child opens its own below, under its own instance id and spool.
+        self._backup = None
         if self._bus is not None:
             self._bus.reset_after_fork()
         if self._l2 is not None:
@@ -781,6 +794,7 @@ class DataRouter:
         self._storage = storage
         self._watcher.reset_after_fork()
         await self._start_l2()
+        await self._start_backup_stream()
         self._ingest = self._build_ingest(storage)
         await self._ingest.start()
         # The parent's timer task belongs to a loop that never runs here: start our own.
@@ -817,11 +831,7 @@ class DataRouter:
     def _db_for(self, route: Sequence[str]) -> Storage:
         """The database step of a read route: replicas only when the route names them."""
         storage = self.storage
-        if REPLICA not in route:
-            primary = getattr(storage, "primary", None)
-            if primary is not None:
-                return primary  # type: ignore[no-any-return]
-        return storage
+        return storage if REPLICA in route else _primary_of(storage)
 
     async def _connect_with_deadline(self, storage: Storage) -> None:
         deadline = self.settings.init_deadline_seconds
@@ -1091,15 +1101,99 @@ class DataRouter:
 
     def _on_subscription_lost(self) -> None:
         # Without the bus we cannot know what other routers wrote: stop trusting L1, and the
-        # candle sources resolved from what it saw.
+        # candle sources resolved from what it saw. It keeps this router's own writes the
+        # database has not stored yet: reads answer the newer of them and the database's.
         self._l1_enabled = False
         self._forget_l1()
+        self._keep_unstored()
         logger.warning("cache subscription lost; L1 cleared and bypassed until resubscribed")
 
     def _on_subscription_restored(self) -> None:
+        # L1 held only this router's writes while bypassed; L2 may have lost what it was
+        # sent (a restarted server comes back empty; what the bus could not send was
+        # dropped), and a read through a database that lags the write path would install
+        # an older value there as the newest. So once this router's writes are stored,
+        # the database's newest values of the keys it wrote go to L2 and the other routers.
+        ticks, flows, _ = self._l1.contents()
         self._forget_l1()
         self._l1_enabled = True
+        unstored = self._keep_unstored()
+        if self._bus is None or self._state is not RouterState.OPEN:
+            return
+        routing = self._watcher.current.routing
+        keys: set[tuple[type[Any], str, str]] = set()
+        for item in itertools.chain(unstored, ticks, flows):
+            kind = type(item)
+            if (kind is TickData and L2_CACHE in routing.save_tick) or (
+                kind is OrderFlowMetrics and L2_CACHE in routing.save_order_flow
+            ):
+                keys.add((kind, item.symbol, item.source))
+        if keys:
+            self._spawn(self._refresh_l2(self._bus, sorted(keys, key=repr)))
         logger.info("cache subscription restored; L1 in use again")
+
+    def _keep_unstored(self) -> list[TickData | CandleData | OrderFlowMetrics]:
+        """Put back into the cleared L1 the items the write path holds and has not stored
+        yet (this router's writes the database lacks), compare-and-set; return them."""
+        l1 = self._l1
+        unstored = self._ingest.unstored() if self._ingest is not None else []
+        for item in unstored:
+            if type(item) is TickData:
+                l1.put_tick(item)
+            elif type(item) is CandleData:
+                l1.put_candle(item)
+            elif type(item) is OrderFlowMetrics:
+                l1.put_order_flow(item)
+        return unstored
+
+    async def _refresh_l2(self, bus: CacheBus, keys: list[tuple[type[Any], str, str]]) -> None:
+        """Once the write path has stored what was accepted so far, send the database's
+        newest tick or order flow of each ``(kind, symbol, source)`` to L2 and the other
+        routers (compare-and-set: a newer value there stays), retrying while L2 is
+        unreachable or its breaker open, until it lands or this router closes or forks.
+
+        The database's newest, not this router's: another router may have stored a newer
+        value meanwhile, which it could not send to L2 either.
+        """
+        ingest = self._ingest
+        storage = _primary_of(self._storage)
+        if ingest is None or storage is None:
+            return
+        try:
+            await ingest.flush()
+            items: list[TickData | OrderFlowMetrics] = []
+            for kind, symbol, source in keys:
+                if kind is TickData:
+                    tick = await storage.latest_tick(symbol, source=source)
+                    if tick is not None:
+                        items.append(tick)
+                else:
+                    flow = await storage.latest_order_flow(symbol, source=source)
+                    if flow is not None:
+                        items.append(flow)
+        except DataManagerError:
+            logger.warning(
+                "cache: could not read the newest values of this router's writes to refresh "
+                "L2 after the subscription came back; they reach it with their next update",
+                exc_info=True,
+            )
+            return
+        for start in range(0, len(items), _RESEND_CHUNK):
+            chunk = items[start : start + _RESEND_CHUNK]
+            while self._state is RouterState.OPEN and self._bus is bus:
+                try:
+                    await bus.send(chunk)
+                except CacheUnavailableError:
+                    await asyncio.sleep(_RESEND_RETRY_SECONDS)
+                    continue
+                except CacheError:
+                    logger.warning(
+                        "cache: L2 refused the newest values sent after the subscription "
+                        "came back; they reach it with their next update",
+                        exc_info=True,
+                    )
+                    return
+                break
 
     def _forget_l1(self) -> None:
         """Clear L1 and what was resolved from it (the candle sources); reads under way
@@ -1368,7 +1462,9 @@ class DataRouter:
         symbol, source = key
         newest: list[CandleData] = []
         aggregator = self._aggregator
-        storage = self._storage  # not self.storage: close() runs the last attempts
+        # Not self.storage: close() runs the last attempts. The primary: another router's
+        # bars, which a lagging replica would hand back older (and stored over the newer).
+        storage = _primary_of(self._storage)
         read: set[str] = set()
         try:
             # Until every timeframe aggregated now is read (a reload may add some meanwhile).
@@ -1536,7 +1632,9 @@ class DataRouter:
         try:
             await self._ingest.flush()  # the late ticks themselves must be stored first
             for req in requests:
-                candle = await self._rebuilt(self.storage, aggregator, req, daily_close)
+                candle = await self._rebuilt(
+                    _primary_of(self.storage), aggregator, req, daily_close
+                )
                 if candle is not None:
                     self._spread_rebuilt((candle,))
                     self._ingest.submit_nowait(candle)
@@ -1583,7 +1681,7 @@ class DataRouter:
         would put the candle it replaces back.
         """
         aggregator = self._aggregator
-        storage = self._storage
+        storage = _primary_of(self._storage)
         ingest = self._ingest
         if aggregator is None or storage is None or ingest is None:
             return
@@ -1702,7 +1800,8 @@ class DataRouter:
         """Rebuild the buckets of bucket-aligned ``[first, last)`` from the stored ticks
         (those received before ``received_before``, when given); see :meth:`rebuild_candles`."""
         agg = self._watcher.current.aggregation
-        storage = self._storage  # not self.storage: close() may finish a crash recovery's
+        # Not self.storage: close() may finish a crash recovery's. Rebuilds read the primary.
+        storage = _primary_of(self._storage)
         assert storage is not None
         if in_sql is None:
             in_sql = sql_bucketable(timeframe, agg.daily_close)
@@ -1756,7 +1855,7 @@ class DataRouter:
         """
         now = self._clock.time_ms()
         ring = self._watcher.current.cache.candle_ring_size
-        storage = self._storage  # see _rebuild_range
+        storage = _primary_of(self._storage)  # see _rebuild_range
         assert storage is not None
         later: set[str] = set()
         written = 0
@@ -1792,7 +1891,7 @@ class DataRouter:
         items, counted in ``Subscription.dropped``.
         """
         self._require_open()
-        wanted = None if symbols is None else frozenset(_norm(s) for s in symbols)
+        wanted = None if symbols is None else frozenset(map(_norm, _names(symbols, "symbols")))
 
         def match(tick: TickData) -> bool:
             return wanted is None or tick.symbol in wanted
@@ -2225,7 +2324,7 @@ class DataRouter:
         agg_source = f"{aggregator.source_prefix}{source}"
         first, _ = bucket_bounds(lo, timeframe, daily_close=agg.daily_close)
         _, last = bucket_bounds(hi, timeframe, daily_close=agg.daily_close)
-        storage = self._storage  # see _rebuild_range
+        storage = _primary_of(self._storage)  # see _rebuild_range
         assert storage is not None
         newest = await storage.latest_candles(symbol, timeframe, 1, source=agg_source)
         written = await self._rebuild_range(
@@ -2452,9 +2551,18 @@ class DataRouter:
         below lags behind the live writes), nothing proves what lies between them: the
         answer is both, newest ``limit``, and is not cached; a later read tries again.
         """
-        if not self._l1_enabled or source is None or self._l1_gen + self._ring_drops != gen:
+        if source is None or self._l1_gen + self._ring_drops != gen:
             return rows
         l1 = self._l1
+        if not self._l1_enabled:
+            # Bypassed: L1 holds this router's own writes, which the tier below may not
+            # have yet. Answer both, its versions of a bucket first; cache nothing.
+            own = l1.peek_candles(symbol, timeframe, source)
+            if not own:
+                return rows
+            by_start = {candle.timestamp: candle for candle in rows}
+            by_start.update((candle.timestamp, candle) for candle in own)
+            return [by_start[start] for start in sorted(by_start)][-limit:]
         if rows:
             l1.put_candles(rows, complete=len(rows) < limit)
         merged = l1.get_candles(symbol, timeframe, limit, source)
@@ -2599,6 +2707,9 @@ class DataRouter:
         sym = _norm(symbol)
         start_ms, end_ms = self._interval(start, end)
         batch_size = _count(batch_size, "batch_size")
+        if batch_size > _MAX_FETCH_ROWS:  # a cursor fetches at most 2**31 - 1 rows at once
+            msg = f"batch_size must be at most {_MAX_FETCH_ROWS:,}, got {batch_size:,}"
+            raise ValidationError(msg)
         async for tick in self.storage.iter_ticks(
             sym, start_ms, end_ms, source=_source(source), batch_size=batch_size
         ):
@@ -2698,6 +2809,10 @@ class DataRouter:
 
         A candle's event time is its bucket end; missing data counts as stale. TTLs come
         from the strategy's ``staleness`` section (per-timeframe overrides for candles).
+
+        ``source`` names a tick source: the candles are that source's own, or else those
+        aggregated from its ticks (``agg:<source>``); the order flow is that source's, or
+        else the symbol's newest (the router computes it across sources, under its own).
         """
         await self._ready()
         sym = _norm(symbol)
@@ -2707,6 +2822,13 @@ class DataRouter:
         tick = await self.get_latest_tick(sym, source=source)
         candles = await self.get_latest_candles(sym, timeframe, 1, source=source)
         flow = await self.get_latest_order_flow(sym, source=source)
+        if source is not None and not candles:
+            aggregator = self._aggregator
+            agg = (AGGREGATED_PREFIX if aggregator is None else aggregator.source_prefix) + source
+            if len(agg) <= MAX_SOURCE_LENGTH:
+                candles = await self.get_latest_candles(sym, timeframe, 1, source=agg)
+        if source is not None and flow is None:
+            flow = await self.get_latest_order_flow(sym)
         candle_ttl = ttl.candle_seconds_for(timeframe)
         return StalenessReport(
             tick=tick is None or now - tick.timestamp > ttl.tick_seconds * 1000,
@@ -2733,7 +2855,7 @@ class DataRouter:
         for tf in timeframes:
             timeframe_ms(tf)
         limit = _count(limit, "limit")
-        storage = self.storage
+        storage = _primary_of(self.storage)  # what fills the caches must not lag
         gen = self._l1_gen
         ticks = await storage.latest_ticks(syms)
         keys = [(s, tf) for s in syms for tf in timeframes]

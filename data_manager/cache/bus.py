@@ -345,6 +345,21 @@ class CacheBus:
         self._idle.clear()
         self._wakeup.set()
 
+    async def send(self, items: Sequence[CacheItem]) -> None:
+        """Write and announce ``items`` now, in one pipeline outside the coalescing and
+        the sender (on a pooled connection): for a caller that must know they landed.
+
+        Raises:
+            CacheUnavailableError: Unreachable, too slow, or the cache's breaker is open.
+            CacheError: The server refused a call, or an item is not a cache item.
+        """
+        cache = self._cache
+        ops = [cache.write_op(item) for item in items]
+        message = encode_bus_message(self._prefix, [op.payload for op in ops], [])
+        await cache.apply(ops, publish=(cache.channel, message))
+        self._counters.published += len(items)
+        self._counters.messages_sent += 1
+
     async def flush(self) -> None:
         """Wait until every update published so far has been sent (or dropped).
 

@@ -774,6 +774,14 @@ class MemoryCache:
         live.sort(reverse=True)
         return [source for _, source in live]
 
+    def contents(self) -> tuple[list[TickData], list[OrderFlowMetrics], list[CandleData]]:
+        """Every per-source tick and order-flow entry and every ring's candles (oldest
+        first per ring), expired or not; not a read (no hit or miss, no LRU move)."""
+        ticks = [entry.value for key, entry in self._ticks.items() if type(key) is tuple]
+        flows = [entry.value for key, entry in self._flows.items() if type(key) is tuple]
+        candles = [candle for ring in self._rings.values() for candle in ring.items]
+        return ticks, flows, candles
+
     # ------------------------------------------------------------------ maintenance
 
     def clear(self) -> None:

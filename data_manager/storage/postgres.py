@@ -4,7 +4,8 @@ Pool. One SQLAlchemy ``AsyncAdaptedQueuePool`` serves every call. Seed 004's
 ``"pool": {"min": 5, "max": 20}`` (``PostgresSettings.pool_min`` / ``pool_max``) maps to:
 
 * ``pool_size = pool_min``: connections kept open once opened. QueuePool opens them on
-  demand, not up front; ``pool_min = 0`` keeps every connection it opened (up to ``pool_max``).
+  demand, not up front. ``pool_min`` is at least 1 (settings refuse 0, which SQLAlchemy
+  takes as "no limit").
 * ``max_overflow = pool_max - pool_min``: extra connections opened under load and closed
   again when returned, so at most ``pool_max`` connections exist.
 * ``pool_timeout``: how long a caller waits for a free connection before

@@ -55,7 +55,11 @@ replica, and ``ping()`` includes them in its details.
 Between two checks a replica's replay position is taken not to go backwards. A replica that
 crashes and comes back from an earlier restart point within one interval could answer a read
 with older data than the last check showed, until the next check sees it. While the primary
-cannot be checked, replicas keep the visibility the last good check gave them.
+cannot be checked, replicas keep the visibility the last good check gave them, but not a lag
+of 0: the newest position known is that of the last good check, so a replica that has
+replayed it is at most "now minus that check's start" behind, and that is its lag. Once the
+primary has gone unchecked for longer than ``max_lag_seconds``, every replica is lagging and
+reads go to the primary; the replica's ``last_error`` says the primary could not be checked.
 """
 
 from __future__ import annotations
@@ -146,7 +150,8 @@ class ReplicaStatus:
         reads: Reads it answered.
         errors: Checks and reads that failed on it.
         incidents: Times it went from healthy to skipped.
-        last_error: The last failure or refusal (down, promoted, other cluster), one line.
+        last_error: The last failure or refusal (down, promoted, other cluster, or lagging
+            because the primary's WAL position could not be read), one line.
     """
 
     target: str
@@ -305,6 +310,7 @@ class ReplicatedStorage:
         self._seq = 0  # number of the check in progress or last started
         self._history: collections.deque[_Check] = collections.deque(maxlen=HISTORY_SIZE)
         self._system_id: int | None = None
+        self._primary_error: str | None = None  # why this check could not read the primary
         self._marks: dict[str, int] = {}  # symbol -> check number when its last write returned
         self._global_mark = _NO_WRITE  # the same for writes that touch every symbol (DDL)
         self._healthy: tuple[_Replica, ...] = ()
@@ -455,8 +461,10 @@ class ReplicatedStorage:
                 self._primary, _PRIMARY_SQL, self._check_timeout
             )
         except (DataManagerError, TimeoutError) as exc:
-            logger.debug("cannot read the primary's WAL position: %s", _one_line(exc))
+            self._primary_error = _one_line(exc) or "check timed out"
+            logger.debug("cannot read the primary's WAL position: %s", self._primary_error)
         else:
+            self._primary_error = None
             if system_id != self._system_id or (
                 self._history and insert < self._history[-1].visible
             ):
@@ -496,7 +504,13 @@ class ReplicatedStorage:
         if too_far:
             lag = "unknown" if replica.lag_seconds is None else f"{replica.lag_seconds:.3f}s"
             detail = f"lag {lag}, {replica.lag_bytes} bytes"
-            self._skip(replica, "lagging", detail)
+            unchecked = self._primary_unchecked_for()
+            if unchecked is not None:
+                detail = (
+                    f"{detail} (the primary's WAL position has not been read for "
+                    f"{unchecked:.3f}s: {self._primary_error})"
+                )
+            self._skip(replica, "lagging", detail, primary_unchecked=unchecked is not None)
             return
         self._back(replica)
 
@@ -513,16 +527,32 @@ class ReplicatedStorage:
         replica.lag_seconds = None if replay_age is None else max(0.0, replay_age)
         for check in reversed(history):
             if check.flushed <= replayed:
-                replica.lag_seconds = 0.0 if check is history[-1] else max(0.0, now - check.at)
+                # 0 only against this very check's position. When this check could not read
+                # the primary, the newest position known may be long past: the replica is
+                # then behind by up to the time since that check started, not by nothing.
+                current = check is history[-1] and check.seq == self._seq
+                replica.lag_seconds = 0.0 if current else max(0.0, now - check.at)
                 break
         replica.lag_bytes = max(0, history[-1].flushed - replayed) if history else None
 
-    def _skip(self, replica: _Replica, reason: SkipReason, detail: str) -> None:
+    def _primary_unchecked_for(self) -> float | None:
+        """Seconds since the last check that read the primary, when this one could not."""
+        if self._primary_error is None:
+            return None
+        if not self._history:
+            return None
+        return max(0.0, self._clock.monotonic() - self._history[-1].at)
+
+    def _skip(
+        self, replica: _Replica, reason: SkipReason, detail: str, *, primary_unchecked: bool = False
+    ) -> None:
         """Take ``replica`` out of rotation; log when an incident starts (rate-limited)."""
         previous = replica.reason
         replica.reason = reason
         if reason != "lagging":  # lag is only measured on a reachable replica of the primary
             replica.lag_seconds = replica.lag_bytes = None
+            replica.last_error = detail
+        elif primary_unchecked:  # the lag grows because the primary cannot be checked: say so
             replica.last_error = detail
         if previous == reason:
             return

@@ -463,3 +463,79 @@ async def test_background_checks_follow_the_replica(
 
         # No check_now here: only the background task can move reads to the replica.
         await until(replica_read, "the background check to route reads to the replica")
+
+
+async def test_lag_grows_while_the_primary_cannot_be_checked(
+    primary_server: PostgresServer,
+    replica_server: ReplicaServer,
+    schema: str,
+    clock: ManualClock,
+) -> None:
+    # The primary's pool has one connection; an open iter_ticks cursor holds it, so checks
+    # cannot read the primary's WAL position while another client keeps writing.
+    one = PostgresSettings(
+        url=primary_server.url,
+        db_schema=schema,
+        pool_min=1,
+        pool_max=1,
+        pool_timeout=0.5,
+        connect_timeout=2.0,
+        statement_timeout=10.0,
+    )
+    storage = ReplicatedStorage(
+        PostgresStorage(one),
+        [PostgresStorage(settings(replica_server.url, schema))],
+        max_lag_seconds=5.0,
+        lag_check_interval=None,
+        check_timeout=1.0,
+        clock=clock,
+    )
+    writer = PostgresStorage(settings(primary_server.url, schema))  # another process
+    async with storage:
+        await storage.create_schema()
+        await writer.connect()
+        try:
+            await writer.write_ticks([tick("NZD/USD", 0, bid=1.0), tick("NZD/USD", 1, bid=1.0)])
+            got = await replica_serves(storage, lambda: storage.latest_tick("NZD/USD"))
+            assert got is not None
+            assert got.timestamp == T0 + 1
+            assert storage.replica_status()[0].lag_seconds == 0.0
+
+            await pause_replay(replica_server.url)
+            cursor = storage.iter_ticks("NZD/USD", T0, T0 + 2, batch_size=1)
+            await anext(cursor)  # holds the primary's only connection
+            try:
+                await writer.write_ticks([tick("NZD/USD", 2, bid=1.5)])
+                clock.advance(4.0)
+                (status,) = await storage.check_now()
+                # Within the bound: still used, but its lag is not 0 any more.
+                assert status.healthy
+                assert status.lag_seconds == pytest.approx(4.0)
+                clock.advance(1.1)
+                (status,) = await storage.check_now()
+                assert not status.healthy
+                assert status.skipped_reason == "lagging"
+                assert status.lag_seconds == pytest.approx(5.1)
+                assert status.last_error is not None
+                assert "the primary's WAL position has not been read" in status.last_error
+                health = await storage.ping()
+                replicas = health.details["replicas"]
+                assert isinstance(replicas, list)
+                assert replicas[0]["skipped_reason"] == "lagging"
+            finally:
+                await cursor.aclose()
+            # Reads go to the primary, which has the other client's write.
+            no_replica = storage.primary_reads()["no_healthy_replica"]
+            got = await storage.latest_tick("NZD/USD")
+            assert got is not None
+            assert got.bid == 1.5
+            assert storage.primary_reads()["no_healthy_replica"] == no_replica + 1
+        finally:
+            await resume_replay(replica_server.url)
+            await writer.close()
+
+        async def healthy() -> bool:
+            (status,) = await storage.check_now()
+            return status.healthy and status.lag_seconds == 0.0
+
+        await until(healthy, "the replica to catch up once the primary can be checked")

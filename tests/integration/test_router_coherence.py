@@ -27,6 +27,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from data_manager.clock import Clock, ManualClock, SystemClock
+from data_manager.errors import CacheError
 from data_manager.models import CandleData, TickData
 from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
@@ -510,7 +511,7 @@ async def test_l1_is_bypassed_while_the_subscription_is_lost(
 ) -> None:
     server = await asyncio.to_thread(redis_server_factory)
     router = await make_router(redis=server.url)
-    await router.save_tick(tick(TS, 1.0))
+    await router.save_tick(tick(TS, 1.0))  # stored (sync): L1 keeps nothing of it below
     assert router.cache.l1.get_tick(SYM) is not None
 
     await asyncio.to_thread(server.stop)
@@ -542,6 +543,97 @@ async def test_l1_is_bypassed_while_the_subscription_is_lost(
     assert got is not None
     assert got.timestamp == TS + 1
     assert (await router.cache.get_stats()).l1.hits == hits + 1
+
+
+async def test_own_writes_not_stored_yet_are_read_while_the_subscription_is_lost(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # The manual clock holds buffered writes in the queue: the database has only TS.
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(redis=server.url)
+    await router.save_tick(tick(TS, 1.0))
+    await router.save_candle(candle(TS, 1.1))
+    await router.save_tick(tick(TS + 60_000, 2.0), mode="buffered")  # before the loss
+    await asyncio.to_thread(server.stop)
+    await until(lambda: not bus_of(router).connected, "the router to notice the lost subscription")
+    await router.save_candle(candle(TS + 60_000, 1.15), mode="buffered")  # during it
+
+    got = await router.get_latest_tick(SYM)
+    assert got is not None
+    assert (got.timestamp, got.bid) == (TS + 60_000, 2.0)
+    candles = await router.get_latest_candles(SYM, "1m", 2, source=SRC)
+    assert [(c.timestamp, c.close) for c in candles] == [(TS, 1.1), (TS + 60_000, 1.15)]
+    assert (await router.storage.latest_tick(SYM)).timestamp == TS  # type: ignore[union-attr]
+
+
+async def test_own_writes_not_stored_yet_survive_a_cache_restart(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # A tick saved just before the cache server restarts (empty) and still queued for the
+    # database: no read through the database may install the older stored tick as the newest.
+    server = await asyncio.to_thread(redis_server_factory)
+    clock = ManualClock()
+    router = await make_router(redis=server.url, clock=clock)
+    await router.save_tick(tick(TS, 1.0))
+    await router.save_tick(tick(TS + 60_000, 2.0), mode="buffered")
+    await bus_of(router).flush()  # it reached L2, which loses it below
+    await asyncio.to_thread(server.stop)
+    await until(lambda: not bus_of(router).connected, "the router to notice the lost subscription")
+    with contextlib.suppress(CacheError):
+        await l2_of(router).get_tick(SYM)  # opens the cache's breaker: L2 was found down
+    await asyncio.to_thread(server.start)
+    await until(lambda: bus_of(router).connected, "the subscription to come back")
+
+    got = await router.get_latest_tick(SYM)
+    assert got is not None
+    assert got.timestamp == TS + 60_000
+    clock.advance(60)  # the cache's breaker lets a probe through: the resend lands
+
+    async def resent() -> bool:
+        with contextlib.suppress(CacheError):
+            in_l2 = await l2_of(router).get_tick(SYM)
+            return in_l2 is not None and in_l2.timestamp == TS + 60_000
+        return False
+
+    await until_async(resent, "the router's queued tick to be sent to L2 again")
+    other = await make_router(redis=server.url)
+    seen = await other.get_latest_tick(SYM)
+    assert seen is not None
+    assert seen.timestamp == TS + 60_000
+
+
+async def test_after_a_cache_restart_l2_gets_the_databases_newest_not_an_older_own_write(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # During the outage A stores a tick and B, later, a newer one of the same source; B
+    # stops before the cache comes back (empty). What A sends to L2 then is the database's
+    # newest of the keys it wrote, not its own older tick.
+    server = await asyncio.to_thread(redis_server_factory)
+    a = await make_router(redis=server.url)
+    b = await make_router(redis=server.url)
+    await a.save_tick(tick(TS, 1.0))
+    await asyncio.to_thread(server.stop)
+    await until(lambda: not bus_of(a).connected, "A to notice the lost subscription")
+    await a.save_tick(tick(TS + 1_000, 2.0))
+    await b.save_tick(tick(TS + 2_000, 3.0))
+    await b.close()
+    await asyncio.to_thread(server.start)
+    await until(lambda: bus_of(a).connected, "A's subscription to come back")
+
+    async def refreshed() -> bool:
+        with contextlib.suppress(CacheError):
+            in_l2 = await l2_of(a).get_tick(SYM, SRC)
+            return in_l2 is not None
+        return False
+
+    await until_async(refreshed, "A to refresh L2")
+    in_l2 = await l2_of(a).get_tick(SYM, SRC)
+    assert in_l2 is not None
+    assert in_l2.timestamp == TS + 2_000
+    for router in (a, await make_router(redis=server.url)):
+        got = await router.get_latest_tick(SYM)
+        assert got is not None
+        assert got.timestamp == TS + 2_000
 
 
 # ----------------------------------------------------------------------------- two processes

@@ -40,6 +40,7 @@ from data_manager import (
     TickData,
     ValidationError,
 )
+from data_manager.clock import ManualClock
 from data_manager.demo import PAIRS, DemoResult, run_demo
 from data_manager.health import CacheHealth, PoolHealth
 from data_manager.router import RouterState
@@ -953,3 +954,33 @@ EXAMPLES: Final = {
 def test_every_example_is_covered() -> None:
     scripts = {p.name for p in (ROOT / "examples").glob("*.py")}
     assert scripts == set(EXAMPLES), "add a test for each new example to EXAMPLES"
+
+
+async def test_subscribe_ticks_refuses_a_lone_string(router: DataRouter) -> None:
+    with pytest.raises(ValidationError, match="symbols must be a list"):
+        router.subscribe_ticks(SYM)  # not the symbols "E", "U", "R", ...
+
+
+async def test_iter_ticks_bounds_its_batch_size(router: DataRouter) -> None:
+    with pytest.raises(ValidationError, match="batch_size must be at most 1,000,000"):
+        await anext(router.iter_ticks(SYM, T0, T0 + 1, batch_size=2**31))
+
+
+async def test_staleness_of_a_tick_source_counts_what_the_router_derives_from_it(
+    tmp_path: Path,
+) -> None:
+    # The candles aggregated from a source's ticks are "agg:<source>"; the order flow the
+    # router computes is its own ("sdk"), across sources.
+    clock = ManualClock(wall_ms=T0 + 30_000)
+    derived = strategy({"aggregation": {"timeframes": ["1m"]}})
+    async with DataRouter(embedded(tmp_path), strategy=derived, clock=clock) as router:
+        for ts, bid in ((T0 + 29_000, 1.09551), (T0 + 29_500, 1.09561)):  # two books: a flow
+            book = tick(ts, bid=bid).model_dump() | {"bid_size": 1e6, "ask_size": 2e6}
+            await router.save_tick(TickData(**book))
+        report = await router.check_staleness(SYM, source="polygon")
+        assert dict(report) == {"tick": False, "candle": False, "order_flow": False}
+        assert dict(await router.check_staleness(SYM, source="other")) == {
+            "tick": True,
+            "candle": True,
+            "order_flow": False,  # the symbol's order flow: the router computes one for all
+        }
