@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
-from urllib.parse import unquote, urlsplit
+from types import MappingProxyType
+from typing import Any, ClassVar, Final, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -95,8 +98,104 @@ def _read_secret_file(path: str | os.PathLike[str], *, what: str) -> str:
         raise ConfigurationError(msg) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class _UrlForm:
+    """How a backend's ``url`` maps onto its fields.
+
+    Only the listed schemes are accepted (a ``mysql://`` or ``http://`` URL is a mistake,
+    not a server to try), and only the listed query parameters: one the SDK would not apply
+    (``sslmode`` before it was supported, say) must not be dropped in silence. Messages
+    never repeat the URL: it may hold a password.
+    """
+
+    what: str
+    schemes: frozenset[str]
+    user_field: str
+    path_field: str
+    #: Query parameter -> the field it sets.
+    query_fields: Mapping[str, str]
+
+    def parse(self, raw: object) -> dict[str, Any]:
+        url = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
+        parts = urlsplit(url)
+        if parts.scheme not in self.schemes:
+            allowed = ", ".join(f"{scheme}://" for scheme in sorted(self.schemes))
+            given = f"{parts.scheme}://" if parts.scheme else "(none)"
+            msg = f"{self.what} URL scheme {given} is not supported; use {allowed}"
+            raise ValueError(msg)
+        parsed: dict[str, Any] = {}
+        for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+            field = self.query_fields.get(name)
+            if field is None:
+                known = ", ".join(sorted(self.query_fields)) or "none"
+                msg = f"{self.what} URL parameter {name!r} is not supported (supported: {known})"
+                raise ValueError(msg)
+            if len(values) > 1:
+                msg = f"{self.what} URL parameter {name!r} is given {len(values)} times"
+                raise ValueError(msg)
+            parsed[field] = values[0]
+        try:
+            hostname, port = parts.hostname, parts.port
+        except ValueError as exc:  # a port that is not a number, or out of range
+            msg = f"{self.what} URL has an invalid port: {exc}"
+            raise ValueError(msg) from None
+        if hostname:
+            parsed["host"] = hostname
+        if port:
+            parsed["port"] = port
+        if parts.username:
+            parsed[self.user_field] = unquote(parts.username)
+        if parts.password:
+            parsed["password"] = unquote(parts.password)
+        path = parts.path.lstrip("/")
+        if path:
+            parsed[self.path_field] = unquote(path)
+        if parts.scheme == "rediss":
+            parsed["ssl"] = True
+        return parsed
+
+
+_POSTGRES_URL: Final = _UrlForm(
+    what="PostgreSQL",
+    schemes=frozenset({"postgresql", "postgres", "postgresql+asyncpg"}),
+    user_field="user",
+    path_field="database",
+    # libpq's spelling: ?host=/var/run/postgresql reaches a Unix socket folder.
+    query_fields=MappingProxyType(
+        {
+            "host": "host",
+            "port": "port",
+            "user": "user",
+            "sslmode": "sslmode",
+            "application_name": "application_name",
+            "connect_timeout": "connect_timeout",
+        }
+    ),
+)
+_REDIS_URL: Final = _UrlForm(
+    what="Redis",
+    schemes=frozenset({"redis", "rediss"}),
+    user_field="username",
+    path_field="db",
+    query_fields=MappingProxyType({"db": "db"}),
+)
+
+
 class _Backend(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The section name in messages (``postgres.pool_min: ...``).
+    _section: ClassVar[str]
+    #: How ``url`` is read (see :class:`_UrlForm`).
+    _url_form: ClassVar[_UrlForm]
+
+    def __init__(self, **values: Any) -> None:
+        # Built on its own (not inside DataManagerSettings, which reports for all sections),
+        # a bad value is the SDK's ConfigurationError too.
+        try:
+            super().__init__(**values)
+        except PydanticValidationError as exc:
+            raise ConfigurationError(_format_settings_error(exc, self._section)) from exc
 
     @model_validator(mode="before")
     @classmethod
@@ -104,32 +203,12 @@ class _Backend(BaseModel):
         if not isinstance(data, dict) or not data.get("url"):
             return data
         raw = data["url"]
-        url = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
-        parts = urlsplit(url)
-        parsed: dict[str, Any] = {}
-        if parts.hostname:
-            parsed["host"] = parts.hostname
-        if parts.port:
-            parsed["port"] = parts.port
-        if parts.username:
-            parsed[cls._url_user_field()] = unquote(parts.username)
-        if parts.password:
-            parsed["password"] = unquote(parts.password)
-        path = parts.path.lstrip("/")
-        if path:
-            parsed[cls._url_path_field()] = path
-        if parts.scheme in ("rediss",):
-            parsed["ssl"] = True
         # What the URL says wins over fields merged in from lower-precedence sources.
-        return {**{k: v for k, v in data.items() if k != "url"}, **parsed, "url": raw}
-
-    @classmethod
-    def _url_user_field(cls) -> str:
-        return "user"
-
-    @classmethod
-    def _url_path_field(cls) -> str:
-        return "database"
+        return {
+            **{k: v for k, v in data.items() if k != "url"},
+            **cls._url_form.parse(raw),
+            "url": raw,
+        }
 
     @property
     def configured(self) -> bool:
@@ -156,11 +235,17 @@ class PostgresReplicaSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, data: Any) -> Any:
-        return {"url": data} if isinstance(data, str) else data
+        data = {"url": data} if isinstance(data, str) else data
+        if isinstance(data, dict) and data.get("url"):
+            _POSTGRES_URL.parse(data["url"])  # refused now, not when the replica is opened
+        return data
 
 
 class PostgresSettings(_Backend):
     """PostgreSQL/TimescaleDB connection. Empty ``host`` means "use the embedded SQLite"."""
+
+    _section: ClassVar[str] = "postgres"
+    _url_form: ClassVar[_UrlForm] = _POSTGRES_URL
 
     url: SecretStr | None = Field(default=None, description="postgresql://user:pw@host:port/db")
     host: str = ""
@@ -252,6 +337,9 @@ class PostgresSettings(_Backend):
 class DragonflySettings(_Backend):
     """The L2 cache and pub/sub bus: DragonflyDB in production, any Redis-protocol server."""
 
+    _section: ClassVar[str] = "dragonfly"
+    _url_form: ClassVar[_UrlForm] = _REDIS_URL
+
     url: SecretStr | None = Field(default=None, description="redis://user:pw@host:port/db")
     host: str = ""
     port: int = Field(default=6379, ge=1, le=65535)
@@ -292,14 +380,6 @@ class DragonflySettings(_Backend):
     def configured(self) -> bool:
         """True when a host or cluster seed nodes are set."""
         return bool(self.host or self.cluster_nodes)
-
-    @classmethod
-    def _url_user_field(cls) -> str:
-        return "username"
-
-    @classmethod
-    def _url_path_field(cls) -> str:
-        return "db"
 
     def resolved_password(self) -> str | None:
         """The password, from ``password`` or ``password_file``; never logged."""
@@ -495,10 +575,10 @@ class DataManagerSettings(BaseSettings):
         return self.resolved_config_dir / "hot_reload" / "data_manager_strategy.py"
 
 
-def _format_settings_error(exc: PydanticValidationError) -> str:
+def _format_settings_error(exc: PydanticValidationError, section: str = "") -> str:
     parts = []
     for err in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(str(p) for p in (section, *err["loc"]) if p != "")
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid data_manager configuration: " + "; ".join(parts)
 

@@ -290,6 +290,27 @@ async def test_server_restart_is_a_connection_error_then_recovers(
         assert (await storage.ping()).reachable is True
 
 
+@pytest.mark.slow
+async def test_a_unix_socket_folder_in_the_url_reaches_the_server(
+    postgres_server_factory: Callable[[], PostgresServer],
+) -> None:
+    server = postgres_server_factory()
+    # libpq's spelling; the server listens on <root>/.s.PGSQL.<port> as well as on TCP.
+    url = f"postgresql://postgres@/{server.database}?host={server.root}&port={server.port}"
+    async with opened(PostgresSettings(url=url)) as storage:
+        assert await storage.write_ticks([tick(T0)]) == 1
+        assert (await storage.latest_tick(SYM)) == tick(T0)
+        assert storage._engine is not None
+        async with storage._engine.connect() as conn:
+            row = (
+                await conn.exec_driver_sql(
+                    "SELECT inet_server_addr(), current_setting('data_directory')"
+                )
+            ).one()
+        assert row[0] is None  # NULL: the connection came through the socket, not TCP
+        assert row[1] == str(server.data_dir)  # and reached this server, not another one
+
+
 # --------------------------------------------------------------------------- schema & SQL
 
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from data_manager import ConfigurationError, DataManagerSettings, PostgresSettings
+from data_manager import (
+    ConfigurationError,
+    DataManagerSettings,
+    DragonflySettings,
+    PostgresSettings,
+)
 from data_manager.settings import RetentionSettings
 
 ENV_NAMES = (
@@ -199,6 +205,58 @@ def test_url_parsing_and_secrets_never_in_repr(monkeypatch: pytest.MonkeyPatch) 
         assert "topsecret" not in text
 
 
+def test_url_query_parameters_are_applied_and_a_socket_folder_is_a_host() -> None:
+    s = DataManagerSettings(
+        postgres={"url": "postgresql://u:pw@/d?host=/var/run/postgresql&port=5433&sslmode=require"}
+    )
+    assert (s.postgres.host, s.postgres.port, s.postgres.database, s.postgres.sslmode) == (
+        "/var/run/postgresql",
+        5433,
+        "d",
+        "require",
+    )
+    assert s.postgres.configured  # a socket folder is a server, not "use the embedded SQLite"
+    assert DataManagerSettings(dragonfly={"url": "redis://c:6380?db=3"}).dragonfly.db == 3
+
+
+@pytest.mark.parametrize(
+    ("section", "url", "message"),
+    [
+        ("postgres", "mysql://u:topsecret@h/d", "scheme mysql:// is not supported"),
+        ("postgres", "h:5432/d", "scheme h:// is not supported"),
+        ("postgres", "postgresql://u:topsecret@h/d?gssencmode=disable", "'gssencmode'"),
+        ("postgres", "postgresql://u:topsecret@h/d?sslmode=a&sslmode=b", "given 2 times"),
+        ("postgres", "postgresql://u:topsecret@h:70000/d", "invalid port"),
+        ("dragonfly", "http://u:topsecret@c:6379/0", "scheme http:// is not supported"),
+        ("dragonfly", "unix:///tmp/redis.sock", "scheme unix:// is not supported"),
+        ("dragonfly", "redis://u:topsecret@c/0?protocol=3", "'protocol'"),
+    ],
+)
+def test_a_url_the_sdk_would_misread_is_refused_without_its_password(
+    section: str, url: str, message: str
+) -> None:
+    # A wrong scheme or an unknown parameter was dropped in silence before: a mysql:// URL
+    # was tried as PostgreSQL, and ?host=/socket/folder left no host, so SQLite was used.
+    with pytest.raises(ConfigurationError, match=f"{section}: .*{re.escape(message)}") as info:
+        DataManagerSettings(**{section: {"url": url}})
+    assert "topsecret" not in str(info.value)
+    cls = PostgresSettings if section == "postgres" else DragonflySettings
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        cls(url=url)
+
+
+def test_a_replica_url_is_checked_with_the_settings() -> None:
+    with pytest.raises(ConfigurationError, match=r"postgres\.replicas\.0: .*mysql://"):
+        DataManagerSettings(postgres={"host": "h", "database": "d", "replicas": ["mysql://r/d"]})
+
+
+def test_backend_settings_built_alone_raise_the_sdks_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"dragonfly\.port: "):
+        DragonflySettings(port=0)
+    with pytest.raises(ConfigurationError, match=r"postgres\.statement_timeout: "):
+        PostgresSettings(statement_timeout=0)
+
+
 def test_tls_and_acl_username(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTGRES_HOST", "db")
     monkeypatch.setenv("POSTGRES_DB", "d")
@@ -227,7 +285,7 @@ def test_pool_min_below_one_is_refused(
 ) -> None:
     # SQLAlchemy's pool treats pool_size 0 as "no limit": pool_max would bound nothing.
     message = "pool_min must be at least 1"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigurationError, match=message):
         PostgresSettings(pool_min=pool_min, pool_max=2)
     with pytest.raises(ConfigurationError, match=message):
         DataManagerSettings(postgres={"pool_min": pool_min, "pool_max": 2})
