@@ -779,8 +779,7 @@ class DataRouter:
             self._l2.reset_after_fork()
         self._bus = None
         self._l2 = None
-        self._l1.clear()
-        self._l1_gen += 1
+        self._forget_l1()
         self._flight = SingleFlight()
         # The series the parent aggregates stay the parent's: started from its in-memory
         # bars, this child's close() or maintenance would store stale candles (closed ones

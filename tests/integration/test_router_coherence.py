@@ -757,6 +757,8 @@ async def _in_forked_child(router: DataRouter, parent_id: str, newest_client: in
         return 4
     if await l2_of(router).client.client_id() <= newest_client:
         return 5  # an L2 connection that existed before the fork (ids only grow)
+    if router._default_candle_source:
+        return 8  # the parent's candle sources, resolved from the L1 the child dropped
     await router.save_tick(tick(TS + 1, 2.0))  # sync: the child's own pool writes it
     stored = await router.storage.latest_tick(SYM)
     if stored is None or stored.timestamp != TS + 1:
@@ -816,9 +818,12 @@ async def test_forked_child_uses_the_router_with_its_own_connections(
 ) -> None:
     router = await make_router()
     await router.save_tick(tick(TS, 1.0))
+    await router.save_candles_bulk([candle(TS)])
     await bus_of(router).flush()
     router.cache.l1.clear()
     assert (await router.get_latest_tick(SYM)) is not None  # the pools hold live connections
+    assert await router.get_latest_candles(SYM, "1m", 5)  # resolves SYM's candle source
+    assert router._default_candle_source, "no candle source resolved for the child to drop"
     parent_id = router.instance_id
     clients = await _redis_clients(redis_url)
     redis_ports = _own_ports(redis_url)
