@@ -1117,6 +1117,10 @@ class DataRouter:
         self._forget_l1()
         self._l1_enabled = True
         unstored = self._keep_unstored()
+        # L1 forgot what other sources wrote: its own unstored values are served once the
+        # tiers below confirm no other source has newer ones (as after a start).
+        if self._l1.confirmations_due:
+            self._confirm_latest()
         if self._bus is None or self._state is not RouterState.OPEN:
             return
         routing = self._watcher.current.routing
@@ -1133,16 +1137,21 @@ class DataRouter:
 
     def _keep_unstored(self) -> list[TickData | CandleData | OrderFlowMetrics]:
         """Put back into the cleared L1 the items the write path holds and has not stored
-        yet (this router's writes the database lacks), compare-and-set; return them."""
+        yet (this router's writes the database lacks), compare-and-set; return them.
+
+        Their any-source entries are created unsettled: the cleared L1 no longer knows
+        whether another source wrote a newer value, so a read serves them only once a
+        confirmation from the tiers below settles them (see :meth:`_confirm_latest`).
+        """
         l1 = self._l1
         unstored = self._ingest.unstored() if self._ingest is not None else []
         for item in unstored:
             if type(item) is TickData:
-                l1.put_tick(item)
+                l1.put_tick(item, settled=False)
             elif type(item) is CandleData:
                 l1.put_candle(item)
             elif type(item) is OrderFlowMetrics:
-                l1.put_order_flow(item)
+                l1.put_order_flow(item, settled=False)
         return unstored
 
     async def _refresh_l2(self, bus: CacheBus, keys: list[tuple[type[Any], str, str]]) -> None:
@@ -1160,16 +1169,22 @@ class DataRouter:
             return
         try:
             await ingest.flush()
-            items: list[TickData | OrderFlowMetrics] = []
+            # A source's newest goes to its own key only: it says nothing about the other
+            # sources, so it must not become the symbol's any-source value (see
+            # RedisCache.write_op); each symbol's newest of any source goes there.
+            per_source: list[TickData | OrderFlowMetrics] = []
+            newest: list[TickData | OrderFlowMetrics] = []
+            symbols = sorted({(kind is TickData, symbol) for kind, symbol, _ in keys})
             for kind, symbol, source in keys:
-                if kind is TickData:
-                    tick = await storage.latest_tick(symbol, source=source)
-                    if tick is not None:
-                        items.append(tick)
-                else:
-                    flow = await storage.latest_order_flow(symbol, source=source)
-                    if flow is not None:
-                        items.append(flow)
+                latest = storage.latest_tick if kind is TickData else storage.latest_order_flow
+                value = await latest(symbol, source=source)
+                if value is not None:
+                    per_source.append(value)
+            for is_tick, symbol in symbols:
+                latest = storage.latest_tick if is_tick else storage.latest_order_flow
+                value = await latest(symbol)
+                if value is not None:
+                    newest.append(value)
         except DataManagerError:
             logger.warning(
                 "cache: could not read the newest values of this router's writes to refresh "
@@ -1177,11 +1192,15 @@ class DataRouter:
                 exc_info=True,
             )
             return
-        for start in range(0, len(items), _RESEND_CHUNK):
-            chunk = items[start : start + _RESEND_CHUNK]
+        chunks = [
+            (items[start : start + _RESEND_CHUNK], only_source)
+            for items, only_source in ((per_source, True), (newest, False))
+            for start in range(0, len(items), _RESEND_CHUNK)
+        ]
+        for chunk, only_source in chunks:
             while self._state is RouterState.OPEN and self._bus is bus:
                 try:
-                    await bus.send(chunk)
+                    await bus.send(chunk, per_source=only_source)
                 except CacheUnavailableError:
                     await asyncio.sleep(_RESEND_RETRY_SECONDS)
                     continue
@@ -2434,11 +2453,13 @@ class DataRouter:
                 ):
                     self._spawn(l2_put(value))
                 break
-        if self._l1_enabled:
-            return l1_fill(value) if self._l1_gen == gen else value
-        # L1 is bypassed (the subscription is down): it holds this router's own writes
-        # since it was cleared, which the tiers below may not have yet (write-behind, L2
-        # down): the newer of the two, so a router always reads its own writes.
+        if self._l1_enabled and self._l1_gen == gen:
+            return l1_fill(value)
+        # L1 is bypassed (the subscription is down), or was cleared while this read ran
+        # (the answer may be older than what the clear was for: it is not cached). It
+        # holds this router's own writes since it was cleared, which the tiers below may
+        # not have yet (write-behind, L2 down): the newer of the two, so a router always
+        # reads its own writes.
         own = l1_peek()
         if own is not None and (value is None or supersedes(own, value)):
             return own
@@ -2550,12 +2571,13 @@ class DataRouter:
         below lags behind the live writes), nothing proves what lies between them: the
         answer is both, newest ``limit``, and is not cached; a later read tries again.
         """
-        if source is None or self._l1_gen + self._ring_drops != gen:
+        if source is None:
             return rows
         l1 = self._l1
-        if not self._l1_enabled:
-            # Bypassed: L1 holds this router's own writes, which the tier below may not
-            # have yet. Answer both, its versions of a bucket first; cache nothing.
+        if not self._l1_enabled or self._l1_gen + self._ring_drops != gen:
+            # Bypassed, or cleared while this read ran: L1 holds the live writes since,
+            # which the tier below may not have yet. Answer both, L1's versions of a bucket
+            # first; cache nothing (``rows`` may be older than what the clear was for).
             own = l1.peek_candles(symbol, timeframe, source)
             if not own:
                 return rows

@@ -345,16 +345,19 @@ class CacheBus:
         self._idle.clear()
         self._wakeup.set()
 
-    async def send(self, items: Sequence[CacheItem]) -> None:
+    async def send(self, items: Sequence[CacheItem], *, per_source: bool = False) -> None:
         """Write and announce ``items`` now, in one pipeline outside the coalescing and
         the sender (on a pooled connection): for a caller that must know they landed.
+
+        ``per_source``: latest values known newest for their source only (see
+        :meth:`RedisCache.write_op`); they never write a symbol's any-source key.
 
         Raises:
             CacheUnavailableError: Unreachable, too slow, or the cache's breaker is open.
             CacheError: The server refused a call, or an item is not a cache item.
         """
         cache = self._cache
-        ops = [cache.write_op(item) for item in items]
+        ops = [cache.write_op(item, per_source=per_source) for item in items]
         message = encode_bus_message(self._prefix, [op.payload for op in ops], [])
         await cache.apply(ops, publish=(cache.channel, message))
         self._counters.published += len(items)

@@ -636,6 +636,108 @@ async def test_after_a_cache_restart_l2_gets_the_databases_newest_not_an_older_o
         assert got.timestamp == TS + 2_000
 
 
+async def test_after_a_cache_restart_one_sources_newest_never_becomes_the_symbols_newest(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # Source b has the newest stored tick; during the outage the router stores an older
+    # one of source a. The refresh sends a's newest to a's key only, and the symbol's newest
+    # of any source (b's) to the any-source key.
+    server = await asyncio.to_thread(redis_server_factory)
+    a = await make_router(redis=server.url)
+    await a.save_tick(tick(TS + 200, 2.0, source="b"))
+    await asyncio.to_thread(server.stop)
+    await until(lambda: not bus_of(a).connected, "A to notice the lost subscription")
+    await a.save_tick(tick(TS + 100, 1.0, source="a"))
+    await asyncio.to_thread(server.start)  # comes back empty
+    await until(lambda: bus_of(a).connected, "A's subscription to come back")
+
+    async def refreshed() -> bool:  # the any-source value is sent last
+        with contextlib.suppress(CacheError):
+            return await l2_of(a).get_tick(SYM) is not None
+        return False
+
+    await until_async(refreshed, "A to refresh L2")
+    newest = await l2_of(a).get_tick(SYM)
+    assert newest is not None
+    assert (newest.source, newest.timestamp) == ("b", TS + 200)
+    own = await l2_of(a).get_tick(SYM, "a")
+    assert own is not None
+    assert own.timestamp == TS + 100
+    served = await (await make_router(redis=server.url)).get_latest_tick(SYM)
+    assert served is not None
+    assert (served.source, served.timestamp) == ("b", TS + 200)
+
+
+async def test_after_the_subscription_returns_an_own_unstored_tick_yields_to_a_newer_one(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # b@200 is stored; a@100 is queued (the manual clock holds it). Restored, the cleared L1
+    # gets a@100 back, but not as the symbol's newest until the tiers below confirm it.
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(redis=server.url)
+    await router.save_tick(tick(TS + 200, 2.0, source="b"))
+    await router.save_tick(tick(TS + 100, 1.0, source="a"), mode="buffered")
+    await asyncio.to_thread(server.stop)
+    await until(lambda: not bus_of(router).connected, "the router to notice the lost subscription")
+    await asyncio.to_thread(server.start)
+    await until(lambda: bus_of(router).connected, "the subscription to come back")
+
+    got = await router.get_latest_tick(SYM)
+    assert got is not None
+    assert (got.source, got.timestamp) == ("b", TS + 200)
+    own = await router.get_latest_tick(SYM, source="a")
+    assert own is not None
+    assert own.timestamp == TS + 100  # its own source's entry is served as before
+
+
+async def test_a_read_across_the_restore_still_reads_the_routers_own_writes(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # A read that starts while L1 is bypassed and ends after the subscription is back (L1
+    # cleared meanwhile) answers the newer of the database's tick and the router's own
+    # queued one, which the database does not have yet.
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(redis=server.url)
+    await router.save_tick(tick(TS, 1.0))
+    await router.save_tick(tick(TS + 60_000, 2.0), mode="buffered")
+    await asyncio.to_thread(server.stop)
+    await until(lambda: not bus_of(router).connected, "the router to notice the lost subscription")
+    storage = router.storage
+    ingest = router._ingest
+    assert ingest is not None
+    entered, release, stored = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_read, real_write = storage.latest_tick, ingest._writers[TickData]
+
+    async def held_read(*args: Any, **kwargs: Any) -> TickData | None:
+        entered.set()
+        await release.wait()
+        return await real_read(*args, **kwargs)
+
+    async def held_write(*args: Any, **kwargs: Any) -> Any:
+        await stored.wait()  # the database lags: the queued tick is stored after the read
+        return await real_write(*args, **kwargs)
+
+    storage.latest_tick = held_read  # type: ignore[method-assign]
+    ingest._writers[TickData] = held_write
+    try:
+        read = asyncio.create_task(router.get_latest_tick(SYM))
+        async with asyncio.timeout(DEADLINE):
+            await entered.wait()
+        await asyncio.to_thread(server.start)
+        await until(lambda: bus_of(router).connected, "the subscription to come back")
+        storage.latest_tick = real_read  # type: ignore[method-assign]
+        release.set()
+        async with asyncio.timeout(DEADLINE):
+            got = await read
+        assert got is not None
+        assert got.timestamp == TS + 60_000
+    finally:
+        storage.latest_tick = real_read  # type: ignore[method-assign]
+        stored.set()
+        ingest._writers[TickData] = real_write
+    await router.flush()
+
+
 # ----------------------------------------------------------------------------- two processes
 
 
