@@ -1334,6 +1334,7 @@ async def _child_publishes_on_its_own_stream(router: DataRouter, parent: object)
     for tick in ticks(T0 + 2_000, 25):
         await router.save_tick(tick)  # buffered: streamed with its batch
     await router.flush()
+    await backup.flush(timeout=DEADLINE)  # the stream acknowledges after the database
     if backup.stats().published_items < 25:
         return 4
     await router.close()
@@ -1360,6 +1361,7 @@ async def test_a_forked_child_publishes_on_a_backup_stream_of_its_own(
         await router.flush()
         parent = router._backup
         assert parent is not None
+        await parent.flush(timeout=DEADLINE)  # the stream acknowledges after the database
         before = parent.stats().published_items
 
         pid = _fork_and_run(lambda: _child_publishes_on_its_own_stream(router, parent))
@@ -1379,6 +1381,7 @@ async def test_a_forked_child_publishes_on_a_backup_stream_of_its_own(
         assert router._backup is parent  # the parent's stream goes on, untouched
         await router.save_tick(ticks(T0 + 3_000, 1)[0])
         await router.flush()
+        await parent.flush(timeout=DEADLINE)
         assert parent.stats().published_items == before + 1
     finally:
         await router.close()
