@@ -974,6 +974,7 @@ class DataRouter:
             on_lost=_weak_callback(self._on_subscription_lost),
             on_restored=_weak_callback(self._on_subscription_restored),
             on_gaps=_weak_callback(self._drop_gapped),
+            on_resumed=_weak_callback(self._on_bus_resumed),
         )
         self._l2 = l2
         self._bus = bus
@@ -1135,6 +1136,12 @@ class DataRouter:
             self._spawn(self._refresh_l2(self._bus, sorted(keys, key=repr)))
         logger.info("cache subscription restored; L1 in use again")
 
+    def _on_bus_resumed(self, keys: Sequence[tuple[type[Any], str, str]]) -> None:
+        # The bus dropped these keys' latest values while L2 could not take them, and a
+        # quiet key may get no newer update for as long as L2 keeps the older one.
+        if self._bus is not None and self._state is RouterState.OPEN:
+            self._spawn(self._refresh_l2(self._bus, sorted(keys, key=repr)))
+
     def _keep_unstored(self) -> list[TickData | CandleData | OrderFlowMetrics]:
         """Put back into the cleared L1 the items the write path holds and has not stored
         yet (this router's writes the database lacks), compare-and-set; return them.
@@ -1158,7 +1165,8 @@ class DataRouter:
         """Once the write path has stored what was accepted so far, send the database's
         newest tick or order flow of each ``(kind, symbol, source)`` to L2 and the other
         routers (compare-and-set: a newer value there stays), retrying while L2 is
-        unreachable or its breaker open, until it lands or this router closes or forks.
+        unreachable or its breaker open, until it lands or this router closes or forks:
+        for the keys this router wrote while L2 or the subscription was down.
 
         The database's newest, not this router's: another router may have stored a newer
         value meanwhile, which it could not send to L2 either.
@@ -1187,8 +1195,8 @@ class DataRouter:
                     newest.append(value)
         except DataManagerError:
             logger.warning(
-                "cache: could not read the newest values of this router's writes to refresh "
-                "L2 after the subscription came back; they reach it with their next update",
+                "cache: could not read the newest values of the keys L2 missed updates of; "
+                "they reach it with their next update",
                 exc_info=True,
             )
             return
@@ -1206,8 +1214,8 @@ class DataRouter:
                     continue
                 except CacheError:
                     logger.warning(
-                        "cache: L2 refused the newest values sent after the subscription "
-                        "came back; they reach it with their next update",
+                        "cache: L2 refused the newest values of the keys it missed updates "
+                        "of; they reach it with their next update",
                         exc_info=True,
                     )
                     return

@@ -15,8 +15,14 @@ one chunk's round trip. This path is independent of
 database batching. When L2 is down the sender drops what is pending — the cache is optional
 and the database path is separate — counts it, and logs once per incident.
 
-Candles are the exception: a latest value lost that way is healed by the next update, but a
-lost candle would stay a gap in every ring once the next bucket is appended, and rings are
+A latest value lost that way is healed by the next update of its key, but a quiet key may
+get none for as long as L2 keeps it (an hour by default), and L2 would serve the older value
+all that time. So the bus remembers the keys ``(kind, symbol, source)`` of the latest values
+it dropped (at most ``max_owed_keys``, the oldest forgotten beyond that) and, once a batch
+reaches L2 again, hands them to ``on_resumed``: the router then sends the database's newest
+value of each (see ``DataRouter._refresh_l2``).
+
+Candles are kept instead: a lost candle would stay a gap in every ring once the next bucket is appended, and rings are
 served as whole answers. So when a batch fails because L2 is unreachable (not when it
 refuses a call), its candles are kept and go first in the next batch of derived data that
 is sent, to L2 and to every router's L1 as usual; a newer version of the same bucket
@@ -89,6 +95,11 @@ OnItems: TypeAlias = Callable[[Sequence[CacheItem]], None]
 #: (symbol, timeframe, source) of a candle series.
 Series: TypeAlias = tuple[str, str, str]
 OnGaps: TypeAlias = Callable[[Sequence[Series]], None]
+#: A latest value's key: its type (TickData or OrderFlowMetrics), symbol and source.
+LatestKey: TypeAlias = tuple[type[Any], str, str]
+OnResumed: TypeAlias = Callable[[Sequence[LatestKey]], None]
+#: Keys of dropped latest values remembered for ``on_resumed`` by default.
+MAX_OWED_KEYS: Final = 10_000
 
 _MAX_BACKOFF_EXPONENT: Final = 30
 # Fraction of the poll interval accepted as "a whole interval": timers may fire a hair early.
@@ -120,6 +131,8 @@ class BusStats:
     """Candle updates sent again after the batch carrying them failed."""
     reset_series: int = 0
     """Candle series reset in L2 and the other routers' L1 after updates were given up."""
+    owed_forgotten: int = 0
+    """Keys of dropped latest values forgotten beyond ``max_owed_keys`` (not refreshed)."""
 
 
 class _Counters:
@@ -130,6 +143,7 @@ class _Counters:
         "lost",
         "malformed",
         "messages_sent",
+        "owed_forgotten",
         "own_skipped",
         "published",
         "received",
@@ -151,6 +165,7 @@ class _Counters:
         self.restored = 0
         self.retried = 0
         self.reset_series = 0
+        self.owed_forgotten = 0
 
 
 def _new_origin() -> str:
@@ -192,6 +207,7 @@ class CacheBus:
         rng: Jitter source (tests pass a seeded one).
         close_timeout: How long :meth:`aclose` waits for pending updates to be sent.
         max_retained_candles: Most candle updates kept for a retry after failed batches.
+        max_owed_keys: Most keys of dropped latest values remembered for ``on_resumed``.
 
     Raises:
         ConfigurationError: A bound is not positive.
@@ -212,15 +228,22 @@ class CacheBus:
         rng: random.Random | None = None,
         close_timeout: float = 1.0,
         max_retained_candles: int = 4096,
+        max_owed_keys: int = MAX_OWED_KEYS,
     ) -> None:
         if not (reconnect_check_seconds > 0 and backoff_initial > 0 and backoff_max > 0):
             msg = "reconnect_check_seconds, backoff_initial and backoff_max must be > 0"
             raise ConfigurationError(msg)
-        if max_batch < 1 or derived_batch < 1 or linger_seconds < 0 or max_retained_candles < 0:
+        if (
+            max_batch < 1
+            or derived_batch < 1
+            or linger_seconds < 0
+            or max_retained_candles < 0
+            or max_owed_keys < 0
+        ):
             msg = (
-                "max_batch and derived_batch must be >= 1, linger_seconds and "
-                f"max_retained_candles >= 0, got {max_batch}, {derived_batch}, "
-                f"{linger_seconds}, {max_retained_candles}"
+                "max_batch and derived_batch must be >= 1, linger_seconds, "
+                f"max_retained_candles and max_owed_keys >= 0, got {max_batch}, "
+                f"{derived_batch}, {linger_seconds}, {max_retained_candles}, {max_owed_keys}"
             )
             raise ConfigurationError(msg)
         self._cache = cache
@@ -234,6 +257,7 @@ class CacheBus:
         self._rng = rng or random.Random()
         self._close_timeout = close_timeout
         self._max_retained = max_retained_candles
+        self._max_owed = max_owed_keys
         self._abandoned: list[object] = []
         self._origin = origin or _new_origin()
         self._init_runtime()
@@ -249,6 +273,9 @@ class CacheBus:
         # to reset because some of their candles were given up (an ordered set).
         self._retained: dict[tuple[Any, ...], CacheItem] = {}
         self._gaps: dict[Series, None] = {}
+        # Keys of the latest values dropped since the last batch that reached L2, oldest
+        # first (an ordered set): owed to on_resumed.
+        self._owed: dict[LatestKey, None] = {}
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -262,6 +289,7 @@ class CacheBus:
         self._on_lost: Callable[[], None] | None = None
         self._on_restored: Callable[[], None] | None = None
         self._on_gaps: OnGaps | None = None
+        self._on_resumed: OnResumed | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -302,6 +330,7 @@ class CacheBus:
             connected=self._connected,
             retried=c.retried,
             reset_series=c.reset_series,
+            owed_forgotten=c.owed_forgotten,
         )
 
     # ------------------------------------------------------------------ publishing
@@ -462,6 +491,7 @@ class CacheBus:
             else:
                 lost = len(items)
                 self._lose_candles(items)
+            self._owe(items)
             self._counters.dropped += lost
             if not self._dropping:
                 self._dropping = True
@@ -475,6 +505,7 @@ class CacheBus:
             # A bug must not silence the fast path for good: log it loudly and go on.
             self._counters.dropped += len(items)
             self._lose_candles(items)
+            self._owe(items)
             logger.exception("cache bus sender failed on a batch of %d updates", len(items))
             return True
         for series in gaps:
@@ -487,7 +518,31 @@ class CacheBus:
             logger.info(
                 "cache bus writes to L2 again (%d updates dropped so far)", self._counters.dropped
             )
+        if self._owed:
+            owed = list(self._owed)
+            self._owed.clear()
+            if self._on_resumed is not None:
+                try:
+                    self._on_resumed(owed)
+                except Exception:
+                    self._counters.callback_errors += 1
+                    logger.exception("cache bus callback %r failed", self._on_resumed)
         return True
+
+    def _owe(self, items: list[CacheItem]) -> None:
+        """Remember the keys of the latest values of a batch that did not reach L2."""
+        owed = self._owed
+        for item in items:
+            kind = type(item)
+            if kind is TickData or kind is OrderFlowMetrics:
+                key = (kind, item.symbol, item.source)
+                owed.pop(key, None)  # to the end: the oldest are forgotten first
+                owed[key] = None
+        excess = len(owed) - self._max_owed
+        if excess > 0:
+            for key in list(itertools.islice(owed, excess)):
+                del owed[key]
+            self._counters.owed_forgotten += excess
 
     # ------------------------------------------------------------------ subscribing
 
@@ -498,6 +553,7 @@ class CacheBus:
         on_restored: Callable[[], None],
         *,
         on_gaps: OnGaps | None = None,
+        on_resumed: OnResumed | None = None,
     ) -> bool:
         """Subscribe and start handing other routers' updates to ``on_items``.
 
@@ -506,8 +562,9 @@ class CacheBus:
         called whenever a subscription is established after ``on_lost``. ``on_gaps`` gets
         the candle series whose rings to drop (see the module docstring) before the items
         of the same message; without it, such a message clears L1 through ``on_lost`` and
-        ``on_restored``. Callbacks run on the event loop and must not block; an exception
-        they raise is logged and counted.
+        ``on_restored``. ``on_resumed`` gets the keys of the latest values dropped while L2
+        could not take them, once a batch reaches it again. Callbacks run on the event loop
+        and must not block; an exception they raise is logged and counted.
 
         Returns:
             True if subscribed on return.
@@ -523,6 +580,7 @@ class CacheBus:
             raise CacheError(msg)
         self._on_items, self._on_lost, self._on_restored = on_items, on_lost, on_restored
         self._on_gaps = on_gaps
+        self._on_resumed = on_resumed
         self._state = _State.RUNNING
         try:
             conn: AbstractConnection | None = await self._subscribe()

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from data_manager.breaker import CircuitBreaker
-from data_manager.cache.bus import CacheBus
+from data_manager.cache.bus import CacheBus, LatestKey
 from data_manager.cache.redis import RedisCache
 from data_manager.clock import ManualClock
 from data_manager.errors import CacheError, CacheUnavailableError
@@ -50,6 +50,7 @@ class Router:
         self.messages: list[list[CacheItem]] = []  # the items of each message, in order
         self.lost = 0
         self.restored = 0
+        self.owed: list[list[LatestKey]] = []  # the keys of each on_resumed call
         self._changed = asyncio.Event()
 
     def on_items(self, items: Sequence[CacheItem]) -> None:
@@ -63,6 +64,10 @@ class Router:
 
     def on_restored(self) -> None:
         self.restored += 1
+        self._changed.set()
+
+    def on_resumed(self, keys: Sequence[LatestKey]) -> None:
+        self.owed.append(list(keys))
         self._changed.set()
 
     async def until(self, condition: Callable[[], bool], what: str) -> None:
@@ -107,12 +112,10 @@ class Pair:
     async def start(self) -> None:
         for cache in (self.cache_a, self.cache_b):
             await cache.connect()
-        assert await self.a.start(
-            self.router_a.on_items, self.router_a.on_lost, self.router_a.on_restored
-        )
-        assert await self.b.start(
-            self.router_b.on_items, self.router_b.on_lost, self.router_b.on_restored
-        )
+        for bus, router in ((self.a, self.router_a), (self.b, self.router_b)):
+            assert await bus.start(
+                router.on_items, router.on_lost, router.on_restored, on_resumed=router.on_resumed
+            )
 
     async def close(self) -> None:
         for closer in (self.a.aclose, self.b.aclose, self.cache_a.aclose, self.cache_b.aclose):
@@ -294,6 +297,34 @@ async def test_candles_of_a_refused_batch_reset_their_series(pair: Pair) -> None
     assert [c.timestamp for c in got or []] == [bar(6).timestamp]
     stats = pair.a.stats()
     assert (stats.dropped, stats.reset_series) == (1, 1)
+
+
+async def test_dropped_latest_values_are_owed_to_on_resumed_once_l2_takes_a_batch(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A quiet key may get no newer update for as long as L2 keeps its older value: the
+    keys of dropped latest values go to ``on_resumed`` with the next batch that lands,
+    the newest ``max_owed_keys`` of them."""
+    routers = Pair(redis_url, redis_prefix)
+    routers.a = CacheBus(routers.cache_a, max_owed_keys=2)
+    owed = routers.router_a.owed
+    await routers.start()
+    try:
+        fail_applies(routers.cache_a, 2)  # the ticks' pipeline, then the candle's
+        for symbol in ("EUR/USD", "GBP/USD", "USD/JPY"):
+            routers.a.publish(tick(symbol=symbol))
+        routers.a.publish(bar(0))  # candles are kept and resent, never owed
+        await routers.a.flush()
+        assert owed == []  # nothing reached L2 yet
+        routers.a.publish(tick(TS + 1))
+        await routers.a.flush()
+        assert owed == [[(TickData, "GBP/USD", "ig"), (TickData, "USD/JPY", "ig")]]
+        assert routers.a.stats().owed_forgotten == 1  # EUR/USD, the oldest beyond the bound
+        routers.a.publish(tick(TS + 2))
+        await routers.a.flush()
+        assert len(owed) == 1  # handed over once
+    finally:
+        await routers.close()
 
 
 async def test_candles_given_up_reset_their_series_everywhere(

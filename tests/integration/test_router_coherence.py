@@ -438,6 +438,32 @@ async def test_a_candle_gap_does_not_void_a_latest_tick_check_under_way(
     assert (got.source, got.timestamp) == ("srcB", TS + 10)
 
 
+async def test_a_latest_value_the_bus_dropped_reaches_l2_once_it_takes_batches_again(
+    make_router: RouterFactory,
+) -> None:
+    # The newest tick of a quiet symbol missed L2 (its batch failed): L2 would serve the
+    # older tick for up to its TTL. Once a batch lands again, the router sends it.
+    a = await make_router()
+    await a.save_tick(tick(TS, 1.0))
+    await bus_of(a).flush()
+    fail_applies(l2_of(a), 1)
+    await a.save_tick(tick(TS + 1_000, 2.0))  # stored; its bus batch fails
+    await bus_of(a).flush()
+    assert (await l2_of(a).get_tick(SYM)).timestamp == TS  # type: ignore[union-attr]
+    await a.save_tick(tick(TS, symbol="GBP/USD"))  # another symbol's batch lands
+    await bus_of(a).flush()
+    refreshes = [t for t in a._background if t.get_coro().__qualname__.endswith("_refresh_l2")]
+    assert refreshes, "no refresh of the dropped key was started"
+    async with asyncio.timeout(DEADLINE):
+        await asyncio.gather(*refreshes)
+    for source in (None, SRC):
+        got = await l2_of(a).get_tick(SYM, source)
+        assert got is not None
+        assert got.timestamp == TS + 1_000
+    b = await make_router()
+    assert (await b.get_latest_tick(SYM)).timestamp == TS + 1_000  # type: ignore[union-attr]
+
+
 async def test_candles_given_up_drop_only_their_series_from_the_other_routers_l1(
     make_router: RouterFactory,
 ) -> None:
