@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,9 @@ def _read_secret_file(path: str | os.PathLike[str], *, what: str) -> str:
         raise ConfigurationError(msg) from exc
 
 
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_+.-]*")
+
+
 @dataclass(frozen=True, slots=True)
 class _UrlForm:
     """How a backend's ``url`` maps onto its fields.
@@ -110,6 +114,8 @@ class _UrlForm:
 
     what: str
     schemes: frozenset[str]
+    #: Also accept SQLAlchemy's ``<prefix><driver>://`` (the SDK picks the driver itself).
+    driver_prefix: str | None
     user_field: str
     path_field: str
     #: Query parameter -> the field it sets.
@@ -118,26 +124,23 @@ class _UrlForm:
     def parse(self, raw: object) -> dict[str, Any]:
         url = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
         parts = urlsplit(url)
-        if parts.scheme not in self.schemes:
-            allowed = ", ".join(f"{scheme}://" for scheme in sorted(self.schemes))
-            given = f"{parts.scheme}://" if parts.scheme else "(none)"
+        scheme = parts.scheme
+        if scheme not in self.schemes and not (
+            self.driver_prefix and scheme.startswith(self.driver_prefix)
+        ):
+            allowed = ", ".join(f"{name}://" for name in sorted(self.schemes))
+            given = f"{scheme}://" if _NAME.fullmatch(scheme) else "(none)"
             msg = f"{self.what} URL scheme {given} is not supported; use {allowed}"
             raise ValueError(msg)
         parsed: dict[str, Any] = {}
-        for name, values in parse_qs(parts.query, keep_blank_values=True).items():
-            field = self.query_fields.get(name)
-            if field is None:
-                known = ", ".join(sorted(self.query_fields)) or "none"
-                msg = f"{self.what} URL parameter {name!r} is not supported (supported: {known})"
-                raise ValueError(msg)
-            if len(values) > 1:
-                msg = f"{self.what} URL parameter {name!r} is given {len(values)} times"
-                raise ValueError(msg)
-            parsed[field] = values[0]
         try:
             hostname, port = parts.hostname, parts.port
-        except ValueError as exc:  # a port that is not a number, or out of range
-            msg = f"{self.what} URL has an invalid port: {exc}"
+        except ValueError:  # a port that is not a number, or out of range
+            # Never the exception's text: it quotes the URL, which may hold the password.
+            msg = (
+                f"{self.what} URL has an invalid port (a '/', '#' or '?' in the password "
+                "must be percent-encoded)"
+            )
             raise ValueError(msg) from None
         if hostname:
             parsed["host"] = hostname
@@ -150,14 +153,29 @@ class _UrlForm:
         path = parts.path.lstrip("/")
         if path:
             parsed[self.path_field] = unquote(path)
-        if parts.scheme == "rediss":
+        if scheme == "rediss":
             parsed["ssl"] = True
+        # After the URL's own parts: as in libpq, ?host=/socket/folder wins over a netloc.
+        for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+            field = self.query_fields.get(name)
+            if field is None:
+                known = ", ".join(sorted(self.query_fields)) or "none"
+                # A name that is not one may be the tail of a password with a raw '?'.
+                shown = repr(name) if _NAME.fullmatch(name) else "that is not a name"
+                msg = f"{self.what} URL parameter {shown} is not supported (supported: {known})"
+                raise ValueError(msg)
+            if len(values) > 1:
+                msg = f"{self.what} URL parameter {name!r} is given {len(values)} times"
+                raise ValueError(msg)
+            if values[0]:  # an empty value is the default, as in libpq
+                parsed[field] = values[0]
         return parsed
 
 
 _POSTGRES_URL: Final = _UrlForm(
     what="PostgreSQL",
-    schemes=frozenset({"postgresql", "postgres", "postgresql+asyncpg"}),
+    schemes=frozenset({"postgresql", "postgres"}),
+    driver_prefix="postgresql+",
     user_field="user",
     path_field="database",
     # libpq's spelling: ?host=/var/run/postgresql reaches a Unix socket folder.
@@ -175,6 +193,7 @@ _POSTGRES_URL: Final = _UrlForm(
 _REDIS_URL: Final = _UrlForm(
     what="Redis",
     schemes=frozenset({"redis", "rediss"}),
+    driver_prefix=None,
     user_field="username",
     path_field="db",
     query_fields=MappingProxyType({"db": "db"}),
@@ -237,7 +256,18 @@ class PostgresReplicaSettings(BaseModel):
     def _from_string(cls, data: Any) -> Any:
         data = {"url": data} if isinstance(data, str) else data
         if isinstance(data, dict) and data.get("url"):
-            _POSTGRES_URL.parse(data["url"])  # refused now, not when the replica is opened
+            # Refused now, not when the replica is opened: the URL's scheme, parameters and
+            # the values they set (checked as the primary's fields are).
+            try:
+                PostgresSettings.model_validate({"url": data["url"]})
+            except ConfigurationError as exc:  # PostgresSettings.__init__ wraps pydantic's
+                cause = exc.__cause__
+                detail = (
+                    _settings_errors(cause, "url")
+                    if isinstance(cause, PydanticValidationError)
+                    else str(exc)
+                )
+                raise ValueError(detail) from None
         return data
 
 
@@ -576,11 +606,16 @@ class DataManagerSettings(BaseSettings):
 
 
 def _format_settings_error(exc: PydanticValidationError, section: str = "") -> str:
+    return "invalid data_manager configuration: " + _settings_errors(exc, section)
+
+
+def _settings_errors(exc: PydanticValidationError, section: str) -> str:
+    """``section.field: message`` of each error, joined; never the input (a secret)."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in (section, *err["loc"]) if p != "")
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "invalid data_manager configuration: " + "; ".join(parts)
+    return "; ".join(parts)
 
 
 def _format_env_error(settings_cls: type[BaseSettings], exc: SettingsError) -> str:

@@ -230,6 +230,12 @@ def test_url_query_parameters_are_applied_and_a_socket_folder_is_a_host() -> Non
         ("dragonfly", "http://u:topsecret@c:6379/0", "scheme http:// is not supported"),
         ("dragonfly", "unix:///tmp/redis.sock", "scheme unix:// is not supported"),
         ("dragonfly", "redis://u:topsecret@c/0?protocol=3", "'protocol'"),
+        # A raw '/', '#' or '?' in a password: the message must not quote what follows.
+        ("postgres", "postgresql://u:top/topsecret@h:5432/d", "invalid port"),
+        ("postgres", "postgresql://u:top#topsecret@h:5432/d", "invalid port"),
+        ("postgres", "postgresql://u:top?topsecret@h:5432/d", "invalid port"),
+        ("postgres", "postgresql://u@h/d?topsecret@h", "parameter that is not a name"),
+        ("dragonfly", "redis://u:top?topsecret@c:6379/0", "invalid port"),
     ],
 )
 def test_a_url_the_sdk_would_misread_is_refused_without_its_password(
@@ -245,9 +251,26 @@ def test_a_url_the_sdk_would_misread_is_refused_without_its_password(
         cls(url=url)
 
 
-def test_a_replica_url_is_checked_with_the_settings() -> None:
-    with pytest.raises(ConfigurationError, match=r"postgres\.replicas\.0: .*mysql://"):
-        DataManagerSettings(postgres={"host": "h", "database": "d", "replicas": ["mysql://r/d"]})
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://r/d", r"postgres\.replicas\.0: url: .*mysql://"),
+        ("postgresql://r/d?sslmode=requird", r"postgres\.replicas\.0: url\.sslmode: "),
+        ("postgresql://r/d?connect_timeout=0", r"postgres\.replicas\.0: url\.connect_timeout: "),
+    ],
+)
+def test_a_replica_url_is_checked_with_the_settings(url: str, message: str) -> None:
+    # Not when the replica is opened, blaming the primary's field.
+    with pytest.raises(ConfigurationError, match=message):
+        DataManagerSettings(postgres={"host": "h", "database": "d", "replicas": [url]})
+
+
+def test_driver_schemes_empty_values_and_a_query_host_are_read_as_libpq_does() -> None:
+    s = DataManagerSettings(
+        postgres={"url": "postgresql+psycopg://u@localhost/d?host=/tmp/pg&sslmode=&port=5433"}
+    )
+    # The query's host wins over the URL's; an empty value is the default.
+    assert (s.postgres.host, s.postgres.port, s.postgres.sslmode) == ("/tmp/pg", 5433, None)
 
 
 def test_backend_settings_built_alone_raise_the_sdks_error() -> None:
