@@ -47,8 +47,12 @@ from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
     CacheError,
     CacheUnavailableError,
+    CircuitBreakerOpenError,
+    ConnectionPoolExhaustedError,
     DatabaseConnectionError,
     DataManagerError,
+    QueryTimeoutError,
+    RetryExhaustedError,
     RouterClosedError,
     ValidationError,
 )
@@ -133,6 +137,14 @@ _RESTORE_RETRY_SECONDS: Final = 1.0
 # comes back: per pipeline, and how long to wait while L2 stays unreachable (its breaker
 # open) before trying again.
 _RESEND_CHUNK: Final = 500
+#: The database cannot answer now (a latest-value read then falls back on L1's live value).
+_DB_UNAVAILABLE: Final = (
+    DatabaseConnectionError,
+    QueryTimeoutError,
+    CircuitBreakerOpenError,
+    ConnectionPoolExhaustedError,
+    RetryExhaustedError,
+)
 _RESEND_RETRY_SECONDS: Final = 0.5
 # How long first ticks of a series wait (in their restore, not in their callers) for the
 # candles a crashed router left to be rebuilt before they are aggregated without them.
@@ -2451,7 +2463,16 @@ class DataRouter:
             elif backend in _DATABASES:
                 counters.db_reads += 1
                 started = time.perf_counter()
-                value = await db_get(self._db_for(route))
+                try:
+                    value = await db_get(self._db_for(route))
+                except _DB_UNAVAILABLE:
+                    # L1's live value (this router's own write the database may lack, or
+                    # one another router relayed, not yet confirmed) answers rather than an
+                    # error; nothing is cached or settled.
+                    live = l1_peek()
+                    if live is None:
+                        raise
+                    return live
                 self._observe("database", operation, started)
                 if (
                     value is not None

@@ -22,16 +22,16 @@ it dropped (at most ``max_owed_keys``, the oldest forgotten beyond that) and, on
 reaches L2 again, hands them to ``on_resumed``: the router then sends the database's newest
 value of each (see ``DataRouter._refresh_l2``).
 
-Candles are kept instead: a lost candle would stay a gap in every ring once the next bucket is appended, and rings are
-served as whole answers. So when a batch fails because L2 is unreachable (not when it
-refuses a call), its candles are kept and go first in the next batch of derived data that
-is sent, to L2 and to every router's L1 as usual; a newer version of the same bucket
-published meanwhile replaces the kept one. At most ``max_retained_candles`` are kept; the
-oldest beyond that are given up, and their series are reset instead: the next batch that
-reaches L2 deletes their rings and floors (the next read refills them from the database)
-and names them in the message's ``gaps``, so every other router drops its ring of them
-before applying the items (through ``on_gaps``, or without one by clearing L1 through
-``on_lost`` and ``on_restored``).
+Candles are kept instead: a lost candle would stay a gap in every ring once the next
+bucket is appended, and rings are served as whole answers. So when a batch fails because
+L2 is unreachable (not when it refuses a call), its candles are kept and go first in the
+next batch of derived data that is sent, to L2 and to every router's L1 as usual; a newer
+version of the same bucket published meanwhile replaces the kept one. At most
+``max_retained_candles`` are kept; the oldest beyond that are given up, and their series
+are reset instead: the next batch that reaches L2 deletes their rings and floors (the next
+read refills them from the database) and names them in the message's ``gaps``, so every
+other router drops its ring of them before applying the items (through ``on_gaps``, or
+without one by clearing L1 through ``on_lost`` and ``on_restored``).
 
 The message is the codec's ``bus`` object: ``{"v":1,"type":"bus","origin":<router id>,
 "items":[...]}``, whose items are the very bytes written to L2.

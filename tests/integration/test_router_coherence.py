@@ -27,7 +27,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from data_manager.clock import Clock, ManualClock, SystemClock
-from data_manager.errors import CacheError
+from data_manager.errors import CacheError, DatabaseConnectionError
 from data_manager.models import CandleData, TickData
 from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
@@ -714,6 +714,37 @@ async def test_after_the_subscription_returns_an_own_unstored_tick_yields_to_a_n
     own = await router.get_latest_tick(SYM, source="a")
     assert own is not None
     assert own.timestamp == TS + 100  # its own source's entry is served as before
+
+
+async def test_with_the_database_down_a_router_reads_its_own_unstored_tick(
+    make_router: RouterFactory, redis_server_factory: Callable[[], RedisServer]
+) -> None:
+    # While the subscription is lost and after it returns (its own tick then waits for a
+    # confirmation the database cannot give), a read answers the router's own queued tick
+    # instead of the database's error.
+    server = await asyncio.to_thread(redis_server_factory)
+    router = await make_router(redis=server.url)
+    await router.save_tick(tick(TS, 1.0))
+    await router.save_tick(tick(TS + 60_000, 2.0), mode="buffered")  # held by the clock
+    storage = router.storage
+    real_read = storage.latest_tick
+
+    async def down(*args: Any, **kwargs: Any) -> TickData | None:
+        msg = "cannot connect (simulated)"
+        raise DatabaseConnectionError(msg)
+
+    storage.latest_tick = down  # type: ignore[method-assign]
+    try:
+        await asyncio.to_thread(server.stop)
+        await until(lambda: not bus_of(router).connected, "the router to notice the loss")
+        assert (await router.get_latest_tick(SYM)).timestamp == TS + 60_000  # type: ignore[union-attr]
+        await asyncio.to_thread(server.start)  # comes back empty
+        await until(lambda: bus_of(router).connected, "the subscription to come back")
+        assert (await router.get_latest_tick(SYM)).timestamp == TS + 60_000  # type: ignore[union-attr]
+    finally:
+        storage.latest_tick = real_read  # type: ignore[method-assign]
+    await router.flush()
+    assert (await router.get_latest_tick(SYM)).timestamp == TS + 60_000  # type: ignore[union-attr]
 
 
 async def test_a_read_across_the_restore_still_reads_the_routers_own_writes(
