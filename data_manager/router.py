@@ -45,13 +45,12 @@ from data_manager.cache.memory import MemoryCache
 from data_manager.cache.singleflight import SingleFlight
 from data_manager.clock import Clock, SystemClock
 from data_manager.errors import (
+    TRANSIENT_ERRORS,
     CacheError,
     CacheUnavailableError,
     CircuitBreakerOpenError,
-    ConnectionPoolExhaustedError,
     DatabaseConnectionError,
     DataManagerError,
-    QueryTimeoutError,
     RetryExhaustedError,
     RouterClosedError,
     ValidationError,
@@ -137,15 +136,13 @@ _RESTORE_RETRY_SECONDS: Final = 1.0
 # comes back: per pipeline, and how long to wait while L2 stays unreachable (its breaker
 # open) before trying again.
 _RESEND_CHUNK: Final = 500
+_RESEND_RETRY_SECONDS: Final = 0.5
 #: The database cannot answer now (a latest-value read then falls back on L1's live value).
-_DB_UNAVAILABLE: Final = (
-    DatabaseConnectionError,
-    QueryTimeoutError,
+_DB_UNAVAILABLE: Final[tuple[type[DataManagerError], ...]] = (
+    *TRANSIENT_ERRORS,
     CircuitBreakerOpenError,
-    ConnectionPoolExhaustedError,
     RetryExhaustedError,
 )
-_RESEND_RETRY_SECONDS: Final = 0.5
 # How long first ticks of a series wait (in their restore, not in their callers) for the
 # candles a crashed router left to be rebuilt before they are aggregated without them.
 _RECOVERY_WAIT_SECONDS: Final = 60.0
