@@ -1060,13 +1060,9 @@ class DataRouter:
         # lagging source): it never makes a missing any-source entry servable here, only
         # the confirmation read from L2 does (settled=False).
         for item in items:
-            if type(item) is TickData:
-                l1.put_tick(item, settled=False)
-            elif type(item) is CandleData:
-                l1.put_candle(item)
+            l1.put(item, settled=False)
+            if type(item) is CandleData:
                 self._promote_source(item)
-            else:
-                l1.put_order_flow(item, settled=False)  # type: ignore[arg-type]
         if l1.confirmations_due:
             self._confirm_latest()
 
@@ -1159,15 +1155,9 @@ class DataRouter:
         whether another source wrote a newer value, so a read serves them only once a
         confirmation from the tiers below settles them (see :meth:`_confirm_latest`).
         """
-        l1 = self._l1
         unstored = self._ingest.unstored() if self._ingest is not None else []
         for item in unstored:
-            if type(item) is TickData:
-                l1.put_tick(item, settled=False)
-            elif type(item) is CandleData:
-                l1.put_candle(item)
-            elif type(item) is OrderFlowMetrics:
-                l1.put_order_flow(item, settled=False)
+            self._l1.put(item, settled=False)
         return unstored
 
     async def _refresh_l2(self, bus: CacheBus, keys: list[tuple[type[Any], str, str]]) -> None:

@@ -489,6 +489,20 @@ class MemoryCache:
         self._flow_misses += 1
         return None
 
+    def put(self, item: TickData | CandleData | OrderFlowMetrics, *, settled: bool = True) -> bool:
+        """:meth:`put_tick`, :meth:`put_candle` or :meth:`put_order_flow`, by the item's
+        type (``settled`` applies to ticks and order flow).
+
+        Returns:
+            True if the cache now holds ``item``.
+        """
+        kind = type(item)
+        if kind is TickData:
+            return self.put_tick(item, settled=settled)  # type: ignore[arg-type]
+        if kind is CandleData:
+            return self.put_candle(item)  # type: ignore[arg-type]
+        return self.put_order_flow(item, settled=settled)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ candles
 
     def put_candle(self, candle: CandleData) -> bool:

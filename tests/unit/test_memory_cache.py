@@ -829,3 +829,19 @@ def test_stats_counts_and_byte_estimate() -> None:
     grown = cache.stats().bytes_estimate
     per_candle = (grown - s.bytes_estimate) / 10
     assert 200 < per_candle < 2_000
+
+
+def test_put_dispatches_by_type_and_settled_applies_to_latest_values() -> None:
+    cache = make()
+    assert cache.put(tick(T0), settled=False)
+    assert cache.put(flow(T0), settled=False)
+    assert cache.put(candle(0))
+    # Unsettled any-source entries are not served; the per-source ones and the ring are.
+    assert cache.get_tick(SYM) is None
+    assert cache.get_order_flow(SYM) is None
+    assert cache.get_tick(SYM, "ig") == tick(T0)
+    assert cache.get_order_flow(SYM, "databento") == flow(T0)
+    assert cache.get_candles(SYM, "1m", 1, "ig") == [candle(0)]
+    assert cache.put(tick(T0, symbol="GBP/USD"))  # a new entry, settled by default
+    assert cache.get_tick("GBP/USD") == tick(T0, symbol="GBP/USD")
+    assert not cache.put(tick(T0 - 1), settled=False)  # compare-and-set, as put_tick
