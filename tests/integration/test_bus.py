@@ -244,13 +244,15 @@ def bar(i: int, *, symbol: str = "EUR/USD") -> CandleData:
 
 
 def fail_applies(cache: RedisCache, times: int, *, refused: bool = False) -> None:
-    """Make the next ``times`` pipelines of ``cache`` fail as a timed-out socket does (or,
-    ``refused``, as a server refusing the call does: out of memory, say)."""
+    """Make the next ``times`` pipelines the bus's sender runs on ``cache`` fail as a
+    timed-out socket does (or, ``refused``, as a server refusing the call does: out of
+    memory, say). Other writes (a router's background L2 fill after a read, say, which may
+    run at any moment) are left alone: they must not take a failure meant for the bus."""
     real = cache.apply
     left = [times]
 
     async def apply(ops: Sequence[WriteOp], **kw: Any) -> None:
-        if left[0] > 0:
+        if left[0] > 0 and kw.get("own_connection"):
             left[0] -= 1
             if refused:
                 raise CacheError("simulated: OOM command not allowed")
