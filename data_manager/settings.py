@@ -143,7 +143,10 @@ class _UrlForm:
             )
             raise ValueError(msg) from None
         if hostname:
-            parsed["host"] = hostname
+            # libpq's other spelling of a Unix socket folder: the host percent-encoded
+            # (postgresql://%2Fvar%2Frun%2Fpostgresql/db). ``hostname`` is lower-cased, and a
+            # folder's name is not: decode the host as written.
+            parsed["host"] = _raw_host(parts.netloc) if "%" in hostname else hostname
         if port:
             parsed["port"] = port
         if parts.username:
@@ -170,6 +173,14 @@ class _UrlForm:
             if values[0]:  # an empty value is the default, as in libpq
                 parsed[field] = values[0]
         return parsed
+
+
+def _raw_host(netloc: str) -> str:
+    """The host of ``netloc`` as written (case kept), percent-decoded."""
+    host = netloc.rpartition("@")[2]
+    if not host.startswith("["):  # an IPv6 literal has no percent-encoding to undo
+        host = host.partition(":")[0]
+    return unquote(host)
 
 
 _POSTGRES_URL: Final = _UrlForm(

@@ -265,6 +265,16 @@ def test_a_replica_url_is_checked_with_the_settings(url: str, message: str) -> N
         DataManagerSettings(postgres={"host": "h", "database": "d", "replicas": [url]})
 
 
+def test_a_percent_encoded_socket_folder_is_decoded_with_its_case() -> None:
+    # libpq's other spelling of ?host=: the host percent-encoded. urlsplit's hostname is
+    # lower-cased and still encoded; it was taken as a TCP host name "%2fvar%2frun%2fpg".
+    s = DataManagerSettings(postgres={"url": "postgresql://u@%2FVar%2FRun%2FPG:5433/d"})
+    assert (s.postgres.host, s.postgres.port, s.postgres.database) == ("/Var/Run/PG", 5433, "d")
+    assert DataManagerSettings(postgres={"url": "postgresql://u@DB.Example/d"}).postgres.host == (
+        "db.example"
+    )
+
+
 def test_driver_schemes_empty_values_and_a_query_host_are_read_as_libpq_does() -> None:
     s = DataManagerSettings(
         postgres={"url": "postgresql+psycopg://u@localhost/d?host=/tmp/pg&sslmode=&port=5433"}
