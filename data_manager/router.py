@@ -473,6 +473,10 @@ class DataRouter:
         self._state = RouterState.UNOPENED
         self._init_lock = asyncio.Lock()
         self._fork_gen = _fork_generation
+        # The fork generation whose inherited connections were abandoned (the process that
+        # built the router inherited none), and the reset under way in this process.
+        self._fork_dropped = _fork_generation
+        self._fork_reset: tuple[int, asyncio.Task[None]] | None = None
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._watcher = StrategyWatcher(
             self.settings.resolved_strategy_file,
@@ -593,7 +597,10 @@ class DataRouter:
     def storage(self) -> Storage:
         """The database backend (PostgreSQL/TimescaleDB or the embedded SQLite)."""
         self._require_open()
-        assert self._storage is not None
+        if self._storage is None:
+            # A forked child whose reconnection failed (the next awaited call retries it).
+            msg = "the router has no database connection in this process; await a call first"
+            raise RouterClosedError(msg)
         return self._storage
 
     async def initialize(self) -> None:
@@ -673,6 +680,13 @@ class DataRouter:
                 pass
         if self._state is RouterState.CLOSED:
             return
+        if self._fork_gen != _fork_generation:
+            # A forked child: what the parent opened is not this process's to flush or
+            # close. A reset under way finishes first (what it opens is closed below).
+            reset = self._fork_reset
+            if reset is not None and reset[0] == _fork_generation and not reset[1].done():
+                await asyncio.wait([reset[1]])
+            self._abandon_parents(_fork_generation)
         was_open = self._state is RouterState.OPEN
         self._state = RouterState.CLOSED
         self._subs.close_all()
@@ -709,7 +723,9 @@ class DataRouter:
         finally:
             await self._teardown()
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, *, keep_watcher: bool = False) -> None:
+        """Stop and close every backend the router holds (the strategy watcher too unless
+        ``keep_watcher``: a failed reset after a fork leaves it running for the retry)."""
         if self._metrics is not None:
             metrics, self._metrics = self._metrics, None
             await metrics.aclose()
@@ -719,7 +735,9 @@ class DataRouter:
         for restore in self._agg_restoring.values():
             if restore.task is not None:
                 restore.task.cancel()
-        closers: list[Callable[[], Coroutine[Any, Any, None]]] = [self._watcher.aclose]
+        closers: list[Callable[[], Coroutine[Any, Any, None]]] = (
+            [] if keep_watcher else [self._watcher.aclose]
+        )
         if self._backup is not None:
             # initialize() failed after the backup stream started: stop it and give back
             # its spool (close() closes it itself, before this).
@@ -768,26 +786,56 @@ class DataRouter:
         if self._state is not RouterState.OPEN:
             self._require_open()
         if self._fork_gen != _fork_generation:
-            await self._reset_after_fork()
+            await self._after_fork()
 
-    async def _reset_after_fork(self) -> None:
-        """Drop the parent's connections (without closing them) and open our own."""
-        self._fork_gen = _fork_generation
+    async def _after_fork(self) -> None:
+        """Reset the router once in a forked child, whichever call comes first.
+
+        Concurrent first calls all wait for the same reset: none may reach the parent's
+        write path or connections meanwhile (a tick queued in the parent's pipeline would
+        never be stored here). A failed reset is retried by the next call; the parent's
+        connections are abandoned once, by the first attempt.
+        """
+        gen = _fork_generation
+        reset = self._fork_reset
+        if reset is None or reset[0] != gen:
+            task = asyncio.get_running_loop().create_task(self._reset_after_fork(gen))
+            reset = self._fork_reset = (gen, task)
+        try:
+            # Shielded: a caller that gives up does not cancel the reset the others wait for.
+            await asyncio.shield(reset[1])
+        except BaseException:
+            if reset[1].done() and self._fork_reset is reset:
+                self._fork_reset = None  # it failed: the next call tries again
+            raise
+
+    def _abandon_parents(self, gen: int) -> None:
+        """Drop what the router holds of the parent's (connections, tasks, write path)
+        without closing or using any of it: it is the parent's, still in use there."""
+        if self._fork_dropped == gen:
+            return
+        self._fork_dropped = gen
         if self._metrics is not None:
             self._metrics.shutdown()  # in a child this only closes the inherited socket
             self._metrics = None
         logger.info("fork detected in router %s; reconnecting", self.instance_id)
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._background.clear()
-        # The parent's backup stream (its tasks, connection and spool) stays the parent's,
-        # untouched; the child opens its own below, under its own instance id and spool.
+        self._maintenance = None
+        # The parent's backup stream (its tasks, connection and spool) and write path (its
+        # queue, writer task and journal) stay the parent's, untouched; the child opens its
+        # own, under its own instance id, journal and spool.
         self._backup = None
+        self._ingest = None
         if self._bus is not None:
             self._bus.reset_after_fork()
         if self._l2 is not None:
             self._l2.reset_after_fork()
         self._bus = None
         self._l2 = None
+        if self._storage is not None:
+            self._storage.reset_after_fork()
+        self._storage = None
         self._forget_l1()
         self._flight = SingleFlight()
         # The series the parent aggregates stay the parent's: started from its in-memory
@@ -795,18 +843,28 @@ class DataRouter:
         # too) over the parent's newer rows. The child restores from the database instead,
         # and drops the parent loop's timer handles (they never fire here).
         self._start_derived(self._watcher.current)
-        storage = self._build_storage()
-        if self._storage is not None:
-            self._storage.reset_after_fork()
-        await self._connect_with_deadline(storage)
-        self._storage = storage
         self._watcher.reset_after_fork()
-        await self._start_l2()
-        await self._start_backup_stream()
-        self._ingest = self._build_ingest(storage)
-        await self._ingest.start()
-        # The parent's timer task belongs to a loop that never runs here: start our own.
-        self._maintenance = self._spawn(_maintenance_loop(weakref.ref(self)))
+
+    async def _reset_after_fork(self, gen: int) -> None:
+        """Abandon the parent's connections and open our own; on failure, close what this
+        attempt opened (the next call tries again)."""
+        self._abandon_parents(gen)
+        try:
+            storage = self._build_storage()
+            self._storage = storage
+            await self._connect_with_deadline(storage)
+            await self._start_l2()
+            await self._start_backup_stream()
+            self._ingest = self._build_ingest(storage)
+            await self._ingest.start()
+            # The parent's timer task belongs to a loop that never runs here: start our own.
+            self._maintenance = self._spawn(_maintenance_loop(weakref.ref(self)))
+        except BaseException:
+            await self._teardown(keep_watcher=True)
+            self._ingest = None
+            self._maintenance = None
+            raise
+        self._fork_gen = gen
 
     # ------------------------------------------------------------------ construction
 
@@ -1585,7 +1643,7 @@ class DataRouter:
         The router runs this every ``batch.flush_interval_seconds``; tests with a manual
         clock call it directly instead of waiting.
         """
-        self._require_open()
+        await self._ready()
         if self._recovery.due(self._clock.monotonic()):
             self._start_recovery()
         if self._agg_restoring and not self._recovery_waits():
@@ -2927,9 +2985,10 @@ class DataRouter:
     async def health_check(self) -> HealthCheckResponse:
         """Report every backend, cache tier, pool, breaker, queue and the strategy.
 
-        Never blocks past ``settings.health_timeout_seconds``, even when a backend hangs.
+        Never blocks past ``settings.health_timeout_seconds``, even when a backend hangs
+        (in a forked child, the first call reconnects first, as every call does).
         """
-        self._require_open()
+        await self._ready()
         timeout = self.settings.health_timeout_seconds
         storage = self.storage
         try:

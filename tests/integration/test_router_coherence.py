@@ -1011,6 +1011,95 @@ async def test_forked_child_uses_the_router_with_its_own_connections(
     assert (await router.health_check()).status == "healthy"
 
 
+async def _first_calls_at_once(router: DataRouter) -> int:
+    """In the child: five buffered saves as its first calls, all at once."""
+    ticks = [tick(TS + k, 1.0 + k / 100) for k in range(1, 6)]
+    # The first starts the reconnection and waits on the network: the others must wait for
+    # it too. They went on to the parent's write path, whose writer never runs here.
+    await asyncio.gather(*(router.save_tick(t, mode="buffered") for t in ticks))
+    await router.flush()
+    stored = await router.get_ticks(SYM, TS + 1, TS + 6)
+    if [t.timestamp for t in stored] != [t.timestamp for t in ticks]:
+        return 7
+    await router.close()
+    return 0
+
+
+async def test_first_calls_at_once_in_a_forked_child_share_one_reconnection(
+    make_router: RouterFactory,
+) -> None:
+    router = await make_router()
+    await router.save_tick(tick(TS, 1.0))
+    pid = _fork_and_run(lambda: _first_calls_at_once(router))
+    assert await _wait_child(pid) == 0
+    assert len(await router.get_ticks(SYM, TS, TS + 6)) == 6  # the parent sees them too
+
+
+async def _reconnection_fails_once(router: DataRouter) -> int:
+    """In the child: the first reconnection fails; the next call must try again."""
+    connect = router._connect_with_deadline
+    attempts = 0
+
+    async def refuse_once(storage: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise DatabaseConnectionError("refused once by the test")
+        await connect(storage)
+
+    router._connect_with_deadline = refuse_once  # type: ignore[method-assign]
+    try:
+        await router.save_tick(tick(TS + 1, 2.0))
+    except DatabaseConnectionError:
+        pass
+    else:
+        return 9  # the failed reconnection must reach the caller
+    # It left the router half reset (the parent's write path, no connection): the call went
+    # through it instead of reconnecting.
+    await router.save_tick(tick(TS + 1, 2.0))  # sync
+    stored = await router.storage.latest_tick(SYM)
+    if attempts != 2 or stored is None or stored.timestamp != TS + 1:
+        return 6
+    await router.close()
+    return 0
+
+
+async def test_a_failed_reconnection_in_a_forked_child_is_retried_by_the_next_call(
+    make_router: RouterFactory,
+) -> None:
+    router = await make_router()
+    await router.save_tick(tick(TS, 1.0))
+    pid = _fork_and_run(lambda: _reconnection_fails_once(router))
+    assert await _wait_child(pid) == 0
+    stored = await router.storage.latest_tick(SYM)
+    assert stored is not None
+    assert stored.timestamp == TS + 1
+
+
+async def _close_first(router: DataRouter) -> int:
+    """In the child: close() before any other call."""
+    await router.close()
+    return 0
+
+
+async def test_close_as_a_forked_childs_first_call_leaves_the_parents_connections(
+    make_router: RouterFactory, postgres_url: str
+) -> None:
+    router = await make_router()
+    await router.save_tick(tick(TS, 1.0))
+    parent_pg = await _postgres_backends(postgres_url, _own_ports(postgres_url))
+    assert parent_pg, "the router holds no PostgreSQL connection to watch"
+    pid = _fork_and_run(lambda: _close_first(router))
+    assert await _wait_child(pid) == 0
+    # close() in the child closed the parent's pool (and flushed its write path) through
+    # the inherited sockets: the parent's sessions ended.
+    assert parent_pg <= await _postgres_backends(postgres_url, _own_ports(postgres_url))
+    await router.save_tick(tick(TS + 1, 2.0))
+    stored = await router.storage.latest_tick(SYM)
+    assert stored is not None
+    assert stored.timestamp == TS + 1
+
+
 async def _forked_maintenance(router: DataRouter) -> int:
     """In the child: a forming candle must reach the database without an explicit flush."""
     await router.save_tick(tick(TS + 60_000, 2.0))  # the next 1m bucket
