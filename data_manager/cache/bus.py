@@ -208,6 +208,8 @@ class CacheBus:
         close_timeout: How long :meth:`aclose` waits for pending updates to be sent.
         max_retained_candles: Most candle updates kept for a retry after failed batches.
         max_owed_keys: Most keys of dropped latest values remembered for ``on_resumed``.
+        retry_seconds: After a batch L2 did not take, try again this long later if no new
+            update has sent what it left (kept candles, series to reset, owed keys).
 
     Raises:
         ConfigurationError: A bound is not positive.
@@ -229,9 +231,18 @@ class CacheBus:
         close_timeout: float = 1.0,
         max_retained_candles: int = 4096,
         max_owed_keys: int = MAX_OWED_KEYS,
+        retry_seconds: float = 1.0,
     ) -> None:
-        if not (reconnect_check_seconds > 0 and backoff_initial > 0 and backoff_max > 0):
-            msg = "reconnect_check_seconds, backoff_initial and backoff_max must be > 0"
+        if not (
+            reconnect_check_seconds > 0
+            and backoff_initial > 0
+            and backoff_max > 0
+            and retry_seconds > 0
+        ):
+            msg = (
+                "reconnect_check_seconds, backoff_initial, backoff_max and retry_seconds "
+                "must be > 0"
+            )
             raise ConfigurationError(msg)
         if (
             max_batch < 1
@@ -258,6 +269,7 @@ class CacheBus:
         self._close_timeout = close_timeout
         self._max_retained = max_retained_candles
         self._max_owed = max_owed_keys
+        self._retry_seconds = retry_seconds
         self._abandoned: list[object] = []
         self._origin = origin or _new_origin()
         self._init_runtime()
@@ -276,6 +288,8 @@ class CacheBus:
         # Keys of the latest values dropped since the last batch that reached L2, oldest
         # first (an ordered set): owed to on_resumed.
         self._owed: dict[LatestKey, None] = {}
+        # The wake-up that retries what a failed batch left, when no update comes to.
+        self._retry: asyncio.TimerHandle | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -407,13 +421,29 @@ class CacheBus:
             wakeup.clear()
             if self._linger > 0:
                 await asyncio.sleep(self._linger)
-            while self._ticks or self._derived:
+            while self._ticks or self._derived or self._retained:
                 if not await self._send(self._take()):
                     # L2 did not take the batch and its candles are kept: they go again
-                    # with the next update, not at once (with the breaker open nothing
-                    # awaits, and retrying here would spin without yielding the loop).
+                    # with the next update or the retry, not at once (with the breaker open
+                    # nothing awaits, and retrying here would spin without yielding).
                     break
+            else:
+                if self._owed or self._gaps:
+                    # A dropped batch left keys owed to on_resumed or series to reset, and
+                    # no batch is left to carry them: an empty one does.
+                    await self._send([])
+            if (self._retained or self._owed or self._gaps) and self._retry is None:
+                # Without it they would wait for the next update, which a quiet router may
+                # never publish (a gap in L2's rings, a stale latest value meanwhile).
+                self._retry = asyncio.get_running_loop().call_later(
+                    self._retry_seconds, self._retry_due
+                )
             self._idle.set()
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        if self._state is not _State.CLOSED:
+            self._wakeup.set()
 
     def _take(self) -> list[CacheItem]:
         """The next batch: pending ticks if any, else a chunk of derived data (retained
@@ -752,9 +782,17 @@ class CacheBus:
             try:
                 async with asyncio.timeout(self._close_timeout):
                     await self._idle.wait()
+                    if self._retained or self._gaps:
+                        # Kept candles and series resets would be lost with this process
+                        # (a gap in L2's rings): one last try instead of the retry's wait.
+                        self._cancel_retry()
+                        self._idle.clear()
+                        self._wakeup.set()
+                        await self._idle.wait()
             except TimeoutError:
                 logger.warning("cache bus closed with %d updates not sent to L2", self.pending)
         self._state = _State.CLOSED
+        self._cancel_retry()
         tasks = [t for t in (self._sender, self._reader) if t is not None]
         self._sender = self._reader = None
         for task in tasks:
@@ -765,6 +803,11 @@ class CacheBus:
         self._derived.clear()
         self._retained.clear()
         self._connected = False
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def reset_after_fork(self) -> None:
         """Forget the parent's tasks and connection in a forked child.

@@ -283,6 +283,45 @@ async def test_candles_of_a_failed_batch_go_out_with_the_next_one(pair: Pair) ->
     assert (stats.dropped, stats.retried, stats.reset_series) == (0, 1, 0)
 
 
+async def test_what_a_failed_batch_left_is_retried_without_a_new_update(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A quiet router may publish nothing more: the candle a failed batch left and the key
+    it owes go out with a retry of their own (they waited for the next update: a gap in
+    every ring, a stale latest value in L2, for as long as the router stayed quiet)."""
+    routers = Pair(redis_url, redis_prefix)
+    routers.a = CacheBus(routers.cache_a, retry_seconds=0.05)
+    await routers.start()
+    try:
+        routers.a.publish(bar(0))
+        await routers.a.flush()
+        fail_applies(routers.cache_a, 3)  # the tick's batch, the candle's, their first retry
+        routers.a.publish(tick())
+        routers.a.publish(bar(1))
+        await routers.a.flush()
+        assert routers.router_a.owed == []  # nothing reached L2 yet
+        await routers.router_a.until(lambda: bool(routers.router_a.owed), "the retry")
+        assert routers.router_a.owed == [[(TickData, "EUR/USD", "ig")]]
+        await routers.router_b.until(lambda: bar(1) in routers.router_b.items, "B to get bar 1")
+        got = await routers.cache_b.get_candles("EUR/USD", "1m", 2, "feed")
+        assert [c.timestamp for c in got or []] == [bar(0).timestamp, bar(1).timestamp]
+    finally:
+        await routers.close()
+
+
+async def test_close_tries_the_candles_a_failed_batch_left_once_more(pair: Pair) -> None:
+    """Kept candles die with the process: close() tries them once more instead of leaving
+    the ring without them (the next router's candle would be appended after a gap)."""
+    pair.a.publish(bar(0))
+    await pair.a.flush()
+    fail_applies(pair.cache_a, 1)
+    pair.a.publish(bar(1))
+    await pair.a.flush()  # kept; the retry is a second away
+    await pair.a.aclose()
+    got = await pair.cache_b.get_candles("EUR/USD", "1m", 2, "feed")
+    assert [c.timestamp for c in got or []] == [bar(0).timestamp, bar(1).timestamp]
+
+
 async def test_candles_of_a_refused_batch_reset_their_series(pair: Pair) -> None:
     """A batch the server refuses is dropped (it would be refused again); its candles'
     rings would show a gap once the next candle is appended, so they are reset."""
