@@ -837,6 +837,9 @@ class DataRouter:
             self._storage.reset_after_fork()
         self._storage = None
         self._forget_l1()
+        # The parent may have lost its subscription (L1 bypassed); the child's own bus
+        # subscribes afresh and calls on_lost if it cannot, which bypasses L1 again.
+        self._l1_enabled = True
         self._flight = SingleFlight()
         # The series the parent aggregates stay the parent's: started from its in-memory
         # bars, this child's close() or maintenance would store stale candles (closed ones

@@ -1100,6 +1100,31 @@ async def test_close_as_a_forked_childs_first_call_leaves_the_parents_connection
     assert stored.timestamp == TS + 1
 
 
+async def _l1_in_use(router: DataRouter) -> int:
+    """In the child: after its own write, reads are answered by L1."""
+    await router.save_tick(tick(TS + 1, 2.0))  # first use: it reconnects
+    if bus_of(router).connected is False:
+        return 3
+    before = router.cache.l1.stats().tick_hits
+    got = await router.get_latest_tick(SYM)
+    if got is None or got.timestamp != TS + 1:
+        return 4
+    if router.cache.l1.stats().tick_hits == before:
+        return 7  # L1 bypassed: the parent's lost-subscription state was kept
+    await router.close()
+    return 0
+
+
+async def test_a_child_forked_while_the_subscription_was_lost_uses_l1_again(
+    make_router: RouterFactory,
+) -> None:
+    router = await make_router()
+    await router.save_tick(tick(TS, 1.0))
+    router._on_subscription_lost()  # the parent's state as it forks (as on a lost connection)
+    pid = _fork_and_run(lambda: _l1_in_use(router))
+    assert await _wait_child(pid) == 0
+
+
 async def _forked_maintenance(router: DataRouter) -> int:
     """In the child: a forming candle must reach the database without an explicit flush."""
     await router.save_tick(tick(TS + 60_000, 2.0))  # the next 1m bucket
