@@ -2960,27 +2960,33 @@ class DataRouter:
         candles = await storage.latest_candles_many(
             keys, limit, preferred_sources=self._watcher.current.sources.candle_preference
         )
-        loaded = 0
+        newest = dict(ticks)
+        if self._l2 is not None:
+            try:
+                await self._l2.put_ticks(list(ticks.values()))  # compare-and-set
+                # L2 may hold newer ticks than the database (another router's writes, not
+                # stored yet): each symbol's newer one settles L1, as a read-through would.
+                for sym, held in (await self._l2.get_ticks(syms)).items():
+                    stored = newest.get(sym)
+                    if stored is None or supersedes(held, stored):
+                        newest[sym] = held
+                for rows in candles.values():
+                    if rows:
+                        await self._l2.put_candles(rows, complete=len(rows) < limit)
+            except CacheError:
+                logger.warning("warm start could not fill L2", exc_info=True)
         # L1 only if it was not cleared since the reads began (see _l1_gen).
         fill_l1 = self._l1_enabled and self._l1_gen == gen
-        for sym, tick in ticks.items():
-            if fill_l1:
+        if fill_l1:
+            for sym, tick in newest.items():
                 self._l1.fill_tick(sym, None, tick)  # each symbol's newest: settles L1
-            loaded += 1
+        loaded = len(ticks)
         for (sym, tf), rows in candles.items():
             if rows:
                 self._default_candle_source[(sym, tf)] = rows[-1].source
                 if fill_l1:
                     self._l1.put_candles(rows, complete=len(rows) < limit)
                 loaded += len(rows)
-        if self._l2 is not None:
-            try:
-                await self._l2.put_ticks(list(ticks.values()))
-                for rows in candles.values():
-                    if rows:
-                        await self._l2.put_candles(rows, complete=len(rows) < limit)
-            except CacheError:
-                logger.warning("warm start could not fill L2", exc_info=True)
         return loaded
 
     # ------------------------------------------------------------------ health

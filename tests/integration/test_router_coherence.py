@@ -865,6 +865,23 @@ async def test_routers_in_two_processes_see_each_others_writes(
     assert db_tick.timestamp == TS + count
 
 
+async def test_warm_start_settles_l1_on_the_newer_of_l2_and_the_database(
+    make_router: RouterFactory,
+) -> None:
+    """Another router's tick can be in L2 and not yet stored (write-behind): warm_start
+    settled L1 on the database's older tick, which a plain read would not have served."""
+    a = await make_router()
+    await a.save_tick(tick(TS, 1.0))  # stored, and in L2
+    await bus_of(a).flush()
+    await l2_of(a).put_ticks([tick(TS + 10, 1.1, source="oanda")])  # in L2 only
+    warm = await make_router()
+    assert await warm.warm_start([SYM], ["1m"]) == 1  # what the database had
+    got = await warm.get_latest_tick(SYM)
+    assert got is not None
+    assert (got.source, got.timestamp) == ("oanda", TS + 10)
+    assert warm.cache.l1.peek_tick(SYM) == got  # served by L1, settled on it
+
+
 # ----------------------------------------------------------------------------- fork
 
 
