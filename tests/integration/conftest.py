@@ -1,4 +1,5 @@
-"""Fixtures for integration tests that need more than PostgreSQL and Redis: NATS JetStream.
+"""Fixtures for integration tests that need more than PostgreSQL and Redis: NATS JetStream,
+and a PostgreSQL primary with a streaming replica (``cluster``, one pair per module).
 
 ``nats_url`` comes from ``DATA_MANAGER_TEST_NATS_URL`` when set (a test then only touches
 the streams it creates, under names of its own); otherwise a throwaway ``nats-server -js``
@@ -16,9 +17,12 @@ import pytest
 
 from tests.servers import ServerError
 from tests.servers_nats import NatsServer, nats_binary, start_nats
+from tests.servers_replica import ReplicaServer, start_replica
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+    from tests.servers import PostgresServer
 
 NATS_URL_ENV: Final = "DATA_MANAGER_TEST_NATS_URL"
 
@@ -48,3 +52,13 @@ def nats_url(request: pytest.FixtureRequest) -> str:
     # Looked up only here, so a run with the variable set needs no binary at all.
     factory: Callable[[], NatsServer] = request.getfixturevalue("nats_server_factory")
     return factory().url
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    postgres_server_factory: Callable[[], PostgresServer],
+) -> Iterator[tuple[PostgresServer, ReplicaServer]]:
+    """A dedicated primary and a streaming replica of it, for this module."""
+    primary = postgres_server_factory()
+    with start_replica(primary) as replica:
+        yield primary, replica

@@ -19,10 +19,8 @@ from data_manager.router import DataRouter
 from data_manager.settings import DataManagerSettings, PostgresReplicaSettings, PostgresSettings
 from data_manager.strategy import strategy_from_mapping
 from tests.integration.test_replicas import until
-from tests.servers_replica import start_replica
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from tests.servers import PostgresServer
@@ -63,15 +61,6 @@ async def fetch(url: str, sql: str) -> list[Any]:
 async def bar(url: str, sql: str) -> list[tuple[float, ...]]:
     """(high, close) of each row, rounded: the aggregated price is the mid."""
     return [tuple(round(v, 5) for v in row) for row in await fetch(url, sql)]
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    postgres_server_factory: Callable[[], PostgresServer],
-) -> Iterator[tuple[PostgresServer, ReplicaServer]]:
-    primary = postgres_server_factory()
-    with start_replica(primary) as replica:
-        yield primary, replica
 
 
 async def test_a_router_continues_another_routers_bar_from_the_primary(

@@ -24,10 +24,10 @@ from data_manager.models import CandleData, TickData
 from data_manager.settings import PostgresSettings
 from data_manager.storage.postgres import PostgresStorage
 from data_manager.storage.replicas import ReplicatedStorage
-from tests.servers_replica import ReplicaServer, start_replica
+from tests.servers_replica import ReplicaServer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from tests.servers import PostgresServer
 
@@ -107,16 +107,6 @@ async def pause_replay(replica_url: str) -> None:
 
 async def resume_replay(replica_url: str) -> None:
     await execute(replica_url, "SELECT pg_wal_replay_resume()")
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    postgres_server_factory: Callable[[], PostgresServer],
-) -> Iterator[tuple[PostgresServer, ReplicaServer]]:
-    """A dedicated primary and a streaming replica of it, for this module."""
-    primary = postgres_server_factory()
-    with start_replica(primary) as replica:
-        yield primary, replica
 
 
 @pytest.fixture
