@@ -355,6 +355,9 @@ class IngestPipeline:
         self._cancelled_but_taken: IngestItem | None = None  # see took_despite_cancel
         self._followups: set[asyncio.Task[None]] = set()
         self._backlog: list[Journal] = []  # journals to replay, in order
+        # Journals whose durable checkpoint after a replayed upsert could not be written: they
+        # stay in the backlog until it is (see _replay_step).
+        self._owed_checkpoints: set[Journal] = set()
         # Set by hold_for_derived: told of dead instances' records as they are replayed.
         self._observer: ReplayObserver | None = None
         # (items enqueued, LSN): see derived_barrier.
@@ -1499,6 +1502,8 @@ class IngestPipeline:
     async def _replay_step(self) -> None:
         """Store the next chunk of the oldest journal in the backlog."""
         journal = self._backlog[0]
+        if journal in self._owed_checkpoints and not await self._pay_checkpoint(journal):
+            return
         if journal.stored_lsn >= journal.last_lsn:
             await self._finish_backlog(journal)
             return
@@ -1551,9 +1556,13 @@ class IngestPipeline:
         # the replay caught up) must not be overwritten by this replay again after a crash.
         # Nothing is written between the commit and the checkpoint (one writer task); a
         # crash in between replays the chunk over itself only.
-        await journal.mark_stored(
-            chunk.end_lsn, durable=any(type(item) is not TickData for item in items)
-        )
+        if any(type(item) is not TickData for item in items):
+            self._owed_checkpoints.add(journal)
+            await journal.mark_stored(chunk.end_lsn)  # in memory; the checkpoint is owed
+            if not await self._pay_checkpoint(journal):
+                return
+        else:
+            await journal.mark_stored(chunk.end_lsn)
         if journal is not self._journal:
             if self._backup is not None:
                 # A dead instance acknowledged these; it may never have published them.
@@ -1564,7 +1573,29 @@ class IngestPipeline:
         if journal.stored_lsn >= journal.last_lsn:
             await self._finish_backlog(journal)
 
+    async def _pay_checkpoint(self, journal: Journal) -> bool:
+        """Write ``journal``'s checkpoint now, as a replayed upsert needs (True when done).
+
+        Until it is on disk the journal stays in the backlog, so new items keep going
+        behind it into the journal: stored directly instead, a newer version of the upsert
+        would be overwritten by the replay of the older after a crash.
+        """
+        try:
+            await journal.mark_stored(journal.stored_lsn, durable=True)
+        except JournalError as exc:
+            logger.error(
+                "write path: cannot write the checkpoint of journal %s (%s); keeping new "
+                "writes behind it and trying again",
+                journal.path,
+                exc,
+            )
+            self._retry_at = self._clock.monotonic() + max(self._breaker.reset_timeout, 0.1)
+            return False
+        self._owed_checkpoints.discard(journal)
+        return True
+
     async def _finish_backlog(self, journal: Journal) -> None:
+        self._owed_checkpoints.discard(journal)
         if journal in self._backlog:
             self._backlog.remove(journal)
         if journal is self._journal:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -1258,6 +1259,61 @@ async def test_a_journal_mode_series_keeps_its_newest_version_through_an_outage(
     await pipeline.flush(timeout=WAIT)
     (stored,) = storage.candles.values()
     assert stored.close == 2.0
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+async def test_a_replayed_upsert_whose_checkpoint_failed_is_not_replayed_over_a_newer_one(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    failures: int,
+) -> None:
+    # v1 of a candle is spilled while the database is down and replayed when it is back, but
+    # the checkpoint saying so cannot be written (a full disk). v2, accepted next, must not
+    # be stored around the journal before that checkpoint is on disk: a crash would replay
+    # v1 over it.
+    pipeline = await make(journal="a", sync="loop", batch_size=1)
+    storage.down = True
+    await pipeline.submit(candle(0, 1.0, is_closed=False))
+    await until(lambda: pipeline.stats().spilled == 1)
+    real = Journal._checkpoint_and_delete
+    left = failures
+
+    def full_disk(journal: Journal, dead: Any) -> None:
+        nonlocal left
+        if left:
+            left -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(journal, dead)
+
+    monkeypatch.setattr(Journal, "_checkpoint_and_delete", full_disk)
+    database_back(storage, clock, breaker, pipeline)
+    for refused in range(failures):  # v1 stored, then its checkpoint refused `failures` times
+        # Each refusal puts the next try one reset timeout away.
+        await until(lambda n=failures - 1 - refused: left == n)
+        await until(lambda: pipeline._retry_at > clock.monotonic() or not pipeline.replay_owed)
+        if not refused:
+            await pipeline.submit(candle(0, 2.0, is_closed=False))
+            await until(lambda: pipeline.stats().queue_depth == 0)
+        clock.advance(breaker.reset_timeout)
+        pipeline.wake()
+    await pipeline.flush(timeout=WAIT)
+    assert storage.candles[("EUR/USD", "1m", "test", T0)].close == 2.0
+    # A kill -9 now: the next router adopts the journal as it is on disk.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "journal" / "a", crashed / "a")
+    following = IngestPipeline(
+        storage, journal=Journal(crashed, instance_id="b"), clock=clock, orphan_scan_interval=None
+    )
+    await following.start()
+    try:
+        await following.flush(timeout=WAIT)
+    finally:
+        await following.close(timeout=5)
+    assert storage.candles[("EUR/USD", "1m", "test", T0)].close == 2.0
 
 
 @pytest.mark.parametrize("prune_min", [ingest._OVERTAKEN_PRUNE_MIN, 0])
