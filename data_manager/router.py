@@ -1134,21 +1134,24 @@ class DataRouter:
 
         A live write cannot tell whether another source has a newer value that this L1
         never saw (written before this process started, before L1 was cleared, before the
-        entry was evicted or expired); the tiers below can.
+        entry was evicted or expired); the tiers below can. Neither can a relayed write
+        tell whether its own source has a newer value (L2 refuses a late tick but the bus
+        still relays it): the ``(symbol, source)`` entries such writes create are checked
+        the same way, with a read for that source.
         """
         due = self._l1.take_confirmations()
         if not self._l1_enabled or self._state is not RouterState.OPEN:
             return  # the fill would be refused (L1 bypassed) or nobody is left to serve
         gen = self._l1_gen
         counters = self._c_confirm
-        for kind, symbol in due:
+        for kind, symbol, source in due:
             # A flight of its own: a caller's read neither waits for a confirmation nor has
             # its tiers counted as one.
             load = self._load_latest_tick if kind == "tick" else self._load_latest_order_flow
             self._spawn(
                 self._flight.do(
-                    ("confirm", kind, symbol, gen),
-                    functools.partial(load, symbol, None, counters),
+                    ("confirm", kind, symbol, source, gen),
+                    functools.partial(load, symbol, source, counters),
                 )
             )
 

@@ -23,7 +23,9 @@ and queues the symbol in :meth:`MemoryCache.take_confirmations`, so the owner ch
 against the tiers below; with ``settled=False`` (another router's write, which this cache
 cannot vouch for) the new entry is not served until that check's fill settles it, while it
 keeps collecting live writes, so the fill keeps the newer of its answer and the writes that
-raced with the read.
+raced with the read. The same goes for a ``(symbol, source)`` entry such a write creates: a
+relayed value may be one the tiers below refused as older than theirs (a late tick, a
+resend), so it is queued with its source and served once a read for that source settles it.
 
 Bounds: at most ``max_entries`` entries in total (a tick, an order-flow value or a whole
 candle ring each count as one), evicted least recently used first (reads and writes both
@@ -278,7 +280,8 @@ class MemoryCache:
         self._stale_writes = self._evictions = self._expirations = self._clears = 0
         # Any-source entries live writes created, to check against the tiers below (an
         # ordered set, so a symbol is queued once however often its entry comes and goes).
-        self._confirmations: dict[tuple[LatestKind, str], None] = {}
+        # (kind, symbol, source or None for the any-source entry) → None, oldest first.
+        self._confirmations: dict[tuple[LatestKind, str, str | None], None] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -360,17 +363,22 @@ class MemoryCache:
 
         Args:
             tick: The tick.
-            settled: Serve a new any-source entry at once (this process's own write); with
-                False (a write relayed from elsewhere) ``get_tick(symbol)`` misses until
-                :meth:`fill_tick` settles it. An existing entry keeps its state.
+            settled: Serve new entries at once (this process's own write). With False (a
+                write relayed from elsewhere, which may be older than what the tiers below
+                hold: they refuse such a write, but it is still relayed) a new any-source
+                entry misses until :meth:`fill_tick` settles it, and so does a new
+                ``(symbol, source)`` entry, which is queued for :meth:`take_confirmations`
+                too. An existing entry keeps its state.
 
         Returns:
             True if the ``(symbol, source)`` entry now holds ``tick``.
         """
         now = self._now()
-        stored = self._put_latest(self._ticks, (tick.symbol, tick.source), tick, now, True)
+        stored = self._put_latest(self._ticks, (tick.symbol, tick.source), tick, now, settled)
+        if stored == _CREATED and not settled:
+            self._confirmations["tick", tick.symbol, tick.source] = None
         if self._put_latest(self._ticks, tick.symbol, tick, now, settled) == _CREATED:
-            self._confirmations["tick", tick.symbol] = None
+            self._confirmations["tick", tick.symbol, None] = None
         return stored != _REFUSED
 
     def fill_tick(self, symbol: str, source: str | None, tick: TickData | None) -> TickData | None:
@@ -441,9 +449,12 @@ class MemoryCache:
             True if the ``(symbol, source)`` entry now holds ``metrics``.
         """
         now = self._now()
-        stored = self._put_latest(self._flows, (metrics.symbol, metrics.source), metrics, now, True)
+        key = (metrics.symbol, metrics.source)
+        stored = self._put_latest(self._flows, key, metrics, now, settled)
+        if stored == _CREATED and not settled:
+            self._confirmations["order_flow", metrics.symbol, metrics.source] = None
         if self._put_latest(self._flows, metrics.symbol, metrics, now, settled) == _CREATED:
-            self._confirmations["order_flow", metrics.symbol] = None
+            self._confirmations["order_flow", metrics.symbol, None] = None
         return stored != _REFUSED
 
     def fill_order_flow(
@@ -710,14 +721,16 @@ class MemoryCache:
 
     @property
     def confirmations_due(self) -> bool:
-        """True when live writes created any-source entries since the last
+        """True when live writes created entries to check since the last
         :meth:`take_confirmations`."""
         return bool(self._confirmations)
 
-    def take_confirmations(self) -> list[tuple[LatestKind, str]]:
-        """The (kind, symbol) of each any-source entry live writes created since the last
-        call, oldest first; the owner reads each symbol's newest value from the tiers below
-        and hands it to :meth:`fill_tick` / :meth:`fill_order_flow`."""
+    def take_confirmations(self) -> list[tuple[LatestKind, str, str | None]]:
+        """The (kind, symbol, source) of each entry to check that live writes created since
+        the last call, oldest first: source None for an any-source entry, a source for one
+        a relayed write created. The owner reads the newest value of each from the tiers
+        below and hands it to :meth:`fill_tick` / :meth:`fill_order_flow` (with that
+        source)."""
         due = list(self._confirmations)
         self._confirmations.clear()
         return due

@@ -273,6 +273,26 @@ async def test_a_relayed_tick_l2_refused_never_becomes_the_symbols_newest(
     assert l1_ts(b) == TS + 5_000  # the read settled B's L1 on it
 
 
+async def test_a_relayed_late_tick_never_becomes_its_sources_newest(
+    make_router: RouterFactory,
+) -> None:
+    a = await make_router()
+    await a.save_tick(tick(TS + 5_000, 1.2))
+    await bus_of(a).flush()
+    b = await make_router()  # has no entry for the source yet
+    await a.save_tick(tick(TS, 1.1))  # a late tick (a resend): L2 keeps the newer one...
+    await bus_of(a).flush()
+    # ...but the bus relays it, and B learns of the source from it.
+    await until(lambda: b.cache.l1.peek_tick(SYM, SRC) is not None, "B to get the tick")
+    got = await b.get_latest_tick(SYM, source=SRC)
+    assert got is not None
+    assert got.timestamp == TS + 5_000
+    await until(
+        lambda: getattr(b.cache.l1.get_tick(SYM, SRC), "timestamp", None) == TS + 5_000,
+        "B's entry for the source to settle on L2's tick",
+    )
+
+
 async def test_an_own_tick_in_a_new_router_yields_to_a_newer_tick_of_another_source(
     make_router: RouterFactory,
 ) -> None:

@@ -223,17 +223,40 @@ def test_a_relayed_write_is_served_as_the_newest_only_once_a_fill_settles_it(kin
     get: Any = cache.get_tick if kind == "tick" else cache.get_order_flow
     lagging, fast, later = value(T0, source="lagging"), value(T0 + 5_000), value(T0 + 6_000)
     put(lagging, settled=False)
-    assert get(SYM, "lagging") is lagging
     assert get(SYM) is None  # not served: another source may be newer
-    assert cache.take_confirmations() == [(kind, SYM)]
+    assert get(SYM, "lagging") is None  # nor this: the tiers may hold a newer one of it
+    assert cache.take_confirmations() == [(kind, SYM, "lagging"), (kind, SYM, None)]
     put(value(T0 + 1, source="lagging"), settled=False)
     assert cache.take_confirmations() == []  # one check per new entry
     # The check's answer (the tiers' newest) settles it; compare-and-set with what came in.
     assert fill(SYM, None, fast) is fast
     assert get(SYM) is fast
     assert get(SYM, fast.source) is fast
+    assert fill(SYM, "lagging", lagging) is not lagging  # the live write is newer
+    assert get(SYM, "lagging").timestamp == T0 + 1
     put(later, settled=False)
     assert get(SYM) is later  # settled: later writes are served at once
+
+
+@pytest.mark.parametrize("kind", ["tick", "order_flow"])
+def test_a_relayed_older_value_of_a_source_is_not_served_as_that_sources_newest(
+    kind: str,
+) -> None:
+    # Another router's late value is relayed although the tiers below refused it (they
+    # hold a newer one of that source): it must not become the source's newest here.
+    cache = make()
+    value: Any = tick if kind == "tick" else flow
+    put: Any = cache.put_tick if kind == "tick" else cache.put_order_flow
+    fill: Any = cache.fill_tick if kind == "tick" else cache.fill_order_flow
+    get: Any = cache.get_tick if kind == "tick" else cache.get_order_flow
+    late, newest = value(T0), value(T0 + 5_000)
+    source = late.source
+    put(late, settled=False)
+    assert get(SYM, source) is None
+    assert (kind, SYM, source) in cache.take_confirmations()
+    assert fill(SYM, source, newest) is newest  # the check's answer for that source
+    assert get(SYM, source) is newest
+    assert put(value(T0 + 1), settled=False) is False  # still older: refused
 
 
 def test_a_fill_keeps_a_newer_live_write_that_raced_with_its_read() -> None:
@@ -260,7 +283,8 @@ def test_an_own_write_is_served_at_once_and_still_queued_for_a_check() -> None:
     own = tick(T0, source="lagging")
     cache.put_tick(own)
     assert cache.get_tick(SYM) is own
-    assert cache.take_confirmations() == [("tick", SYM)]
+    assert cache.get_tick(SYM, "lagging") is own
+    assert cache.take_confirmations() == [("tick", SYM, None)]  # its own source: no check
     # The check finds a newer tick of another source: it replaces the own one.
     fast = tick(T0 + 5_000)
     assert cache.fill_tick(SYM, None, fast) is fast
@@ -277,7 +301,7 @@ def test_a_lost_any_source_entry_is_checked_again() -> None:
     clock.advance(3)  # past tick_ttl
     assert cache.get_tick(SYM) is None  # expired: removed
     cache.put_tick(tick(T0 + 2), settled=False)
-    assert cache.take_confirmations() == [("tick", SYM)]
+    assert cache.take_confirmations() == [("tick", SYM, None)]  # the source's entry stays
     cache.put_tick(tick(T0 + 3), settled=False)
     cache.clear()
     assert cache.take_confirmations() == []  # nothing left to check
@@ -836,11 +860,12 @@ def test_put_dispatches_by_type_and_settled_applies_to_latest_values() -> None:
     assert cache.put(tick(T0), settled=False)
     assert cache.put(flow(T0), settled=False)
     assert cache.put(candle(0))
-    # Unsettled any-source entries are not served; the per-source ones and the ring are.
+    # Unsettled latest values are not served; the ring is.
     assert cache.get_tick(SYM) is None
     assert cache.get_order_flow(SYM) is None
-    assert cache.get_tick(SYM, "ig") == tick(T0)
-    assert cache.get_order_flow(SYM, "databento") == flow(T0)
+    assert cache.get_tick(SYM, "ig") is None
+    assert cache.get_order_flow(SYM, "databento") is None
+    assert cache.peek_tick(SYM, "ig") == tick(T0)
     assert cache.get_candles(SYM, "1m", 1, "ig") == [candle(0)]
     assert cache.put(tick(T0, symbol="GBP/USD"))  # a new entry, settled by default
     assert cache.get_tick("GBP/USD") == tick(T0, symbol="GBP/USD")
