@@ -686,6 +686,10 @@ class _RowParser:
         allowed = set(spec) | {"timestamp_ms"}
         if kind == "ticks":
             allowed |= {name for name, _ in _DERIVED_TICK_COLUMNS}
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            msg = f"column(s) {', '.join(map(repr, repeated))} given more than once"
+            raise ValidationError(msg)
         unknown = [c for c in columns if c not in allowed]
         if unknown:
             msg = (

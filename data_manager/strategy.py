@@ -196,7 +196,10 @@ RESTART_REQUIRED_FIELDS: Final[frozenset[str]] = frozenset(
 MAX_STRATEGY_FILE_BYTES: Final = 1 << 20
 
 Route = tuple[Backend, ...]
-Seconds = Annotated[float, Field(gt=0)]
+#: The longest duration a strategy may give (ten years): a TTL beyond it is a typo, and far
+#: beyond it one the cache server cannot store (Redis takes milliseconds as 64-bit integers).
+MAX_SECONDS: Final = 315_576_000.0
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 
 
 def _check_source_name(value: str) -> str:

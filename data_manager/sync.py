@@ -181,6 +181,12 @@ def _register_exit_hook() -> None:
         _exit_hook_registered = True
 
 
+def _prefetch(batch_size: object) -> int:
+    """Items a sync iterator takes per hop: the batch size when it is one (the router
+    validates it and raises its own error on the first item otherwise)."""
+    return batch_size if type(batch_size) is int and batch_size > 0 else 1
+
+
 class SyncDataRouter:
     """The :class:`~data_manager.router.DataRouter` API, synchronous.
 
@@ -280,6 +286,8 @@ class SyncDataRouter:
         return self._call(fn, self.router)
 
     def _stream(self, agen: AsyncIterator[Item], chunk: int) -> Generator[Item, None, None]:
+        """Iterate ``agen`` in this thread, ``chunk`` items per hop to the loop's thread."""
+
         async def take() -> list[Item]:
             out: list[Item] = []
             async for item in agen:
@@ -433,7 +441,7 @@ class SyncDataRouter:
     ) -> Generator[TickData, None, None]:
         """Stream ticks in ``[start, end)`` oldest first (see :meth:`DataRouter.iter_ticks`)."""
         agen = self.router.iter_ticks(symbol, start, end, source=source, batch_size=batch_size)
-        return self._stream(agen, max(1, batch_size))
+        return self._stream(agen, _prefetch(batch_size))
 
     def iter_candles(
         self,
@@ -451,7 +459,7 @@ class SyncDataRouter:
         agen = iter_candles(
             self.router, symbol, timeframe, start, end, source=source, batch_size=batch_size
         )
-        return self._stream(agen, max(1, batch_size))
+        return self._stream(agen, _prefetch(batch_size))
 
     def get_ticks_df(
         self,

@@ -112,6 +112,7 @@ from data_manager.errors import (
     DataManagerError,
 )
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
+from data_manager.strategy import MAX_SECONDS
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -454,8 +455,8 @@ class _Counters:
 
 
 def _ms(seconds: float, name: str) -> str:
-    if not seconds > 0:
-        msg = f"L2 {name} must be > 0 seconds, got {seconds}"
+    if not 0 < seconds <= MAX_SECONDS:
+        msg = f"L2 {name} must be > 0 and <= {MAX_SECONDS:g} seconds, got {seconds}"
         raise ConfigurationError(msg)
     return str(max(1, round(seconds * 1000)))
 

@@ -342,6 +342,10 @@ async def test_import_refuses_unknown_or_missing_columns(
     path.write_text("symbol,timestamp,bid,ask,source,colour\n")
     with pytest.raises(ValidationError, match=r"unknown column.*'colour'"):
         await import_file(router, path, kind="ticks")
+    # A repeated column: which of the two values is meant cannot be known.
+    path.write_text("symbol,timestamp,bid,ask,source,bid\nEUR/USD,1,1.0,1.1,x,1.05\n")
+    with pytest.raises(ValidationError, match=r"column\(s\) 'bid' given more than once"):
+        await import_file(router, path, kind="ticks")
     path.write_text("timestamp,bid,ask\n")
     with pytest.raises(ValidationError, match=r"missing column.*--symbol, --source"):
         await import_file(router, path, kind="ticks")

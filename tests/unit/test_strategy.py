@@ -17,6 +17,7 @@ from data_manager import strategy as strategy_module
 from data_manager.clock import ManualClock
 from data_manager.errors import ConfigurationError, RouterClosedError, RoutingError
 from data_manager.strategy import (
+    MAX_SECONDS,
     RESTART_REQUIRED_FIELDS,
     CacheStrategy,
     RoutingStrategy,
@@ -201,6 +202,11 @@ def test_direct_construction_raises_sdk_errors_with_field_paths() -> None:
     assert "cache.l1_max_entries" in str(info.value)  # every problem, not just the first
     with pytest.raises(ConfigurationError, match="invalid CacheStrategy: tick_ttl_seconds"):
         CacheStrategy(tick_ttl_seconds=-1)
+    # Past ten years: a typo, and far past it a TTL the cache server cannot store.
+    for huge in (1e16, float("inf")):
+        with pytest.raises(ConfigurationError, match="tick_ttl_seconds"):
+            CacheStrategy(tick_ttl_seconds=huge)
+    assert CacheStrategy(tick_ttl_seconds=MAX_SECONDS).tick_ttl_seconds == MAX_SECONDS
     with pytest.raises(RoutingError, match="unknown backend 'clickhouse'"):
         strategy_from_mapping({"routing": {"get_candles": ["clickhouse", "timescale"]}})
 

@@ -111,6 +111,11 @@ def test_stopping_a_stream_early_and_dataframes(tmp_path: Path) -> None:
         stream = router.iter_ticks(SYM, T0, T0 + 100, batch_size=4)
         assert [next(stream).seq for _ in range(3)] == [0, 1, 2]
         stream.close()  # closes the async generator on the facade's loop
+        for bad in ("4", 0):  # the router's own error, not one from the facade
+            with pytest.raises(ValidationError, match="batch_size"):
+                next(router.iter_ticks(SYM, T0, T0 + 100, batch_size=bad))  # type: ignore[arg-type]
+            with pytest.raises(ValidationError, match="batch_size"):
+                next(router.iter_candles(SYM, "1m", T0, T0 + 100, batch_size=bad))  # type: ignore[arg-type]
         pytest.importorskip("pandas")
         df = router.get_ticks_df(SYM, T0, T0 + 100)
         assert len(df) == 30
