@@ -52,6 +52,8 @@ Window
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -360,32 +362,66 @@ class OrderFlowCalculator:
             flow.resum()
 
     def _fill_vpin(self, flow: _SymbolFlow, buy: float, sell: float) -> None:
-        """Pour one classified trade into equal-volume buckets, splitting it as needed."""
+        """Pour one classified trade into equal-volume buckets, splitting it as needed.
+
+        The buckets a large trade fills whole are counted, not poured one by one: each holds
+        one side only (imbalance = the bucket volume), and only the last ``vpin_buckets``
+        are kept, so a trade of any size costs the same (a loop per bucket took seconds for
+        a trade of 10^7 bucket volumes, and never ended once the bucket volume was below
+        the trade size's float resolution).
+        """
         capacity = self._bucket_volume
         tolerance = capacity * _BUCKET_TOLERANCE
         remaining = buy + sell  # one of them is 0
         is_buy = buy > 0
-        while remaining > 0:
-            room = capacity - flow.bucket_fill
-            take = remaining if remaining <= room + tolerance else room
-            if is_buy:
-                flow.bucket_buy += take
-            else:
-                flow.bucket_sell += take
-            flow.bucket_fill += take
-            remaining -= take
-            if flow.bucket_fill >= capacity - tolerance:
-                full = flow.full_buckets
-                if len(full) == full.maxlen:
-                    flow.full_sum -= full[0]  # about to be pushed out
-                imbalance = abs(flow.bucket_buy - flow.bucket_sell)
-                full.append(imbalance)
-                flow.full_sum += imbalance
-                flow.bucket_buy = flow.bucket_sell = flow.bucket_fill = 0.0
-                if len(full) == full.maxlen and flow.full_sum < 0:
-                    flow.full_sum = sum(full)  # drift guard; sums of |x| are never < 0
+        room = capacity - flow.bucket_fill
+        if remaining > room + tolerance:  # completes the bucket in progress, and more
+            self._add_to_bucket(flow, room, is_buy)
+            remaining -= room
             if remaining <= tolerance:
-                break
+                return
+            # Whole buckets first, leaving the last part (up to one bucket and the tolerance)
+            # to pour as usual. Rounding may leave the count one off: settle it exactly.
+            whole = max(0, math.ceil((remaining - capacity - tolerance) / capacity))
+            rest = remaining - whole * capacity
+            while rest > capacity + tolerance:
+                whole += 1
+                rest -= capacity
+            while whole and rest <= tolerance:
+                whole -= 1
+                rest += capacity
+            self._push_buckets(flow, capacity, whole)
+            remaining = rest
+        self._add_to_bucket(flow, remaining, is_buy)
+
+    def _add_to_bucket(self, flow: _SymbolFlow, volume: float, is_buy: bool) -> None:
+        """Add one side's ``volume`` to the bucket in progress; push it once full."""
+        if is_buy:
+            flow.bucket_buy += volume
+        else:
+            flow.bucket_sell += volume
+        flow.bucket_fill += volume
+        capacity = self._bucket_volume
+        if flow.bucket_fill >= capacity - capacity * _BUCKET_TOLERANCE:
+            self._push_buckets(flow, abs(flow.bucket_buy - flow.bucket_sell), 1)
+            flow.bucket_buy = flow.bucket_sell = flow.bucket_fill = 0.0
+
+    @staticmethod
+    def _push_buckets(flow: _SymbolFlow, imbalance: float, count: int) -> None:
+        """Append ``count`` full buckets of ``imbalance`` (only the newest are kept)."""
+        full = flow.full_buckets
+        assert full.maxlen is not None
+        if count >= full.maxlen:
+            full.extend(itertools.repeat(imbalance, full.maxlen))
+            flow.full_sum = imbalance * full.maxlen
+            return
+        for _ in range(count):
+            if len(full) == full.maxlen:
+                flow.full_sum -= full[0]  # about to be pushed out
+            full.append(imbalance)
+            flow.full_sum += imbalance
+        if len(full) == full.maxlen and flow.full_sum < 0:
+            flow.full_sum = sum(full)  # drift guard; sums of |x| are never < 0
 
     def _metrics(self, symbol: str, flow: _SymbolFlow) -> OrderFlowMetrics:
         if flow.trade_count <= 0:

@@ -220,6 +220,28 @@ def test_vpin_bucket_fills_despite_float_rounding() -> None:
     assert m.toxicity == pytest.approx((0.3 + 0.0) / 0.6)
 
 
+def test_vpin_counts_the_buckets_a_large_trade_fills_whole() -> None:
+    flow = calculator(vpin_bucket_volume=1.0, vpin_buckets=3)
+    flow.update(trade(T0, "buy", 4.5, 1.1))  # four full buckets (|1| each), 0.5 left
+    m = flow.update(trade(T0 + 1, "sell", 1.25, 1.1))  # 0.5 of it: |0|; 0.75 left
+    assert m is not None
+    assert m.toxicity == pytest.approx((1 + 1 + 0) / 3)
+    # Completes the bucket in progress (sell 0.75, buy 0.25: |0.5|), then ten million
+    # whole buckets of |1| (only the last three are kept), 0.75 left.
+    flow.update(trade(T0 + 2, "buy", 10_000_000, 1.1))
+    m = flow.update(trade(T0 + 3, "sell", 0.25, 1.1))  # buy 0.75, sell 0.25: |0.5|
+    assert m is not None
+    assert m.toxicity == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_vpin_takes_a_trade_far_beyond_the_bucket_volumes_float_resolution() -> None:
+    # 1e11 - 1e-6 == 1e11 in floats: pouring bucket by bucket never got anywhere.
+    flow = calculator(vpin_bucket_volume=1e-6, vpin_buckets=50)
+    m = flow.update(trade(T0, "buy", 1e11, 1.1))
+    assert m is not None
+    assert m.toxicity == pytest.approx(1.0)
+
+
 def test_unclassified_trades_do_not_feed_vpin() -> None:
     flow = calculator(vpin_bucket_volume=1.0)
     m = flow.update(trade(T0, None, 5, 1.1))
