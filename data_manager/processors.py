@@ -354,6 +354,7 @@ class ProcessorRegistry:
         "_log_interval",
         "_slow_threshold",
         "_timer",
+        "active",
         "ticks",
     )
 
@@ -376,6 +377,8 @@ class ProcessorRegistry:
         # symbol -> entries that want it; rebuilt lazily after (un)registration.
         self._by_symbol: dict[str, tuple[_Entry, ...]] = {}
         self.ticks = 0
+        #: True while a processor is registered (the save path reads it per tick).
+        self.active = False
 
     def register(self, processor: TickProcessor) -> None:
         """Add a processor.
@@ -393,11 +396,13 @@ class ProcessorRegistry:
             raise ConfigurationError(msg)
         self._entries[name] = _Entry(name, processor)
         self._by_symbol.clear()
+        self.active = True
 
     def unregister(self, name: str) -> TickProcessor | None:
         """Remove a processor by name; return it (``None`` if there was none)."""
         entry = self._entries.pop(name, None)
         self._by_symbol.clear()
+        self.active = bool(self._entries)
         return None if entry is None else entry.processor
 
     @property
@@ -455,7 +460,10 @@ class ProcessorRegistry:
 
     def _failed(self, entry: _Entry, tick: TickData, exc: Exception) -> None:
         entry.errors += 1
-        entry.last_error = repr(exc)
+        try:
+            entry.last_error = repr(exc)
+        except Exception:  # a broken __repr__ must not escape the isolation either
+            entry.last_error = f"<{type(exc).__name__}: repr() failed>"
         now = self._clock.monotonic()
         if entry.logged_at is not None and now - entry.logged_at < self._log_interval:
             entry.suppressed += 1

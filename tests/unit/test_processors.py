@@ -269,6 +269,26 @@ def test_processor_errors_are_isolated_counted_and_rate_limited(
     assert registry.stats()["after"].errors == 0
 
 
+def test_an_exception_whose_repr_fails_is_isolated_too() -> None:
+    class Unprintable(Exception):
+        def __repr__(self) -> str:
+            raise RuntimeError("repr failed")
+
+    class Raising:
+        name = "unprintable"
+        symbols = None
+
+        def on_tick(self, tick: TickData) -> None:
+            raise Unprintable
+
+    registry = ProcessorRegistry()
+    registry.register(Raising())
+    assert registry.process(tick(1.1)) == []
+    stats = registry.stats()["unprintable"]
+    assert stats.errors == 1
+    assert stats.last_error == "<Unprintable: repr() failed>"
+
+
 def test_base_exceptions_propagate() -> None:
     class Interrupting:
         name = "interrupt"
