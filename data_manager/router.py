@@ -510,7 +510,6 @@ class DataRouter:
         self._ingest: IngestPipeline | None = None
         self._start_derived(strat)
         self._processors = ProcessorRegistry()
-        self._has_processors = False
         self._subs = SubscriptionHub()
         self._flight: SingleFlight = SingleFlight()
         # Per-operation tier counters (plain ints: metrics read them at scrape time).
@@ -1379,7 +1378,7 @@ class DataRouter:
         ticks: stored once) reaches only the subscribers: the derived data counts it once.
         """
         derives = self._aggregator is not None or self._orderflow is not None
-        if (derives or self._has_processors) and self._repeats.is_repeat(tick, series):
+        if (derives or self._processors.active) and self._repeats.is_repeat(tick, series):
             if self._subs:
                 self._subs.dispatch(tick)
             return False
@@ -1391,17 +1390,21 @@ class DataRouter:
                 restoring = True
         if self._orderflow is not None:
             self._feed_orderflow(tick, route)
-        if self._has_processors:
+        if self._processors.active:
             self._processors.process(tick)
         if self._subs:
             self._subs.dispatch(tick)
         return restoring
 
     def _check_new_series(self, tick: TickData) -> None:
-        """Refuse a tick that would open a series the aggregator cannot form."""
+        """Refuse a tick that would open a series the aggregator cannot form.
+
+        Also for a symbol whose aggregation is disabled: the series counts as checked from
+        here on, and a reload may enable the symbol (its ticks would then be stored and
+        refused by the aggregator afterwards).
+        """
         assert self._aggregator is not None
-        if tick.symbol not in self._watcher.current.aggregation.disabled_symbols:
-            self._aggregator.candle_source(tick.source)
+        self._aggregator.candle_source(tick.source)
 
     def _feed_orderflow(self, tick: TickData, route: Sequence[str]) -> None:
         assert self._orderflow is not None
@@ -2031,12 +2034,10 @@ class DataRouter:
         counted and logged (rate-limited), never blocks storage, and shows in health.
         """
         self._processors.register(processor)
-        self._has_processors = True
 
     def unregister_processor(self, name: str) -> None:
         """Stop calling the processor registered under ``name``."""
         self._processors.unregister(name)
-        self._has_processors = bool(self._processors.names)
 
     @property
     def processors(self) -> ProcessorRegistry:

@@ -368,6 +368,22 @@ async def test_a_tick_aggregation_cannot_take_is_refused_before_it_is_stored(
     assert await router.get_latest_tick("EUR/USD") is None
 
 
+async def test_a_tick_aggregation_cannot_take_is_refused_while_its_symbol_is_disabled(
+    tmp_path: Path,
+) -> None:
+    # A reload may enable the symbol later: its ticks would then be stored and refused.
+    settings = DataManagerSettings(
+        sqlite_path=":memory:", watch_strategy=False, journal_dir=tmp_path / "journal"
+    )
+    strategy = strategy_from_mapping({"aggregation": {"disabled_symbols": ["EUR/USD"]}})
+    async with DataRouter(settings=settings, strategy=strategy) as router:
+        tick = TickData(symbol="EUR/USD", timestamp=T0, bid=1.1, ask=1.1002, source="v" * 61)
+        with pytest.raises(ValidationError, match="aggregated source"):
+            await router.save_tick(tick)
+        await router.flush()
+        assert await router.get_ticks("EUR/USD", T0, T0 + 1) == []
+
+
 #: Late ticks rebuild their bucket's candle, and only flush(), close() or run_maintenance()
 #: (never the timer, meanwhile) do it.
 LATE_REBUILD: Final = {
@@ -512,6 +528,16 @@ async def test_processors_see_every_tick(router: DataRouter) -> None:
     router.unregister_processor(sma.name)
     await router.save_tick(q(T0 + 10, 5.0))
     assert sma.name not in router.processors.names
+
+
+async def test_processors_registered_through_the_registry_run_too(router: DataRouter) -> None:
+    sma = IncrementalSMA(3)
+    router.processors.register(sma)  # the public registry, not register_processor()
+    await router.save_tick(q(T0, 1.0))
+    assert router.processors.stats()[sma.name].calls == 1
+    router.processors.unregister(sma.name)
+    await router.save_tick(q(T0 + 1, 2.0))
+    assert router.processors.ticks == 1
 
 
 async def test_subscription_receives_matching_ticks_and_stays_bounded(router: DataRouter) -> None:
