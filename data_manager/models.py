@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -373,8 +374,14 @@ def timeframe_ms(timeframe: str) -> int:
         raise ValidationError(msg) from None
 
 
+def _positive_zero(value: float) -> float:
+    """``-0.0`` as ``0.0`` (every other float unchanged): the two compare equal, so the
+    derived data took them for one value, while storage keys ticks by their bits."""
+    return value + 0.0
+
+
 Price = Annotated[float, Field(gt=0)]
-NonNegative = Annotated[float, Field(ge=0)]
+NonNegative = Annotated[float, Field(ge=0), AfterValidator(_positive_zero)]
 EpochMs = Annotated[int, Field(ge=MIN_TIMESTAMP_MS, le=MAX_TIMESTAMP_MS)]
 
 

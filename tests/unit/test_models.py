@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from data_manager import CandleData, OrderFlowMetrics, TickData, ValidationError, normalize_symbol
 from data_manager.models import MAX_SYMBOL_LENGTH, MAX_TEXT_LENGTH, stamp_received, to_epoch_ms
+from data_manager.storage.base import tick_content_key
 
 TS = 1_727_996_400_000
 
@@ -56,6 +58,17 @@ def test_seed_004_tick_example() -> None:
     assert t.spread == pytest.approx(0.00002)
     assert t.event_type == "quote"
     assert t.model_dump()["mid"] == pytest.approx(1.09552)
+
+
+@pytest.mark.parametrize("field", ["volume", "bid_size", "ask_size", "last_size"])
+def test_a_negative_zero_size_is_zero(field: str) -> None:
+    # -0.0 == 0.0, so the derived data took two such ticks for one, while storage keys a
+    # tick by the bits of its values and kept both.
+    got = tick(**{field: -0.0})
+    assert math.copysign(1.0, getattr(got, field)) == 1.0
+    assert got == tick(**{field: 0.0})
+    assert tick_content_key(got) == tick_content_key(tick(**{field: 0.0}))
+    assert math.copysign(1.0, candle(volume=-0.0).volume or 0.0) == 1.0
 
 
 def test_timestamp_ms_alone_is_the_timestamp() -> None:
