@@ -653,8 +653,10 @@ class ClusterRedisCache(RedisCache):
             if publish is not None:
                 await self._apply_on(last or [], publish)
         except _DRIVER_ERRORS as exc:
-            raise self._failure(exc) from exc
+            raise self._write_failure(exc) from exc
         self._counters.writes += len(ops)
+        if ops:  # (a PUBLISH alone says nothing about writes)
+            self._write_refused = None
         self._ok()
 
     async def _apply_on(self, ops: Sequence[WriteOp], publish: tuple[str, bytes] | None) -> None:

@@ -582,6 +582,7 @@ class RedisCache:
         )
         self._counters = _Counters()
         self._incident = False
+        self._write_refused: str | None = None
         self._closed = False
         # Objects inherited across a fork: kept referenced (never closed, never collected)
         # so nothing in the child touches the parent's sockets or event loop.
@@ -812,6 +813,21 @@ class RedisCache:
             logger.info(
                 "L2 cache %s answers again (%d errors so far)", self.target, self._counters.errors
             )
+
+    @property
+    def write_refused(self) -> str | None:
+        """The server's answer to the last write when it refused it (memory full under
+        ``noeviction``, a key of another type, a value out of range); None once a write
+        succeeds. The server still answers then, so the breaker stays closed and reads go
+        on: this is how health tells that L2 keeps older values than the routers wrote."""
+        return self._write_refused
+
+    def _write_failure(self, exc: BaseException) -> CacheError:
+        """:meth:`_failure` for a write, remembering a refusal for :attr:`write_refused`."""
+        err = self._failure(exc)
+        if not isinstance(err, CacheUnavailableError):
+            self._write_refused = str(err)
+        return err
 
     def _failure(self, exc: BaseException) -> CacheError:
         """Count a failed call, tell the breaker, log the incident once; return the error
@@ -1170,8 +1186,10 @@ class RedisCache:
         try:
             await _run_script_calls(run, _script_calls(ops), publish)
         except _DRIVER_ERRORS as exc:
-            raise self._failure(exc) from exc
+            raise self._write_failure(exc) from exc
         self._counters.writes += len(ops)
+        if ops:  # (a PUBLISH alone says nothing about writes)
+            self._write_refused = None
         self._ok()
 
     async def _command(self, *args: str | bytes | int) -> Any:

@@ -1195,3 +1195,24 @@ async def test_forked_child_keeps_the_router_timer_running(make_router: RouterFa
     await until_async(stored, "the forming candle in the parent")
     pid = _fork_and_run(lambda: _forked_maintenance(router))
     assert await _wait_child(pid) == 0, "the forked child's router never ran its timer"
+
+
+async def test_health_reports_an_l2_that_refuses_writes(make_router: RouterFactory) -> None:
+    # The server answers (PING, reads), so its breaker stays closed; but the latest tick it
+    # keeps is older than the one written (memory full, or here a key of another type).
+    router = await make_router()
+    l2 = l2_of(router)
+    await l2.client.lpush(l2.tick_key(SYM, SRC), "not a tick")
+    await router.save_tick(tick(TS))
+    await bus_of(router).flush()
+    health = await router.health_check()
+    assert health.status == "degraded"
+    assert health.cache.l2_reachable
+    assert "L2 cache refuses writes" in health.reason
+    assert "WRONGTYPE" in (health.cache.l2_write_refused or "")
+    await l2.client.delete(l2.tick_key(SYM, SRC))
+    await router.save_tick(tick(TS + 1))
+    await bus_of(router).flush()
+    health = await router.health_check()
+    assert health.cache.l2_write_refused is None
+    assert health.status == "healthy", health.reason
