@@ -98,6 +98,9 @@ class CacheHealth(_Report):
     l2_target: str | None = None
     l2_version: str | None = None
     l2_circuit: str | None = None
+    l2_write_refused: str | None = Field(
+        default=None, description="The server's refusal of the last L2 write, if it was refused."
+    )
     l1_entries: int = 0
     l1_bytes_estimate: int = 0
     subscription: str | None = Field(
@@ -181,6 +184,10 @@ def overall_status(
                 )
     if cache.l2_configured and not cache.l2_reachable:
         problems.append("L2 cache unreachable; reads fall back to the database")
+    elif cache.l2_write_refused:
+        problems.append(
+            f"L2 cache refuses writes ({cache.l2_write_refused[:200]}); it keeps older values"
+        )
     down_nodes = [node for node, up in cache.cluster_nodes.items() if not up]
     if down_nodes:
         problems.append(f"L2 cluster nodes failing: {', '.join(down_nodes)}")
@@ -190,6 +197,10 @@ def overall_status(
         problems.append(f"database write circuit {write_path.circuit}")
     if write_path.details.get("backup_stream_state") == "down":
         problems.append("backup stream down; batches are spooled locally")
+    elif write_path.details.get("backup_stream_check_error"):
+        problems.append(
+            f"backup stream check failed: {write_path.details['backup_stream_check_error']}"
+        )
     if write_path.details.get("backlog_journals"):
         # Spilled while the database was down, or left by a dead router: a replay is owed.
         # (Journal-mode records waiting for their batch are normal operation.)

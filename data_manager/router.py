@@ -3052,8 +3052,15 @@ class DataRouter:
                 }
             )
         databases = {storage.kind: db_health}
-        cache = await self._cache_health(probe=True)
-        write_path = self._write_path_health()
+        backup = self._backup
+        if backup is None:
+            cache = await self._cache_health(probe=True)
+            backup_error = None
+        else:  # an idle stream has not asked its server lately: the probe does
+            cache, backup_error = await asyncio.gather(
+                self._cache_health(probe=True), backup.probe(timeout)
+            )
+        write_path = self._write_path_health(backup_error)
         strategy = StrategyHealth(
             file=str(self._watcher.path) if self._watcher.path else None,
             version=self._watcher.version,
@@ -3120,7 +3127,7 @@ class DataRouter:
             )
         }
 
-    def _write_path_health(self) -> WritePathHealth:
+    def _write_path_health(self, backup_error: str | None = None) -> WritePathHealth:
         if self._ingest is None:
             return WritePathHealth(default_mode=self.settings.write_mode)
         stats = self._ingest.stats()
@@ -3145,6 +3152,7 @@ class DataRouter:
                 backup_stream_lag_seconds=b.lag_seconds,
                 backup_stream_failures=b.failures,
                 backup_stream_last_error=b.last_error,
+                backup_stream_check_error=backup_error,
             )
         return WritePathHealth(
             default_mode=self.settings.write_mode,
@@ -3199,6 +3207,7 @@ class DataRouter:
             else None,
             l2_version=version,
             l2_circuit=circuit,
+            l2_write_refused=None if self._l2 is None else self._l2.write_refused,
             l1_entries=l1_stats.entries,
             l1_bytes_estimate=l1_stats.bytes_estimate,
             subscription=subscription,

@@ -309,6 +309,15 @@ class BackupStream(Protocol):
         """Current counters (cheap; no I/O)."""
         ...
 
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109
+        """Check now that the server answers and the stream takes messages (for health).
+
+        Returns:
+            None when it does, or when publishing is under way (the state says how that
+            goes); otherwise why not.
+        """
+        ...
+
 
 # --------------------------------------------------------------------------- messages
 
@@ -635,9 +644,10 @@ class _BackupStreamBase:
     """Outbox, spool, breaker and the publishing task; subclasses talk to the server.
 
     Subclasses implement :meth:`_connect` (idempotent: connect if needed and make sure the
-    destination exists), :meth:`_send` (publish one message and wait for the server's
-    acknowledgement; return whether the server stored it, ``False`` for a copy it already
-    held; raise :class:`BackupStreamError` on any failure) and :meth:`_disconnect`.
+    destination exists), :meth:`_check` (ask the server whether the destination still takes
+    messages, after :meth:`_connect`), :meth:`_send` (publish one message and wait for the
+    server's acknowledgement; return whether the server stored it, ``False`` for a copy it
+    already held; raise :class:`BackupStreamError` on any failure) and :meth:`_disconnect`.
     """
 
     backend = "stream"
@@ -699,6 +709,8 @@ class _BackupStreamBase:
         self._progress: asyncio.Future[None] | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._spooler_task: asyncio.Task[None] | None = None
+        # A health probe's request; the publishing task answers it (see probe()).
+        self._probe: asyncio.Future[str | None] | None = None
         self._next_id = 0
         # Message ids must never repeat within JetStream's duplicate window, even across a
         # restart under the same instance id: a repeated id is dropped as a duplicate.
@@ -732,6 +744,9 @@ class _BackupStreamBase:
     # ------------------------------------------------------------------ server side
 
     async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _check(self) -> None:
         raise NotImplementedError
 
     async def _send(self, message: _Message) -> bool:
@@ -1125,11 +1140,56 @@ class _BackupStreamBase:
 
     # ------------------------------------------------------------------ the pump
 
+    async def probe(self, timeout: float) -> str | None:  # noqa: ASYNC109 - health's bound
+        """Check now that the server answers and the stream takes messages (for health).
+
+        An idle stream learns of an outage only from its next batch: until then its state
+        says up. So the publishing task (all server I/O stays there) connects, looks the
+        destination up and records the answer as a publish attempt would (a failure makes
+        the state ``down`` until the next success).
+
+        Returns:
+            None when the server answers, or when publishing is under way or not running
+            (the state says how that goes); otherwise why not.
+        """
+        pump = self._pump_task
+        if pump is None or pump.done() or self._life is not _Life.RUNNING:
+            return None
+        if self._outbox or self._backlog or self._inflight is not None:
+            return None  # being exercised right now: the state is first-hand
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self._probe)
+        except TimeoutError:
+            return f"{self.target} gave no answer within {timeout:g}s"
+
+    async def _answer_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        assert probe is not None
+        answer: str | None = "internal error"  # replaced unless a bug interrupts the check
+        try:
+            await self._connect()
+            await self._check()
+        except BackupStreamError as exc:
+            self._on_failure(exc)
+            answer = str(exc)
+        else:
+            self._on_success()
+            answer = None
+        finally:
+            if not probe.done():
+                probe.set_result(answer)
+
     async def _pump(self) -> None:
         while True:
             await self._wait_for_work()
             try:
-                if self._backlog:
+                if self._probe is not None:
+                    await self._answer_probe()
+                elif self._backlog:
                     await self._drain_step()
                 else:
                     await self._publish_step()
@@ -1146,6 +1206,8 @@ class _BackupStreamBase:
 
     def _next_delay(self) -> float | None:
         """0 when there is work now, else seconds until there may be (None: wait for a wake)."""
+        if self._probe is not None:
+            return 0.0
         if self._backlog:
             if any(s.pending_records for s in self._spools):
                 return max(0.0, self._retry_at - self._clock.monotonic())
@@ -1728,6 +1790,12 @@ class NatsBackupStream(_BackupStreamBase):
             self._refused_limit = 0
             self._stream_ready = True
 
+    async def _check(self) -> None:
+        """Look the stream up again (one round trip; created again if it was deleted and
+        ``create_stream`` allows it)."""
+        self._stream_ready = False
+        await self._connect()
+
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         import nats.errors
         import nats.js.errors
@@ -2019,6 +2087,22 @@ class RedisBackupStream(_BackupStreamBase):
 
     async def _connect(self) -> None:
         """Nothing to do: the client connects on first use and after a failure."""
+
+    async def _check(self) -> None:
+        """Ask for the key's type (one round trip): a stream, or none yet."""
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(self._socket_timeout * 2):
+                kind = await self._client.type(self.key)
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            msg = f"cannot reach {self.target}: {_err(exc)}"
+            raise BackupStreamError(msg) from exc
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if kind not in ("stream", "none"):
+            msg = f"the key of {self.target} holds something other than a stream: a {kind}"
+            raise _Misconfigured(msg)
 
     async def _send(self, message: _Message) -> bool:
         from redis.exceptions import NoPermissionError, RedisError, ResponseError

@@ -1385,3 +1385,76 @@ async def test_a_forked_child_publishes_on_a_backup_stream_of_its_own(
         assert parent.stats().published_items == before + 1
     finally:
         await router.close()
+
+
+# --------------------------------------------------------------------------- health probe
+
+
+async def test_an_idle_stream_answers_a_health_probe(target: Target, tmp_path: Path) -> None:
+    stream = target.make(spool_dir=tmp_path)
+    try:
+        await stream.start()
+        assert await stream.probe(5.0) is None
+        assert stream.stats().state == "up"
+    finally:
+        await stream.aclose()
+
+
+def dead_redis_url() -> str:
+    return dead_nats_url().replace("nats://", "redis://")
+
+
+@pytest.mark.parametrize("backend", ["nats", "redis"])
+async def test_a_probe_finds_an_idle_streams_server_gone(backend: str, tmp_path: Path) -> None:
+    # Nothing published: before the probe the stream had no reason to think it down.
+    url = dead_nats_url() if backend == "nats" else dead_redis_url()
+    names = nats_names() if backend == "nats" else {"key": "dmtest:never-written"}
+    stream = Target(backend, url, names).make(spool_dir=tmp_path)
+    try:
+        await stream.start()
+        assert stream.stats().state == "up"
+        reason = await stream.probe(5.0)
+        assert reason is not None
+        assert stream.stats().state == "down"
+        assert stream.stats().last_error
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.redis
+async def test_a_probe_finds_a_redis_key_of_another_type(
+    redis_url: str, redis_key: str, tmp_path: Path
+) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=10)
+    stream = Target("redis", redis_url, {"key": redis_key}).make(spool_dir=tmp_path)
+    try:
+        await client.set(redis_key, "not a stream")
+        await stream.start()
+        reason = await stream.probe(5.0)
+        assert reason is not None
+        assert "something other than a stream" in reason
+        assert (stream.stats().last_error or "").startswith("configuration error:")
+        await client.unlink(redis_key)
+        assert await stream.probe(5.0) is None
+        assert stream.stats().state == "up"
+    finally:
+        await stream.aclose()
+        await client.aclose()
+
+
+@pytest.mark.postgres
+async def test_health_reports_an_idle_backup_stream_whose_server_is_gone(
+    postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    settings = DataManagerSettings(
+        postgres=pg_settings(postgres_url, pg_schema),
+        watch_strategy=False,
+        journal_dir=tmp_path / "journal",
+        backup_stream_url=dead_redis_url(),
+        backup_stream_key="dmtest:never-written",
+    )
+    async with DataRouter(settings, strategy=plain_strategy()) as router:
+        health = await router.health_check()
+        assert health.status == "degraded"
+        assert "backup stream" in health.reason
+        assert health.write_path.details["backup_stream_state"] == "down"
