@@ -353,6 +353,10 @@ class IngestPipeline:
         # settles; see _release_if_lost.
         self._cancelled: dict[int, IngestItem] = {}
         self._cancelled_but_taken: IngestItem | None = None  # see took_despite_cancel
+        #: Told of each ``journal``-mode item whose caller was cancelled while its append
+        #: was under way, once the append is kept (the item is accepted all the same): the
+        #: router hands such a tick to the data derived from it, as its call would have.
+        self.on_kept_after_cancel: Callable[[IngestItem], None] | None = None
         self._followups: set[asyncio.Task[None]] = set()
         self._backlog: list[Journal] = []  # journals to replay, in order
         # Journals whose durable checkpoint after a replayed upsert could not be written: they
@@ -1039,9 +1043,14 @@ class IngestPipeline:
         # Callbacks run in LSN order, after any spill settled before them: the newest so far.
         self._journaled_lsn = first_lsn + len(items) - 1
         if self._cancelled:
-            for item in items:
-                if self._cancelled.pop(id(item), None) is not None:
-                    self._accepted += 1  # its caller gave up, but the append was kept
+            kept = [item for item in items if self._cancelled.pop(id(item), None) is not None]
+            self._accepted += len(kept)  # their callers gave up, but the appends were kept
+            if kept and self.on_kept_after_cancel is not None:
+                for item in kept:
+                    try:
+                        self.on_kept_after_cancel(item)
+                    except Exception:
+                        logger.exception("write path: on_kept_after_cancel failed")
         own = self._journal
         if self._backlog and own is not None and not (self._queue or self._held is not None):
             # Backlog mode: the replay will read them from the journal. (With anything waiting

@@ -991,7 +991,18 @@ class DataRouter:
             backup=self._backup if self._watcher.current.backup_stream.enabled else None,
         )
         pipeline.hold_for_derived(_RecoveryObserver(self))
+        pipeline.on_kept_after_cancel = self._derive_kept_after_cancel
         return pipeline
+
+    def _derive_kept_after_cancel(self, item: TickData | CandleData | OrderFlowMetrics) -> None:
+        """A ``journal``-mode tick whose caller was cancelled while its append was under
+        way, and whose append was kept: it is accepted (it will be stored), so the data
+        derived from it counts it, as its call would have (see :meth:`save_tick`)."""
+        if type(item) is not TickData or self._state is not RouterState.OPEN:
+            return  # candles and order flow derive nothing
+        route = self._watcher.current.routing.save_tick
+        if self._derive(item, (item.symbol, item.source), route):
+            self._join_restore(item, route)
 
     async def _start_backup_stream(self) -> None:
         url = self.settings.backup_stream_url

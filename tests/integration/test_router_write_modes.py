@@ -294,6 +294,33 @@ async def test_a_journaled_tick_whose_caller_gave_up_still_reaches_the_candles(
         assert bar.end_time == tick(2).timestamp
 
 
+async def test_a_journaled_tick_whose_caller_gave_up_mid_append_still_reaches_the_candles(
+    postgres_url: str, pg_schema: str, tmp_path: Path, side: Side
+) -> None:
+    # The caller is cancelled while its append waits for the group's sync: the append goes
+    # on and is kept, so the tick is accepted (stored) and the candles must count it too.
+    strategy = strategy_from_mapping(
+        {**HELD, "aggregation": {"enabled": True, "timeframes": ["1m"]}}
+    )
+    s = settings(postgres_url, pg_schema, tmp_path, write_mode="journal")
+    async with DataRouter(s, strategy=strategy) as router:
+        await router.save_tick(tick(1))  # the series' forming bar is restored (none)
+        call = asyncio.create_task(router.save_tick(tick(2)))
+        await asyncio.sleep(0)  # its append is queued for the next group
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert router._ingest is not None
+        journal = router._ingest.journal
+        assert journal is not None
+        await journal.wait_idle()
+        await router.flush()
+        assert await side.count() == 2
+        (bar,) = await router.get_latest_candles(SYM, "1m", 1)
+        assert bar.close == tick(2).mid
+        assert bar.end_time == tick(2).timestamp
+
+
 async def test_sync_mode_is_committed_when_the_call_returns(
     postgres_url: str, pg_schema: str, tmp_path: Path, side: Side
 ) -> None:
