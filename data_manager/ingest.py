@@ -1239,7 +1239,12 @@ class IngestPipeline:
         if not backlog:
             return False
         own = self._journal
-        return len(backlog) > 1 or backlog[0] is not own or own.stored_lsn < self._held_barrier
+        return (
+            len(backlog) > 1
+            or backlog[0] is not own
+            or own.stored_lsn < self._held_barrier
+            or own in self._owed_checkpoints  # stored, but the file does not say so yet
+        )
 
     def _replay_wanted(self) -> bool:
         """Whether the replay has work: any, or with a batch in hand, what is older.
@@ -1564,14 +1569,17 @@ class IngestPipeline:
         # version stored next without passing through this journal (a buffered one, once
         # the replay caught up) must not be overwritten by this replay again after a crash.
         # Nothing is written between the commit and the checkpoint (one writer task); a
-        # crash in between replays the chunk over itself only.
+        # crash in between replays the chunk over itself only. Until it is on disk the
+        # checkpoint is owed: the journal keeps its place in the backlog (_older_backlog).
         if any(type(item) is not TickData for item in items):
             self._owed_checkpoints.add(journal)
-            await journal.mark_stored(chunk.end_lsn)  # in memory; the checkpoint is owed
-            if not await self._pay_checkpoint(journal):
-                return
-        else:
-            await journal.mark_stored(chunk.end_lsn)
+        try:
+            await journal.mark_stored(chunk.end_lsn)  # in memory (a file when one is due)
+        except JournalError as exc:
+            # Stored all the same: the mark holds in memory, the file (and deleting stored
+            # segments) is retried as an owed checkpoint.
+            self._owed_checkpoints.add(journal)
+            logger.error("write path: cannot update journal %s (%s)", journal.path, exc)
         if journal is not self._journal:
             if self._backup is not None:
                 # A dead instance acknowledged these; it may never have published them.
@@ -1579,6 +1587,8 @@ class IngestPipeline:
             if self._observer is not None:
                 self._observer.replayed(items)
         self._replayed += len(items)
+        if journal in self._owed_checkpoints and not await self._pay_checkpoint(journal):
+            return
         if journal.stored_lsn >= journal.last_lsn:
             await self._finish_backlog(journal)
 
@@ -1589,6 +1599,11 @@ class IngestPipeline:
         behind it into the journal: stored directly instead, a newer version of the upsert
         would be overwritten by the replay of the older after a crash.
         """
+        if not journal.is_open:
+            # Closed under us (a shutdown): closing wrote its final checkpoint, or could not
+            # and said so; nothing is left to retry here.
+            self._owed_checkpoints.discard(journal)
+            return True
         try:
             await journal.mark_stored(journal.stored_lsn, durable=True)
         except JournalError as exc:

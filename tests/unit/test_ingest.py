@@ -1261,6 +1261,35 @@ async def test_a_journal_mode_series_keeps_its_newest_version_through_an_outage(
     assert stored.close == 2.0
 
 
+def fail_checkpoints(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """Make the next ``n`` checkpoint writes fail as on a full disk; ``[failures left]``."""
+    real = Journal._checkpoint_and_delete
+    left = [n]
+
+    def full_disk(journal: Journal, dead: Any) -> None:
+        if left[0]:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(journal, dead)
+
+    monkeypatch.setattr(Journal, "_checkpoint_and_delete", full_disk)
+    return left
+
+
+async def crash_and_adopt(storage: FakeStorage, clock: ManualClock, tmp_path: Path) -> None:
+    """A kill -9 of the router of journal "a" now: the next one adopts it as it is on disk."""
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "journal" / "a", crashed / "a")
+    following = IngestPipeline(
+        storage, journal=Journal(crashed, instance_id="b"), clock=clock, orphan_scan_interval=None
+    )
+    await following.start()
+    try:
+        await following.flush(timeout=WAIT)
+    finally:
+        await following.close(timeout=5)
+
+
 @pytest.mark.parametrize("failures", [1, 3])
 async def test_a_replayed_upsert_whose_checkpoint_failed_is_not_replayed_over_a_newer_one(
     make: Any,
@@ -1279,21 +1308,11 @@ async def test_a_replayed_upsert_whose_checkpoint_failed_is_not_replayed_over_a_
     storage.down = True
     await pipeline.submit(candle(0, 1.0, is_closed=False))
     await until(lambda: pipeline.stats().spilled == 1)
-    real = Journal._checkpoint_and_delete
-    left = failures
-
-    def full_disk(journal: Journal, dead: Any) -> None:
-        nonlocal left
-        if left:
-            left -= 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(journal, dead)
-
-    monkeypatch.setattr(Journal, "_checkpoint_and_delete", full_disk)
+    left = fail_checkpoints(monkeypatch, failures)
     database_back(storage, clock, breaker, pipeline)
     for refused in range(failures):  # v1 stored, then its checkpoint refused `failures` times
         # Each refusal puts the next try one reset timeout away.
-        await until(lambda n=failures - 1 - refused: left == n)
+        await until(lambda n=failures - 1 - refused: left[0] == n)
         await until(lambda: pipeline._retry_at > clock.monotonic() or not pipeline.replay_owed)
         if not refused:
             await pipeline.submit(candle(0, 2.0, is_closed=False))
@@ -1302,18 +1321,64 @@ async def test_a_replayed_upsert_whose_checkpoint_failed_is_not_replayed_over_a_
         pipeline.wake()
     await pipeline.flush(timeout=WAIT)
     assert storage.candles[("EUR/USD", "1m", "test", T0)].close == 2.0
-    # A kill -9 now: the next router adopts the journal as it is on disk.
-    crashed = tmp_path / "crashed"
-    shutil.copytree(tmp_path / "journal" / "a", crashed / "a")
-    following = IngestPipeline(
-        storage, journal=Journal(crashed, instance_id="b"), clock=clock, orphan_scan_interval=None
-    )
-    await following.start()
-    try:
-        await following.flush(timeout=WAIT)
-    finally:
-        await following.close(timeout=5)
+    await crash_and_adopt(storage, clock, tmp_path)
     assert storage.candles[("EUR/USD", "1m", "test", T0)].close == 2.0
+
+
+async def test_a_batch_due_when_an_owed_checkpoint_is_retried_goes_behind_it(
+    make: Any,
+    storage: FakeStorage,
+    clock: ManualClock,
+    breaker: CircuitBreaker,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # v2 is accepted as the retry comes due, before the writer wakes: it must not be stored
+    # around the journal while the checkpoint is still refused.
+    pipeline = await make(journal="a", sync="loop", batch_size=1)
+    storage.down = True
+    await pipeline.submit(candle(0, 1.0, is_closed=False))
+    await until(lambda: pipeline.stats().spilled == 1)
+    left = fail_checkpoints(monkeypatch, 2)
+    database_back(storage, clock, breaker, pipeline)
+    await until(lambda: left[0] == 1 and pipeline._retry_at > clock.monotonic())
+    clock.advance(breaker.reset_timeout)
+    await pipeline.submit(candle(0, 2.0, is_closed=False))
+    await until(lambda: left[0] == 0 and pipeline.stats().queue_depth == 0)
+    await settle()
+    await crash_and_adopt(storage, clock, tmp_path)
+    assert storage.candles[("EUR/USD", "1m", "test", T0)].close == 2.0
+
+
+async def test_a_replayed_chunk_whose_checkpoint_failed_is_still_reported(
+    storage: FakeStorage, clock: ManualClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    folder = tmp_path / "journal"
+    dead = Journal(folder, instance_id="dead")
+    await dead.open()
+    await dead.append([tick(1), tick(2), candle(1, 1.2)])
+    await dead.close()
+    left = fail_checkpoints(monkeypatch, 1)
+    observer = Observer()
+    breaker = CircuitBreaker("database", failure_threshold=2, reset_timeout=5.0, clock=clock)
+    pipeline = IngestPipeline(
+        storage,
+        journal=Journal(folder, instance_id="alive"),
+        clock=clock,
+        orphan_scan_interval=None,
+        breaker=breaker,
+    )
+    pipeline.hold_for_derived(observer)
+    await pipeline.start()
+    try:
+        await until(lambda: left[0] == 0 and pipeline._retry_at > clock.monotonic())
+        clock.advance(breaker.reset_timeout)
+        pipeline.wake()
+        await pipeline.flush(timeout=WAIT)
+    finally:
+        await pipeline.close(timeout=5)
+    assert observer.items == [tick(1), tick(2), candle(1, 1.2)]
+    assert pipeline.stats().replayed == 3
 
 
 @pytest.mark.parametrize("prune_min", [ingest._OVERTAKEN_PRUNE_MIN, 0])
