@@ -380,16 +380,12 @@ class OrderFlowCalculator:
             remaining -= room
             if remaining <= tolerance:
                 return
-            # Whole buckets first, leaving the last part (up to one bucket and the tolerance)
-            # to pour as usual. Rounding may leave the count one off: settle it exactly.
-            whole = max(0, math.ceil((remaining - capacity - tolerance) / capacity))
-            rest = remaining - whole * capacity
-            while rest > capacity + tolerance:
-                whole += 1
-                rest -= capacity
-            while whole and rest <= tolerance:
-                whole -= 1
+            # Whole buckets first, leaving the last part (more than the tolerance, up to one
+            # bucket and the tolerance) to pour as usual. fmod is exact, whatever the sizes.
+            rest = math.fmod(remaining, capacity)
+            if rest <= tolerance:
                 rest += capacity
+            whole = round((remaining - rest) / capacity)
             self._push_buckets(flow, capacity, whole)
             remaining = rest
         self._add_to_bucket(flow, remaining, is_buy)

@@ -240,6 +240,11 @@ def test_vpin_takes_a_trade_far_beyond_the_bucket_volumes_float_resolution() -> 
     m = flow.update(trade(T0, "buy", 1e11, 1.1))
     assert m is not None
     assert m.toxicity == pytest.approx(1.0)
+    # Past 2**53 buckets a subtraction of one bucket changes nothing either.
+    flow = calculator(vpin_bucket_volume=5.200446605608241e-06, vpin_buckets=50)
+    m = flow.update(trade(T0, "sell", 1.9119690806600936e31, 1.1))
+    assert m is not None
+    assert m.toxicity == pytest.approx(1.0)
 
 
 def test_unclassified_trades_do_not_feed_vpin() -> None:
