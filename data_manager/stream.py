@@ -1169,16 +1169,18 @@ class _BackupStreamBase:
     async def _answer_probe(self) -> None:
         probe, self._probe = self._probe, None
         assert probe is not None
-        answer: str | None = "internal error"  # replaced unless a bug interrupts the check
+        answer: str | None = None  # also when closing cancels the check: nothing to report
         try:
             await self._connect()
             await self._check()
         except BackupStreamError as exc:
             self._on_failure(exc)
             answer = str(exc)
+        except Exception as exc:
+            answer = f"internal error: {exc!r}"
+            raise
         else:
             self._on_success()
-            answer = None
         finally:
             if not probe.done():
                 probe.set_result(answer)
@@ -1792,9 +1794,11 @@ class NatsBackupStream(_BackupStreamBase):
 
     async def _check(self) -> None:
         """Look the stream up again (one round trip; created again if it was deleted and
-        ``create_stream`` allows it)."""
+        ``create_stream`` allows it). A message size limit learned from a refusal holds."""
+        learned = self._refused_limit
         self._stream_ready = False
         await self._connect()
+        self._refused_limit = learned
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         import nats.errors

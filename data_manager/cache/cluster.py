@@ -655,8 +655,6 @@ class ClusterRedisCache(RedisCache):
         except _DRIVER_ERRORS as exc:
             raise self._write_failure(exc) from exc
         self._counters.writes += len(ops)
-        if ops:  # (a PUBLISH alone says nothing about writes)
-            self._write_refused = None
         self._ok()
 
     async def _apply_on(self, ops: Sequence[WriteOp], publish: tuple[str, bytes] | None) -> None:

@@ -454,6 +454,10 @@ class _Counters:
         self.incidents = 0
 
 
+#: How long :attr:`RedisCache.write_refused` reports a refused write.
+REFUSAL_MEMORY_SECONDS: Final = 60.0
+
+
 def _ms(seconds: float, name: str) -> str:
     if not 0 < seconds <= MAX_SECONDS:
         msg = f"L2 {name} must be > 0 and <= {MAX_SECONDS:g} seconds, got {seconds}"
@@ -582,7 +586,7 @@ class RedisCache:
         )
         self._counters = _Counters()
         self._incident = False
-        self._write_refused: str | None = None
+        self._write_refused: tuple[float, str] | None = None  # (monotonic time, answer)
         self._closed = False
         # Objects inherited across a fork: kept referenced (never closed, never collected)
         # so nothing in the child touches the parent's sockets or event loop.
@@ -816,17 +820,22 @@ class RedisCache:
 
     @property
     def write_refused(self) -> str | None:
-        """The server's answer to the last write when it refused it (memory full under
-        ``noeviction``, a key of another type, a value out of range); None once a write
-        succeeds. The server still answers then, so the breaker stays closed and reads go
-        on: this is how health tells that L2 keeps older values than the routers wrote."""
-        return self._write_refused
+        """The server's answer to the last write it refused (memory full under
+        ``noeviction``, a key of another type, a value out of range) within the last
+        ``REFUSAL_MEMORY_SECONDS``, or None. The server still answers then, so the breaker
+        stays closed and reads go on: this is how health tells that L2 keeps older values
+        than the routers wrote. Writes of other keys that succeed meanwhile do not clear it:
+        a refusal may concern one key or one node only."""
+        refused = self._write_refused
+        if refused is None or self._clock.monotonic() - refused[0] >= REFUSAL_MEMORY_SECONDS:
+            return None
+        return refused[1]
 
     def _write_failure(self, exc: BaseException) -> CacheError:
         """:meth:`_failure` for a write, remembering a refusal for :attr:`write_refused`."""
         err = self._failure(exc)
         if not isinstance(err, CacheUnavailableError):
-            self._write_refused = str(err)
+            self._write_refused = (self._clock.monotonic(), str(err))
         return err
 
     def _failure(self, exc: BaseException) -> CacheError:
@@ -1188,8 +1197,6 @@ class RedisCache:
         except _DRIVER_ERRORS as exc:
             raise self._write_failure(exc) from exc
         self._counters.writes += len(ops)
-        if ops:  # (a PUBLISH alone says nothing about writes)
-            self._write_refused = None
         self._ok()
 
     async def _command(self, *args: str | bytes | int) -> Any:

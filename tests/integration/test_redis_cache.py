@@ -14,7 +14,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from data_manager.breaker import CircuitBreaker
-from data_manager.cache.redis import WRITE_SCRIPT_SHA, RedisCache
+from data_manager.cache.redis import REFUSAL_MEMORY_SECONDS, WRITE_SCRIPT_SHA, RedisCache
 from data_manager.clock import ManualClock
 from data_manager.errors import CacheError, CacheUnavailableError
 from data_manager.models import CandleData, OrderFlowMetrics, TickData
@@ -446,6 +446,27 @@ async def test_breaker_short_circuits_while_down_and_recovers_without_restart(
     assert any(
         r.levelno == logging.INFO and "answers again" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_refused_write_is_reported_for_a_while_whatever_else_is_written(
+    redis_url: str, redis_prefix: str
+) -> None:
+    clock = ManualClock()
+    l2 = RedisCache(url=redis_url, key_prefix=redis_prefix, clock=clock)
+    try:
+        await l2.connect()
+        await l2.client.lpush(l2.tick_key("EUR/USD", "ig"), "not a tick")
+        with pytest.raises(CacheError, match="WRONGTYPE"):
+            await l2.put_ticks([tick()])
+        assert "WRONGTYPE" in (l2.write_refused or "")
+        assert l2.breaker_state == "closed"  # it answers: reads go on
+        # Another key takes its write: the stray key still refuses every write of its own.
+        await l2.put_ticks([tick(symbol="GBP/USD")])
+        assert "WRONGTYPE" in (l2.write_refused or "")
+        clock.advance(REFUSAL_MEMORY_SECONDS)
+        assert l2.write_refused is None
+    finally:
+        await l2.aclose()
 
 
 async def test_hung_server_costs_one_socket_timeout_per_call_until_the_breaker_opens(

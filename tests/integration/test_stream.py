@@ -1458,3 +1458,24 @@ async def test_health_reports_an_idle_backup_stream_whose_server_is_gone(
         assert health.status == "degraded"
         assert "backup stream" in health.reason
         assert health.write_path.details["backup_stream_state"] == "down"
+
+
+@pytest.mark.redis
+async def test_a_probe_cut_short_by_close_reports_nothing(
+    redis_url: str, redis_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = Target("redis", redis_url, {"key": redis_key}).make(spool_dir=tmp_path)
+    checking = asyncio.Event()
+    real_check = RedisBackupStream._check
+
+    async def slow_check(self: RedisBackupStream) -> None:
+        checking.set()
+        await asyncio.Event().wait()  # until closing cancels the publishing task
+        await real_check(self)
+
+    monkeypatch.setattr(RedisBackupStream, "_check", slow_check)
+    await stream.start()
+    probe = asyncio.create_task(stream.probe(30.0))
+    await checking.wait()
+    await stream.aclose()
+    assert await probe is None  # closing is not a failure of the server
