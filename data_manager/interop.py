@@ -49,6 +49,7 @@ from data_manager.models import (
     TickData,
     _check_count,
     _check_text,
+    epoch_ms_range,
     normalize_symbol,
     timeframe_ms,
     to_epoch_ms,
@@ -193,15 +194,6 @@ def parse_timestamp(value: object, *, field: str = "timestamp") -> int:
     return to_epoch_ms(value, field=field)
 
 
-def _check_range(start: int | datetime, end: int | datetime) -> tuple[int, int]:
-    start_ms = to_epoch_ms(start, field="start")
-    end_ms = to_epoch_ms(end, field="end")
-    if end_ms < start_ms:
-        msg = f"end ({end_ms}) is before start ({start_ms})"
-        raise ValidationError(msg)
-    return start_ms, end_ms
-
-
 # --------------------------------------------------------------------------- streaming reads
 
 
@@ -232,7 +224,7 @@ async def iter_candles(
     _check_count(batch_size, "batch_size")
     sym = normalize_symbol(symbol)
     bar_ms = timeframe_ms(timeframe)
-    start_ms, end_ms = _check_range(start, end)
+    start_ms, end_ms = epoch_ms_range(start, end)
     if source is not None:
         source = _check_text(source, field="source", max_length=MAX_SOURCE_LENGTH)
     # The database get_candles reads (replicas only if its route names them), so the end
@@ -981,7 +973,7 @@ async def export_file(
             msg = "exporting candles needs a timeframe"
             raise ValidationError(msg)
         timeframe_ms(timeframe)
-    start_ms, end_ms = _check_range(
+    start_ms, end_ms = epoch_ms_range(
         MIN_TIMESTAMP_MS if start is None else start, MAX_TIMESTAMP_MS if end is None else end
     )
     target = os.fspath(path)

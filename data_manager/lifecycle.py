@@ -50,7 +50,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal, cast
 from sqlalchemy import any_, delete, func, literal_column, select, tuple_
 
 from data_manager.errors import CacheError, ValidationError, map_database_errors
-from data_manager.models import TIMEFRAMES, normalize_symbol, timeframe_ms, to_epoch_ms
+from data_manager.models import (
+    MIN_TIMESTAMP_MS,
+    TIMEFRAMES,
+    epoch_ms_range,
+    normalize_symbol,
+    timeframe_ms,
+    to_epoch_ms,
+)
 from data_manager.settings import RetentionSettings
 from data_manager.storage.schema import quote_ident
 
@@ -120,10 +127,16 @@ class RetentionRule:
 
 
 def plan_retention(policy: RetentionSettings, now_ms: int) -> list[RetentionRule]:
-    """The rules ``policy`` implies at ``now_ms``: cutoff = now - days (rows before it go)."""
+    """The rules ``policy`` implies at ``now_ms``: cutoff = now - days (rows before it go).
+
+    A cutoff before the earliest timestamp a row can have is that timestamp (nothing is
+    older): a retention of millions of days asks for no deletion, not for an error.
+    """
 
     def rule(kind: DataKind, days: float, timeframe: str | None = None) -> RetentionRule:
-        return RetentionRule(kind, timeframe, days, now_ms - round(days * DAY_MS))
+        span = days * DAY_MS
+        cutoff = MIN_TIMESTAMP_MS if span >= now_ms - MIN_TIMESTAMP_MS else now_ms - round(span)
+        return RetentionRule(kind, timeframe, days, cutoff)
 
     rules: list[RetentionRule] = []
     if policy.ticks_days is not None:
@@ -570,11 +583,7 @@ async def delete_range(
             raise ValidationError(msg)
         timeframe_ms(timeframe)
     sym = normalize_symbol(symbol)
-    start_ms = to_epoch_ms(start, field="start")
-    end_ms = to_epoch_ms(end, field="end")
-    if end_ms < start_ms:
-        msg = f"end ({end_ms}) is before start ({start_ms})"
-        raise ValidationError(msg)
+    start_ms, end_ms = epoch_ms_range(start, end)
     await router.flush()
     await router.cache.flush()  # L2 writes in flight land now, not after the keys are dropped
     deleted = await router.storage.delete_range(sym, start_ms, end_ms, kind, timeframe=timeframe)

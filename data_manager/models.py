@@ -329,8 +329,14 @@ def _check_encodable(text: str, *, field: str) -> None:
         raise ValidationError(msg) from exc
 
 
-def to_epoch_ms(value: object, *, field: str = "timestamp") -> int:
+def to_epoch_ms(value: object, *, field: str = "timestamp", round_up: bool = False) -> int:
     """Convert a timestamp given as Unix ms or an aware ``datetime`` into Unix ms.
+
+    Args:
+        value: Unix ms, or an aware ``datetime``.
+        field: Its name, for error messages.
+        round_up: A ``datetime`` between two milliseconds gives the later one (a bound of
+            a half-open range: the first millisecond at or after it); else the earlier.
 
     Raises:
         ValidationError: Naive datetimes, non-integers, and values outside
@@ -342,6 +348,8 @@ def to_epoch_ms(value: object, *, field: str = "timestamp") -> int:
             raise ValidationError(msg)
         delta = value - _EPOCH
         ms = delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+        if round_up and delta.microseconds % 1000:
+            ms += 1
     elif isinstance(value, int) and not isinstance(value, bool):
         ms = value
     elif isinstance(value, float) and value.is_integer():
@@ -359,6 +367,24 @@ def to_epoch_ms(value: object, *, field: str = "timestamp") -> int:
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_ms_range(start: object, end: object) -> tuple[int, int]:
+    """The half-open range ``[start, end)`` in Unix ms, from ms or aware datetimes.
+
+    A datetime bound between two milliseconds becomes the first millisecond at or after it,
+    so the range holds exactly the millisecond timestamps at or after ``start`` and before
+    ``end``.
+
+    Raises:
+        ValidationError: A bound :func:`to_epoch_ms` refuses, or ``end`` before ``start``.
+    """
+    start_ms = to_epoch_ms(start, field="start", round_up=True)
+    end_ms = to_epoch_ms(end, field="end", round_up=True)
+    if end_ms < start_ms:
+        msg = f"end ({end_ms}) is before start ({start_ms})"
+        raise ValidationError(msg)
+    return start_ms, end_ms
 
 
 def timeframe_ms(timeframe: str) -> int:

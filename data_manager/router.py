@@ -17,6 +17,7 @@ flow, processors, subscribers) sees it only once the write path has accepted it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import heapq
@@ -27,7 +28,15 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
@@ -77,10 +86,10 @@ from data_manager.models import (
     OrderFlowMetrics,
     TickData,
     _check_text,
+    epoch_ms_range,
     normalize_symbol,
     stamp_received,
     timeframe_ms,
-    to_epoch_ms,
 )
 from data_manager.models import _check_count as _count
 from data_manager.orderflow import OrderFlowCalculator
@@ -511,6 +520,9 @@ class DataRouter:
         self._start_derived(strat)
         self._processors = ProcessorRegistry()
         self._subs = SubscriptionHub()
+        # The database cursors of iter_ticks() calls under way: close() closes them (each
+        # holds a connection and a transaction the pool's disposal would not end).
+        self._cursors: weakref.WeakSet[AsyncGenerator[TickData, None]] = weakref.WeakSet()
         self._flight: SingleFlight = SingleFlight()
         # Per-operation tier counters (plain ints: metrics read them at scrape time).
         self._c_tick = _TierCounters()
@@ -734,6 +746,12 @@ class DataRouter:
         for restore in self._agg_restoring.values():
             if restore.task is not None:
                 restore.task.cancel()
+        for cursor in list(self._cursors):
+            # (One being read from right now cannot be closed here: its read fails once the
+            # storage is closed.)
+            with contextlib.suppress(RuntimeError):
+                await cursor.aclose()
+        self._cursors.clear()
         closers: list[Callable[[], Coroutine[Any, Any, None]]] = (
             [] if keep_watcher else [self._watcher.aclose]
         )
@@ -820,6 +838,7 @@ class DataRouter:
         logger.info("fork detected in router %s; reconnecting", self.instance_id)
         self.instance_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._background.clear()
+        self._cursors = weakref.WeakSet()  # the parent's, on its connections: left alone
         self._maintenance = None
         # The parent's backup stream (its tasks, connection and spool) and write path (its
         # queue, writer task and journal) stay the parent's, untouched; the child opens its
@@ -991,7 +1010,7 @@ class DataRouter:
             backup=self._backup if self._watcher.current.backup_stream.enabled else None,
         )
         pipeline.hold_for_derived(_RecoveryObserver(self))
-        pipeline.on_kept_after_cancel = self._derive_kept_after_cancel
+        pipeline.on_kept_after_cancel = _weak_callback(self._derive_kept_after_cancel)
         return pipeline
 
     def _derive_kept_after_cancel(self, item: TickData | CandleData | OrderFlowMetrics) -> None:
@@ -1872,7 +1891,7 @@ class DataRouter:
         if method not in ("auto", "sql", "stream"):
             msg = f"method must be 'auto', 'sql' or 'stream', got {method!r}"
             raise ValidationError(msg)
-        start_ms, end_ms = self._interval(start, end)
+        start_ms, end_ms = epoch_ms_range(start, end)
         agg = self._watcher.current.aggregation
         in_sql = method != "stream" and sql_bucketable(timeframe, agg.daily_close)
         if method == "sql" and not in_sql:
@@ -2771,7 +2790,7 @@ class DataRouter:
         """
         await self._ready()
         sym = _norm(symbol)
-        start_ms, end_ms = self._interval(start, end)
+        start_ms, end_ms = epoch_ms_range(start, end)
         if limit is not None:
             limit = _count(limit, "limit")
         db = self._db_for(self._watcher.current.routing.get_ticks)
@@ -2795,7 +2814,7 @@ class DataRouter:
         await self._ready()
         sym = _norm(symbol)
         timeframe_ms(timeframe)
-        start_ms, end_ms = self._interval(start, end)
+        start_ms, end_ms = epoch_ms_range(start, end)
         db = self._db_for(self._watcher.current.routing.get_candles)
         return await db.candles_range(
             sym,
@@ -2818,15 +2837,24 @@ class DataRouter:
         """Stream ticks in ``[start, end)`` oldest first without holding them all in memory."""
         await self._ready()
         sym = _norm(symbol)
-        start_ms, end_ms = self._interval(start, end)
+        start_ms, end_ms = epoch_ms_range(start, end)
         batch_size = _count(batch_size, "batch_size")
         if batch_size > _MAX_FETCH_ROWS:  # a cursor fetches at most 2**31 - 1 rows at once
             msg = f"batch_size must be at most {_MAX_FETCH_ROWS:,}, got {batch_size:,}"
             raise ValidationError(msg)
-        async for tick in self.storage.iter_ticks(
+        rows = self.storage.iter_ticks(
             sym, start_ms, end_ms, source=_source(source), batch_size=batch_size
-        ):
-            yield tick
+        )
+        self._cursors.add(rows)
+        try:
+            async for tick in rows:
+                yield tick
+        finally:
+            self._cursors.discard(rows)
+            await rows.aclose()  # the connection goes back now, not when rows is collected
+        if self._state is not RouterState.OPEN:  # close() ended the cursor: not the end
+            msg = "DataRouter was closed while iter_ticks() was reading"
+            raise RouterClosedError(msg)
 
     def iter_candles(
         self,
@@ -2903,15 +2931,6 @@ class DataRouter:
         from data_manager.lifecycle import apply_retention
 
         return await apply_retention(self, policy=policy, now_ms=now_ms, dry_run=dry_run)
-
-    @staticmethod
-    def _interval(start: int | datetime, end: int | datetime) -> tuple[int, int]:
-        start_ms = to_epoch_ms(start, field="start")
-        end_ms = to_epoch_ms(end, field="end")
-        if end_ms < start_ms:
-            msg = f"end ({end_ms}) is before start ({start_ms})"
-            raise ValidationError(msg)
-        return start_ms, end_ms
 
     # ------------------------------------------------------------------ seed 000 extras
 

@@ -22,6 +22,7 @@ from data_manager import (
     DataManagerSettings,
     DataRouter,
     PostgresSettings,
+    RouterClosedError,
     TickData,
     ValidationError,
     interop,
@@ -583,3 +584,31 @@ async def test_streaming_a_million_ticks_stays_in_bounded_memory(
         growth_mb = (peak - base) / 2**20
         # Holding 1M TickData at once takes well over 1 GB; a stream holds one fetch.
         assert growth_mb < 100, f"RSS grew {growth_mb:.0f} MB while streaming"
+
+
+async def test_a_stream_left_open_across_close_ends_with_an_error(
+    settings: DataManagerSettings, request: pytest.FixtureRequest
+) -> None:
+    router = DataRouter(settings, strategy=plain())
+    await router.initialize()
+    await router.save_ticks(
+        [TickData(symbol=SYM, timestamp=T0 + i, bid=1.1, ask=1.1002, source="m") for i in range(50)]
+    )
+    stream = router.iter_ticks(SYM, T0, T0 + 50, batch_size=10)
+    assert (await anext(stream)).timestamp == T0
+    await router.close()  # closes the stream's cursor: its connection and transaction end
+    if settings.postgres.configured:
+        import asyncpg
+
+        conn = await asyncpg.connect(request.getfixturevalue("postgres_url"))
+        try:
+            open_transactions = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                "AND query LIKE $1",
+                f"%{settings.postgres.db_schema}%ticks%",
+            )
+        finally:
+            await conn.close()
+        assert open_transactions == 0
+    with pytest.raises(RouterClosedError, match="closed while iter_ticks"):
+        await anext(stream)  # not a silent end: the rest was never read

@@ -40,6 +40,7 @@ from data_manager.lifecycle import (
     timescale_compression_sql,
     timescale_retention_sql,
 )
+from data_manager.models import MIN_TIMESTAMP_MS
 from data_manager.storage.postgres import PostgresStorage
 from data_manager.strategy import strategy_from_mapping
 
@@ -93,6 +94,11 @@ def test_plan_retention_rules_and_cutoffs() -> None:
         ("candles", None, NOW - 7 * DAY_MS)
     ]
     assert plan_retention(RetentionSettings(), NOW) == []  # the default keeps everything
+    # Longer than any row can be old: nothing to delete, not an overflow or a date the
+    # database cannot take.
+    for days in (3e6, 1e305):
+        (rule,) = plan_retention(RetentionSettings(ticks_days=days), NOW)
+        assert rule.cutoff_ms == MIN_TIMESTAMP_MS
 
 
 def test_retention_settings_are_checked() -> None:

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from data_manager import CandleData, OrderFlowMetrics, TickData, ValidationError, normalize_symbol
-from data_manager.models import MAX_SYMBOL_LENGTH, MAX_TEXT_LENGTH, stamp_received, to_epoch_ms
+from data_manager.models import (
+    MAX_SYMBOL_LENGTH,
+    MAX_TEXT_LENGTH,
+    epoch_ms_range,
+    stamp_received,
+    to_epoch_ms,
+)
 from data_manager.storage.base import tick_content_key
 
 TS = 1_727_996_400_000
@@ -149,6 +155,18 @@ def test_naive_datetime_refused_aware_accepted() -> None:
         tick(timestamp=datetime(2024, 10, 3, 23, 0))
     plus2 = datetime(2024, 10, 4, 1, 0, tzinfo=timezone(timedelta(hours=2)))
     assert to_epoch_ms(plus2) == TS
+
+
+def test_a_range_bound_between_two_milliseconds_is_the_later_one() -> None:
+    # [start, end) holds the millisecond timestamps at or after start and before end.
+    at = datetime(2024, 10, 3, 23, 0, tzinfo=UTC)
+    half = at + timedelta(microseconds=500)
+    assert to_epoch_ms(half) == TS  # a timestamp: truncated, as before
+    assert epoch_ms_range(at - timedelta(milliseconds=5), half) == (TS - 5, TS + 1)
+    assert epoch_ms_range(half, at + timedelta(milliseconds=10)) == (TS + 1, TS + 10)
+    assert epoch_ms_range(at, at) == (TS, TS)
+    with pytest.raises(ValidationError, match="before start"):
+        epoch_ms_range(TS + 2, half)
 
 
 def test_derived_fields_given_are_ignored() -> None:
