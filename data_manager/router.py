@@ -3025,15 +3025,10 @@ class DataRouter:
 
     # ------------------------------------------------------------------ health
 
-    async def health_check(self) -> HealthCheckResponse:
-        """Report every backend, cache tier, pool, breaker, queue and the strategy.
-
-        Never blocks past ``settings.health_timeout_seconds``, even when a backend hangs
-        (in a forked child, the first call reconnects first, as every call does).
-        """
-        await self._ready()
+    async def _database_health(self, storage: Storage) -> DatabaseHealth:
+        """The database's part of :meth:`health_check` (one ping, bounded by the health
+        timeout)."""
         timeout = self.settings.health_timeout_seconds
-        storage = self.storage
         try:
             async with asyncio.timeout(timeout):
                 db = await storage.ping()
@@ -3081,15 +3076,27 @@ class DataRouter:
                     ]
                 }
             )
-        databases = {storage.kind: db_health}
+        return db_health
+
+    async def _probe_backup(self) -> str | None:
+        """An idle backup stream has not asked its server lately: the probe does."""
         backup = self._backup
-        if backup is None:
-            cache = await self._cache_health(probe=True)
-            backup_error = None
-        else:  # an idle stream has not asked its server lately: the probe does
-            cache, backup_error = await asyncio.gather(
-                self._cache_health(probe=True), backup.probe(timeout)
-            )
+        timeout = self.settings.health_timeout_seconds
+        return None if backup is None else await backup.probe(timeout)
+
+    async def health_check(self) -> HealthCheckResponse:
+        """Report every backend, cache tier, pool, breaker, queue and the strategy.
+
+        Never blocks past ``settings.health_timeout_seconds``, even when a backend hangs
+        (in a forked child, the first call reconnects first, as every call does).
+        """
+        await self._ready()
+        storage = self.storage
+        # Every probe at once: the whole check takes at most one timeout.
+        db_health, cache, backup_error = await asyncio.gather(
+            self._database_health(storage), self._cache_health(probe=True), self._probe_backup()
+        )
+        databases = {storage.kind: db_health}
         write_path = self._write_path_health(backup_error)
         strategy = StrategyHealth(
             file=str(self._watcher.path) if self._watcher.path else None,
