@@ -1276,6 +1276,16 @@ def fail_checkpoints(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
     return left
 
 
+async def v1_spilled(make: Any, storage: FakeStorage) -> IngestPipeline:
+    """A pipeline on journal "a" whose first candle version (close 1.0) went to the journal
+    while the database was down (it still is)."""
+    pipeline: IngestPipeline = await make(journal="a", sync="loop", batch_size=1)
+    storage.down = True
+    await pipeline.submit(candle(0, 1.0, is_closed=False))
+    await until(lambda: pipeline.stats().spilled == 1)
+    return pipeline
+
+
 async def crash_and_adopt(storage: FakeStorage, clock: ManualClock, tmp_path: Path) -> None:
     """A kill -9 of the router of journal "a" now: the next one adopts it as it is on disk."""
     crashed = tmp_path / "crashed"
@@ -1304,10 +1314,7 @@ async def test_a_replayed_upsert_whose_checkpoint_failed_is_not_replayed_over_a_
     # the checkpoint saying so cannot be written (a full disk). v2, accepted next, must not
     # be stored around the journal before that checkpoint is on disk: a crash would replay
     # v1 over it.
-    pipeline = await make(journal="a", sync="loop", batch_size=1)
-    storage.down = True
-    await pipeline.submit(candle(0, 1.0, is_closed=False))
-    await until(lambda: pipeline.stats().spilled == 1)
+    pipeline = await v1_spilled(make, storage)
     left = fail_checkpoints(monkeypatch, failures)
     database_back(storage, clock, breaker, pipeline)
     for refused in range(failures):  # v1 stored, then its checkpoint refused `failures` times
@@ -1335,10 +1342,7 @@ async def test_a_batch_due_when_an_owed_checkpoint_is_retried_goes_behind_it(
 ) -> None:
     # v2 is accepted as the retry comes due, before the writer wakes: it must not be stored
     # around the journal while the checkpoint is still refused.
-    pipeline = await make(journal="a", sync="loop", batch_size=1)
-    storage.down = True
-    await pipeline.submit(candle(0, 1.0, is_closed=False))
-    await until(lambda: pipeline.stats().spilled == 1)
+    pipeline = await v1_spilled(make, storage)
     left = fail_checkpoints(monkeypatch, 2)
     database_back(storage, clock, breaker, pipeline)
     await until(lambda: left[0] == 1 and pipeline._retry_at > clock.monotonic())
