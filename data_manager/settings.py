@@ -99,6 +99,9 @@ def _read_secret_file(path: str | os.PathLike[str], *, what: str) -> str:
         raise ConfigurationError(msg) from exc
 
 
+#: The longest ``statement_timeout`` PostgreSQL takes (milliseconds in a 32-bit int).
+MAX_STATEMENT_TIMEOUT: Final = (2**31 - 1) / 1000
+
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_+.-]*")
 
 
@@ -154,6 +157,14 @@ class _UrlForm:
         if parts.password:
             parsed["password"] = unquote(parts.password)
         path = parts.path.lstrip("/")
+        if "@" in path:
+            # user:pass/word@host/db splits at the first '/': the rest of the password, the
+            # host and the database would be taken for a database name (and shown).
+            msg = (
+                f"{self.what} URL has a '@' after its host (a '/', '#' or '?' in the password "
+                "must be percent-encoded)"
+            )
+            raise ValueError(msg)
         if path:
             parsed[self.path_field] = unquote(path)
         if scheme == "rediss":
@@ -225,7 +236,11 @@ class _Backend(BaseModel):
         try:
             super().__init__(**values)
         except PydanticValidationError as exc:
-            raise ConfigurationError(_format_settings_error(exc, self._section)) from exc
+            # Not chained: pydantic's error quotes the input, which may hold a password (a
+            # traceback would print it). Kept aside for a caller that formats it itself.
+            error = ConfigurationError(_format_settings_error(exc, self._section))
+            error.validation_error = exc  # type: ignore[attr-defined]
+            raise error from None
 
     @model_validator(mode="before")
     @classmethod
@@ -260,7 +275,7 @@ class PostgresReplicaSettings(BaseModel):
     password_file: Path | None = None
     sslmode: SslMode | None = None
     connect_timeout: float | None = Field(default=None, gt=0)
-    statement_timeout: float | None = Field(default=None, gt=0)
+    statement_timeout: float | None = Field(default=None, gt=0, le=MAX_STATEMENT_TIMEOUT)
 
     @model_validator(mode="before")
     @classmethod
@@ -272,7 +287,7 @@ class PostgresReplicaSettings(BaseModel):
             try:
                 PostgresSettings.model_validate({"url": data["url"]})
             except ConfigurationError as exc:  # PostgresSettings.__init__ wraps pydantic's
-                cause = exc.__cause__
+                cause = getattr(exc, "validation_error", None)
                 detail = (
                     _settings_errors(cause, "url")
                     if isinstance(cause, PydanticValidationError)
@@ -313,7 +328,12 @@ class PostgresSettings(_Backend):
         ),
     )
     connect_timeout: float = Field(default=5.0, gt=0)
-    statement_timeout: float = Field(default=30.0, gt=0, description="Server-side, seconds.")
+    statement_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=MAX_STATEMENT_TIMEOUT,
+        description="Server-side, seconds (PostgreSQL takes at most 2**31 - 1 ms).",
+    )
     application_name: str = "data_manager"
     replicas: tuple[PostgresReplicaSettings, ...] = Field(
         default=(), description="Read replicas (hot standbys) for the timescale_replica route."
@@ -577,11 +597,12 @@ class DataManagerSettings(BaseSettings):
         try:
             super().__init__(**values)
         except PydanticValidationError as exc:
-            raise ConfigurationError(_format_settings_error(exc)) from exc
+            # Not chained: pydantic's error quotes the input, which may hold a password.
+            raise ConfigurationError(_format_settings_error(exc)) from None
         except SettingsError as exc:
             # pydantic-settings could not decode a variable (a JSON value that is not JSON);
             # its message names only the top-level field, so find the variable itself.
-            raise ConfigurationError(_format_env_error(type(self), exc)) from exc
+            raise ConfigurationError(_format_env_error(type(self), exc)) from None
 
     @classmethod
     def settings_customise_sources(

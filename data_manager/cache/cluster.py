@@ -113,6 +113,13 @@ def parse_node(spec: str) -> tuple[str, int]:
         port = int(port_text)
     except ValueError:
         port = 0
+    if "/" in host or "@" in host:
+        # A URL (redis://user:password@host:port): never repeated, it may hold a password.
+        msg = (
+            "L2 cluster nodes are host:port; give credentials with the cache's password "
+            "setting, not in a node URL"
+        )
+        raise ConfigurationError(msg)
     if not (sep and host and 0 < port < 65536):
         msg = f"L2 cluster node {spec!r} is not host:port"
         raise ConfigurationError(msg)

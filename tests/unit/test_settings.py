@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,10 @@ def test_url_query_parameters_are_applied_and_a_socket_folder_is_a_host() -> Non
         ("postgres", "postgresql://u:top?topsecret@h:5432/d", "invalid port"),
         ("postgres", "postgresql://u@h/d?topsecret@h", "parameter that is not a name"),
         ("dragonfly", "redis://u:top?topsecret@c:6379/0", "invalid port"),
+        # ...after digits it reads as a port: the rest of the password, the host and the
+        # database were taken for a database name, shown wherever the target is.
+        ("postgres", "postgresql://u:2024/topsecret@h.example.com/d", "'@' after its host"),
+        ("dragonfly", "redis://:2024/topsecret@c/0", "'@' after its host"),
     ],
 )
 def test_a_url_the_sdk_would_misread_is_refused_without_its_password(
@@ -245,10 +250,25 @@ def test_a_url_the_sdk_would_misread_is_refused_without_its_password(
     # was tried as PostgreSQL, and ?host=/socket/folder left no host, so SQLite was used.
     with pytest.raises(ConfigurationError, match=f"{section}: .*{re.escape(message)}") as info:
         DataManagerSettings(**{section: {"url": url}})
-    assert "topsecret" not in str(info.value)
+    assert "topsecret" not in "".join(traceback.format_exception(info.value))  # chain too
     cls = PostgresSettings if section == "postgres" else DragonflySettings
-    with pytest.raises(ConfigurationError, match=re.escape(message)):
+    with pytest.raises(ConfigurationError, match=re.escape(message)) as info:
         cls(url=url)
+    assert "topsecret" not in "".join(traceback.format_exception(info.value))
+
+
+def test_a_cluster_node_given_as_a_url_is_refused_without_its_password() -> None:
+    node = "redis://:topsecret@127.0.0.1:7000"  # (a literal here would be in the traceback)
+    with pytest.raises(ConfigurationError, match="host:port") as info:
+        DataManagerSettings(dragonfly={"cluster_nodes": [node]})
+    assert "topsecret" not in "".join(traceback.format_exception(info.value))
+
+
+def test_a_statement_timeout_postgresql_cannot_take_is_refused() -> None:
+    # Milliseconds in a 32-bit int: beyond, every connection failed at initialize().
+    with pytest.raises(ConfigurationError, match="statement_timeout"):
+        PostgresSettings(statement_timeout=1e30)
+    assert PostgresSettings(statement_timeout=86_400).statement_timeout == 86_400
 
 
 @pytest.mark.parametrize(
