@@ -10,6 +10,7 @@ the latest one.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
@@ -36,7 +37,16 @@ class Subscription(Generic[T]):
     ``async with`` then.
     """
 
-    __slots__ = ("_buffer", "_closed", "_event", "_on_close", "dropped", "kind", "match")
+    __slots__ = (
+        "__weakref__",
+        "_buffer",
+        "_closed",
+        "_event",
+        "_on_close",
+        "dropped",
+        "kind",
+        "match",
+    )
 
     def __init__(
         self,
@@ -110,12 +120,18 @@ class Subscription(Generic[T]):
 
 
 class SubscriptionHub:
-    """The router's set of subscriptions; ``dispatch`` costs one check when there are none."""
+    """The router's set of subscriptions; ``dispatch`` costs one check when there are none.
 
-    __slots__ = ("_subs",)
+    Subscriptions are held weakly: one its owner dropped without iterating or closing it
+    (an ``async for`` never started) is forgotten once collected, instead of buffering and
+    being offered every item for the router's lifetime.
+    """
+
+    __slots__ = ("_closed_dropped", "_subs")
 
     def __init__(self) -> None:
-        self._subs: list[Subscription[Any]] = []
+        self._subs: weakref.WeakSet[Subscription[Any]] = weakref.WeakSet()
+        self._closed_dropped = 0  # items dropped by subscriptions closed since
 
     def __bool__(self) -> bool:
         return bool(self._subs)
@@ -125,13 +141,14 @@ class SubscriptionHub:
 
     def add(self, sub: Subscription[T]) -> Subscription[T]:
         """Register ``sub``."""
-        self._subs.append(sub)
+        self._subs.add(sub)
         return sub
 
     def remove(self, sub: Subscription[T]) -> None:
         """Forget ``sub`` (idempotent)."""
         if sub in self._subs:
-            self._subs.remove(sub)
+            self._subs.discard(sub)
+            self._closed_dropped += sub.dropped
 
     def dispatch(self, item: TickData | CandleData | OrderFlowMetrics) -> None:
         """Offer ``item`` to every matching subscription."""
@@ -141,12 +158,13 @@ class SubscriptionHub:
                 sub.offer(item)
 
     def dropped(self) -> int:
-        """Items dropped across all subscriptions (slow consumers)."""
-        return sum(sub.dropped for sub in self._subs)
+        """Items dropped across all subscriptions, closed ones included (slow consumers)."""
+        return self._closed_dropped + sum(sub.dropped for sub in self._subs)
 
     def close_all(self) -> None:
         """End every subscription (the router is closing)."""
         for sub in list(self._subs):
             sub._closed = True
             sub._event.set()
+            self._closed_dropped += sub.dropped
         self._subs.clear()

@@ -4,6 +4,7 @@ subscriptions, maintenance with a manual clock."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -538,6 +539,23 @@ async def test_processors_registered_through_the_registry_run_too(router: DataRo
     router.processors.unregister(sma.name)
     await router.save_tick(q(T0 + 1, 2.0))
     assert router.processors.ticks == 1
+
+
+async def test_an_abandoned_subscription_is_released(router: DataRouter) -> None:
+    # Created and dropped without an ``async for`` (or one never started): it buffered and
+    # was offered every tick for the router's lifetime.
+    for _ in range(3):
+        router.subscribe_ticks(["EUR/USD"])
+    gc.collect()
+    assert len(router._subs) == 0
+    kept = router.subscribe_ticks(["EUR/USD"])
+    for i in range(5):  # buffer_size is 3: two dropped
+        await router.save_tick(q(T0 + i, 1.1))
+    await kept.aclose()
+    health = await router.health_check()
+    assert health.write_path.details["subscriptions_dropped"] == 2  # kept after it closed
+    with pytest.raises(ValidationError, match="symbols is empty"):
+        router.subscribe_ticks([])
 
 
 async def test_subscription_receives_matching_ticks_and_stays_bounded(router: DataRouter) -> None:
