@@ -608,9 +608,7 @@ async def _drop_l2(router: DataRouter, symbol: str, kind: DataKind, timeframe: s
     }[kind]
     try:
         with map_redis_errors(router.settings.dragonfly.target):
-            keys = [k for p in patterns async for k in l2.client.scan_iter(match=p, count=500)]
-            if keys:
-                await l2.client.unlink(*keys)
+            await l2.drop_keys(patterns, slot_key=l2.tick_key(symbol))
     except CacheError:
         # The cache is optional: its entries expire with their TTL.
         logger.warning("delete_range: could not drop %s entries of %s from L2", kind, symbol)

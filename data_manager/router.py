@@ -2014,6 +2014,9 @@ class DataRouter:
         """
         self._require_open()
         wanted = None if symbols is None else frozenset(map(_norm, _names(symbols, "symbols")))
+        if wanted is not None and not wanted:
+            msg = "symbols is empty: nothing would ever match; pass None for every symbol"
+            raise ValidationError(msg)
 
         def match(tick: TickData) -> bool:
             return wanted is None or tick.symbol in wanted

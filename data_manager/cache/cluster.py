@@ -429,6 +429,28 @@ class ClusterRedisCache(RedisCache):
             raise RedisConnectionError(msg) from redirect
         return replies
 
+    async def drop_keys(self, patterns: Sequence[str], *, slot_key: str) -> int:
+        """:meth:`RedisCache.drop_keys` on the node serving ``slot_key``'s slot (the client
+        of the base class talks to the first seed node only)."""
+        keys: list[Any] = []
+        for pattern in patterns:
+            cursor: Any = 0
+            while True:
+                (reply,) = await self._run(
+                    slot_key, [("SCAN", cursor, "MATCH", pattern, "COUNT", 500)]
+                )
+                if isinstance(reply, ResponseError):
+                    raise reply
+                cursor, found = reply
+                keys.extend(found)
+                if int(cursor) == 0:
+                    break
+        if keys:
+            (reply,) = await self._run(slot_key, [("UNLINK", *keys)])
+            if isinstance(reply, ResponseError):
+                raise reply
+        return len(keys)
+
     async def _command(self, *args: str | bytes | int) -> Any:
         """One command on the node owning its key (``args[1]``)."""
         (reply,) = await self._run(str(args[1]), [args])

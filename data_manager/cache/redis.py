@@ -1199,6 +1199,21 @@ class RedisCache:
         self._counters.writes += len(ops)
         self._ok()
 
+    async def drop_keys(self, patterns: Sequence[str], *, slot_key: str) -> int:
+        """Delete the keys matching the glob ``patterns`` (SCAN, then UNLINK); return how many.
+
+        Every pattern must name keys of ``slot_key``'s hash slot (one symbol's keys share
+        it through their ``{symbol}`` tag): on a cluster only the node serving that slot is
+        scanned.
+
+        Raises:
+            redis.exceptions.RedisError: The server failed (callers map it).
+        """
+        keys = [k for p in patterns async for k in self._client.scan_iter(match=p, count=500)]
+        if keys:
+            await self._client.unlink(*keys)
+        return len(keys)
+
     async def _command(self, *args: str | bytes | int) -> Any:
         """Run one command on a pooled connection (the read path; see :meth:`_pipeline`)."""
         pool = self._client.connection_pool

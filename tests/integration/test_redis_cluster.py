@@ -404,6 +404,38 @@ async def test_two_routers_share_the_cluster(
             await router.close()
 
 
+async def test_delete_range_drops_the_symbols_keys_on_every_node(
+    cluster: RedisClusterHandle, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    # The keys of a symbol live on the node of its {symbol} slot, not on the first seed.
+    from data_manager.router import DataRouter
+    from data_manager.settings import DataManagerSettings, DragonflySettings, PostgresSettings
+    from data_manager.strategy import strategy_from_mapping
+
+    settings = DataManagerSettings(
+        postgres=PostgresSettings(url=postgres_url, db_schema=pg_schema),
+        dragonfly=DragonflySettings(
+            cluster_nodes=tuple(cluster.seeds), key_prefix=f"t{secrets.token_hex(4)}"
+        ),
+        watch_strategy=False,
+        journal_dir=tmp_path / "journal",
+        write_mode="sync",
+    )
+    strategy = strategy_from_mapping({"aggregation": {"enabled": False}})
+    async with DataRouter(settings, clock=ManualClock(), strategy=strategy) as router:
+        l2 = router.cache.l2
+        assert isinstance(l2, ClusterRedisCache)
+        symbols = [group[0] for group in spread_symbols(l2, per_node=1).values()]
+        for symbol in symbols:
+            await router.save_tick(tick(symbol, TS))
+        await router.cache.flush()
+        for symbol in symbols:
+            assert await l2.get_tick(symbol) is not None
+            assert await router.delete_range(symbol, TS, TS + 1, "ticks") == 1
+            assert await l2.get_tick(symbol) is None, f"{symbol} kept its L2 tick"
+            assert await l2.get_tick(symbol, "ig") is None
+
+
 # ----------------------------------------------------------------------------- redirections
 
 
