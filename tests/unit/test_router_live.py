@@ -4,8 +4,8 @@ subscriptions, maintenance with a manual clock."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
