@@ -2627,6 +2627,7 @@ class DataRouter:
         preferred = strat.sources.candle_preference
         gen = self._l1_gen + self._ring_drops
         l2_skipped = False
+        l2_unresolved = False  # L2 passed over: its ring is keyed by a source not known yet
         for backend in route:
             if backend == L2_CACHE:
                 if self._l2 is None:
@@ -2634,6 +2635,7 @@ class DataRouter:
                     continue
                 known = source or self._default_candle_source.get((symbol, timeframe))
                 if known is None:
+                    l2_unresolved = True
                     continue  # L2 is keyed by source; resolving "any source" needs the DB
                 started = time.perf_counter()
                 try:
@@ -2660,9 +2662,32 @@ class DataRouter:
                     if src is not None:
                         self._default_candle_source[(symbol, timeframe)] = src
                 if rows and self._l2 is not None and L2_CACHE in route and not l2_skipped:
-                    self._spawn(self._l2.put_candles(rows, complete=len(rows) < limit))
+                    if l2_unresolved:
+                        # Now that the source is known, L2's ring may hold newer candles
+                        # than the database (another router's, not stored yet): merged
+                        # with these rows there, it is the answer (L1 would otherwise keep
+                        # a gap where they are, and append the next live bucket after it).
+                        got = await self._l2_ring_after_backfill(rows, limit)
+                        if got is not None:
+                            rows = got
+                    else:
+                        self._spawn(self._l2.put_candles(rows, complete=len(rows) < limit))
                 return self._merge_with_l1(symbol, timeframe, limit, src, rows, gen)
         return []
+
+    async def _l2_ring_after_backfill(
+        self, rows: list[CandleData], limit: int
+    ) -> list[CandleData] | None:
+        """Backfill L2 with ``rows`` (one series, from the database), then read its ring:
+        the stored candles joined with the live ones L2 has beyond them. None when L2
+        fails or its ring cannot answer ``limit`` (then ``rows`` are all there is)."""
+        assert self._l2 is not None
+        last = rows[-1]
+        try:
+            await self._l2.put_candles(rows, complete=len(rows) < limit)
+            return await self._l2.get_candles(last.symbol, last.timeframe, limit, last.source)
+        except CacheError:
+            return None
 
     def _merge_with_l1(
         self,
@@ -3007,11 +3032,15 @@ class DataRouter:
                     stored = newest.get(sym)
                     if stored is None or supersedes(held, stored):
                         newest[sym] = held
-                for rows in candles.values():
-                    if rows:
-                        await self._l2.put_candles(rows, complete=len(rows) < limit)
             except CacheError:
                 logger.warning("warm start could not fill L2", exc_info=True)
+            # L2 may hold newer candles too: its ring, joined with the stored ones, fills L1
+            # (the stored ones alone would leave a gap where those are).
+            for key, rows in candles.items():
+                if rows:
+                    joined = await self._l2_ring_after_backfill(rows, limit)
+                    if joined is not None:
+                        candles[key] = joined
         # L1 only if it was not cleared since the reads began (see _l1_gen).
         fill_l1 = self._l1_enabled and self._l1_gen == gen
         if fill_l1:

@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 TS: Final = 1_727_996_400_000
 SYM: Final = "EUR/USD"
 SRC: Final = "ig"
+MINUTE: Final = 60_000
 DEADLINE: Final = 10.0  # seconds; generous, only reached when something is broken
 CHILD: Final = Path(__file__).with_name("_router_child.py")
 ROOT: Final = Path(__file__).parents[2]
@@ -1210,3 +1211,29 @@ async def test_health_reports_an_l2_that_refuses_writes(make_router: RouterFacto
     assert health.cache.l2_reachable
     assert "L2 cache refuses writes" in health.reason
     assert "WRONGTYPE" in (health.cache.l2_write_refused or "")
+
+
+async def test_candles_only_l2_holds_yet_are_not_a_gap_in_a_new_routers_l1(
+    make_router: RouterFactory,
+) -> None:
+    # Router A's newest candle is in L2 (the bus) but not in the database (buffered). A new
+    # router that fills L1 from the database must take it from L2 too, or the next live
+    # candle is appended after a gap that stays while the series is active.
+    a = await make_router()
+    for i in range(3):
+        await a.save_candle(candle(TS + i * MINUTE))  # sync: stored, and in L2
+    await a.save_candle(candle(TS + 3 * MINUTE), mode="buffered")  # L2 only, for now
+    await bus_of(a).flush()
+    b, c = await make_router(), await make_router()
+    await b.warm_start([SYM], ["1m"], limit=10)
+    minutes = [(x.timestamp - TS) // MINUTE for x in b.cache.l1.peek_candles(SYM, "1m", SRC)]
+    assert minutes == [0, 1, 2, 3]
+    got = await c.get_latest_candles(SYM, "1m", 10)  # no source: resolved from the database
+    assert [(x.timestamp - TS) // MINUTE for x in got] == [0, 1, 2, 3]
+    await a.save_candle(candle(TS + 4 * MINUTE), mode="buffered")
+
+    def has_all(router: DataRouter) -> bool:
+        held = router.cache.l1.peek_candles(SYM, "1m", SRC)
+        return [(x.timestamp - TS) // MINUTE for x in held] == [0, 1, 2, 3, 4]
+
+    await until(lambda: has_all(b) and has_all(c), "the next live candle, with no gap")
