@@ -1013,13 +1013,19 @@ class DataRouter:
         pipeline.on_kept_after_cancel = _weak_callback(self._derive_kept_after_cancel)
         return pipeline
 
-    def _derive_kept_after_cancel(self, item: TickData | CandleData | OrderFlowMetrics) -> None:
-        """A ``journal``-mode tick whose caller was cancelled while its append was under
-        way, and whose append was kept: it is accepted (it will be stored), so the data
-        derived from it counts it, as its call would have (see :meth:`save_tick`)."""
+    def _derive_kept_after_cancel(
+        self,
+        item: TickData | CandleData | OrderFlowMetrics,
+        route: Sequence[str] | None = None,
+    ) -> None:
+        """A ``journal``-mode tick whose caller was cancelled, and whose append was kept
+        (durable as the cancellation landed, or later): it is accepted (it will be stored),
+        so the data derived from it counts it, as its call would have (see
+        :meth:`save_tick`; ``route`` is the call's, else the strategy's now)."""
         if type(item) is not TickData or self._state is not RouterState.OPEN:
             return  # candles and order flow derive nothing
-        route = self._watcher.current.routing.save_tick
+        if route is None:
+            route = self._watcher.current.routing.save_tick
         if self._derive(item, (item.symbol, item.source), route):
             self._join_restore(item, route)
 
@@ -1383,9 +1389,8 @@ class DataRouter:
         except asyncio.CancelledError:
             # The caller gave up as its journal append became durable: the tick is accepted
             # (it will be stored), so the derived data counts it all the same.
-            taken = ingest.took_despite_cancel(tick)
-            if taken and self._state is RouterState.OPEN and self._derive(tick, series, route):
-                self._join_restore(tick, route)
+            if ingest.took_despite_cancel(tick):
+                self._derive_kept_after_cancel(tick, route)
             raise
         # Accepted (queued, journaled or committed): only now does the tick reach the data
         # derived from it, so a refused tick is not counted and the caller's retry counts it
