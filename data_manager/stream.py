@@ -644,8 +644,8 @@ class _BackupStreamBase:
     """Outbox, spool, breaker and the publishing task; subclasses talk to the server.
 
     Subclasses implement :meth:`_connect` (idempotent: connect if needed and make sure the
-    destination exists), :meth:`_check` (ask the server whether the destination still takes
-    messages, after :meth:`_connect`), :meth:`_send` (publish one message and wait for the
+    destination exists), :meth:`_check` (connect if needed and ask the server whether the
+    destination still takes messages), :meth:`_send` (publish one message and wait for the
     server's acknowledgement; return whether the server stored it, ``False`` for a copy it
     already held; raise :class:`BackupStreamError` on any failure) and :meth:`_disconnect`.
     """
@@ -1171,7 +1171,6 @@ class _BackupStreamBase:
         assert probe is not None
         answer: str | None = None  # also when closing cancels the check: nothing to report
         try:
-            await self._connect()
             await self._check()
         except BackupStreamError as exc:
             self._on_failure(exc)
@@ -1793,8 +1792,8 @@ class NatsBackupStream(_BackupStreamBase):
             self._stream_ready = True
 
     async def _check(self) -> None:
-        """Look the stream up again (one round trip; created again if it was deleted and
-        ``create_stream`` allows it). A message size limit learned from a refusal holds."""
+        """Connect if needed and look the stream up again (created again if it was deleted
+        and ``create_stream`` allows it). A message size limit learned from a refusal holds."""
         learned = self._refused_limit
         self._stream_ready = False
         await self._connect()
@@ -2093,7 +2092,8 @@ class RedisBackupStream(_BackupStreamBase):
         """Nothing to do: the client connects on first use and after a failure."""
 
     async def _check(self) -> None:
-        """Ask for the key's type (one round trip): a stream, or none yet."""
+        """Ask for the key's type (one round trip; the client connects on use): a stream,
+        or none yet."""
         from redis.exceptions import RedisError
 
         try:
