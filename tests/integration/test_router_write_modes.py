@@ -262,16 +262,21 @@ async def test_journal_mode_is_on_disk_before_it_is_stored(
         assert health.status == "healthy", health.reason
 
 
+def journal_router_with_candles(postgres_url: str, pg_schema: str, tmp_path: Path) -> DataRouter:
+    """A ``journal``-mode router that aggregates 1m candles (see HELD for the rest)."""
+    strategy = strategy_from_mapping(
+        {**HELD, "aggregation": {"enabled": True, "timeframes": ["1m"]}}
+    )
+    s = settings(postgres_url, pg_schema, tmp_path, write_mode="journal")
+    return DataRouter(s, strategy=strategy)
+
+
 async def test_a_journaled_tick_whose_caller_gave_up_still_reaches_the_candles(
     postgres_url: str, pg_schema: str, tmp_path: Path, side: Side
 ) -> None:
     # The caller's timeout fires in the very loop pass that made its append durable: the
     # tick is accepted (stored), so the candles must count it too.
-    strategy = strategy_from_mapping(
-        {**HELD, "aggregation": {"enabled": True, "timeframes": ["1m"]}}
-    )
-    s = settings(postgres_url, pg_schema, tmp_path, write_mode="journal")
-    async with DataRouter(s, strategy=strategy) as router:
+    async with journal_router_with_candles(postgres_url, pg_schema, tmp_path) as router:
         await router.save_tick(tick(1))  # the series' forming bar is restored (none)
         ingest = router._ingest
         assert ingest is not None
@@ -299,11 +304,7 @@ async def test_a_journaled_tick_whose_caller_gave_up_mid_append_still_reaches_th
 ) -> None:
     # The caller is cancelled while its append waits for the group's sync: the append goes
     # on and is kept, so the tick is accepted (stored) and the candles must count it too.
-    strategy = strategy_from_mapping(
-        {**HELD, "aggregation": {"enabled": True, "timeframes": ["1m"]}}
-    )
-    s = settings(postgres_url, pg_schema, tmp_path, write_mode="journal")
-    async with DataRouter(s, strategy=strategy) as router:
+    async with journal_router_with_candles(postgres_url, pg_schema, tmp_path) as router:
         await router.save_tick(tick(1))  # the series' forming bar is restored (none)
         call = asyncio.create_task(router.save_tick(tick(2)))
         await asyncio.sleep(0)  # its append is queued for the next group
